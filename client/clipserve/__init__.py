@@ -1,0 +1,25 @@
+"""clipserve: score (query, image) pairs on a remote CLIP server.
+
+    >>> import clipserve
+    >>> with clipserve.CLIP("gpu-box:50051") as clip:
+    ...     clip.score("a dog on a beach", "https://example.com/dog.jpg")
+    ...     clip.score_batch([clipserve.SimilarityInput("a cat", "/data/cat.png")])
+
+This package needs no torch; the server lives in the ``clipserve[server]`` extra.
+"""
+
+from ._client import CLIP
+from ._errors import ClipServeError
+from ._retry import RetryPolicy
+from ._types import SimilarityInput, SimilarityResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLIP",
+    "ClipServeError",
+    "RetryPolicy",
+    "SimilarityInput",
+    "SimilarityResult",
+    "__version__",
+]

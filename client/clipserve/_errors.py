@@ -1,0 +1,35 @@
+"""The one exception type the SDK raises."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ClipServeError(Exception):
+    """A call to a clipserve server failed.
+
+    Attributes:
+        code: The gRPC status code (``grpc.StatusCode``), e.g. ``NOT_FOUND`` for an image URL
+            that answered 404, ``INVALID_ARGUMENT`` for bytes that are not an image,
+            ``UNAVAILABLE`` when the server cannot be reached.
+        details: The server's (or the SDK's) human-readable explanation.
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> "ClipServeError":
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = error.details() if hasattr(error, "details") else str(error)
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+
+
+def status_code_from_name(name: str) -> grpc.StatusCode:
+    """Map a status code name carried in a per-item error back to ``grpc.StatusCode``."""
+    try:
+        return grpc.StatusCode[name]
+    except KeyError:
+        return grpc.StatusCode.UNKNOWN

@@ -1,0 +1,40 @@
+"""Plain data types shared with the in-process reference adapter (same field names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SimilarityInput:
+    """One (query, image) pair to score.
+
+    ``image_url`` is an http(s) URL that the server fetches, or a local path / ``file://``
+    URL whose bytes the client reads and uploads.
+    """
+
+    query: str
+    image_url: str
+    query_id: str | None = None
+    image_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SimilarityResult:
+    """The score of one pair, or why it has none.
+
+    Exactly one of ``score`` and ``error`` is set. ``error`` reads ``"CODE: message"``
+    where CODE is a gRPC status code name (``error_code`` holds it alone).
+    """
+
+    query: str
+    image_url: str
+    score: float | None
+    query_id: str | None = None
+    image_id: str | None = None
+    error: str | None = None
+    error_code: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

@@ -1,0 +1,115 @@
+"""The ``clipserve`` command: ``serve``, ``score``, ``health``, ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+
+import grpc
+
+_SERVER_MODULES = ("torch", "transformers", "PIL", "aiohttp", "grpc_reflection")
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="server host:port (default: $CLIPSERVE_ADDRESS or localhost:50051)",
+    )
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default: 30)")
+
+
+def _cmd_serve(argv: list[str]) -> int:
+    missing = [m for m in _SERVER_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        print(
+            f"clipserve serve needs the server extra (missing: {', '.join(missing)}): "
+            "pip install 'clipserve[server]'",
+            file=sys.stderr,
+        )
+        return 2
+    from clipserve_server.cli import main as serve_main
+
+    return serve_main(argv)
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from . import CLIP, ClipServeError
+
+    with CLIP(args.address, timeout=args.timeout) as clip:
+        try:
+            print(clip.score(args.query, args.image))
+        except ClipServeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from ._client import channel_options, resolve_address
+
+    address = resolve_address(args.address, None)
+    with grpc.insecure_channel(address, options=channel_options()) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"{address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from . import CLIP, ClipServeError
+
+    with CLIP(args.address, timeout=args.timeout) as clip:
+        try:
+            info = clip.model_info()
+        except ClipServeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    print(json.dumps(MessageToDict(info, always_print_fields_with_no_presence=True), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipserve", description="CLIP text-image scoring over gRPC")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # `serve` parses its own flags (server package); listed here for --help.
+    sub.add_parser("serve", help="run the server (needs the [server] extra); see `clipserve serve --help`", add_help=False)
+
+    score = sub.add_parser("score", help="score one (query, image) pair and print the score")
+    score.add_argument("query")
+    score.add_argument("image", help="http(s) URL, local path or file:// URL")
+    _add_address(score)
+    score.set_defaults(func=_cmd_score)
+
+    health = sub.add_parser("health", help="print the server's health (exit 0 when SERVING)")
+    health.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    _add_address(health)
+    health.set_defaults(func=_cmd_health)
+
+    info = sub.add_parser("info", help="print the server's model and batching info as JSON")
+    _add_address(info)
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "serve":
+        return _cmd_serve(argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Assembling and running the server: gRPC, health, reflection, model loading, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+import grpc
+from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .config import ServerConfig
+from .engine import ScoringEngine
+from .model import EmbeddingModel
+from .servicer import EngineSlot, ScorerServicer
+
+log = logging.getLogger(__name__)
+
+SCORER_SERVICE = scorer_pb2.DESCRIPTOR.services_by_name["Scorer"].full_name
+ModelFactory = Callable[[ServerConfig], EmbeddingModel]
+
+
+def load_configured_model(config: ServerConfig) -> EmbeddingModel:
+    from .clip_model import load_model
+
+    return load_model(config.model, device=config.device, dtype=config.dtype, use_safetensors=config.use_safetensors)
+
+
+class ClipServer:
+    """One server: listens at once, answers health NOT_SERVING until the model is warm."""
+
+    def __init__(self, config: ServerConfig, model_factory: ModelFactory = load_configured_model) -> None:
+        self.config = config
+        self._model_factory = model_factory
+        self._slot = EngineSlot()
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._loader: asyncio.Task | None = None
+        self.port: int | None = None
+
+    async def start(self) -> int:
+        """Bind and start serving; the model loads in the background. Returns the port."""
+        mib = 1024 * 1024
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", self.config.max_message_mb * mib),
+                ("grpc.max_send_message_length", 4 * mib),
+            ]
+        )
+        scorer_pb2_grpc.add_ScorerServicer_to_server(
+            ScorerServicer(self._slot, stream_max_in_flight=self.config.stream_max_in_flight), self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (SCORER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server,
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        await self._server.start()
+        log.info("listening on %s:%d", self.config.host, self.port)
+        self._loader = asyncio.ensure_future(self._load())
+        return self.port
+
+    async def wait_ready(self) -> None:
+        """Return once the model is loaded and warm; raise if loading failed."""
+        assert self._loader is not None, "start() first"
+        await asyncio.shield(self._loader)
+
+    async def _load(self) -> None:
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(None, self._model_factory, self.config)
+        await loop.run_in_executor(None, model.warmup)
+        engine = ScoringEngine(model, self.config, on_dead=self._engine_died)
+        await engine.start()
+        self._slot.engine = engine
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        d = model.description
+        log.info("serving %s on %s (%s), embedding dim %d", d.model_id, d.device, d.dtype, d.embedding_dim)
+
+    def _engine_died(self, exc: BaseException) -> None:
+        # Health must never claim SERVING for a server that cannot score.
+        asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+
+    async def _set_health(self, status: int) -> None:
+        for service in ("", SCORER_SERVICE):
+            await self._health.set(service, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish within ``grace`` seconds, then stop."""
+        grace = self.config.grace_period_s if grace is None else grace
+        self._slot.closing = True
+        await self._health.enter_graceful_shutdown()
+        if self._loader is not None and not self._loader.done():
+            self._loader.cancel()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._slot.engine is not None:
+            await self._slot.engine.stop()
+
+
+async def run(config: ServerConfig, model_factory: ModelFactory = load_configured_model) -> int:
+    """Serve until SIGTERM/SIGINT; return the process exit code."""
+    server = ClipServer(config, model_factory)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    exit_code = 0
+    try:
+        port = await server.start()
+        # A line tools can wait for (tests start the server with --port 0 and read it).
+        print(f"clipserve listening on {config.host}:{port}", flush=True)
+        ready = asyncio.ensure_future(server.wait_ready())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.done() and ready.exception() is not None:
+            log.error("could not load the model: %s", ready.exception(), exc_info=ready.exception())
+            exit_code = 1
+        else:
+            if ready.done():
+                print("clipserve ready", flush=True)
+            await stopped
+            log.info("shutting down (grace %.1fs)", config.grace_period_s)
+    finally:
+        await server.stop()
+    return exit_code

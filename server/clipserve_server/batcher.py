@@ -1,0 +1,197 @@
+"""Dynamic batching: one queue shared by every call, one model thread.
+
+Each submitted text or image gets a future created on the event loop. The batching loop
+waits for the first item, then up to ``max_delay`` (counted from that item's arrival) for
+more, runs the model on at most ``max_batch_size`` items in a worker thread so the loop
+never blocks, and resolves every future of the batch, with an error if the forward failed.
+If the loop itself ever dies, every waiting future fails and ``on_dead`` is told, so that
+health can turn NOT_SERVING instead of requests hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import ErrorKind, ItemError
+
+log = logging.getLogger(__name__)
+
+ForwardFn = Callable[[list[str], list[Any]], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class _Job:
+    is_text: bool
+    payload: Any
+    future: asyncio.Future = field(repr=False)
+    enqueued_at: float
+
+
+class Batcher:
+    def __init__(
+        self,
+        forward: ForwardFn,
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue_size: int,
+        on_dead: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._forward = forward
+        self._max_batch_size = max_batch_size
+        self._max_delay_s = max_delay_s
+        self._max_queue_size = max_queue_size
+        self._on_dead = on_dead
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._work = asyncio.Event()
+        self._space = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipserve-model")
+        self._task: asyncio.Task | None = None
+        self._failure: ItemError | None = None  # set once the batcher can take no more work
+        self.batches_run = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="clipserve-batcher")
+        self._task.add_done_callback(self._loop_finished)
+
+    async def stop(self) -> None:
+        """Fail whatever is still queued and stop the loop (in-flight forwards finish first)."""
+        if self._failure is None:
+            self._failure = ItemError(ErrorKind.UNAVAILABLE, "the server is shutting down")
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._fail_queued(self._failure)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(1 for job in self._queue if not job.future.done())
+
+    # -- submitting ------------------------------------------------------------------------
+    async def encode_text(self, text: str, *, wait: bool) -> np.ndarray:
+        return await self._submit(True, text, wait)
+
+    async def encode_image(self, pixels: Any, *, wait: bool) -> np.ndarray:
+        return await self._submit(False, pixels, wait)
+
+    async def _submit(self, is_text: bool, payload: Any, wait: bool) -> np.ndarray:
+        """Queue one item and wait for its embedding.
+
+        When the queue is full, ``wait=False`` fails at once with OVERLOADED (unary calls);
+        ``wait=True`` waits for room (streams: the caller stops reading, so gRPC flow control
+        pushes back on the client instead of memory growing here).
+        """
+        while True:
+            if self._failure is not None:
+                raise self._failure
+            if len(self._queue) < self._max_queue_size or self._prune() < self._max_queue_size:
+                break
+            if not wait:
+                raise ItemError(ErrorKind.OVERLOADED, f"the server's queue is full ({self._max_queue_size} items); retry later")
+            self._space.clear()
+            await self._space.wait()
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(_Job(is_text, payload, future, time.monotonic()))
+        self._work.set()
+        # A caller that is cancelled cancels `future`; the loop then skips the job, so
+        # abandoned items never reach the model.
+        return await future
+
+    def _prune(self) -> int:
+        """Drop abandoned jobs; return the queue length."""
+        if any(job.future.done() for job in self._queue):
+            self._queue = collections.deque(job for job in self._queue if not job.future.done())
+        return len(self._queue)
+
+    # -- the loop --------------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            texts = [job.payload for job in batch if job.is_text]
+            images = [job.payload for job in batch if not job.is_text]
+            try:
+                text_embeddings, image_embeddings = await loop.run_in_executor(self._executor, self._forward, texts, images)
+            except asyncio.CancelledError:
+                self._fail_jobs(batch, ItemError(ErrorKind.UNAVAILABLE, "the server is shutting down"))
+                raise
+            except Exception as exc:  # the model failed: this batch's items fail, the loop goes on
+                log.exception("forward pass failed for a batch of %d texts and %d images", len(texts), len(images))
+                self._fail_jobs(batch, ItemError(ErrorKind.INTERNAL, f"the model failed on this batch: {type(exc).__name__}: {exc}"))
+                continue
+            self.batches_run += 1
+            text_rows = iter(text_embeddings)
+            image_rows = iter(image_embeddings)
+            for job in batch:
+                row = next(text_rows) if job.is_text else next(image_rows)
+                if not job.future.done():
+                    job.future.set_result(row)
+
+    async def _next_batch(self) -> list[_Job]:
+        while True:
+            while self._prune() == 0:
+                self._work.clear()
+                await self._work.wait()
+            # The delay runs from the oldest item's arrival: a batch that filled up while the
+            # model was busy goes at once.
+            deadline = self._queue[0].enqueued_at + self._max_delay_s
+            while self._prune() < self._max_batch_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._work.clear()
+                try:
+                    await asyncio.wait_for(self._work.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch: list[_Job] = []
+            while self._queue and len(batch) < self._max_batch_size:
+                job = self._queue.popleft()
+                if not job.future.done():
+                    batch.append(job)
+            self._space.set()
+            if batch:
+                return batch
+
+    # -- failure handling ------------------------------------------------------------------
+    @staticmethod
+    def _fail_jobs(jobs: list[_Job], error: ItemError) -> None:
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(error)
+
+    def _fail_queued(self, error: ItemError) -> None:
+        jobs = list(self._queue)
+        self._queue.clear()
+        self._fail_jobs(jobs, error)
+        self._space.set()
+
+    def _loop_finished(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        log.critical("the batching loop died; failing queued items", exc_info=exc)
+        self._failure = ItemError(ErrorKind.UNAVAILABLE, f"the server's batching loop died: {type(exc).__name__}: {exc}")
+        self._fail_queued(self._failure)
+        if self._on_dead is not None:
+            self._on_dead(exc)

@@ -1,0 +1,108 @@
+"""The real model: any Hugging Face CLIP-family checkpoint (CLIP, SigLIP, ...)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .domain import ModelDescription
+from .model import EmbeddingModel
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} was asked for, but CUDA is not available on this machine")
+    return device
+
+
+def _features(output: Any) -> Any:
+    """transformers < 5 returns the projected features; 5.x wraps them in ``pooler_output``."""
+    import torch
+
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class HFClipModel(EmbeddingModel):
+    """Loads ``AutoModel`` + ``AutoProcessor`` from a hub id or a local folder."""
+
+    def __init__(self, model_id: str, *, device: str = "auto", dtype: str = "float32", use_safetensors: bool | None = None) -> None:
+        import torch
+        import transformers
+        from transformers import AutoModel, AutoProcessor
+
+        self._torch = torch
+        self._device = torch.device(resolve_device(device))
+        self._dtype = getattr(torch, dtype)
+        kwargs: dict[str, Any] = {}
+        # `torch_dtype` was renamed `dtype` in transformers 4.56.
+        major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+        kwargs["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = self._dtype
+        if use_safetensors is not None:
+            kwargs["use_safetensors"] = use_safetensors
+        log.info("loading %s on %s as %s", model_id, self._device, dtype)
+        model = AutoModel.from_pretrained(model_id, **kwargs)
+        if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features") and hasattr(model, "logit_scale")):
+            raise ValueError(f"{model_id} is a {type(model).__name__}, not a CLIP-family model with text and image towers")
+        self._model = model.to(self._device).eval()
+        processor = AutoProcessor.from_pretrained(model_id)
+        self._tokenizer = processor.tokenizer
+        self._image_processor = processor.image_processor
+        config = model.config
+        self._max_tokens = int(getattr(config.text_config, "max_position_embeddings", 77))
+        # SigLIP was trained on texts padded to the full length; CLIP pads to the longest.
+        self._padding: str | bool = "max_length" if "siglip" in config.model_type else True
+        with torch.inference_mode():
+            self._dim = int(self._encode_texts(["probe"]).shape[1])
+            logit_scale = float(model.logit_scale.exp().float().item())
+            bias = getattr(model, "logit_bias", None)
+            logit_bias = float(bias.float().item()) if bias is not None else 0.0
+        self.description = ModelDescription(
+            model_id=str(model_id),
+            device=str(self._device),
+            dtype=dtype,
+            embedding_dim=self._dim,
+            logit_scale=logit_scale,
+            logit_bias=logit_bias,
+            max_text_tokens=self._max_tokens,
+        )
+
+    def preprocess_image(self, image: Image.Image) -> Any:
+        return self._image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+    def forward(self, texts: list[str], images: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        empty = np.zeros((0, self._dim), dtype=np.float32)
+        with torch.inference_mode():
+            text_out = self._encode_texts(texts) if texts else empty
+            image_out = self._encode_images(images) if images else empty
+        return text_out, image_out
+
+    def _encode_texts(self, texts: list[str]) -> np.ndarray:
+        # Queries longer than the model's context are truncated (the reference adapter crashes).
+        tokens = self._tokenizer(texts, padding=self._padding, truncation=True, max_length=self._max_tokens, return_tensors="pt")
+        tokens = {k: v.to(self._device) for k, v in tokens.items()}
+        return self._normalise(_features(self._model.get_text_features(**tokens)))
+
+    def _encode_images(self, images: list[Any]) -> np.ndarray:
+        pixels = self._torch.stack(images).to(self._device, self._dtype)
+        return self._normalise(_features(self._model.get_image_features(pixel_values=pixels)))
+
+    @staticmethod
+    def _normalise(features: Any) -> np.ndarray:
+        # Normalise in float32 whatever the model's dtype, as the score is reported in float32+.
+        features = features.float()
+        features = features / features.norm(p=2, dim=-1, keepdim=True)
+        return features.cpu().numpy()
+
+
+def load_model(model_id: str, *, device: str, dtype: str, use_safetensors: bool | None) -> EmbeddingModel:
+    return HFClipModel(model_id, device=device, dtype=dtype, use_safetensors=use_safetensors)

@@ -1,0 +1,168 @@
+"""Server configuration: defaults < config.toml < ``CLIPSERVE_*`` env < command-line flags.
+
+Everything is read once, at start-up, into one frozen ``ServerConfig`` that is handed to the
+components; nothing reads the environment at import time or later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ENV_PREFIX = "CLIPSERVE_"
+DTYPES = ("float32", "float16", "bfloat16")
+
+# Keys of the adapter's [similarity_config] table that mean the same thing here.
+_SIMILARITY_KEYS = {"model": "model", "device": "device", "torch_dtype": "dtype", "use_safetensors": "use_safetensors"}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Every knob of a running server. Field docs double as ``--help`` text."""
+
+    model: str = dataclasses.field(default="openai/clip-vit-base-patch32", metadata={"help": "hub id or local folder"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N (auto: CUDA when available)"})
+    dtype: str = dataclasses.field(default="float32", metadata={"help": "float32 | float16 | bfloat16", "choices": DTYPES})
+    use_safetensors: bool | None = dataclasses.field(default=None, metadata={"help": "require safetensors weights (default: prefer them)"})
+    host: str = dataclasses.field(default="0.0.0.0", metadata={"help": "address to listen on"})
+    port: int = dataclasses.field(default=50051, metadata={"help": "port to listen on (0: pick a free one)"})
+    max_batch_size: int = dataclasses.field(default=32, metadata={"help": "most texts+images per forward pass"})
+    max_batch_delay_ms: float = dataclasses.field(default=5.0, metadata={"help": "longest wait for a batch to fill, from its first item"})
+    max_queue_size: int = dataclasses.field(default=1024, metadata={"help": "items waiting for the model before unary calls get RESOURCE_EXHAUSTED"})
+    stream_max_in_flight: int = dataclasses.field(default=256, metadata={"help": "items one ScoreBatch stream may have in progress before the server stops reading it"})
+    cache: bool = dataclasses.field(default=True, metadata={"help": "cache text and image embeddings"})
+    text_cache_size: int = dataclasses.field(default=100_000, metadata={"help": "text embeddings kept (LRU)"})
+    image_cache_size: int = dataclasses.field(default=50_000, metadata={"help": "image embeddings kept (LRU)"})
+    fetch_timeout_s: float = dataclasses.field(default=15.0, metadata={"help": "total seconds allowed to download one image"})
+    fetch_concurrency: int = dataclasses.field(default=64, metadata={"help": "simultaneous image downloads"})
+    max_image_bytes: int = dataclasses.field(default=32 * 1024 * 1024, metadata={"help": "largest image file accepted (download or upload)"})
+    max_image_pixels: int = dataclasses.field(default=50_000_000, metadata={"help": "largest width*height decoded (decompression-bomb guard)"})
+    max_redirects: int = dataclasses.field(default=5, metadata={"help": "HTTP redirects followed per image"})
+    allow_private_networks: bool = dataclasses.field(default=False, metadata={"help": "allow image URLs on loopback/private/link-local addresses"})
+    decode_workers: int = dataclasses.field(default=0, metadata={"help": "image decode/preprocess threads (0: one per core)"})
+    max_message_mb: int = dataclasses.field(default=48, metadata={"help": "largest gRPC request message in MiB"})
+    grace_period_s: float = dataclasses.field(default=10.0, metadata={"help": "seconds in-flight calls get to finish on shutdown"})
+    log_level: str = dataclasses.field(default="INFO", metadata={"help": "DEBUG | INFO | WARNING | ERROR"})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        for name in ("max_batch_size", "max_queue_size", "stream_max_in_flight", "fetch_concurrency", "max_image_bytes", "max_image_pixels", "max_message_mb"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("max_batch_delay_ms", "fetch_timeout_s", "grace_period_s", "text_cache_size", "image_cache_size", "max_redirects", "decode_workers", "port"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+
+    @property
+    def max_batch_delay_s(self) -> float:
+        return self.max_batch_delay_ms / 1000.0
+
+    @property
+    def resolved_decode_workers(self) -> int:
+        return self.decode_workers or max(1, os.cpu_count() or 1)
+
+
+def _field_type(field: dataclasses.Field) -> type:
+    annotation = str(field.type)
+    if annotation.startswith("bool"):
+        return bool
+    if annotation.startswith("int"):
+        return int
+    if annotation.startswith("float"):
+        return float
+    return str
+
+
+def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
+    kind = _field_type(field)
+    if isinstance(value, str):
+        text = value.strip()
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{source}: expected true/false, got {value!r}")
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"{source}: expected {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is not str and not isinstance(value, kind):
+        raise ValueError(f"{source}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def from_toml(path: str | Path) -> dict[str, Any]:
+    """Settings from a config.toml: ``[similarity_config]`` (the adapter's keys) and ``[server]``."""
+    with open(path, "rb") as fh:
+        data = tomllib.load(fh)
+    known = {f.name: f for f in fields(ServerConfig)}
+    values: dict[str, Any] = {}
+    for key, name in _SIMILARITY_KEYS.items():
+        if key in data.get("similarity_config", {}):
+            values[name] = _coerce(known[name], data["similarity_config"][key], f"{path}: [similarity_config].{key}")
+    for key, value in data.get("server", {}).items():
+        if key not in known:
+            raise ValueError(f"{path}: unknown key [server].{key}")
+        values[key] = _coerce(known[key], value, f"{path}: [server].{key}")
+    return values
+
+
+def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for field in fields(ServerConfig):
+        name = ENV_PREFIX + field.name.upper()
+        if name in environ and environ[name] != "":
+            values[field.name] = _coerce(field, environ[name], name)
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipserve serve",
+        description="Serve a CLIP-family model over gRPC. Every flag can also be set as "
+        f"{ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}MAX_BATCH_SIZE) or in the [server] table of --config; "
+        "flags win over the environment, which wins over the file.",
+    )
+    parser.add_argument("--config", default=None, help=f"config.toml with [similarity_config] and/or [server] (env: {ENV_PREFIX}CONFIG)")
+    for field in fields(ServerConfig):
+        flag = "--" + field.name.replace("_", "-")
+        help_text = f"{field.metadata.get('help', '')} (default: {field.default})"
+        kind = _field_type(field)
+        if kind is bool:
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=field.name, type=kind, default=None, help=help_text, choices=field.metadata.get("choices"))
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Build the one frozen config from flags, environment and file (see module docstring)."""
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    config_path = args.config or environ.get(ENV_PREFIX + "CONFIG") or None
+    values: dict[str, Any] = {}
+    if config_path:
+        values.update(from_toml(config_path))
+    values.update(from_env(environ))
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    # --no-cache is the documented switch; it empties both caches.
+    if values.get("cache") is False:
+        values["text_cache_size"] = 0
+        values["image_cache_size"] = 0
+    return ServerConfig(**values)

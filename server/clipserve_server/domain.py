@@ -1,0 +1,51 @@
+"""Domain types that cross the servicer edge; nothing below the servicer sees protobuf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where an image comes from: exactly one of ``url`` and ``data`` is set."""
+
+    url: str | None = None
+    data: bytes | None = None
+
+    def describe(self) -> str:
+        """A short name for error messages."""
+        if self.url is not None:
+            return self.url if len(self.url) <= 200 else self.url[:197] + "..."
+        return f"<{len(self.data or b'')} uploaded bytes>"
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    query: str
+    image: ImageSource
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    capacity: int
+    entries: int
+    hits: int
+    misses: int
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a loaded model is; filled by the model, reported by GetModelInfo."""
+
+    model_id: str
+    device: str
+    dtype: str
+    embedding_dim: int
+    logit_scale: float  # exp(logit_scale parameter): the factor on the cosine
+    logit_bias: float
+    max_text_tokens: int

@@ -1,0 +1,143 @@
+"""The scoring pipeline: caches -> fetch -> decode/preprocess -> batched forward -> score.
+
+Every stage overlaps: downloads run concurrently on the event loop, decoding and
+preprocessing on a thread pool sized from the cores, the forward pass on the batcher's model
+thread. A slow download only delays its own item. Each distinct text and image is encoded
+at most once while it stays in the cache, and concurrent requests for one share one encode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from .batcher import Batcher
+from .cache import EmbeddingCache
+from .config import ServerConfig
+from .decode import decode_image
+from .domain import CacheStats, ImageSource, ModelDescription, ScoreItem
+from .errors import ErrorKind, ItemError
+from .fetch import ImageFetcher
+from .model import EmbeddingModel
+
+log = logging.getLogger(__name__)
+
+# Hashing a large upload takes milliseconds: do it off the event loop.
+_HASH_OFF_LOOP_BYTES = 256 * 1024
+
+
+class ScoringEngine:
+    def __init__(self, model: EmbeddingModel, config: ServerConfig, *, on_dead: Callable[[BaseException], None] | None = None) -> None:
+        self.model = model
+        self.config = config
+        self.text_cache = EmbeddingCache(config.text_cache_size)
+        self.image_cache = EmbeddingCache(config.image_cache_size)
+        self._batcher = Batcher(
+            model.forward,
+            max_batch_size=config.max_batch_size,
+            max_delay_s=config.max_batch_delay_s,
+            max_queue_size=config.max_queue_size,
+            on_dead=on_dead,
+        )
+        self._fetcher = ImageFetcher(
+            timeout_s=config.fetch_timeout_s,
+            max_bytes=config.max_image_bytes,
+            max_redirects=config.max_redirects,
+            allow_private_networks=config.allow_private_networks,
+            concurrency=config.fetch_concurrency,
+        )
+        self._pool = ThreadPoolExecutor(max_workers=config.resolved_decode_workers, thread_name_prefix="clipserve-decode")
+
+    @property
+    def description(self) -> ModelDescription:
+        return self.model.description
+
+    @property
+    def alive(self) -> bool:
+        return self._batcher.alive
+
+    @property
+    def queue_depth(self) -> int:
+        return self._batcher.queue_depth
+
+    def cache_stats(self) -> tuple[CacheStats, CacheStats]:
+        return self.text_cache.stats(), self.image_cache.stats()
+
+    async def start(self) -> None:
+        await self._fetcher.start()
+        self._batcher.start()
+
+    async def stop(self) -> None:
+        await self._batcher.stop()
+        await self._fetcher.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- scoring ---------------------------------------------------------------------------
+    async def score(self, item: ScoreItem, *, wait: bool) -> float:
+        """Score one pair. ``wait``: queue for room when the server is full (streams) rather
+        than fail with OVERLOADED (unary calls)."""
+        query = validate_query(item.query)
+        validate_image(item.image, self.config.max_image_bytes)
+        text_task = asyncio.ensure_future(self._text_embedding(query, wait))
+        image_task = asyncio.ensure_future(self._image_embedding(item.image, wait))
+        try:
+            text_embedding, image_embedding = await asyncio.gather(text_task, image_task)
+        except BaseException:
+            # One half failed (or we were cancelled): the other half is of no use to us.
+            text_task.cancel()
+            image_task.cancel()
+            raise
+        return self.model.score(text_embedding, image_embedding)
+
+    async def _text_embedding(self, query: str, wait: bool) -> np.ndarray:
+        return await self.text_cache.get(query, lambda: self._batcher.encode_text(query, wait=wait))
+
+    async def _image_embedding(self, source: ImageSource, wait: bool) -> np.ndarray:
+        if source.url is not None:
+            key = "url:" + source.url
+        else:
+            assert source.data is not None
+            key = "sha256:" + await self._run_small_or_pooled(len(source.data), _sha256, source.data)
+        return await self.image_cache.get(key, lambda: self._encode_image(source, wait))
+
+    async def _encode_image(self, source: ImageSource, wait: bool) -> np.ndarray:
+        data = source.data if source.data is not None else await self._fetcher.fetch(source.url or "")
+        pixels = await asyncio.get_running_loop().run_in_executor(self._pool, self._preprocess, data, source.describe())
+        return await self._batcher.encode_image(pixels, wait=wait)
+
+    def _preprocess(self, data: bytes, name: str) -> Any:
+        image = decode_image(data, max_pixels=self.config.max_image_pixels, name=name)
+        try:
+            return self.model.preprocess_image(image)
+        except Exception as exc:
+            raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: the model's image processor rejected it: {exc}") from exc
+
+    async def _run_small_or_pooled(self, size: int, fn: Callable[..., str], *args: Any) -> str:
+        if size < _HASH_OFF_LOOP_BYTES:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def validate_query(query: str) -> str:
+    if not query.strip():
+        raise ItemError(ErrorKind.INVALID_INPUT, "the query is empty")
+    return query
+
+
+def validate_image(source: ImageSource, max_bytes: int) -> None:
+    if source.url is None and source.data is None:
+        raise ItemError(ErrorKind.INVALID_INPUT, "the request has neither image_url nor image_bytes")
+    if source.url is not None and not source.url.strip():
+        raise ItemError(ErrorKind.INVALID_INPUT, "image_url is empty")
+    if source.data is not None and len(source.data) > max_bytes:
+        raise ItemError(ErrorKind.INVALID_INPUT, f"{source.describe()}: over the {max_bytes}-byte image limit")

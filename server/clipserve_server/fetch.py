@@ -1,0 +1,117 @@
+"""Downloading images over HTTP(S): pooled connections, a timeout, a size cap, a guard.
+
+Redirects are followed by hand so that every hop's scheme and address is checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+from .errors import ErrorKind, ItemError
+from .netguard import ForbiddenAddressError, GuardedResolver, is_forbidden, literal_ip
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_CHUNK = 64 * 1024
+
+
+class ImageFetcher:
+    def __init__(
+        self,
+        *,
+        timeout_s: float,
+        max_bytes: int,
+        max_redirects: int,
+        allow_private_networks: bool,
+        concurrency: int,
+    ) -> None:
+        self._timeout_s = timeout_s
+        self._max_bytes = max_bytes
+        self._max_redirects = max_redirects
+        self._allow_private = allow_private_networks
+        self._concurrency = concurrency
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self._concurrency,
+            resolver=None if self._allow_private else GuardedResolver(),
+            ttl_dns_cache=60,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+            headers={"User-Agent": "clipserve (+image fetcher)"},
+            trust_env=False,  # proxies from the environment would bypass the address guard
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def fetch(self, url: str) -> bytes:
+        """The body at ``url``; raises ItemError saying what went wrong."""
+        assert self._session is not None, "start() first"
+        try:
+            return await asyncio.wait_for(self._follow(url), self._timeout_s)
+        except asyncio.TimeoutError:
+            raise ItemError(ErrorKind.TIMEOUT, f"fetching {url} took longer than {self._timeout_s:g}s") from None
+
+    async def _follow(self, url: str) -> bytes:
+        assert self._session is not None
+        current = url
+        for _ in range(self._max_redirects + 1):
+            self._check_url(current, original=url)
+            try:
+                async with self._session.get(current, allow_redirects=False) as response:
+                    if response.status in _REDIRECTS:
+                        location = response.headers.get("Location")
+                        if not location:
+                            raise ItemError(ErrorKind.FETCH_FAILED, f"{url}: HTTP {response.status} redirect without a Location")
+                        current = urljoin(current, location)
+                        continue
+                    if response.status in (404, 410):
+                        raise ItemError(ErrorKind.NOT_FOUND, f"{url}: HTTP {response.status} {response.reason or ''}".rstrip())
+                    if response.status >= 400:
+                        raise ItemError(ErrorKind.FETCH_FAILED, f"{url}: HTTP {response.status} {response.reason or ''}".rstrip())
+                    return await self._read_capped(url, response)
+            except ItemError:
+                raise
+            except aiohttp.ClientConnectorError as exc:
+                if isinstance(exc.os_error, ForbiddenAddressError):
+                    raise ItemError(ErrorKind.FORBIDDEN, f"{url}: {exc.os_error} (start the server with --allow-private-networks to permit this)") from None
+                raise ItemError(ErrorKind.FETCH_FAILED, f"{url}: cannot connect: {exc.os_error or exc}") from None
+            except ForbiddenAddressError as exc:
+                raise ItemError(ErrorKind.FORBIDDEN, f"{url}: {exc} (start the server with --allow-private-networks to permit this)") from None
+            except (aiohttp.ClientError, OSError) as exc:
+                raise ItemError(ErrorKind.FETCH_FAILED, f"{url}: {type(exc).__name__}: {exc}") from None
+        raise ItemError(ErrorKind.FETCH_FAILED, f"{url}: more than {self._max_redirects} redirects")
+
+    def _check_url(self, current: str, *, original: str) -> None:
+        parts = urlsplit(current)
+        where = original if current == original else f"{original} (redirected to {current})"
+        if parts.scheme not in ("http", "https"):
+            raise ItemError(
+                ErrorKind.INVALID_INPUT,
+                f"{where}: only http and https URLs are fetched, not {parts.scheme or 'a scheme-less URL'}"
+                + ("; send local files as image_bytes" if parts.scheme in ("file", "") else ""),
+            )
+        if not parts.hostname:
+            raise ItemError(ErrorKind.INVALID_INPUT, f"{where}: the URL has no host")
+        ip = literal_ip(parts.hostname)
+        # Literal IPs never reach the resolver, so they are checked here.
+        if ip is not None and not self._allow_private and is_forbidden(ip):
+            raise ItemError(ErrorKind.FORBIDDEN, f"{where}: {ip} is not a public address (start the server with --allow-private-networks to permit this)")
+
+    async def _read_capped(self, url: str, response: aiohttp.ClientResponse) -> bytes:
+        declared = response.content_length
+        if declared is not None and declared > self._max_bytes:
+            raise ItemError(ErrorKind.INVALID_INPUT, f"{url}: the image is {declared} bytes, over the {self._max_bytes}-byte limit")
+        body = bytearray()
+        async for chunk in response.content.iter_chunked(_CHUNK):
+            body += chunk
+            if len(body) > self._max_bytes:
+                raise ItemError(ErrorKind.INVALID_INPUT, f"{url}: the image is over the {self._max_bytes}-byte limit")
+        return bytes(body)

@@ -1,0 +1,42 @@
+"""The model interface the batcher and engine program against.
+
+An implementation turns decoded images into model inputs (``preprocess_image``, run on the
+decode pool) and encodes batches of texts and images into L2-normalised embeddings
+(``forward``, run on the single model thread). ``score`` is the model's
+``logits_per_image`` for one pair, computed from those embeddings.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .domain import ModelDescription
+
+
+class EmbeddingModel(ABC):
+    description: ModelDescription
+
+    @abstractmethod
+    def preprocess_image(self, image: Image.Image) -> Any:
+        """Turn one decoded RGB image into whatever ``forward`` takes. Thread-safe."""
+
+    @abstractmethod
+    def forward(self, texts: list[str], images: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Encode texts and preprocessed images in one go.
+
+        Returns float32 arrays of shape (len(texts), dim) and (len(images), dim) whose rows
+        have unit length. Called from one thread at a time; may be slow.
+        """
+
+    def score(self, text_embedding: np.ndarray, image_embedding: np.ndarray) -> float:
+        """``exp(logit_scale) * cos + logit_bias``: the pair's ``logits_per_image``."""
+        cosine = float(np.dot(text_embedding, image_embedding))
+        return self.description.logit_scale * cosine + self.description.logit_bias
+
+    def warmup(self) -> None:
+        """Run one tiny batch so that the first real request pays no start-up cost."""
+        self.forward(["warmup"], [self.preprocess_image(Image.new("RGB", (64, 64), (127, 127, 127)))])

@@ -1,0 +1,163 @@
+"""The gRPC edge: protobuf in, domain types to the engine, protobuf (or a status) out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
+
+from . import __version__
+from .domain import CacheStats, ImageSource, ScoreItem
+from .engine import ScoringEngine
+from .errors import ErrorKind, ItemError
+from .status import grpc_code
+
+log = logging.getLogger(__name__)
+
+_END_OF_INPUT = object()
+
+
+class EngineSlot:
+    """Holds the engine once the model has loaded; calls before that get UNAVAILABLE."""
+
+    def __init__(self) -> None:
+        self.engine: ScoringEngine | None = None
+        self.closing = False
+
+    def get(self) -> ScoringEngine:
+        if self.closing:
+            raise ItemError(ErrorKind.UNAVAILABLE, "the server is shutting down")
+        if self.engine is None:
+            raise ItemError(ErrorKind.UNAVAILABLE, "the model is still loading; retry shortly")
+        return self.engine
+
+
+def to_item(request: scorer_pb2.ScoreRequest) -> ScoreItem:
+    which = request.WhichOneof("image")
+    if which == "image_url":
+        source = ImageSource(url=request.image_url)
+    elif which == "image_bytes":
+        source = ImageSource(data=request.image_bytes)
+    else:
+        source = ImageSource()
+    return ScoreItem(query=request.query, image=source)
+
+
+def _response(request: scorer_pb2.ScoreRequest) -> scorer_pb2.ScoreResponse:
+    return scorer_pb2.ScoreResponse(request_id=request.request_id, query_id=request.query_id, image_id=request.image_id)
+
+
+def _cache_stats(stats: CacheStats) -> scorer_pb2.CacheStats:
+    return scorer_pb2.CacheStats(
+        capacity=stats.capacity, entries=stats.entries, hits=stats.hits, misses=stats.misses, hit_rate=stats.hit_rate
+    )
+
+
+class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
+    def __init__(self, slot: EngineSlot, *, stream_max_in_flight: int) -> None:
+        self._slot = slot
+        self._stream_max_in_flight = stream_max_in_flight
+
+    async def Score(self, request: scorer_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.ScoreResponse:
+        try:
+            score = await self._slot.get().score(to_item(request), wait=False)
+        except ItemError as exc:
+            await context.abort(grpc_code(exc.kind), exc.message)
+        except Exception as exc:
+            log.exception("Score failed unexpectedly")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        response = _response(request)
+        response.score = score
+        return response
+
+    async def ScoreBatch(
+        self, request_iterator: AsyncIterator[scorer_pb2.ScoreRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scorer_pb2.ScoreResponse]:
+        try:
+            engine = self._slot.get()
+        except ItemError as exc:
+            await context.abort(grpc_code(exc.kind), exc.message)
+        # At most `window` items are read but not yet answered: when it is full we stop
+        # reading, and gRPC flow control slows the client down.
+        window = asyncio.Semaphore(self._stream_max_in_flight)
+        answers: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+        sent = 0
+
+        async def answer(request: scorer_pb2.ScoreRequest) -> None:
+            await answers.put(await self._score_item(engine, request))
+
+        async def read() -> None:
+            nonlocal sent
+            try:
+                async for request in request_iterator:
+                    await window.acquire()
+                    task = asyncio.ensure_future(answer(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    sent += 1
+            except BaseException as exc:  # the client went away mid-stream, or a bad message
+                await answers.put(exc)
+                raise
+            await answers.put(_END_OF_INPUT)
+
+        reader = asyncio.ensure_future(read())
+        answered = 0
+        input_done = False
+        try:
+            while not (input_done and answered == sent):
+                answer_or_signal = await answers.get()
+                if answer_or_signal is _END_OF_INPUT:
+                    input_done = True
+                    continue
+                if isinstance(answer_or_signal, BaseException):
+                    if isinstance(answer_or_signal, asyncio.CancelledError):
+                        return
+                    raise answer_or_signal
+                yield answer_or_signal
+                answered += 1
+                window.release()
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def _score_item(self, engine: ScoringEngine, request: scorer_pb2.ScoreRequest) -> scorer_pb2.ScoreResponse:
+        response = _response(request)
+        try:
+            response.score = await engine.score(to_item(request), wait=True)
+        except ItemError as exc:
+            response.error.code = grpc_code(exc.kind).name
+            response.error.message = exc.message
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must cost one item, never the stream or a lost answer
+            log.exception("scoring item %r failed unexpectedly", request.request_id)
+            response.error.code = grpc.StatusCode.INTERNAL.name
+            response.error.message = f"internal error: {type(exc).__name__}: {exc}"
+        return response
+
+    async def GetModelInfo(self, request: scorer_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.ModelInfo:
+        try:
+            engine = self._slot.get()
+        except ItemError as exc:
+            await context.abort(grpc_code(exc.kind), exc.message)
+        d = engine.description
+        text_stats, image_stats = engine.cache_stats()
+        return scorer_pb2.ModelInfo(
+            model_id=d.model_id,
+            device=d.device,
+            dtype=d.dtype,
+            embedding_dim=d.embedding_dim,
+            logit_scale=d.logit_scale,
+            logit_bias=d.logit_bias,
+            max_text_tokens=d.max_text_tokens,
+            max_batch_size=engine.config.max_batch_size,
+            max_batch_delay_ms=engine.config.max_batch_delay_ms,
+            text_cache=_cache_stats(text_stats),
+            image_cache=_cache_stats(image_stats),
+            server_version=__version__,
+        )

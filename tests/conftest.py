@@ -1,0 +1,110 @@
+"""Session fixtures: a tiny random-weight checkpoint, a loopback image host, real servers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from clipserve_server.config import ServerConfig
+from clipserve_server.fake_model import FakeModel
+
+from .helpers import ImageHost, InProcessServer, make_image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from clipserve_server.synthetic import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-clip"), arch="tiny", seed=1234)
+
+
+@pytest.fixture(scope="session")
+def image_host() -> Iterator[ImageHost]:
+    host = ImageHost()
+    for i in range(6):
+        host.add(f"photo{i}.png", make_image(40 + 7 * i, 30 + 5 * i, seed=i))
+        host.add(f"photo{i}.jpg", make_image(64, 48, seed=100 + i, fmt="JPEG"))
+    host.add("not-an-image.png", b"this is plain text, not a picture")
+    yield host
+    host.close()
+
+
+class ServerProcess:
+    """`clipserve serve` in a subprocess, exactly as a user starts it."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "clipserve.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.log: list[str] = []
+        self.port = int(self._wait_for("clipserve listening on ").rsplit(":", 1)[1])
+        self.address = f"127.0.0.1:{self.port}"
+        self._wait_for("clipserve ready")
+
+    def _wait_for(self, prefix: str, timeout: float = 180.0) -> str:
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"server exited ({self.proc.wait()}) before {prefix!r}:\n" + "".join(self.log))
+            self.log.append(line)
+            if line.startswith(prefix):
+                return line.strip()
+        raise TimeoutError(f"no {prefix!r} within {timeout}s:\n" + "".join(self.log))
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        self.log.append(out or "")
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def real_server(tiny_checkpoint: Path) -> Iterator[ServerProcess]:
+    """The real server on the tiny checkpoint; may fetch from the loopback image host."""
+    server = ServerProcess(["--model", str(tiny_checkpoint), "--allow-private-networks", "--fetch-timeout-s", "2"])
+    yield server
+    code = server.terminate()
+    assert code == 0, "".join(server.log)
+
+
+@pytest.fixture(scope="session")
+def fake_server() -> Iterator[InProcessServer]:
+    """A server on the deterministic FakeModel that may fetch from the loopback image host."""
+    server = InProcessServer(ServerConfig(max_batch_delay_ms=2.0, allow_private_networks=True, fetch_timeout_s=1.0), FakeModel())
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def make_fake_server() -> Iterator:
+    """Start servers with a custom config and FakeModel; all are stopped after the test."""
+    started: list[InProcessServer] = []
+
+    def start(model: FakeModel | None = None, **overrides) -> InProcessServer:
+        server = InProcessServer(ServerConfig(**overrides), model or FakeModel())
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -1,0 +1,136 @@
+"""Test helpers: generated images, a loopback image host, an in-process server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+from PIL import Image
+
+from clipserve_server.app import ClipServer
+from clipserve_server.config import ServerConfig
+from clipserve_server.model import EmbeddingModel
+
+
+def make_image(width: int = 48, height: int = 40, *, seed: int = 0, fmt: str = "PNG", mode: str = "RGB") -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((height, width, 3)) * 255).astype("uint8")
+    image = Image.fromarray(pixels, "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+class ImageHost:
+    """A loopback HTTP server with images and misbehaving endpoints.
+
+    /img/<name>        an image registered with ``add``
+    /status/<code>     answers that HTTP status
+    /slow              waits 5 s before answering
+    /redirect/<name>   302 to /img/<name>
+    /loop              302 to itself forever
+    /huge              declares a 1 GiB body
+    """
+
+    def __init__(self) -> None:
+        self.images: dict[str, bytes] = {}
+        self.hits: dict[str, int] = {}
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:  # keep test output quiet
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                host.hits[self.path] = host.hits.get(self.path, 0) + 1
+                parts = self.path.strip("/").split("/")
+                if parts[0] == "img" and len(parts) == 2 and parts[1] in host.images:
+                    return self._send(200, host.images[parts[1]])
+                if parts[0] == "status" and len(parts) == 2:
+                    return self._send(int(parts[1]), b"")
+                if parts[0] == "slow":
+                    time.sleep(5)
+                    return self._send(200, b"late")
+                if parts[0] == "redirect" and len(parts) == 2:
+                    return self._redirect(f"/img/{parts[1]}")
+                if parts[0] == "loop":
+                    return self._redirect("/loop")
+                if parts[0] == "huge":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(1 << 30))
+                    self.end_headers()
+                    return None
+                return self._send(404, b"")
+
+            def _send(self, code: int, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _redirect(self, location: str) -> None:
+                self.send_response(302)
+                self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def add(self, name: str, data: bytes) -> str:
+        self.images[name] = data
+        return f"{self.base}/img/{name}"
+
+    def url(self, path: str) -> str:
+        return f"{self.base}/{path.lstrip('/')}"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+class InProcessServer:
+    """A real ClipServer on a real port, run on its own event-loop thread.
+
+    Used with the FakeModel to test the API and batching without weights.
+    """
+
+    def __init__(self, config: ServerConfig, model: EmbeddingModel) -> None:
+        self.model = model
+        self.config = replace(config, host="127.0.0.1", port=0)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.server = ClipServer(self.config, lambda _config: model)
+        self.port = self.call(self._start())
+        self.address = f"127.0.0.1:{self.port}"
+
+    async def _start(self) -> int:
+        port = await self.server.start()
+        await self.server.wait_ready()
+        return port
+
+    def call(self, coroutine, timeout: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def run_on_loop(self, fn: Callable[[], object]) -> object:
+        async def wrapper() -> object:
+            return fn()
+
+        return self.call(wrapper())
+
+    def stop(self, grace: float = 0.0) -> None:
+        self.call(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import sys
 
@@ -22,7 +22,12 @@ def _add_address(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_serve(argv: list[str]) -> int:
-    missing = [m for m in _SERVER_MODULES if importlib.util.find_spec(m) is None]
+    missing = []
+    for module in _SERVER_MODULES:
+        try:
+            importlib.import_module(module)  # the server imports them anyway
+        except ImportError:
+            missing.append(module)
     if missing:
         print(
             f"clipserve serve needs the server extra (missing: {', '.join(missing)}): "

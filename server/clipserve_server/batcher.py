@@ -72,8 +72,8 @@ class Batcher:
             self._task.cancel()
             try:
                 await self._task
-            except asyncio.CancelledError:
-                pass
+            except (asyncio.CancelledError, Exception):
+                pass  # a crash was already reported by _loop_finished
         self._fail_queued(self._failure)
         self._executor.shutdown(wait=False, cancel_futures=True)
 

@@ -41,6 +41,8 @@ class HFClipModel(EmbeddingModel):
 
         self._torch = torch
         self._device = torch.device(resolve_device(device))
+        if dtype == "auto":
+            dtype = "float16" if self._device.type == "cuda" else "float32"
         self._dtype = getattr(torch, dtype)
         kwargs: dict[str, Any] = {}
         # `torch_dtype` was renamed `dtype` in transformers 4.56.

@@ -21,7 +21,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ENV_PREFIX = "CLIPSERVE_"
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "auto")
 
 # Keys of the adapter's [similarity_config] table that mean the same thing here.
 _SIMILARITY_KEYS = {"model": "model", "device": "device", "torch_dtype": "dtype", "use_safetensors": "use_safetensors"}
@@ -33,7 +33,7 @@ class ServerConfig:
 
     model: str = dataclasses.field(default="openai/clip-vit-base-patch32", metadata={"help": "hub id or local folder"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N (auto: CUDA when available)"})
-    dtype: str = dataclasses.field(default="float32", metadata={"help": "float32 | float16 | bfloat16", "choices": DTYPES})
+    dtype: str = dataclasses.field(default="float32", metadata={"help": "float32 | float16 | bfloat16 | auto (auto: float16 on CUDA, float32 on CPU)", "choices": DTYPES})
     use_safetensors: bool | None = dataclasses.field(default=None, metadata={"help": "require safetensors weights (default: prefer them)"})
     host: str = dataclasses.field(default="0.0.0.0", metadata={"help": "address to listen on"})
     port: int = dataclasses.field(default=50051, metadata={"help": "port to listen on (0: pick a free one)"})

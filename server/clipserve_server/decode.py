@@ -38,7 +38,7 @@ def decode_image(data: bytes, *, max_pixels: int, name: str) -> Image.Image:
         raise
     except UnidentifiedImageError:
         raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: not a recognised image format") from None
-    except Image.DecompressionBombError as exc:
-        raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: {exc}") from None
+    except Image.DecompressionBombError as exc:  # PIL's own, coarser guard fired first
+        raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: over the {max_pixels}-pixel limit ({exc})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: corrupt or truncated image: {exc}") from None

@@ -37,6 +37,16 @@ class FakeModel(EmbeddingModel):
         self.encoded_texts: list[str] = []
         self.encoded_images = 0
 
+    def warmup(self) -> None:
+        super().warmup()
+        self.reset_counts()  # tests count only the work their requests cause
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.batches.clear()
+            self.encoded_texts.clear()
+            self.encoded_images = 0
+
     def preprocess_image(self, image: Image.Image) -> Any:
         small = image.convert("RGB").resize((8, 8))
         return np.asarray(small, dtype=np.uint8).tobytes()

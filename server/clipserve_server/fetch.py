@@ -79,6 +79,8 @@ class ImageFetcher:
                     return await self._read_capped(url, response)
             except ItemError:
                 raise
+            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+                raise ItemError(ErrorKind.TIMEOUT, f"fetching {url} took longer than {self._timeout_s:g}s") from None
             except aiohttp.ClientConnectorError as exc:
                 if isinstance(exc.os_error, ForbiddenAddressError):
                     raise ItemError(ErrorKind.FORBIDDEN, f"{url}: {exc.os_error} (start the server with --allow-private-networks to permit this)") from None

@@ -1,0 +1,50 @@
+# clipserve server image for NVIDIA GPUs.
+#
+#   docker build -t clipserve .
+#   docker run --gpus all -p 50051:50051 -v clipserve-models:/models clipserve \
+#       --model openai/clip-vit-base-patch32
+#
+# The torch wheel brings its own CUDA libraries; the base image provides the CUDA runtime
+# layout the NVIDIA container toolkit expects. Model weights are cached in /models (HF_HOME):
+# mount a volume there so that restarts do not download them again.
+FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONUNBUFFERED=1 \
+    HF_HOME=/models \
+    PATH=/opt/venv/bin:$PATH
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+
+WORKDIR /src
+# Dependencies first, so that code changes do not reinstall torch.
+COPY pyproject.toml README.md ./
+COPY client ./client
+COPY server ./server
+COPY protos ./protos
+RUN pip install ".[server]"
+
+RUN useradd --create-home --uid 10001 clipserve && mkdir -p /models && chown clipserve /models
+USER clipserve
+WORKDIR /home/clipserve
+
+# Every flag of `clipserve serve` can be set as CLIPSERVE_<FLAG>.
+ENV CLIPSERVE_HOST=0.0.0.0 \
+    CLIPSERVE_PORT=50051 \
+    CLIPSERVE_DEVICE=auto \
+    CLIPSERVE_DTYPE=auto
+EXPOSE 50051
+VOLUME ["/models"]
+
+# The standard gRPC health service: SERVING once the model is loaded and warm.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
+    CMD clipserve health --address "127.0.0.1:${CLIPSERVE_PORT}" --timeout 4 || exit 1
+
+# SIGTERM: health turns NOT_SERVING, in-flight calls get CLIPSERVE_GRACE_PERIOD_S to finish.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["clipserve", "serve"]
+CMD ["--model", "openai/clip-vit-base-patch32"]

@@ -1,0 +1,65 @@
+"""Generated stubs match the schema; the client installs and imports without torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_generated_stubs_match_the_proto_schema(tmp_path):
+    """Fails when someone edits protos/ without rerunning `python tools/gen_protos.py`."""
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_protos.py"), "--out", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*_pb2*.py*"))
+    committed = sorted(p.relative_to(ROOT / "client") for p in (ROOT / "client").rglob("*_pb2*.py*"))
+    assert generated == committed
+    for rel in generated:
+        assert (tmp_path / rel).read_text() == (ROOT / "client" / rel).read_text(), f"{rel} is stale: run python tools/gen_protos.py"
+
+
+BLOCK_TORCH = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {'torch', 'torchvision', 'transformers', 'numpy', 'PIL', 'aiohttp'}:
+            raise ImportError('blocked for this test: ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_the_client_imports_and_works_without_torch(tmp_path):
+    image = tmp_path / "x.png"
+    image.write_bytes(b"\\x89PNG fake")
+    code = BLOCK_TORCH + f"""
+import clipserve
+from clipserve._requests import build_request
+clip = clipserve.CLIP('127.0.0.1:1', timeout=0.5)
+request = build_request(clipserve.SimilarityInput('q', {str(image)!r}))
+assert request.image_bytes
+clip.close()
+assert 'torch' not in sys.modules and 'transformers' not in sys.modules
+print(sorted(clipserve.__all__))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "CLIP" in done.stdout
+
+
+def test_serve_without_the_server_extra_prints_a_hint_not_a_traceback():
+    code = BLOCK_TORCH + "from clipserve.cli import main; sys.exit(main(['serve', '--model', 'x']))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "pip install 'clipserve[server]'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_base_dependencies_hold_no_server_packages():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = " ".join(project["dependencies"]).lower()
+    for heavy in ("torch", "transformers", "pillow", "numpy", "aiohttp"):
+        assert heavy not in base
+    assert any(dep.startswith("torchvision") for dep in project["optional-dependencies"]["server"])

@@ -1,0 +1,251 @@
+"""Throughput benchmark: the reference adapter's way vs clipserve, cold and warm, vs the model bound.
+
+One command (from the repository root, with the server extra installed):
+
+    python benchmarks/bench_throughput.py              # Q=40 queries x K=25 images from N=200
+
+It builds a random-weight checkpoint with the exact architecture of
+openai/clip-vit-base-patch32 (same compute cost as the real model), writes N real JPEG/PNG
+files of mixed sizes, serves them over loopback HTTP, draws Q queries x K images, and measures:
+
+  (a) reference: in-process, one pair per full transformers forward, fetching each image
+      (as the reference adapter's score() does), on a sample of --reference-pairs pairs;
+  (b) clipserve cold: `clipserve serve` over loopback gRPC through the SDK's score_batch;
+  (c) clipserve warm: the same workload again (embeddings cached);
+  (d) model bound: batched get_image_features + get_text_features over the distinct images
+      and texts, preprocessing excluded (no I/O, no decode): the best any server could do.
+
+It prints a table and writes it as JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = [(320, 240), (500, 500), (640, 480), (800, 600), (1024, 768), (1280, 960), (1600, 1200)]
+WORDS = "dog cat car beach mountain city street tree flower bird boat house river snow red blue green old small big".split()
+
+
+# -- fixtures: images, a loopback image host, queries ---------------------------------------------
+
+def make_corpus(n: int, seed: int) -> dict[str, bytes]:
+    """N photo-like images: gradients, shapes and noise, JPEG and PNG, of mixed sizes."""
+    rng = np.random.default_rng(seed)
+    corpus: dict[str, bytes] = {}
+    for i in range(n):
+        w, h = SIZES[i % len(SIZES)]
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([(x * (i % 7 + 1) / w), (y * (i % 5 + 1) / h), ((x + y) / (w + h))], axis=-1) * 200
+        pixels = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype("uint8")
+        image = Image.fromarray(pixels, "RGB")
+        draw = ImageDraw.Draw(image)
+        for _ in range(6):
+            x0, y0 = int(rng.integers(0, w - 10)), int(rng.integers(0, h - 10))
+            draw.ellipse([x0, y0, x0 + int(rng.integers(10, w // 2)), y0 + int(rng.integers(10, h // 2))], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        buffer = io.BytesIO()
+        fmt = "JPEG" if i % 3 else "PNG"
+        image.save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        corpus[f"img{i:04d}.{fmt.lower().replace('jpeg', 'jpg')}"] = buffer.getvalue()
+    return corpus
+
+
+def serve_corpus(corpus: dict[str, bytes]) -> tuple[ThreadingHTTPServer, str]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as a real image host
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            body = corpus.get(self.path.rsplit("/", 1)[-1])
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+def make_workload(base: str, names: list[str], queries: int, per_query: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    texts = [f"a photo of a {' '.join(rng.sample(WORDS, 3))} number {q}" for q in range(queries)]
+    return [(text, f"{base}/{name}") for text in texts for name in rng.sample(names, per_query)]
+
+
+# -- the four measurements -------------------------------------------------------------------------
+
+def measure_reference(checkpoint: Path, pairs: list[tuple[str, str]]) -> float:
+    """(a) The reference adapter's score(): fetch, decode, one full forward per pair."""
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(checkpoint).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+
+    def score(query: str, url: str) -> float:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            image = Image.open(io.BytesIO(response.read()))
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        inputs = processor(text=[query], images=image, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            return float(model(**inputs).logits_per_image[0][0])
+
+    score(*pairs[0])  # warm-up, as the adapter's first call would pay it
+    started = time.perf_counter()
+    for query, url in pairs:
+        score(query, url)
+    return len(pairs) / (time.perf_counter() - started)
+
+
+def measure_bound(checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[str, str]], batch_size: int, device: str, dtype: str) -> tuple[float, float]:
+    """(d) Batched forwards over the distinct texts and images; preprocessing done beforehand."""
+    from transformers import AutoModel, AutoProcessor
+
+    torch_dtype = getattr(torch, dtype)
+    model = AutoModel.from_pretrained(checkpoint, dtype=torch_dtype).to(device).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    texts = sorted({q for q, _ in pairs})
+    names = sorted({u.rsplit("/", 1)[1] for _, u in pairs})
+    pixels = [processor.image_processor(images=[Image.open(io.BytesIO(corpus[n])).convert("RGB")], return_tensors="pt")["pixel_values"][0] for n in names]
+    with torch.inference_mode():
+        model.get_image_features(pixel_values=torch.stack(pixels[:2]).to(device, torch_dtype))  # warm-up
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        sync()
+        started = time.perf_counter()
+        for i in range(0, len(texts), batch_size):
+            tokens = processor.tokenizer(texts[i : i + batch_size], padding=True, truncation=True, return_tensors="pt").to(device)
+            model.get_text_features(**tokens)
+        for i in range(0, len(pixels), batch_size):
+            model.get_image_features(pixel_values=torch.stack(pixels[i : i + batch_size]).to(device, torch_dtype))
+        sync()
+        elapsed = time.perf_counter() - started
+    return len(pairs) / elapsed, len(names) / elapsed
+
+
+def start_server(checkpoint: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    command = [
+        sys.executable, "-m", "clipserve.cli", "serve", "--model", str(checkpoint), "--host", "127.0.0.1", "--port", "0",
+        "--allow-private-networks", "--device", args.device, "--dtype", args.dtype,
+        "--max-batch-size", str(args.max_batch_size), "--max-batch-delay-ms", str(args.max_batch_delay_ms), "--log-level", "WARNING",
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    address = ""
+    for line in proc.stdout:
+        if line.startswith("clipserve listening on "):
+            address = "127.0.0.1:" + line.strip().rsplit(":", 1)[1]
+        if line.startswith("clipserve ready"):
+            return proc, address
+    raise RuntimeError(f"server exited with {proc.wait()}")
+
+
+def measure_clipserve(address: str, pairs: list[tuple[str, str]]) -> tuple[float, int]:
+    import clipserve
+
+    inputs = [clipserve.SimilarityInput(q, u) for q, u in pairs]
+    with clipserve.CLIP(address) as clip:
+        started = time.perf_counter()
+        results = clip.score_batch(inputs)
+        elapsed = time.perf_counter() - started
+    failures = sum(1 for r in results if r.error is not None)
+    return len(pairs) / elapsed, failures
+
+
+# -- main --------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--queries", "-Q", type=int, default=40)
+    parser.add_argument("--per-query", "-K", type=int, default=25)
+    parser.add_argument("--images", "-N", type=int, default=200)
+    parser.add_argument("--reference-pairs", type=int, default=100, help="pairs timed for (a); its rate is per pair")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
+    parser.add_argument("--checkpoint", type=Path, default=None, help="reuse a vit-b-32 checkpoint folder")
+    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from clipserve_server.synthetic import build_checkpoint
+
+    scratch = Path(tempfile.mkdtemp(prefix="clipserve-bench-"))
+    checkpoint = args.checkpoint or build_checkpoint(scratch / "clip-vit-b-32-random", arch="vit-b-32", seed=args.seed)
+    corpus = make_corpus(args.images, args.seed)
+    httpd, base = serve_corpus(corpus)
+    pairs = make_workload(base, sorted(corpus), args.queries, args.per_query, args.seed)
+    distinct_images = len({u for _, u in pairs})
+    print(f"workload: {len(pairs)} pairs, {args.queries} queries, {distinct_images} distinct images "
+          f"({sum(map(len, corpus.values())) / 1e6:.1f} MB corpus); device={args.device} dtype={args.dtype}", flush=True)
+
+    rows: dict[str, float] = {}
+    if not args.skip_reference:
+        rows["a_reference"] = measure_reference(checkpoint, random.Random(1).sample(pairs, min(args.reference_pairs, len(pairs))))
+        print(f"(a) reference       {rows['a_reference']:9.1f} pairs/s", flush=True)
+    proc, address = start_server(checkpoint, args)
+    try:
+        rows["b_clipserve_cold"], cold_failures = measure_clipserve(address, pairs)
+        print(f"(b) clipserve cold  {rows['b_clipserve_cold']:9.1f} pairs/s", flush=True)
+        rows["c_clipserve_warm"], warm_failures = measure_clipserve(address, pairs)
+        print(f"(c) clipserve warm  {rows['c_clipserve_warm']:9.1f} pairs/s", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    rows["d_model_bound"], bound_images_per_s = measure_bound(checkpoint, corpus, pairs, args.max_batch_size, args.device, args.dtype)
+    print(f"(d) model bound     {rows['d_model_bound']:9.1f} pairs/s", flush=True)
+    httpd.shutdown()
+
+    reference = rows.get("a_reference")
+    table = []
+    for name, rate in rows.items():
+        table.append({
+            "mode": name,
+            "pairs_per_s": round(rate, 1),
+            "images_per_s": round(rate * distinct_images / len(pairs), 1) if name != "a_reference" else round(rate, 1),
+            "speedup_vs_a": round(rate / reference, 1) if reference else None,
+            "fraction_of_bound_d": round(rate / rows["d_model_bound"], 2),
+        })
+    print()
+    print(f"{'mode':<20}{'pairs/s':>10}{'images/s':>10}{'x (a)':>8}{'of (d)':>8}")
+    for row in table:
+        speed = f"{row['speedup_vs_a']:.1f}" if row["speedup_vs_a"] else "-"
+        print(f"{row['mode']:<20}{row['pairs_per_s']:>10.1f}{row['images_per_s']:>10.1f}{speed:>8}{row['fraction_of_bound_d']:>8.2f}")
+    report = {
+        "workload": {"pairs": len(pairs), "queries": args.queries, "per_query": args.per_query, "images": args.images, "distinct_images": distinct_images},
+        "settings": {"device": args.device, "dtype": args.dtype, "max_batch_size": args.max_batch_size, "max_batch_delay_ms": args.max_batch_delay_ms},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
+        "failures": {"cold": cold_failures, "warm": warm_failures},
+        "results": table,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

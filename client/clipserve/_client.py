@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -11,31 +10,13 @@ from typing import Any
 
 import grpc
 
-from ._config import DEFAULT_ADDRESS, DEFAULT_COL_NAME, load_client_config
+from ._channel import Connection, PemSource, resolve_address
+from ._config import DEFAULT_COL_NAME, load_client_config
 from ._errors import ClipServeError, status_code_from_name
-from ._requests import build_request, coerce_input
+from ._requests import DEFAULT_MAX_UPLOAD_BYTES, build_request, coerce_input
 from ._retry import RETRYABLE_CODES, Deadline, RetryPolicy
 from ._types import SimilarityInput, SimilarityResult
 from .v1 import scorer_pb2, scorer_pb2_grpc
-
-# Large enough for big uploads; the server enforces its own (configurable) limit.
-_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-def resolve_address(address: str | None, config_address: str | None) -> str:
-    """Explicit argument, then config file, then ``CLIPSERVE_ADDRESS``, then the default."""
-    return address or config_address or os.environ.get("CLIPSERVE_ADDRESS") or DEFAULT_ADDRESS
-
-
-def channel_options() -> list[tuple[str, Any]]:
-    return [
-        ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-        # Spread calls over every address a target resolves to (several replicas behind one
-        # DNS name); with a single address this behaves like the default policy.
-        ("grpc.lb_policy_name", "round_robin"),
-    ]
-
 
 def result_from_response(item: SimilarityInput, response: scorer_pb2.ScoreResponse) -> SimilarityResult:
     if response.HasField("error"):
@@ -76,6 +57,10 @@ class CLIP:
             server's batches without queueing the whole input on the server.
         retry: When to retry UNAVAILABLE / RESOURCE_EXHAUSTED (see ``RetryPolicy``).
         progress: Show a tqdm progress bar in ``score_batch`` by default.
+        tls, root_certificates, certificate_chain, private_key, auth_token: how to reach a
+            server that uses TLS, mutual TLS or a bearer token (see ``Connection``).
+        max_upload_bytes: local files larger than this fail locally with INVALID_ARGUMENT
+            instead of being sent (match the server's ``--max-image-bytes``).
 
     Use it as a context manager, or call ``close()``, to release the connection.
     """
@@ -89,9 +74,17 @@ class CLIP:
         max_in_flight: int = 256,
         retry: RetryPolicy | None = None,
         progress: bool = False,
+        tls: bool = False,
+        root_certificates: PemSource = None,
+        certificate_chain: PemSource = None,
+        private_key: PemSource = None,
+        auth_token: str | None = None,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     ) -> None:
         file_config = load_client_config(config) if config is not None else None
         self.address = resolve_address(address, file_config.address if file_config else None)
+        self.connection = Connection(self.address, tls, root_certificates, certificate_chain, private_key, auth_token)
+        self.max_upload_bytes = max_upload_bytes
         self.col_name = file_config.col_name if file_config else DEFAULT_COL_NAME
         self.timeout = timeout if timeout is not None else (file_config.timeout if file_config else None)
         if max_in_flight < 1:
@@ -99,7 +92,8 @@ class CLIP:
         self.max_in_flight = max_in_flight
         self.retry = retry or RetryPolicy()
         self.progress = progress
-        self._channel = grpc.insecure_channel(self.address, options=channel_options())
+        self._metadata = self.connection.metadata
+        self._channel = self.connection.channel()
         self._stub = scorer_pb2_grpc.ScorerStub(self._channel)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -115,13 +109,13 @@ class CLIP:
     # -- API -------------------------------------------------------------------------------
     def score(self, query: str, image_url: str) -> float:
         """The score of one pair; raises ClipServeError (with ``.code``) when it has none."""
-        request = build_request(SimilarityInput(query=query, image_url=image_url))
+        request = build_request(SimilarityInput(query=query, image_url=image_url), max_upload_bytes=self.max_upload_bytes)
         deadline = Deadline(self.timeout)
         attempt = 0
         while True:
             attempt += 1
             try:
-                response = self._stub.Score(request, timeout=deadline.remaining(), wait_for_ready=attempt > 1)
+                response = self._stub.Score(request, timeout=deadline.remaining(), metadata=self._metadata, wait_for_ready=attempt > 1)
                 return response.score
             except grpc.RpcError as exc:
                 error = ClipServeError.from_rpc_error(exc)
@@ -131,7 +125,7 @@ class CLIP:
     def model_info(self) -> scorer_pb2.ModelInfo:
         """The server's model, device, dtype, batching limits and cache statistics."""
         try:
-            return self._stub.GetModelInfo(scorer_pb2.GetModelInfoRequest(), timeout=self.timeout)
+            return self._stub.GetModelInfo(scorer_pb2.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise ClipServeError.from_rpc_error(exc) from None
 
@@ -218,14 +212,14 @@ class CLIP:
                 if stop.is_set():
                     return
                 try:
-                    request = build_request(items[index], request_id=str(index))
+                    request = build_request(items[index], request_id=str(index), max_upload_bytes=self.max_upload_bytes)
                 except ClipServeError as exc:
                     record(index, failed_result(items[index], exc.code.name, exc.details))
                     window.release()
                     continue
                 yield request
 
-        call = self._stub.ScoreBatch(requests(), timeout=deadline.remaining(), wait_for_ready=wait_for_ready)
+        call = self._stub.ScoreBatch(requests(), timeout=deadline.remaining(), metadata=self._metadata, wait_for_ready=wait_for_ready)
         try:
             for response in call:
                 index = _parse_index(response.request_id, len(items))

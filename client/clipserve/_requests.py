@@ -13,7 +13,8 @@ from ._errors import ClipServeError
 from ._types import SimilarityInput
 from .v1 import scorer_pb2
 
-_REMOTE_SCHEMES = frozenset({"http", "https"})
+# The server's default --max-image-bytes.
+DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 
 
 def coerce_input(item: Any) -> SimilarityInput:
@@ -49,8 +50,21 @@ def local_path(image_url: str) -> Path | None:
     return Path(image_url)
 
 
-def build_request(item: SimilarityInput, request_id: str = "") -> scorer_pb2.ScoreRequest:
-    """The wire request for one pair; raises ClipServeError when a local file cannot be read."""
+def _check_text(name: str, value: str | None) -> None:
+    # A str with lone surrogates cannot be encoded as UTF-8: protobuf would fail while sending,
+    # taking the whole stream down with it. Refuse the one item here instead.
+    if value:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ClipServeError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is not valid Unicode text: {exc.reason} at position {exc.start}") from None
+
+
+def build_request(item: SimilarityInput, request_id: str = "", *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> scorer_pb2.ScoreRequest:
+    """The wire request for one pair; raises ClipServeError for an item that cannot be sent
+    (an unreadable or oversized local file, text that is not valid Unicode)."""
+    for name in ("query", "image_url", "query_id", "image_id"):
+        _check_text(name, getattr(item, name))
     request = scorer_pb2.ScoreRequest(
         request_id=request_id,
         query=item.query,
@@ -62,6 +76,9 @@ def build_request(item: SimilarityInput, request_id: str = "") -> scorer_pb2.Sco
         request.image_url = item.image_url
         return request
     try:
+        size = path.stat().st_size
+        if size > max_upload_bytes:
+            raise ClipServeError(grpc.StatusCode.INVALID_ARGUMENT, f"local image file {path} is {size} bytes, over the {max_upload_bytes}-byte upload limit")
         request.image_bytes = path.read_bytes()
     except FileNotFoundError:
         raise ClipServeError(grpc.StatusCode.NOT_FOUND, f"local image file not found: {path}") from None

@@ -19,6 +19,28 @@ def _add_address(parser: argparse.ArgumentParser) -> None:
         help="server host:port (default: $CLIPSERVE_ADDRESS or localhost:50051)",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default: 30)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
+    parser.add_argument("--tls-ca", default=None, help="PEM CA bundle that signed the server certificate")
+    parser.add_argument("--tls-cert", default=None, help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", default=None, help="PEM client key (mutual TLS)")
+    parser.add_argument("--auth-token-file", default=None, help="file holding the bearer token (default: $CLIPSERVE_AUTH_TOKEN)")
+
+
+def _security(args: argparse.Namespace) -> dict:
+    token = open(args.auth_token_file, encoding="utf-8").read().strip() if args.auth_token_file else None
+    return {
+        "tls": args.tls,
+        "root_certificates": args.tls_ca,
+        "certificate_chain": args.tls_cert,
+        "private_key": args.tls_key,
+        "auth_token": token,
+    }
+
+
+def _connection(args: argparse.Namespace):
+    from ._channel import Connection, resolve_address
+
+    return Connection(resolve_address(args.address), **_security(args))
 
 
 def _cmd_serve(argv: list[str]) -> int:
@@ -43,7 +65,7 @@ def _cmd_serve(argv: list[str]) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from . import CLIP, ClipServeError
 
-    with CLIP(args.address, timeout=args.timeout) as clip:
+    with CLIP(args.address, timeout=args.timeout, **_security(args)) as clip:
         try:
             print(clip.score(args.query, args.image))
         except ClipServeError as exc:
@@ -55,10 +77,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
 def _cmd_health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from ._client import channel_options, resolve_address
-
-    address = resolve_address(args.address, None)
-    with grpc.insecure_channel(address, options=channel_options()) as channel:
+    connection = _connection(args)
+    address = connection.address
+    with connection.channel() as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
@@ -75,7 +96,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     from . import CLIP, ClipServeError
 
-    with CLIP(args.address, timeout=args.timeout) as clip:
+    with CLIP(args.address, timeout=args.timeout, **_security(args)) as clip:
         try:
             info = clip.model_info()
         except ClipServeError as exc:

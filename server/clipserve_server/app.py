@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Callable
 
 import grpc
-from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
+from clipserve.v1 import scorer_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .config import ServerConfig
 from .engine import ScoringEngine
 from .model import EmbeddingModel
-from .servicer import EngineSlot, ScorerServicer
+from .security import interceptors, server_credentials
+from .servicer import EngineSlot, ScorerServicer, add_scorer_to_server
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +46,26 @@ class ClipServer:
     async def start(self) -> int:
         """Bind and start serving; the model loads in the background. Returns the port."""
         mib = 1024 * 1024
+        credentials = server_credentials(self.config)
         self._server = grpc.aio.server(
+            interceptors=interceptors(self.config),
             options=[
                 ("grpc.max_receive_message_length", self.config.max_message_mb * mib),
                 ("grpc.max_send_message_length", 4 * mib),
             ]
         )
-        scorer_pb2_grpc.add_ScorerServicer_to_server(
-            ScorerServicer(self._slot, stream_max_in_flight=self.config.stream_max_in_flight), self._server
-        )
+        add_scorer_to_server(ScorerServicer(self._slot, stream_max_in_flight=self.config.stream_max_in_flight), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (SCORER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server,
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        if credentials is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, credentials)
         await self._server.start()
         log.info("listening on %s:%d", self.config.host, self.port)
         self._loader = asyncio.ensure_future(self._load())
@@ -111,7 +117,11 @@ async def run(config: ServerConfig, model_factory: ModelFactory = load_configure
         loop.add_signal_handler(sig, stop.set)
     exit_code = 0
     try:
-        port = await server.start()
+        try:
+            port = await server.start()
+        except (ValueError, OSError, RuntimeError) as exc:  # bad TLS/token files, port in use
+            print(f"clipserve serve: cannot start: {exc}", file=sys.stderr, flush=True)
+            return 2
         # A line tools can wait for (tests start the server with --port 0 and read it).
         print(f"clipserve listening on {config.host}:{port}", flush=True)
         ready = asyncio.ensure_future(server.wait_ready())

@@ -4,8 +4,9 @@ Each submitted text or image gets a future created on the event loop. The batchi
 waits for the first item, then up to ``max_delay`` (counted from that item's arrival) for
 more, runs the model on at most ``max_batch_size`` items in a worker thread so the loop
 never blocks, and resolves every future of the batch, with an error if the forward failed.
-If the loop itself ever dies, every waiting future fails and ``on_dead`` is told, so that
-health can turn NOT_SERVING instead of requests hanging.
+If the loop itself ever dies, or a forward pass outlives ``forward_timeout_s`` (a wedged
+GPU), every waiting future fails and ``on_dead`` is told, so that health turns NOT_SERVING
+instead of requests hanging.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 ForwardFn = Callable[[list[str], list[Any]], tuple[np.ndarray, np.ndarray]]
 
 
+class WedgedError(RuntimeError):
+    """The model thread stopped answering."""
+
+
 @dataclass
 class _Job:
     is_text: bool
@@ -44,9 +49,11 @@ class Batcher:
         max_batch_size: int,
         max_delay_s: float,
         max_queue_size: int,
+        forward_timeout_s: float | None = None,
         on_dead: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._forward = forward
+        self._forward_timeout_s = forward_timeout_s or None
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_delay_s
         self._max_queue_size = max_queue_size
@@ -128,8 +135,14 @@ class Batcher:
             batch = await self._next_batch()
             texts = [job.payload for job in batch if job.is_text]
             images = [job.payload for job in batch if not job.is_text]
+            forward = loop.run_in_executor(self._executor, self._forward, texts, images)
             try:
-                text_embeddings, image_embeddings = await loop.run_in_executor(self._executor, self._forward, texts, images)
+                text_embeddings, image_embeddings = await asyncio.wait_for(asyncio.shield(forward), self._forward_timeout_s)
+            except asyncio.TimeoutError:
+                # A thread cannot be killed: fail this batch, then die so that health turns
+                # NOT_SERVING and the orchestrator restarts us, instead of hanging every caller.
+                self._fail_jobs(batch, ItemError(ErrorKind.INTERNAL, f"the model did not finish this batch within {self._forward_timeout_s:g}s"))
+                raise WedgedError(f"a forward pass has been running for over {self._forward_timeout_s:g}s") from None
             except asyncio.CancelledError:
                 self._fail_jobs(batch, ItemError(ErrorKind.UNAVAILABLE, "the server is shutting down"))
                 raise

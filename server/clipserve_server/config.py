@@ -41,6 +41,7 @@ class ServerConfig:
     max_batch_delay_ms: float = dataclasses.field(default=5.0, metadata={"help": "longest wait for a batch to fill, from its first item"})
     max_queue_size: int = dataclasses.field(default=1024, metadata={"help": "items waiting for the model before unary calls get RESOURCE_EXHAUSTED"})
     stream_max_in_flight: int = dataclasses.field(default=256, metadata={"help": "items one ScoreBatch stream may have in progress before the server stops reading it"})
+    forward_timeout_s: float = dataclasses.field(default=300.0, metadata={"help": "a forward pass running longer means the model is wedged: fail its items and turn NOT_SERVING (0: never)"})
     cache: bool = dataclasses.field(default=True, metadata={"help": "cache text and image embeddings"})
     text_cache_size: int = dataclasses.field(default=100_000, metadata={"help": "text embeddings kept (LRU)"})
     image_cache_size: int = dataclasses.field(default=50_000, metadata={"help": "image embeddings kept (LRU)"})
@@ -53,6 +54,10 @@ class ServerConfig:
     decode_workers: int = dataclasses.field(default=0, metadata={"help": "image decode/preprocess threads (0: one per core)"})
     max_message_mb: int = dataclasses.field(default=48, metadata={"help": "largest gRPC request message in MiB"})
     grace_period_s: float = dataclasses.field(default=10.0, metadata={"help": "seconds in-flight calls get to finish on shutdown"})
+    auth_token_file: str = dataclasses.field(default="", metadata={"help": "require 'authorization: Bearer <token>' with the token in this file (health stays open)"})
+    tls_cert: str = dataclasses.field(default="", metadata={"help": "PEM certificate chain: serve TLS"})
+    tls_key: str = dataclasses.field(default="", metadata={"help": "PEM private key for --tls-cert"})
+    tls_client_ca: str = dataclasses.field(default="", metadata={"help": "PEM CA bundle: require client certificates signed by it (mutual TLS)"})
     log_level: str = dataclasses.field(default="INFO", metadata={"help": "DEBUG | INFO | WARNING | ERROR"})
 
     def __post_init__(self) -> None:
@@ -61,7 +66,7 @@ class ServerConfig:
         for name in ("max_batch_size", "max_queue_size", "stream_max_in_flight", "fetch_concurrency", "max_image_bytes", "max_image_pixels", "max_message_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("max_batch_delay_ms", "fetch_timeout_s", "grace_period_s", "text_cache_size", "image_cache_size", "max_redirects", "decode_workers", "port"):
+        for name in ("max_batch_delay_ms", "fetch_timeout_s", "grace_period_s", "forward_timeout_s", "text_cache_size", "image_cache_size", "max_redirects", "decode_workers", "port"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
 

@@ -43,6 +43,7 @@ class ScoringEngine:
             max_batch_size=config.max_batch_size,
             max_delay_s=config.max_batch_delay_s,
             max_queue_size=config.max_queue_size,
+            forward_timeout_s=config.forward_timeout_s,
             on_dead=on_dead,
         )
         self._fetcher = ImageFetcher(
@@ -128,9 +129,18 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# C0 control characters other than whitespace, and DEL: never meaningful in a query, and a
+# sign of binary garbage or a broken encoder upstream.
+def _is_control(char: str) -> bool:
+    return (char < " " and char not in "\t\n\r\x0b\x0c") or char == "\x7f"
+
+
 def validate_query(query: str) -> str:
     if not query.strip():
         raise ItemError(ErrorKind.INVALID_INPUT, "the query is empty")
+    for position, char in enumerate(query):
+        if _is_control(char):
+            raise ItemError(ErrorKind.INVALID_INPUT, f"the query contains the control character U+{ord(char):04X} at position {position}")
     return query
 
 

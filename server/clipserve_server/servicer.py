@@ -14,6 +14,7 @@ from .domain import CacheStats, ImageSource, ScoreItem
 from .engine import ScoringEngine
 from .errors import ErrorKind, ItemError
 from .status import grpc_code
+from .wire import MalformedRequest, parse_score_request
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,12 @@ class EngineSlot:
         return self.engine
 
 
-def to_item(request: scorer_pb2.ScoreRequest) -> ScoreItem:
+Request = scorer_pb2.ScoreRequest | MalformedRequest
+
+
+def to_item(request: Request) -> ScoreItem:
+    if isinstance(request, MalformedRequest):
+        raise ItemError(ErrorKind.INVALID_INPUT, f"request {request.request_id!r}: {request.reason}")
     which = request.WhichOneof("image")
     if which == "image_url":
         source = ImageSource(url=request.image_url)
@@ -46,7 +52,7 @@ def to_item(request: scorer_pb2.ScoreRequest) -> ScoreItem:
     return ScoreItem(query=request.query, image=source)
 
 
-def _response(request: scorer_pb2.ScoreRequest) -> scorer_pb2.ScoreResponse:
+def _response(request: Request) -> scorer_pb2.ScoreResponse:
     return scorer_pb2.ScoreResponse(request_id=request.request_id, query_id=request.query_id, image_id=request.image_id)
 
 
@@ -61,7 +67,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         self._slot = slot
         self._stream_max_in_flight = stream_max_in_flight
 
-    async def Score(self, request: scorer_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.ScoreResponse:
+    async def Score(self, request: Request, context: grpc.aio.ServicerContext) -> scorer_pb2.ScoreResponse:
         try:
             score = await self._slot.get().score(to_item(request), wait=False)
         except ItemError as exc:
@@ -74,7 +80,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         return response
 
     async def ScoreBatch(
-        self, request_iterator: AsyncIterator[scorer_pb2.ScoreRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[Request], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scorer_pb2.ScoreResponse]:
         try:
             engine = self._slot.get()
@@ -87,7 +93,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         tasks: set[asyncio.Task] = set()
         sent = 0
 
-        async def answer(request: scorer_pb2.ScoreRequest) -> None:
+        async def answer(request: Request) -> None:
             await answers.put(await self._score_item(engine, request))
 
         async def read() -> None:
@@ -125,7 +131,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
             for task in list(tasks):
                 task.cancel()
 
-    async def _score_item(self, engine: ScoringEngine, request: scorer_pb2.ScoreRequest) -> scorer_pb2.ScoreResponse:
+    async def _score_item(self, engine: ScoringEngine, request: Request) -> scorer_pb2.ScoreResponse:
         response = _response(request)
         try:
             response.score = await engine.score(to_item(request), wait=True)
@@ -161,3 +167,20 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
             image_cache=_cache_stats(image_stats),
             server_version=__version__,
         )
+
+
+def add_scorer_to_server(servicer: ScorerServicer, server: grpc.aio.Server) -> None:
+    """Like the generated ``add_ScorerServicer_to_server``, but ScoreRequests are decoded by
+    ``parse_score_request`` so that one malformed message costs one item, not the stream."""
+    serialize = scorer_pb2.ScoreResponse.SerializeToString
+    handlers = {
+        "Score": grpc.unary_unary_rpc_method_handler(servicer.Score, request_deserializer=parse_score_request, response_serializer=serialize),
+        "ScoreBatch": grpc.stream_stream_rpc_method_handler(servicer.ScoreBatch, request_deserializer=parse_score_request, response_serializer=serialize),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo,
+            request_deserializer=scorer_pb2.GetModelInfoRequest.FromString,
+            response_serializer=scorer_pb2.ModelInfo.SerializeToString,
+        ),
+    }
+    service = scorer_pb2.DESCRIPTOR.services_by_name["Scorer"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))

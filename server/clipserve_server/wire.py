@@ -1,0 +1,76 @@
+"""Decoding ScoreRequest messages without letting one malformed message end a stream.
+
+protobuf refuses a whole message whose string field is not valid UTF-8, and gRPC would then
+fail the entire call. Instead such a message becomes a ``MalformedRequest`` carrying whatever
+identifiers could be recovered from the raw wire format, so that the servicer can answer that
+one item with INVALID_ARGUMENT and carry on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clipserve.v1 import scorer_pb2
+from google.protobuf.message import DecodeError
+
+# ScoreRequest field numbers (protos/clipserve/v1/scorer.proto).
+_REQUEST_ID, _QUERY_ID, _IMAGE_ID = 1, 5, 6
+
+
+@dataclass(frozen=True)
+class MalformedRequest:
+    request_id: str
+    query_id: str
+    image_id: str
+    reason: str
+
+
+def parse_score_request(data: bytes) -> scorer_pb2.ScoreRequest | MalformedRequest:
+    try:
+        return scorer_pb2.ScoreRequest.FromString(data)
+    except DecodeError as exc:
+        fields = _length_delimited_fields(data)
+
+        def text(number: int) -> str:
+            return fields.get(number, b"").decode("utf-8", errors="replace")
+
+        reason = "a text field is not valid UTF-8" if fields else f"the message cannot be parsed ({exc})"
+        return MalformedRequest(text(_REQUEST_ID), text(_QUERY_ID), text(_IMAGE_ID), reason)
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _length_delimited_fields(data: bytes) -> dict[int, bytes]:
+    """The last value of each length-delimited field; {} if the bytes are not protobuf."""
+    fields: dict[int, bytes] = {}
+    pos = 0
+    try:
+        while pos < len(data):
+            key, pos = _varint(data, pos)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, pos = _varint(data, pos)
+            elif wire_type == 1:
+                pos += 8
+            elif wire_type == 5:
+                pos += 4
+            elif wire_type == 2:
+                length, pos = _varint(data, pos)
+                fields[number] = data[pos : pos + length]
+                pos += length
+            else:
+                return {}
+    except ValueError:
+        return {}
+    return fields

@@ -28,6 +28,34 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def reference(tiny_checkpoint: Path):
+    """The reference adapter's computation: one full transformers forward per pair.
+
+    Queries are truncated to the model's context, which the reference adapter does not do
+    (it raises); everything else is exactly its code path.
+    """
+    import io
+
+    import torch
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(tiny_checkpoint).eval()
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+
+    def score(query: str, image_bytes: bytes) -> float:
+        image = Image.open(io.BytesIO(image_bytes))
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        inputs = processor(text=[query], images=image, return_tensors="pt", padding=True, truncation=True, max_length=77)
+        with torch.no_grad():
+            return float(model(**inputs).logits_per_image[0][0])
+
+    score.tolerance = 1e-4 * float(model.logit_scale.detach().exp())  # type: ignore[attr-defined]
+    return score
+
+
+@pytest.fixture(scope="session")
 def image_host() -> Iterator[ImageHost]:
     host = ImageHost()
     for i in range(6):

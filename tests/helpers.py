@@ -38,10 +38,12 @@ class ImageHost:
     /redirect/<name>   302 to /img/<name>
     /loop              302 to itself forever
     /huge              declares a 1 GiB body
+    any path in ``redirects``: 302 to the URL given there
     """
 
     def __init__(self) -> None:
         self.images: dict[str, bytes] = {}
+        self.redirects: dict[str, str] = {}  # path -> absolute Location
         self.hits: dict[str, int] = {}
         host = self
 
@@ -51,6 +53,8 @@ class ImageHost:
 
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 host.hits[self.path] = host.hits.get(self.path, 0) + 1
+                if self.path in host.redirects:
+                    return self._redirect(host.redirects[self.path])
                 parts = self.path.strip("/").split("/")
                 if parts[0] == "img" and len(parts) == 2 and parts[1] in host.images:
                     return self._send(200, host.images[parts[1]])

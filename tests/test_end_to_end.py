@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
@@ -11,34 +10,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
-from PIL import Image
-from transformers import AutoModel, AutoProcessor
-
 import clipserve
 from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
 
 from .helpers import make_image
 
 QUERIES = ["a dog on the beach", "a red car", "the cat in the hat", "x"]
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_checkpoint: Path):
-    """The reference adapter's computation: one full transformers forward per pair."""
-    model = AutoModel.from_pretrained(tiny_checkpoint).eval()
-    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
-
-    def score(query: str, image_bytes: bytes) -> float:
-        image = Image.open(io.BytesIO(image_bytes))
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        inputs = processor(text=[query], images=image, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            return float(model(**inputs).logits_per_image[0][0])
-
-    score.tolerance = 1e-4 * float(model.logit_scale.detach().exp())  # type: ignore[attr-defined]
-    return score
 
 
 @pytest.fixture()

@@ -26,18 +26,22 @@ class ImageFetcher:
         max_redirects: int,
         allow_private_networks: bool,
         concurrency: int,
+        resolver: GuardedResolver | None = None,
     ) -> None:
+        """``resolver`` replaces the default guarded resolver (tests use it to decide which
+        addresses count as forbidden)."""
         self._timeout_s = timeout_s
         self._max_bytes = max_bytes
         self._max_redirects = max_redirects
         self._allow_private = allow_private_networks
         self._concurrency = concurrency
+        self._resolver = resolver
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
             limit=self._concurrency,
-            resolver=None if self._allow_private else GuardedResolver(),
+            resolver=None if self._allow_private else (self._resolver or GuardedResolver()),
             ttl_dns_cache=60,
         )
         self._session = aiohttp.ClientSession(
@@ -104,7 +108,8 @@ class ImageFetcher:
             raise ItemError(ErrorKind.INVALID_INPUT, f"{where}: the URL has no host")
         ip = literal_ip(parts.hostname)
         # Literal IPs never reach the resolver, so they are checked here.
-        if ip is not None and not self._allow_private and is_forbidden(ip):
+        forbidden = self._resolver.is_forbidden if self._resolver else is_forbidden
+        if ip is not None and not self._allow_private and forbidden(ip):
             raise ItemError(ErrorKind.FORBIDDEN, f"{where}: {ip} is not a public address (start the server with --allow-private-networks to permit this)")
 
     async def _read_capped(self, url: str, response: aiohttp.ClientResponse) -> bytes:

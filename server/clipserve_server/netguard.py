@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp.abc import AbstractResolver
@@ -41,17 +42,28 @@ def literal_ip(host: str) -> str | None:
 
 
 class GuardedResolver(AbstractResolver):
-    """Resolves like aiohttp's default resolver, then refuses non-public addresses."""
+    """Resolves like ``inner`` (aiohttp's default resolver), then refuses forbidden addresses.
 
-    def __init__(self) -> None:
-        self._inner = DefaultResolver()
+    The connector connects only to the addresses returned here, so what was checked is what
+    is used.
+    """
+
+    def __init__(self, inner: AbstractResolver | None = None, forbidden: Callable[[str], bool] = is_forbidden) -> None:
+        self._inner = inner  # the default one needs a running loop: made on first use
+        self._forbidden = forbidden
 
     async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
+        if self._inner is None:
+            self._inner = DefaultResolver()
         results = await self._inner.resolve(host, port, family)
-        forbidden = [r["host"] for r in results if is_forbidden(r["host"])]
+        forbidden = [r["host"] for r in results if self._forbidden(r["host"])]
         if forbidden:
             raise ForbiddenAddressError(f"{host} resolves to a non-public address ({forbidden[0]})")
         return results
 
+    def is_forbidden(self, address: str) -> bool:
+        return self._forbidden(address)
+
     async def close(self) -> None:
-        await self._inner.close()
+        if self._inner is not None:
+            await self._inner.close()

@@ -69,9 +69,9 @@ def image_host() -> Iterator[ImageHost]:
 class ServerProcess:
     """`clipserve serve` in a subprocess, exactly as a user starts it."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int = 0) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "clipserve.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args],
+            [sys.executable, "-m", "clipserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

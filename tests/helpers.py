@@ -35,6 +35,7 @@ class ImageHost:
     /img/<name>        an image registered with ``add``
     /status/<code>     answers that HTTP status
     /slow              waits 5 s before answering
+    /slow-img/<name>   an image, after ``slow_img_delay`` seconds
     /redirect/<name>   302 to /img/<name>
     /loop              302 to itself forever
     /huge              declares a 1 GiB body
@@ -44,6 +45,7 @@ class ImageHost:
     def __init__(self) -> None:
         self.images: dict[str, bytes] = {}
         self.redirects: dict[str, str] = {}  # path -> absolute Location
+        self.slow_img_delay = 0.05
         self.hits: dict[str, int] = {}
         host = self
 
@@ -60,6 +62,9 @@ class ImageHost:
                     return self._send(200, host.images[parts[1]])
                 if parts[0] == "status" and len(parts) == 2:
                     return self._send(int(parts[1]), b"")
+                if parts[0] == "slow-img" and len(parts) == 2 and parts[1] in host.images:
+                    time.sleep(host.slow_img_delay)
+                    return self._send(200, host.images[parts[1]])
                 if parts[0] == "slow":
                     time.sleep(5)
                     return self._send(200, b"late")

@@ -1,0 +1,177 @@
+"""Faults: shutdown, restarts, a wedged model, overload, cancellation."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import clipserve
+from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
+from clipserve_server.fake_model import FakeModel
+
+from .conftest import ServerProcess
+from .helpers import make_image
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def health(address: str) -> str:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def wait_until(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_sigterm_drains_in_flight_calls_refuses_new_ones_and_exits_zero(tiny_checkpoint, image_host):
+    server = ServerProcess(["--model", str(tiny_checkpoint), "--allow-private-networks", "--grace-period-s", "20"])
+    image_host.add("drain.png", make_image(seed=42))
+    image_host.slow_img_delay = 2.0
+    outcome: dict[str, object] = {}
+
+    def in_flight() -> None:
+        with clipserve.CLIP(server.address, retry=clipserve.RetryPolicy(max_attempts=1)) as clip:
+            outcome["score"] = clip.score("a slow one", image_host.url("slow-img/drain.png"))
+
+    try:
+        caller = threading.Thread(target=in_flight)
+        caller.start()
+        wait_until(lambda: image_host.hits.get("/slow-img/drain.png", 0) >= 1)  # the call is in flight
+        server.proc.send_signal(15)
+        wait_until(lambda: health(server.address) != "SERVING", timeout=10)
+        with clipserve.CLIP(server.address, timeout=5, retry=clipserve.RetryPolicy(max_attempts=1)) as late:
+            with pytest.raises(clipserve.ClipServeError) as info:
+                late.score("too late", image_host.url("img/photo0.png"))
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        caller.join(30)
+        assert isinstance(outcome.get("score"), float)  # the in-flight call finished
+        assert server.terminate() == 0
+    finally:
+        image_host.slow_img_delay = 0.05
+        server.terminate()
+
+
+def test_score_batch_survives_a_server_restart_with_every_item_exactly_once(tiny_checkpoint, image_host):
+    port = free_port()
+    args = ["--model", str(tiny_checkpoint), "--allow-private-networks"]
+    names = [image_host.add(f"restart{i}.png", make_image(16, 16, seed=1000 + i)).rsplit("/", 1)[1] for i in range(150)]
+    inputs = [clipserve.SimilarityInput(f"query {i}", image_host.url(f"slow-img/{name}"), query_id=str(i)) for i, name in enumerate(names)]
+    first = ServerProcess(args, port=port)
+    results: list = []
+    client = clipserve.CLIP(f"127.0.0.1:{port}", max_in_flight=4, timeout=120, retry=clipserve.RetryPolicy(max_attempts=20, max_backoff=1.0))
+    runner = threading.Thread(target=lambda: results.extend(client.score_batch(inputs)))
+    second = None
+    try:
+        runner.start()
+        wait_until(lambda: sum(image_host.hits.get(f"/slow-img/{n}", 0) for n in names) >= 20)
+        first.proc.kill()  # no goodbye: the stream just breaks
+        first.proc.wait()
+        second = ServerProcess(args, port=port)
+        runner.join(120)
+        assert not runner.is_alive()
+    finally:
+        client.close()
+        first.terminate()
+        if second is not None:
+            second.terminate()
+    assert [r.query_id for r in results] == [str(i) for i in range(150)]
+    assert all(r.error is None and r.score is not None for r in results), [r.error for r in results if r.error][:3]
+
+
+def test_a_wedged_model_fails_its_items_and_turns_health_not_serving(make_fake_server, tmp_path):
+    model = FakeModel()
+    server = make_fake_server(model, forward_timeout_s=0.5)
+    path = tmp_path / "x.png"
+    path.write_bytes(make_image(seed=8))
+    assert health(server.address) == "SERVING"
+    model.forward_delay_s = 3.0  # the next forward pass hangs past the watchdog
+    with clipserve.CLIP(server.address, retry=clipserve.RetryPolicy(max_attempts=1)) as clip:
+        with pytest.raises(clipserve.ClipServeError) as info:
+            clip.score("q", str(path))
+        assert info.value.code == grpc.StatusCode.INTERNAL and "did not finish" in info.value.details
+        wait_until(lambda: health(server.address) == "NOT_SERVING", timeout=10)
+        with pytest.raises(clipserve.ClipServeError) as info:
+            clip.score("another", str(path))
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_full_queue_fails_unary_calls_fast_and_the_sdk_retries_them(make_fake_server, tmp_path):
+    server = make_fake_server(FakeModel(forward_delay_s=0.2), max_batch_size=1, max_batch_delay_ms=0, max_queue_size=2)
+    paths = []
+    for i in range(12):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(make_image(8, 8, seed=500 + i))
+
+    def concurrently(score_one) -> list[object]:
+        outcomes: list[object] = []
+        threads = [threading.Thread(target=lambda i=i: outcomes.append(score_one(i))) for i in range(len(paths))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        return outcomes
+
+    def without_retries(i: int) -> str:
+        with clipserve.CLIP(server.address, retry=clipserve.RetryPolicy(max_attempts=1)) as clip:
+            try:
+                clip.score(f"q{i}", str(paths[i]))
+                return "OK"
+            except clipserve.ClipServeError as exc:
+                return exc.code.name
+
+    codes = concurrently(without_retries)
+    assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes
+
+    patient = clipserve.RetryPolicy(max_attempts=50, initial_backoff=0.05, max_backoff=0.5)
+    with clipserve.CLIP(server.address, retry=patient) as clip:
+        scores = concurrently(lambda i: clip.score(f"again {i}", str(paths[i])))
+    assert len(scores) == 12 and all(isinstance(s, float) for s in scores)
+
+
+def test_items_of_a_cancelled_stream_never_reach_the_model(make_fake_server):
+    model = FakeModel(forward_delay_s=0.1)
+    server = make_fake_server(model, max_batch_size=2, max_batch_delay_ms=0)
+    requests = [scorer_pb2.ScoreRequest(request_id=str(i), query=f"q{i}", image_bytes=make_image(8, 8, seed=700 + i)) for i in range(60)]
+    with grpc.insecure_channel(server.address) as channel:
+        call = scorer_pb2_grpc.ScorerStub(channel).ScoreBatch(iter(requests), timeout=60)
+        next(call)
+        call.cancel()
+    time.sleep(1.0)
+    encoded_after_cancel = model.encoded_images + len(model.encoded_texts)
+    time.sleep(1.0)
+    assert model.encoded_images + len(model.encoded_texts) == encoded_after_cancel  # nothing more runs
+    assert encoded_after_cancel < 120 // 2
+    assert health(server.address) == "SERVING"
+
+
+def test_an_expired_deadline_is_reported_and_the_server_moves_on(make_fake_server, tmp_path):
+    model = FakeModel(forward_delay_s=1.0)
+    server = make_fake_server(model)
+    path = tmp_path / "x.png"
+    path.write_bytes(make_image(seed=9))
+    with clipserve.CLIP(server.address, timeout=0.3) as clip:
+        with pytest.raises(clipserve.ClipServeError) as info:
+            clip.score("q", str(path))
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    model.forward_delay_s = 0.0
+    with clipserve.CLIP(server.address, timeout=30) as clip:
+        assert isinstance(clip.score("q2", str(path)), float)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,39 @@ def _pem(source: PemSource) -> bytes | None:
     return Path(source).read_bytes()
 
 
-def resolve_address(address: str | None, config_address: str | None = None) -> str:
-    """Explicit argument, then config file, then ``CLIPSERVE_ADDRESS``, then the default."""
-    return address or config_address or os.environ.get("CLIPSERVE_ADDRESS") or DEFAULT_ADDRESS
+Address = str | Sequence[str]
+
+
+def resolve_address(address: Address | None, config_address: Address | None = None) -> str:
+    """The gRPC target: explicit argument, then config file, then ``CLIPSERVE_ADDRESS``, then
+    the default. Several ``host:port`` addresses (a list, or comma-separated) become one
+    ``ipv4:``/``ipv6:`` target that round_robin spreads calls over."""
+    chosen = address or config_address or os.environ.get("CLIPSERVE_ADDRESS") or DEFAULT_ADDRESS
+    parts = [chosen] if isinstance(chosen, str) else list(chosen)
+    parts = [p.strip() for part in parts for p in part.split(",") if p.strip()]
+    if len(parts) == 1:
+        return parts[0]
+    return _static_target(parts)
+
+
+def _static_target(addresses: list[str]) -> str:
+    """Resolve each ``host:port`` once, now; for changing membership use ``dns:///name:port``."""
+    v4: list[str] = []
+    v6: list[str] = []
+    for address in addresses:
+        if "://" in address or address.startswith(("dns:", "ipv4:", "ipv6:", "unix:")):
+            raise ValueError(f"{address!r}: a list of addresses takes plain host:port entries")
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{address!r} is not host:port")
+        for family, *_, sockaddr in socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM):
+            if family == socket.AF_INET:
+                v4.append(f"{sockaddr[0]}:{port}")
+            elif family == socket.AF_INET6:
+                v6.append(f"[{sockaddr[0]}]:{port}")
+    if v4:
+        return "ipv4:" + ",".join(dict.fromkeys(v4))
+    return "ipv6:" + ",".join(dict.fromkeys(v6))
 
 
 def channel_options() -> list[tuple[str, Any]]:

@@ -4,57 +4,39 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import grpc
 
+from ._batch import STREAM_ENDED_EARLY, BatchState, WorkQueue, failed_result, pick_error
 from ._channel import Connection, PemSource, resolve_address
 from ._config import DEFAULT_COL_NAME, load_client_config
-from ._errors import ClipServeError, status_code_from_name
+from ._errors import ClipServeError
 from ._requests import DEFAULT_MAX_UPLOAD_BYTES, build_request, coerce_input
 from ._retry import RETRYABLE_CODES, Deadline, RetryPolicy
 from ._types import SimilarityInput, SimilarityResult
 from .v1 import scorer_pb2, scorer_pb2_grpc
-
-def result_from_response(item: SimilarityInput, response: scorer_pb2.ScoreResponse) -> SimilarityResult:
-    if response.HasField("error"):
-        return failed_result(item, response.error.code, response.error.message)
-    return SimilarityResult(
-        query=item.query,
-        image_url=item.image_url,
-        score=response.score,
-        query_id=item.query_id,
-        image_id=item.image_id,
-    )
-
-
-def failed_result(item: SimilarityInput, code: str, message: str) -> SimilarityResult:
-    return SimilarityResult(
-        query=item.query,
-        image_url=item.image_url,
-        score=None,
-        query_id=item.query_id,
-        image_id=item.image_id,
-        error=f"{code}: {message}",
-        error_code=code,
-    )
 
 
 class CLIP:
     """Scores (query, image) pairs on a remote clipserve server.
 
     Args:
-        address: ``host:port`` of the server (any gRPC target, e.g. ``dns:///svc:50051``).
-            Defaults to ``[similarity_config].address`` from ``config``, then the
+        address: ``host:port`` of the server, any gRPC target (e.g. ``dns:///svc:50051``,
+            whose replicas round_robin spreads calls over), or several ``host:port`` (a list
+            or comma-separated) to spread over those. Defaults to ``[similarity_config].address`` from ``config``, then the
             ``CLIPSERVE_ADDRESS`` environment variable, then ``localhost:50051``.
         config: Path to a config.toml whose ``[similarity_config]`` table has ``address``
             (and ``col_name``, the score column for file scoring).
         timeout: Total seconds allowed for one ``score`` or ``score_batch`` call, retries
             included. None waits as long as it takes.
-        max_in_flight: Items a ``score_batch`` stream keeps outstanding; enough to fill the
-            server's batches without queueing the whole input on the server.
+        max_in_flight: Items ``score_batch`` keeps outstanding; enough to fill the server's
+            batches without queueing the whole input on the server.
+        streams: Parallel ScoreBatch streams per ``score_batch``. Load balancing is per call,
+            so with several replicas (a list of addresses or a ``dns:///`` name) use at least
+            as many streams as replicas.
         retry: When to retry UNAVAILABLE / RESOURCE_EXHAUSTED (see ``RetryPolicy``).
         progress: Show a tqdm progress bar in ``score_batch`` by default.
         tls, root_certificates, certificate_chain, private_key, auth_token: how to reach a
@@ -67,11 +49,12 @@ class CLIP:
 
     def __init__(
         self,
-        address: str | None = None,
+        address: str | list[str] | None = None,
         *,
         config: str | Path | None = None,
         timeout: float | None = None,
         max_in_flight: int = 256,
+        streams: int = 4,
         retry: RetryPolicy | None = None,
         progress: bool = False,
         tls: bool = False,
@@ -87,9 +70,10 @@ class CLIP:
         self.max_upload_bytes = max_upload_bytes
         self.col_name = file_config.col_name if file_config else DEFAULT_COL_NAME
         self.timeout = timeout if timeout is not None else (file_config.timeout if file_config else None)
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
+        if max_in_flight < 1 or streams < 1:
+            raise ValueError("max_in_flight and streams must be at least 1")
         self.max_in_flight = max_in_flight
+        self.streams = streams
         self.retry = retry or RetryPolicy()
         self.progress = progress
         self._metadata = self.connection.metadata
@@ -134,34 +118,32 @@ class CLIP:
     ) -> list[SimilarityResult]:
         """Score every pair; one result per input, in input order.
 
-        Pairs stream to the server with at most ``max_in_flight`` outstanding. A pair that
-        fails gets ``score=None`` and ``error`` set; it never aborts the others. If the stream
-        breaks (server restart, overload), only the unanswered pairs are sent again.
+        Pairs go out over ``streams`` parallel ScoreBatch streams with at most
+        ``max_in_flight`` outstanding in all. A pair that fails gets ``score=None`` and
+        ``error`` set; it never aborts the others. If a stream breaks (server restart,
+        overload, a replica gone), only its unanswered pairs are sent again.
         """
         items = [coerce_input(x) for x in inputs]
-        results: list[SimilarityResult | None] = [None] * len(items)
-        show = self.progress if progress is None else progress
-        bar = _progress_bar(len(items)) if show else None
+        state = BatchState(items, progress=self.progress if progress is None else progress)
         deadline = Deadline(self.timeout)
         attempt = 0
         try:
-            while True:
-                pending = [i for i, r in enumerate(results) if r is None]
-                if not pending:
-                    break
+            while pending := state.pending():
                 attempt += 1
-                error = self._stream_once(items, pending, results, deadline, bar, wait_for_ready=attempt > 1)
-                if error is None:
+                work = WorkQueue(pending)
+                streams = min(self.streams, len(pending))
+                window = max(1, self.max_in_flight // streams)
+                with ThreadPoolExecutor(max_workers=streams, thread_name_prefix="clipserve-stream") as pool:
+                    outcomes = list(pool.map(lambda _: self._stream(state, work, window, deadline, attempt > 1), range(streams)))
+                errors = [e for e in outcomes if e is not None]
+                if not errors and len(state.pending()) < len(pending):
                     continue
+                error = pick_error(errors) if errors else STREAM_ENDED_EARLY
                 if not self._should_retry(error.code, attempt, deadline):
-                    for i in pending:
-                        if results[i] is None:
-                            results[i] = failed_result(items[i], error.code.name, error.details)
-                    break
+                    state.fail_pending(error)
         finally:
-            if bar is not None:
-                bar.close()
-        return results  # type: ignore[return-value]  # every slot is filled above
+            state.close()
+        return state.in_order()
 
     # -- internals -------------------------------------------------------------------------
     def _should_retry(self, code: grpc.StatusCode, attempt: int, deadline: Deadline) -> bool:
@@ -174,47 +156,28 @@ class CLIP:
         time.sleep(pause)
         return True
 
-    def _stream_once(
-        self,
-        items: Sequence[SimilarityInput],
-        pending: Sequence[int],
-        results: list[SimilarityResult | None],
-        deadline: Deadline,
-        bar: Any,
-        *,
-        wait_for_ready: bool,
-    ) -> ClipServeError | None:
-        """Send ``pending`` over one ScoreBatch stream, filling ``results``.
+    def _stream(self, state: BatchState, work: WorkQueue, window_size: int, deadline: Deadline, wait_for_ready: bool) -> ClipServeError | None:
+        """One ScoreBatch stream taking items from ``work`` until it is empty.
 
-        Returns None when the stream ended normally (every sent item was answered or is to be
-        resent), else the error that broke it.
+        Returns None when the stream ended normally, else the error that broke it; items it
+        sent but got no answer for stay pending for the next attempt.
         """
-        window = threading.Semaphore(self.max_in_flight)
+        window = threading.Semaphore(window_size)
         stop = threading.Event()
-        lock = threading.Lock()
-
-        def record(index: int, result: SimilarityResult) -> None:
-            with lock:
-                if results[index] is not None:
-                    return  # a duplicate answer (e.g. after a resend): keep the first
-                results[index] = result
-            if bar is not None:
-                bar.update(1)
-                if result.error is not None:
-                    bar.set_postfix_str(f"failed={sum(1 for r in results if r is not None and r.error)}")
 
         def requests() -> Iterator[scorer_pb2.ScoreRequest]:
             # Runs on a gRPC thread: blocks here, not on the server, when the window is full.
-            for index in pending:
+            while True:
                 while not window.acquire(timeout=0.1):
                     if stop.is_set():
                         return
-                if stop.is_set():
+                index = None if stop.is_set() else work.take()
+                if index is None:
                     return
                 try:
-                    request = build_request(items[index], request_id=str(index), max_upload_bytes=self.max_upload_bytes)
+                    request = build_request(state.items[index], request_id=str(index), max_upload_bytes=self.max_upload_bytes)
                 except ClipServeError as exc:
-                    record(index, failed_result(items[index], exc.code.name, exc.details))
+                    state.record(index, failed_result(state.items[index], exc.code.name, exc.details))
                     window.release()
                     continue
                 yield request
@@ -222,28 +185,11 @@ class CLIP:
         call = self._stub.ScoreBatch(requests(), timeout=deadline.remaining(), metadata=self._metadata, wait_for_ready=wait_for_ready)
         try:
             for response in call:
-                index = _parse_index(response.request_id, len(items))
-                if index is None:
-                    continue
-                record(index, result_from_response(items[index], response))
-                window.release()
+                if state.record_response(response):
+                    window.release()
         except grpc.RpcError as exc:
             return ClipServeError.from_rpc_error(exc)
         finally:
             stop.set()
             call.cancel()
         return None
-
-
-def _parse_index(request_id: str, size: int) -> int | None:
-    try:
-        index = int(request_id)
-    except ValueError:
-        return None
-    return index if 0 <= index < size else None
-
-
-def _progress_bar(total: int) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="pair", desc="scoring", dynamic_ncols=True)

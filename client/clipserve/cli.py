@@ -16,7 +16,8 @@ def _add_address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
         default=None,
-        help="server host:port (default: $CLIPSERVE_ADDRESS or localhost:50051)",
+        help="server host:port, a dns:/// target, or several host:port separated by commas "
+        "(default: $CLIPSERVE_ADDRESS or localhost:50051)",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default: 30)")
     parser.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")

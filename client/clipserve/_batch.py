@@ -1,0 +1,114 @@
+"""Book-keeping of one ``score_batch`` call, shared by its streams (sync and aio clients)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from ._errors import ClipServeError
+from ._retry import RETRYABLE_CODES
+from ._types import SimilarityInput, SimilarityResult
+from .v1 import scorer_pb2
+
+
+def result_from_response(item: SimilarityInput, response: scorer_pb2.ScoreResponse) -> SimilarityResult:
+    if response.HasField("error"):
+        return failed_result(item, response.error.code, response.error.message)
+    return SimilarityResult(
+        query=item.query, image_url=item.image_url, score=response.score, query_id=item.query_id, image_id=item.image_id
+    )
+
+
+def failed_result(item: SimilarityInput, code: str, message: str) -> SimilarityResult:
+    return SimilarityResult(
+        query=item.query,
+        image_url=item.image_url,
+        score=None,
+        query_id=item.query_id,
+        image_id=item.image_id,
+        error=f"{code}: {message}",
+        error_code=code,
+    )
+
+
+def progress_bar(total: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="pair", desc="scoring", dynamic_ncols=True)
+
+
+class BatchState:
+    """One slot per input, filled at most once: duplicates are dropped, nothing is lost."""
+
+    def __init__(self, items: Sequence[SimilarityInput], *, progress: bool) -> None:
+        self.items = items
+        self.results: list[SimilarityResult | None] = [None] * len(items)
+        self.failed = 0
+        self._lock = threading.Lock()
+        self._bar = progress_bar(len(items)) if progress else None
+
+    def pending(self) -> list[int]:
+        with self._lock:
+            return [i for i, r in enumerate(self.results) if r is None]
+
+    def record(self, index: int, result: SimilarityResult) -> bool:
+        """Store a result; False if that slot was already filled (a duplicate answer)."""
+        with self._lock:
+            if self.results[index] is not None:
+                return False
+            self.results[index] = result
+            if result.error is not None:
+                self.failed += 1
+        if self._bar is not None:
+            self._bar.update(1)
+            if result.error is not None:
+                self._bar.set_postfix(failed=self.failed, refresh=False)
+        return True
+
+    def record_response(self, response: scorer_pb2.ScoreResponse) -> bool:
+        """Store a server answer; False for an answer that matches no input of this call."""
+        try:
+            index = int(response.request_id)
+        except ValueError:
+            return False
+        if not 0 <= index < len(self.items):
+            return False
+        self.record(index, result_from_response(self.items[index], response))
+        return True
+
+    def fail_pending(self, error: ClipServeError) -> None:
+        for index in self.pending():
+            self.record(index, failed_result(self.items[index], error.code.name, error.details))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def in_order(self) -> list[SimilarityResult]:
+        missing = [i for i, r in enumerate(self.results) if r is None]
+        assert not missing, f"unanswered items {missing[:5]}: a bug in score_batch"
+        return self.results  # type: ignore[return-value]
+
+
+class WorkQueue:
+    """Indices still to send in this attempt; streams take from it until it runs dry."""
+
+    def __init__(self, indices: Sequence[int]) -> None:
+        self._iter = iter(indices)
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        with self._lock:
+            return next(self._iter, None)
+
+
+def pick_error(errors: Sequence[ClipServeError]) -> ClipServeError:
+    """The error that decides whether an attempt is retried: a final one beats a retryable one."""
+    final = [e for e in errors if e.code not in RETRYABLE_CODES]
+    return (final or list(errors))[0]
+
+
+STREAM_ENDED_EARLY = ClipServeError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream without answering every item")

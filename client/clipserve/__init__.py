@@ -8,6 +8,7 @@
 This package needs no torch; the server lives in the ``clipserve[server]`` extra.
 """
 
+from ._aio import AsyncCLIP
 from ._client import CLIP
 from ._errors import ClipServeError
 from ._retry import RetryPolicy
@@ -16,6 +17,7 @@ from ._types import SimilarityInput, SimilarityResult
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncCLIP",
     "CLIP",
     "ClipServeError",
     "RetryPolicy",

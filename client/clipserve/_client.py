@@ -6,77 +6,22 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 
+from ._base import ClientBase
 from ._batch import STREAM_ENDED_EARLY, BatchState, WorkQueue, failed_result, pick_error
-from ._channel import Connection, PemSource, resolve_address
-from ._config import DEFAULT_COL_NAME, load_client_config
 from ._errors import ClipServeError
-from ._requests import DEFAULT_MAX_UPLOAD_BYTES, build_request, coerce_input
-from ._retry import RETRYABLE_CODES, Deadline, RetryPolicy
+from ._requests import build_request, coerce_input
+from ._retry import Deadline
 from ._types import SimilarityInput, SimilarityResult
 from .v1 import scorer_pb2, scorer_pb2_grpc
 
 
-class CLIP:
-    """Scores (query, image) pairs on a remote clipserve server.
+class CLIP(ClientBase):
+    __doc__ = ClientBase.__doc__
 
-    Args:
-        address: ``host:port`` of the server, any gRPC target (e.g. ``dns:///svc:50051``,
-            whose replicas round_robin spreads calls over), or several ``host:port`` (a list
-            or comma-separated) to spread over those. Defaults to ``[similarity_config].address`` from ``config``, then the
-            ``CLIPSERVE_ADDRESS`` environment variable, then ``localhost:50051``.
-        config: Path to a config.toml whose ``[similarity_config]`` table has ``address``
-            (and ``col_name``, the score column for file scoring).
-        timeout: Total seconds allowed for one ``score`` or ``score_batch`` call, retries
-            included. None waits as long as it takes.
-        max_in_flight: Items ``score_batch`` keeps outstanding; enough to fill the server's
-            batches without queueing the whole input on the server.
-        streams: Parallel ScoreBatch streams per ``score_batch``. Load balancing is per call,
-            so with several replicas (a list of addresses or a ``dns:///`` name) use at least
-            as many streams as replicas.
-        retry: When to retry UNAVAILABLE / RESOURCE_EXHAUSTED (see ``RetryPolicy``).
-        progress: Show a tqdm progress bar in ``score_batch`` by default.
-        tls, root_certificates, certificate_chain, private_key, auth_token: how to reach a
-            server that uses TLS, mutual TLS or a bearer token (see ``Connection``).
-        max_upload_bytes: local files larger than this fail locally with INVALID_ARGUMENT
-            instead of being sent (match the server's ``--max-image-bytes``).
-
-    Use it as a context manager, or call ``close()``, to release the connection.
-    """
-
-    def __init__(
-        self,
-        address: str | list[str] | None = None,
-        *,
-        config: str | Path | None = None,
-        timeout: float | None = None,
-        max_in_flight: int = 256,
-        streams: int = 4,
-        retry: RetryPolicy | None = None,
-        progress: bool = False,
-        tls: bool = False,
-        root_certificates: PemSource = None,
-        certificate_chain: PemSource = None,
-        private_key: PemSource = None,
-        auth_token: str | None = None,
-        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-    ) -> None:
-        file_config = load_client_config(config) if config is not None else None
-        self.address = resolve_address(address, file_config.address if file_config else None)
-        self.connection = Connection(self.address, tls, root_certificates, certificate_chain, private_key, auth_token)
-        self.max_upload_bytes = max_upload_bytes
-        self.col_name = file_config.col_name if file_config else DEFAULT_COL_NAME
-        self.timeout = timeout if timeout is not None else (file_config.timeout if file_config else None)
-        if max_in_flight < 1 or streams < 1:
-            raise ValueError("max_in_flight and streams must be at least 1")
-        self.max_in_flight = max_in_flight
-        self.streams = streams
-        self.retry = retry or RetryPolicy()
-        self.progress = progress
-        self._metadata = self.connection.metadata
+    def _open(self) -> None:
         self._channel = self.connection.channel()
         self._stub = scorer_pb2_grpc.ScorerStub(self._channel)
 
@@ -147,14 +92,10 @@ class CLIP:
 
     # -- internals -------------------------------------------------------------------------
     def _should_retry(self, code: grpc.StatusCode, attempt: int, deadline: Deadline) -> bool:
-        if code not in RETRYABLE_CODES or attempt >= self.retry.max_attempts:
-            return False
-        pause = self.retry.backoff(attempt)
-        remaining = deadline.remaining()
-        if remaining is not None and remaining <= pause:
-            return False
-        time.sleep(pause)
-        return True
+        pause = self._retry_pause(code, attempt, deadline)
+        if pause is not None:
+            time.sleep(pause)
+        return pause is not None
 
     def _stream(self, state: BatchState, work: WorkQueue, window_size: int, deadline: Deadline, wait_for_ready: bool) -> ClipServeError | None:
         """One ScoreBatch stream taking items from ``work`` until it is empty.

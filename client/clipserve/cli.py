@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 import grpc
 
@@ -107,6 +108,31 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score_file(args: argparse.Namespace) -> int:
+    from . import CLIP, ClipServeError
+    from ._scorefile import FileJob, RunFailed, job_settings_from_config, print_summary, score_file
+
+    settings = job_settings_from_config(args.config) if args.config else {}
+    for field in ("qrels", "images", "output", "column_query", "column_image_id", "image_url_column", "col_name"):
+        if getattr(args, field) is not None:
+            settings[field] = getattr(args, field)
+    if "qrels" not in settings:
+        print("error: give the qrels file (argument, or qrels_jsonl in --config)", file=sys.stderr)
+        return 2
+    qrels = Path(settings.pop("qrels"))
+    output = Path(settings.pop("output", None) or qrels.with_name(qrels.stem + "_with_score" + qrels.suffix))
+    images = settings.pop("images", None)
+    job = FileJob(qrels=qrels, output=output, images=Path(images) if images else None, **settings)
+    try:
+        with CLIP(args.address, config=args.config, timeout=args.timeout, **_security(args)) as clip:
+            summary = score_file(clip, job, resume=args.resume, chunk_size=args.chunk_size, progress=not args.no_progress)
+    except (RunFailed, ClipServeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print_summary(summary, job)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipserve", description="CLIP text-image scoring over gRPC")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -123,6 +149,30 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="service name to check (default: the whole server)")
     _add_address(health)
     health.set_defaults(func=_cmd_health)
+
+    score_file = sub.add_parser(
+        "score-file",
+        help="score every row of a qrels file (JSONL/CSV/Parquet) and write it with a score column",
+        description="Reads the benchmark maker's qrels file, maps image ids to URLs through the images "
+        "file (or an image URL column in the rows), and writes every row unchanged plus the score "
+        "column (null where a pair failed), in input order. Settings default to the config.toml keys "
+        "qrels_jsonl, images_jsonl, qrels_with_score_jsonl, column_query, column_image_id, "
+        "image_url_temp_column and [similarity_config] col_name / address. Exit code 1 only when "
+        "the run itself failed (server unreachable, unreadable files).",
+    )
+    score_file.add_argument("qrels", nargs="?", default=None, help="qrels file (.jsonl, .csv, .parquet)")
+    score_file.add_argument("-o", "--output", default=None, help="output file (default: <qrels>_with_score.<ext>)")
+    score_file.add_argument("--images", default=None, help="images file mapping image ids to URLs")
+    score_file.add_argument("--config", default=None, help="the benchmark maker's config.toml")
+    score_file.add_argument("--column-query", default=None, help="query column (default: query_text)")
+    score_file.add_argument("--column-image-id", default=None, help="image id column (default: image_id)")
+    score_file.add_argument("--image-url-column", default=None, help="image URL column, in the images file or the rows (default: image_url)")
+    score_file.add_argument("--col-name", default=None, help="score column to write (default: similarity_score)")
+    score_file.add_argument("--resume", action="store_true", help="keep rows already in the output and score the rest")
+    score_file.add_argument("--chunk-size", type=int, default=1024, help="rows scored and written at a time")
+    score_file.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_address(score_file)
+    score_file.set_defaults(func=_cmd_score_file, timeout=None)
 
     info = sub.add_parser("info", help="print the server's model and batching info as JSON")
     _add_address(info)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,6 +82,14 @@ class ServerProcess:
         self.port = int(self._wait_for("clipserve listening on ").rsplit(":", 1)[1])
         self.address = f"127.0.0.1:{self.port}"
         self._wait_for("clipserve ready")
+        # Keep draining the server's output, or its logging blocks once the pipe is full.
+        self._drain = threading.Thread(target=self._collect, daemon=True)
+        self._drain.start()
+
+    def _collect(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.log.append(line)
 
     def _wait_for(self, prefix: str, timeout: float = 180.0) -> str:
         deadline = time.monotonic() + timeout
@@ -98,11 +107,11 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            out, _ = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate()
-        self.log.append(out or "")
+            self.proc.wait()
+        self._drain.join(timeout=10)
         return self.proc.returncode
 
 

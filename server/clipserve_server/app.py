@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from .config import ServerConfig
 from .engine import ScoringEngine
+from .metrics import Metrics
 from .model import EmbeddingModel
 from .security import interceptors, server_credentials
 from .servicer import EngineSlot, ScorerServicer, add_scorer_to_server
@@ -41,6 +42,7 @@ class ClipServer:
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._loader: asyncio.Task | None = None
+        self.metrics = Metrics()
         self.port: int | None = None
 
     async def start(self) -> int:
@@ -54,7 +56,9 @@ class ClipServer:
                 ("grpc.max_send_message_length", 4 * mib),
             ]
         )
-        add_scorer_to_server(ScorerServicer(self._slot, stream_max_in_flight=self.config.stream_max_in_flight), self._server)
+        add_scorer_to_server(
+            ScorerServicer(self._slot, stream_max_in_flight=self.config.stream_max_in_flight, metrics=self.metrics), self._server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (SCORER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -68,6 +72,9 @@ class ClipServer:
             self.port = self._server.add_secure_port(address, credentials)
         await self._server.start()
         log.info("listening on %s:%d", self.config.host, self.port)
+        if self.config.metrics_port:
+            self.metrics.serve(self.config.host, self.config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.config.host, self.config.metrics_port)
         self._loader = asyncio.ensure_future(self._load())
         return self.port
 
@@ -80,8 +87,9 @@ class ClipServer:
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(None, self._model_factory, self.config)
         await loop.run_in_executor(None, model.warmup)
-        engine = ScoringEngine(model, self.config, on_dead=self._engine_died)
+        engine = ScoringEngine(model, self.config, on_dead=self._engine_died, metrics=self.metrics)
         await engine.start()
+        self.metrics.attach(model.description, lambda: engine.queue_depth, engine.cache_stats)
         self._slot.engine = engine
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         d = model.description

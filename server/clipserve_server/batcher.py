@@ -51,6 +51,7 @@ class Batcher:
         max_queue_size: int,
         forward_timeout_s: float | None = None,
         on_dead: Callable[[BaseException], None] | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self._forward = forward
         self._forward_timeout_s = forward_timeout_s or None
@@ -58,6 +59,7 @@ class Batcher:
         self._max_delay_s = max_delay_s
         self._max_queue_size = max_queue_size
         self._on_dead = on_dead
+        self._on_batch = on_batch  # (items, seconds) after each successful forward
         self._queue: collections.deque[_Job] = collections.deque()
         self._work = asyncio.Event()
         self._space = asyncio.Event()
@@ -135,6 +137,7 @@ class Batcher:
             batch = await self._next_batch()
             texts = [job.payload for job in batch if job.is_text]
             images = [job.payload for job in batch if not job.is_text]
+            started = time.monotonic()
             forward = loop.run_in_executor(self._executor, self._forward, texts, images)
             try:
                 text_embeddings, image_embeddings = await asyncio.wait_for(asyncio.shield(forward), self._forward_timeout_s)
@@ -151,6 +154,8 @@ class Batcher:
                 self._fail_jobs(batch, ItemError(ErrorKind.INTERNAL, f"the model failed on this batch: {type(exc).__name__}: {exc}"))
                 continue
             self.batches_run += 1
+            if self._on_batch is not None:
+                self._on_batch(len(batch), time.monotonic() - started)
             text_rows = iter(text_embeddings)
             image_rows = iter(image_embeddings)
             for job in batch:

@@ -58,15 +58,19 @@ class ServerConfig:
     tls_cert: str = dataclasses.field(default="", metadata={"help": "PEM certificate chain: serve TLS"})
     tls_key: str = dataclasses.field(default="", metadata={"help": "PEM private key for --tls-cert"})
     tls_client_ca: str = dataclasses.field(default="", metadata={"help": "PEM CA bundle: require client certificates signed by it (mutual TLS)"})
+    metrics_port: int = dataclasses.field(default=0, metadata={"help": "serve Prometheus metrics at http://HOST:PORT/metrics (0: off)"})
     log_level: str = dataclasses.field(default="INFO", metadata={"help": "DEBUG | INFO | WARNING | ERROR"})
+    log_format: str = dataclasses.field(default="text", metadata={"help": "text | json (one JSON object per line)", "choices": ("text", "json")})
 
     def __post_init__(self) -> None:
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         for name in ("max_batch_size", "max_queue_size", "stream_max_in_flight", "fetch_concurrency", "max_image_bytes", "max_image_pixels", "max_message_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("max_batch_delay_ms", "fetch_timeout_s", "grace_period_s", "forward_timeout_s", "text_cache_size", "image_cache_size", "max_redirects", "decode_workers", "port"):
+        for name in ("max_batch_delay_ms", "fetch_timeout_s", "grace_period_s", "forward_timeout_s", "text_cache_size", "image_cache_size", "max_redirects", "decode_workers", "port", "metrics_port"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
 

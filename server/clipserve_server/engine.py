@@ -24,6 +24,7 @@ from .decode import decode_image
 from .domain import CacheStats, ImageSource, ModelDescription, ScoreItem
 from .errors import ErrorKind, ItemError
 from .fetch import ImageFetcher
+from .metrics import Metrics
 from .model import EmbeddingModel
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,16 @@ _HASH_OFF_LOOP_BYTES = 256 * 1024
 
 
 class ScoringEngine:
-    def __init__(self, model: EmbeddingModel, config: ServerConfig, *, on_dead: Callable[[BaseException], None] | None = None) -> None:
+    def __init__(
+        self,
+        model: EmbeddingModel,
+        config: ServerConfig,
+        *,
+        on_dead: Callable[[BaseException], None] | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.model = model
+        self._metrics = metrics
         self.config = config
         self.text_cache = EmbeddingCache(config.text_cache_size)
         self.image_cache = EmbeddingCache(config.image_cache_size)
@@ -45,6 +54,7 @@ class ScoringEngine:
             max_queue_size=config.max_queue_size,
             forward_timeout_s=config.forward_timeout_s,
             on_dead=on_dead,
+            on_batch=metrics.observe_batch if metrics else None,
         )
         self._fetcher = ImageFetcher(
             timeout_s=config.fetch_timeout_s,
@@ -108,9 +118,17 @@ class ScoringEngine:
         return await self.image_cache.get(key, lambda: self._encode_image(source, wait))
 
     async def _encode_image(self, source: ImageSource, wait: bool) -> np.ndarray:
-        data = source.data if source.data is not None else await self._fetcher.fetch(source.url or "")
+        data = source.data if source.data is not None else await self._fetch(source.url or "")
         pixels = await asyncio.get_running_loop().run_in_executor(self._pool, self._preprocess, data, source.describe())
         return await self._batcher.encode_image(pixels, wait=wait)
+
+    async def _fetch(self, url: str) -> bytes:
+        try:
+            return await self._fetcher.fetch(url)
+        except ItemError as exc:
+            if self._metrics is not None:
+                self._metrics.fetch_failures.labels(reason=exc.kind.name.lower()).inc()
+            raise
 
     def _preprocess(self, data: bytes, name: str) -> Any:
         image = decode_image(data, max_pixels=self.config.max_image_pixels, name=name)

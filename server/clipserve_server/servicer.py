@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -13,6 +15,7 @@ from . import __version__
 from .domain import CacheStats, ImageSource, ScoreItem
 from .engine import ScoringEngine
 from .errors import ErrorKind, ItemError
+from .metrics import Metrics
 from .status import grpc_code
 from .wire import MalformedRequest, parse_score_request
 
@@ -62,19 +65,36 @@ def _cache_stats(stats: CacheStats) -> scorer_pb2.CacheStats:
     )
 
 
+def call_id(context: grpc.aio.ServicerContext) -> str:
+    """The caller's ``x-request-id``, or a fresh id: ties a call's log lines together."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and value:
+            return value[:64]
+    return uuid.uuid4().hex[:12]
+
+
 class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
-    def __init__(self, slot: EngineSlot, *, stream_max_in_flight: int) -> None:
+    def __init__(self, slot: EngineSlot, *, stream_max_in_flight: int, metrics: Metrics) -> None:
         self._slot = slot
         self._stream_max_in_flight = stream_max_in_flight
+        self._metrics = metrics
 
     async def Score(self, request: Request, context: grpc.aio.ServicerContext) -> scorer_pb2.ScoreResponse:
+        started = time.monotonic()
+        code, message = grpc.StatusCode.OK, ""
         try:
             score = await self._slot.get().score(to_item(request), wait=False)
         except ItemError as exc:
-            await context.abort(grpc_code(exc.kind), exc.message)
+            code, message = grpc_code(exc.kind), exc.message
         except Exception as exc:
-            log.exception("Score failed unexpectedly")
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            log.exception("Score failed unexpectedly", extra={"call_id": call_id(context)})
+            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+        self._metrics.items.labels(rpc="Score", code=code.name).inc()
+        self._metrics.calls.labels(rpc="Score", code=code.name).inc()
+        self._metrics.item_seconds.labels(rpc="Score").observe(time.monotonic() - started)
+        if code is not grpc.StatusCode.OK:
+            log.info("Score failed", extra={"call_id": call_id(context), "request_id": request.request_id, "code": code.name, "error": message, "peer": context.peer()})
+            await context.abort(code, message)
         response = _response(request)
         response.score = score
         return response
@@ -85,7 +105,12 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         try:
             engine = self._slot.get()
         except ItemError as exc:
+            self._metrics.calls.labels(rpc="ScoreBatch", code=grpc_code(exc.kind).name).inc()
             await context.abort(grpc_code(exc.kind), exc.message)
+        ids = {"call_id": call_id(context), "peer": context.peer()}
+        started = time.monotonic()
+        failed = 0
+        final_code = grpc.StatusCode.CANCELLED
         # At most `window` items are read but not yet answered: when it is full we stop
         # reading, and gRPC flow control slows the client down.
         window = asyncio.Semaphore(self._stream_max_in_flight)
@@ -94,7 +119,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         sent = 0
 
         async def answer(request: Request) -> None:
-            await answers.put(await self._score_item(engine, request))
+            await answers.put(await self._score_item(engine, request, ids))
 
         async def read() -> None:
             nonlocal sent
@@ -125,13 +150,22 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
                     raise answer_or_signal
                 yield answer_or_signal
                 answered += 1
+                failed += answer_or_signal.HasField("error")
                 window.release()
+            final_code = grpc.StatusCode.OK
         finally:
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+            self._metrics.calls.labels(rpc="ScoreBatch", code=final_code.name).inc()
+            log.info(
+                "ScoreBatch %s",
+                "finished" if final_code is grpc.StatusCode.OK else "ended early",
+                extra={**ids, "items": answered, "failed": failed, "seconds": round(time.monotonic() - started, 3), "code": final_code.name},
+            )
 
-    async def _score_item(self, engine: ScoringEngine, request: Request) -> scorer_pb2.ScoreResponse:
+    async def _score_item(self, engine: ScoringEngine, request: Request, ids: dict[str, str]) -> scorer_pb2.ScoreResponse:
+        started = time.monotonic()
         response = _response(request)
         try:
             response.score = await engine.score(to_item(request), wait=True)
@@ -141,9 +175,14 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must cost one item, never the stream or a lost answer
-            log.exception("scoring item %r failed unexpectedly", request.request_id)
+            log.exception("scoring an item failed unexpectedly", extra={**ids, "request_id": request.request_id})
             response.error.code = grpc.StatusCode.INTERNAL.name
             response.error.message = f"internal error: {type(exc).__name__}: {exc}"
+        code = response.error.code or grpc.StatusCode.OK.name
+        self._metrics.items.labels(rpc="ScoreBatch", code=code).inc()
+        self._metrics.item_seconds.labels(rpc="ScoreBatch").observe(time.monotonic() - started)
+        if response.HasField("error"):
+            log.info("item failed", extra={**ids, "request_id": request.request_id, "code": code, "error": response.error.message})
         return response
 
     async def GetModelInfo(self, request: scorer_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.ModelInfo:

@@ -1,0 +1,65 @@
+"""Operating it: Prometheus metrics, JSON logs, deployment files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import urllib.request
+from pathlib import Path
+
+import clipserve
+from clipserve_server.logs import JsonFormatter
+
+from .helpers import make_image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_metrics_describe_traffic_batches_caches_and_failures(make_fake_server, image_host, tmp_path):
+    port = free_port()
+    server = make_fake_server(allow_private_networks=True, metrics_port=port)
+    path = tmp_path / "x.png"
+    path.write_bytes(make_image(seed=4))
+    with clipserve.CLIP(server.address, streams=1) as clip:
+        clip.score_batch([("a", str(path)), ("a", str(path)), ("b", image_host.url("status/404")), ("c", image_host.url("img/photo0.png"))])
+        clip.score("a", str(path))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    assert samples['clipserve_items_total{code="OK",rpc="ScoreBatch"}'] == 3
+    assert samples['clipserve_items_total{code="NOT_FOUND",rpc="ScoreBatch"}'] == 1
+    assert samples['clipserve_requests_total{code="OK",rpc="ScoreBatch"}'] == 1
+    assert samples['clipserve_requests_total{code="OK",rpc="Score"}'] == 1
+    assert samples['clipserve_fetch_failures_total{reason="not_found"}'] == 1
+    assert samples["clipserve_batch_size_count"] >= 1 and samples["clipserve_encode_seconds_count"] >= 1
+    assert samples['clipserve_cache_hits_total{cache="image"}'] >= 2
+    assert samples['clipserve_cache_entries{cache="text"}'] == 3
+    assert samples["clipserve_queue_depth"] == 0
+    assert 'clipserve_model_info{device="cpu",dtype="float32",embedding_dim="16",model_id="fake"} 1.0' in text
+    assert 'clipserve_item_latency_seconds_count{rpc="ScoreBatch"}' in samples
+
+
+def test_json_logs_carry_request_ids():
+    record = logging.makeLogRecord({"name": "clipserve", "levelname": "INFO", "msg": "item failed", "call_id": "abc123", "request_id": "7", "code": "NOT_FOUND"})
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["message"] == "item failed"
+    assert (entry["call_id"], entry["request_id"], entry["code"], entry["level"]) == ("abc123", "7", "NOT_FOUND", "INFO")
+    assert entry["ts"].endswith("Z")
+
+
+def test_kubernetes_manifests_probe_the_grpc_health_service():
+    import yaml  # transformers depends on PyYAML
+
+    documents = [d for f in sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    kinds = {d["kind"]: d for d in documents}
+    container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["grpc"]["port"] == 50051
+    assert kinds["Service"]["spec"]["clusterIP"] == "None"  # headless: the client balances over pod IPs

@@ -26,6 +26,9 @@ def test_two_replicas_share_a_batch_and_one_dying_loses_nothing(tiny_checkpoint,
     try:
         addresses = [r.address for r in replicas]
         with clipserve.CLIP(addresses, streams=4, max_in_flight=16, timeout=120) as clip:
+            for _ in range(4):  # let round_robin connect to both replicas before the batch starts
+                clip.model_info()
+            time.sleep(0.5)
             first_half = clip.score_batch(inputs[:120])
             shares = []
             for address in addresses:
@@ -33,6 +36,7 @@ def test_two_replicas_share_a_batch_and_one_dying_loses_nothing(tiny_checkpoint,
                     shares.append(replica.model_info().image_cache.misses)
             assert all(share > 0 for share in shares), shares  # both replicas did work
 
+            image_host.slow_img_delay = 0.2  # so that the kill lands mid-run
             results: list = []
             runner = threading.Thread(target=lambda: results.extend(clip.score_batch(inputs[120:])))
             runner.start()
@@ -45,5 +49,6 @@ def test_two_replicas_share_a_batch_and_one_dying_loses_nothing(tiny_checkpoint,
         assert [r.query_id for r in first_half + results] == [str(i) for i in range(240)]
         assert all(r.error is None for r in first_half + results), [r.error for r in results if r.error][:3]
     finally:
+        image_host.slow_img_delay = 0.05
         for replica in replicas:
             replica.terminate()

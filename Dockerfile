@@ -4,10 +4,10 @@
 #   docker run --gpus all -p 50051:50051 -v clipserve-models:/models clipserve \
 #       --model openai/clip-vit-base-patch32
 #
-# The torch wheel brings its own CUDA libraries; the base image provides the CUDA runtime
-# layout the NVIDIA container toolkit expects. Model weights are cached in /models (HF_HOME):
-# mount a volume there so that restarts do not download them again.
-FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+# The torch wheel brings its own CUDA libraries (cuDNN, cuBLAS, ...); the base image provides
+# the CUDA runtime layout the NVIDIA container toolkit expects. Model weights are cached in
+# /models (HF_HOME): mount a volume there so that restarts do not download them again.
+FROM nvidia/cuda:13.0.1-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \

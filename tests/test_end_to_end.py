@@ -191,3 +191,14 @@ def _json_objects(text: str) -> list[str]:
         obj, end = decoder.raw_decode(text, index)
         objects.append(json.dumps(obj))
         index = end
+
+
+def test_cli_info_prints_the_model_as_json(real_server, tiny_checkpoint):
+    done = subprocess.run(
+        [sys.executable, "-m", "clipserve.cli", "info", "--address", real_server.address],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["modelId"] == str(tiny_checkpoint) and info["embeddingDim"] == 16
+    assert info["textCache"]["capacity"] == "100000"  # uint64 is a string in protobuf JSON

@@ -175,3 +175,38 @@ def test_an_expired_deadline_is_reported_and_the_server_moves_on(make_fake_serve
     model.forward_delay_s = 0.0
     with clipserve.CLIP(server.address, timeout=30) as clip:
         assert isinstance(clip.score("q2", str(path)), float)
+
+
+def test_health_is_not_serving_until_the_model_is_loaded():
+    """Calls during loading get UNAVAILABLE (clients retry), health says NOT_SERVING."""
+    import asyncio
+
+    from clipserve_server.app import ClipServer
+    from clipserve_server.config import ServerConfig
+
+    release = threading.Event()
+
+    def slow_factory(_config):
+        release.wait(30)
+        return FakeModel()
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = ClipServer(ServerConfig(host="127.0.0.1", port=0), slow_factory)
+    try:
+        port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
+        address = f"127.0.0.1:{port}"
+        assert health(address) == "NOT_SERVING"
+        with grpc.insecure_channel(address) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                scorer_pb2_grpc.ScorerStub(channel).Score(scorer_pb2.ScoreRequest(query="q", image_bytes=make_image()), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in info.value.details()
+        release.set()
+        asyncio.run_coroutine_threadsafe(server.wait_ready(), loop).result(30)
+        assert health(address) == "SERVING"
+    finally:
+        release.set()
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

@@ -160,11 +160,11 @@ def start_server(checkpoint: Path, args: argparse.Namespace) -> tuple[subprocess
     raise RuntimeError(f"server exited with {proc.wait()}")
 
 
-def measure_clipserve(address: str, pairs: list[tuple[str, str]]) -> tuple[float, int]:
+def measure_clipserve(address: str, pairs: list[tuple[str, str]], streams: int) -> tuple[float, int]:
     import clipserve
 
     inputs = [clipserve.SimilarityInput(q, u) for q, u in pairs]
-    with clipserve.CLIP(address) as clip:
+    with clipserve.CLIP(address, streams=streams) as clip:
         started = time.perf_counter()
         results = clip.score_batch(inputs)
         elapsed = time.perf_counter() - started
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
+    parser.add_argument("--streams", type=int, default=1, help="ScoreBatch streams the SDK opens (one server: 1 is enough)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="reuse a vit-b-32 checkpoint folder")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
@@ -207,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(a) reference       {rows['a_reference']:9.1f} pairs/s", flush=True)
     proc, address = start_server(checkpoint, args)
     try:
-        rows["b_clipserve_cold"], cold_failures = measure_clipserve(address, pairs)
+        rows["b_clipserve_cold"], cold_failures = measure_clipserve(address, pairs, args.streams)
         print(f"(b) clipserve cold  {rows['b_clipserve_cold']:9.1f} pairs/s", flush=True)
-        rows["c_clipserve_warm"], warm_failures = measure_clipserve(address, pairs)
+        rows["c_clipserve_warm"], warm_failures = measure_clipserve(address, pairs, args.streams)
         print(f"(c) clipserve warm  {rows['c_clipserve_warm']:9.1f} pairs/s", flush=True)
     finally:
         proc.terminate()
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['mode']:<20}{row['pairs_per_s']:>10.1f}{row['images_per_s']:>10.1f}{speed:>8}{row['fraction_of_bound_d']:>8.2f}")
     report = {
         "workload": {"pairs": len(pairs), "queries": args.queries, "per_query": args.per_query, "images": args.images, "distinct_images": distinct_images},
-        "settings": {"device": args.device, "dtype": args.dtype, "max_batch_size": args.max_batch_size, "max_batch_delay_ms": args.max_batch_delay_ms},
+        "settings": {"streams": args.streams, "device": args.device, "dtype": args.dtype, "max_batch_size": args.max_batch_size, "max_batch_delay_ms": args.max_batch_delay_ms},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
         "failures": {"cold": cold_failures, "warm": warm_failures},

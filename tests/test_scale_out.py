@@ -16,6 +16,8 @@ def test_several_addresses_become_one_round_robin_target():
     assert resolve_address(["127.0.0.1:1", "127.0.0.1:2"]) == "ipv4:127.0.0.1:1,127.0.0.1:2"
     assert resolve_address("127.0.0.1:1, 127.0.0.1:2") == "ipv4:127.0.0.1:1,127.0.0.1:2"
     assert resolve_address("dns:///clipserve.default.svc:50051") == "dns:///clipserve.default.svc:50051"
+    with clipserve.CLIP(["127.0.0.1:1", "127.0.0.1:2"]) as two, clipserve.CLIP("127.0.0.1:1") as one:
+        assert (two.streams, one.streams) == (2, 1)  # one stream per replica
 
 
 def test_two_replicas_share_a_batch_and_one_dying_loses_nothing(tiny_checkpoint, image_host):
@@ -25,7 +27,7 @@ def test_two_replicas_share_a_batch_and_one_dying_loses_nothing(tiny_checkpoint,
     inputs = [clipserve.SimilarityInput(f"query {i}", image_host.url(f"slow-img/{n}"), query_id=str(i)) for i, n in enumerate(names)]
     try:
         addresses = [r.address for r in replicas]
-        with clipserve.CLIP(addresses, streams=4, max_in_flight=16, timeout=120) as clip:
+        with clipserve.CLIP(addresses, max_in_flight=16, timeout=120) as clip:
             for _ in range(4):  # let round_robin connect to both replicas before the batch starts
                 clip.model_info()
             time.sleep(0.5)

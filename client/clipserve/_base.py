@@ -6,7 +6,7 @@ from pathlib import Path
 
 import grpc
 
-from ._channel import Connection, PemSource, resolve_address
+from ._channel import Connection, PemSource, resolve_address, static_target_size
 from ._config import DEFAULT_COL_NAME, load_client_config
 from ._requests import DEFAULT_MAX_UPLOAD_BYTES
 from ._retry import RETRYABLE_CODES, Deadline, RetryPolicy
@@ -27,8 +27,9 @@ class ClientBase:
         max_in_flight: Items ``score_batch`` keeps outstanding; enough to fill the server's
             batches without queueing the whole input on the server.
         streams: Parallel ScoreBatch streams per ``score_batch``. Load balancing is per call,
-            so with several replicas (a list of addresses or a ``dns:///`` name) use at least
-            as many streams as replicas.
+            so each replica needs a stream of its own: the default is the number of addresses
+            given (1 for a single server); with a ``dns:///`` name, set it to at least the
+            number of replicas.
         retry: When to retry UNAVAILABLE / RESOURCE_EXHAUSTED (see ``RetryPolicy``).
         progress: Show a tqdm progress bar in ``score_batch`` by default.
         tls, root_certificates, certificate_chain, private_key, auth_token: how to reach a
@@ -46,7 +47,7 @@ class ClientBase:
         config: str | Path | None = None,
         timeout: float | None = None,
         max_in_flight: int = 256,
-        streams: int = 4,
+        streams: int | None = None,
         retry: RetryPolicy | None = None,
         progress: bool = False,
         tls: bool = False,
@@ -62,10 +63,10 @@ class ClientBase:
         self.max_upload_bytes = max_upload_bytes
         self.col_name = file_config.col_name if file_config else DEFAULT_COL_NAME
         self.timeout = timeout if timeout is not None else (file_config.timeout if file_config else None)
-        if max_in_flight < 1 or streams < 1:
+        self.streams = streams if streams is not None else static_target_size(self.address)
+        if max_in_flight < 1 or self.streams < 1:
             raise ValueError("max_in_flight and streams must be at least 1")
         self.max_in_flight = max_in_flight
-        self.streams = streams
         self.retry = retry or RetryPolicy()
         self.progress = progress
         self._metadata = self.connection.metadata

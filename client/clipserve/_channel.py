@@ -41,6 +41,13 @@ def resolve_address(address: Address | None, config_address: Address | None = No
     return _static_target(parts)
 
 
+def static_target_size(target: str) -> int:
+    """How many servers an ``ipv4:``/``ipv6:`` list names; 1 for any other target."""
+    if target.startswith(("ipv4:", "ipv6:")):
+        return target.count(",") + 1
+    return 1
+
+
 def _static_target(addresses: list[str]) -> str:
     """Resolve each ``host:port`` once, now; for changing membership use ``dns:///name:port``."""
     v4: list[str] = []

@@ -124,7 +124,7 @@ def _cmd_score_file(args: argparse.Namespace) -> int:
     images = settings.pop("images", None)
     job = FileJob(qrels=qrels, output=output, images=Path(images) if images else None, **settings)
     try:
-        with CLIP(args.address, config=args.config, timeout=args.timeout, **_security(args)) as clip:
+        with CLIP(args.address, config=args.config, timeout=args.timeout, streams=args.streams, **_security(args)) as clip:
             summary = score_file(clip, job, resume=args.resume, chunk_size=args.chunk_size, progress=not args.no_progress)
     except (RunFailed, ClipServeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     score_file.add_argument("--resume", action="store_true", help="keep rows already in the output and score the rest")
     score_file.add_argument("--chunk-size", type=int, default=1024, help="rows scored and written at a time")
     score_file.add_argument("--no-progress", action="store_true", help="no progress bar")
+    score_file.add_argument("--streams", type=int, default=None, help="parallel streams (default: one per address; with a dns:/// name, the number of replicas)")
     _add_address(score_file)
     score_file.set_defaults(func=_cmd_score_file, timeout=None)
 

@@ -13,6 +13,8 @@ from ._retry import RETRYABLE_CODES
 from ._types import SimilarityInput, SimilarityResult
 from .v1 import scorer_pb2
 
+_RETRYABLE_NAMES = frozenset(code.name for code in RETRYABLE_CODES)
+
 
 def result_from_response(item: SimilarityInput, response: scorer_pb2.ScoreResponse) -> SimilarityResult:
     if response.HasField("error"):
@@ -47,6 +49,9 @@ class BatchState:
         self.items = items
         self.results: list[SimilarityResult | None] = [None] * len(items)
         self.failed = 0
+        # The last "not now" answer to an item (UNAVAILABLE: the server is stopping): such items
+        # stay pending and are resent, like those of a broken stream.
+        self.retryable_error: ClipServeError | None = None
         self._lock = threading.Lock()
         self._bar = progress_bar(len(items)) if progress else None
 
@@ -76,8 +81,20 @@ class BatchState:
             return False
         if not 0 <= index < len(self.items):
             return False
+        if response.HasField("error") and response.error.code in _RETRYABLE_NAMES:
+            self.retryable_error = ClipServeError(grpc.StatusCode[response.error.code], response.error.message)
+            return True
         self.record(index, result_from_response(self.items[index], response))
         return True
+
+    def attempt_error(self, stream_errors: Sequence[ClipServeError]) -> ClipServeError:
+        """Why an attempt left items unanswered; decides whether to retry (and clears the
+        per-item error for the next attempt)."""
+        item_error, self.retryable_error = self.retryable_error, None
+        if stream_errors:
+            final = [e for e in stream_errors if e.code not in RETRYABLE_CODES]
+            return (final or list(stream_errors))[0]
+        return item_error or STREAM_ENDED_EARLY
 
     def fail_pending(self, error: ClipServeError) -> None:
         for index in self.pending():
@@ -103,12 +120,6 @@ class WorkQueue:
     def take(self) -> int | None:
         with self._lock:
             return next(self._iter, None)
-
-
-def pick_error(errors: Sequence[ClipServeError]) -> ClipServeError:
-    """The error that decides whether an attempt is retried: a final one beats a retryable one."""
-    final = [e for e in errors if e.code not in RETRYABLE_CODES]
-    return (final or list(errors))[0]
 
 
 STREAM_ENDED_EARLY = ClipServeError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream without answering every item")

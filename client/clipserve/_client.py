@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from ._base import ClientBase
-from ._batch import STREAM_ENDED_EARLY, BatchState, WorkQueue, failed_result, pick_error
+from ._batch import BatchState, WorkQueue, failed_result
 from ._errors import ClipServeError
 from ._requests import build_request, coerce_input
 from ._retry import Deadline
@@ -71,19 +71,22 @@ class CLIP(ClientBase):
         items = [coerce_input(x) for x in inputs]
         state = BatchState(items, progress=self.progress if progress is None else progress)
         deadline = Deadline(self.timeout)
+        # Attempts in a row that answered nothing: occasional broken streams in a long run do
+        # not use up the retries, only a server that stays unusable does.
         attempt = 0
+        retrying = False
         try:
             while pending := state.pending():
-                attempt += 1
                 work = WorkQueue(pending)
                 streams = min(self.streams, len(pending))
                 window = max(1, self.max_in_flight // streams)
                 with ThreadPoolExecutor(max_workers=streams, thread_name_prefix="clipserve-stream") as pool:
-                    outcomes = list(pool.map(lambda _: self._stream(state, work, window, deadline, attempt > 1), range(streams)))
-                errors = [e for e in outcomes if e is not None]
-                if not errors and len(state.pending()) < len(pending):
-                    continue
-                error = pick_error(errors) if errors else STREAM_ENDED_EARLY
+                    outcomes = list(pool.map(lambda _: self._stream(state, work, window, deadline, retrying), range(streams)))
+                if not state.pending():
+                    break
+                attempt = attempt + 1 if len(state.pending()) == len(pending) else 1
+                retrying = True
+                error = state.attempt_error([e for e in outcomes if e is not None])
                 if not self._should_retry(error.code, attempt, deadline):
                     state.fail_pending(error)
         finally:

@@ -130,9 +130,11 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                     sent += 1
-            except BaseException as exc:  # the client went away mid-stream, or a bad message
-                await answers.put(exc)
+            except asyncio.CancelledError:
                 raise
+            except Exception as exc:  # reading failed (the client went away): end the stream with it
+                await answers.put(exc)
+                return
             await answers.put(_END_OF_INPUT)
 
         reader = asyncio.ensure_future(read())
@@ -144,9 +146,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
                 if answer_or_signal is _END_OF_INPUT:
                     input_done = True
                     continue
-                if isinstance(answer_or_signal, BaseException):
-                    if isinstance(answer_or_signal, asyncio.CancelledError):
-                        return
+                if isinstance(answer_or_signal, Exception):
                     raise answer_or_signal
                 yield answer_or_signal
                 answered += 1

@@ -81,7 +81,8 @@ class CLIP(ClientBase):
                 streams = min(self.streams, len(pending))
                 window = max(1, self.max_in_flight // streams)
                 with ThreadPoolExecutor(max_workers=streams, thread_name_prefix="clipserve-stream") as pool:
-                    outcomes = list(pool.map(lambda _: self._stream(state, work, window, deadline, retrying), range(streams)))
+                    futures = [pool.submit(self._stream, state, work, window, deadline, retrying) for _ in range(streams)]
+                    outcomes = [future.result() for future in futures]
                 if not state.pending():
                     break
                 attempt = attempt + 1 if len(state.pending()) == len(pending) else 1

@@ -26,10 +26,3 @@ class ClipServeError(Exception):
         details = error.details() if hasattr(error, "details") else str(error)
         return cls(code or grpc.StatusCode.UNKNOWN, details or "")
 
-
-def status_code_from_name(name: str) -> grpc.StatusCode:
-    """Map a status code name carried in a per-item error back to ``grpc.StatusCode``."""
-    try:
-        return grpc.StatusCode[name]
-    except KeyError:
-        return grpc.StatusCode.UNKNOWN

@@ -66,7 +66,6 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipserve-model")
         self._task: asyncio.Task | None = None
         self._failure: ItemError | None = None  # set once the batcher can take no more work
-        self.batches_run = 0
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -153,7 +152,6 @@ class Batcher:
                 log.exception("forward pass failed for a batch of %d texts and %d images", len(texts), len(images))
                 self._fail_jobs(batch, ItemError(ErrorKind.INTERNAL, f"the model failed on this batch: {type(exc).__name__}: {exc}"))
                 continue
-            self.batches_run += 1
             if self._on_batch is not None:
                 self._on_batch(len(batch), time.monotonic() - started)
             text_rows = iter(text_embeddings)

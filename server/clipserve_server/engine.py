@@ -70,10 +70,6 @@ class ScoringEngine:
         return self.model.description
 
     @property
-    def alive(self) -> bool:
-        return self._batcher.alive
-
-    @property
     def queue_depth(self) -> int:
         return self._batcher.queue_depth
 

@@ -210,3 +210,20 @@ def test_health_is_not_serving_until_the_model_is_loaded():
         asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+def test_a_stream_is_read_no_faster_than_it_is_answered(make_fake_server):
+    """With the model slow, the server holds at most --stream-max-in-flight items of a stream;
+    the rest wait in the client (gRPC flow control), not in server memory."""
+    window = 3
+    server = make_fake_server(FakeModel(forward_delay_s=0.03), stream_max_in_flight=window, max_batch_size=2, max_batch_delay_ms=0)
+    engine = server.server._slot.engine
+    depths: list[int] = []
+    requests = [scorer_pb2.ScoreRequest(request_id=str(i), query=f"q{i}", image_bytes=make_image(8, 8, seed=900 + i)) for i in range(40)]
+    with grpc.insecure_channel(server.address) as channel:
+        replies = []
+        for reply in scorer_pb2_grpc.ScorerStub(channel).ScoreBatch(iter(requests), timeout=120):
+            replies.append(reply)
+            depths.append(server.run_on_loop(lambda: engine.queue_depth))
+    assert len(replies) == 40
+    assert max(depths) <= 2 * window  # a text and an image per item held

@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import clipserve
-from clipserve_server.logs import JsonFormatter
+from clipserve_server.logs import JsonFormatter, TextFormatter
 
 from .helpers import make_image
 
@@ -51,6 +51,7 @@ def test_json_logs_carry_request_ids():
     assert entry["message"] == "item failed"
     assert (entry["call_id"], entry["request_id"], entry["code"], entry["level"]) == ("abc123", "7", "NOT_FOUND", "INFO")
     assert entry["ts"].endswith("Z")
+    assert TextFormatter().format(record).endswith("item failed call_id=abc123 request_id=7 code=NOT_FOUND")
 
 
 def test_kubernetes_manifests_probe_the_grpc_health_service():

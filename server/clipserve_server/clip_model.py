@@ -50,6 +50,7 @@ class HFClipModel(EmbeddingModel):
         kwargs["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = self._dtype
         if use_safetensors is not None:
             kwargs["use_safetensors"] = use_safetensors
+        transformers.utils.logging.disable_progress_bar()  # a progress bar is noise in server logs
         log.info("loading %s on %s as %s", model_id, self._device, dtype)
         model = AutoModel.from_pretrained(model_id, **kwargs)
         if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features") and hasattr(model, "logit_scale")):

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterable
 import grpc
 
 from ._base import ClientBase
-from ._batch import BatchState, WorkQueue, failed_result
+from ._batch import Attempt, BatchRun, BatchState, failed_result
 from ._errors import ClipServeError
 from ._requests import build_request, coerce_input, local_path
 from ._retry import Deadline
@@ -64,29 +64,14 @@ class AsyncCLIP(ClientBase):
         self, inputs: Iterable[SimilarityInput | tuple[str, str] | dict], *, progress: bool | None = None
     ) -> list[SimilarityResult]:
         """Like ``CLIP.score_batch``: one result per input, in input order, never lost or doubled."""
-        items = [coerce_input(x) for x in inputs]
-        state = BatchState(items, progress=self.progress if progress is None else progress)
-        deadline = Deadline(self.timeout)
-        # Attempts in a row that answered nothing: occasional broken streams in a long run do
-        # not use up the retries, only a server that stays unusable does.
-        attempt = 0
-        retrying = False
+        run = BatchRun(self, [coerce_input(x) for x in inputs], progress=self.progress if progress is None else progress)
         try:
-            while pending := state.pending():
-                work = WorkQueue(pending)
-                streams = min(self.streams, len(pending))
-                window = max(1, self.max_in_flight // streams)
-                outcomes = await asyncio.gather(*(self._stream(state, work, window, deadline, retrying) for _ in range(streams)))
-                if not state.pending():
-                    break
-                attempt = attempt + 1 if len(state.pending()) == len(pending) else 1
-                retrying = True
-                error = state.attempt_error([e for e in outcomes if e is not None])
-                if not await self._should_retry(error.code, attempt, deadline):
-                    state.fail_pending(error)
+            while (attempt := run.next_attempt()) is not None:
+                errors = await asyncio.gather(*(self._stream(run.state, attempt, run.deadline) for _ in range(attempt.streams)))
+                await asyncio.sleep(run.settle(errors))
         finally:
-            state.close()
-        return state.in_order()
+            run.state.close()
+        return run.state.in_order()
 
     async def _should_retry(self, code: grpc.StatusCode, attempt: int, deadline: Deadline) -> bool:
         pause = self._retry_pause(code, attempt, deadline)
@@ -94,13 +79,14 @@ class AsyncCLIP(ClientBase):
             await asyncio.sleep(pause)
         return pause is not None
 
-    async def _stream(self, state: BatchState, work: WorkQueue, window_size: int, deadline: Deadline, wait_for_ready: bool) -> ClipServeError | None:
-        window = asyncio.Semaphore(window_size)
+    async def _stream(self, state: BatchState, attempt: Attempt, deadline: Deadline) -> ClipServeError | None:
+        """One ScoreBatch stream taking items from ``attempt.work`` until it is empty."""
+        window = asyncio.Semaphore(attempt.window)
 
         async def requests() -> AsyncIterator[scorer_pb2.ScoreRequest]:
             while True:
                 await window.acquire()
-                index = work.take()
+                index = attempt.work.take()
                 if index is None:
                     return
                 try:
@@ -111,7 +97,7 @@ class AsyncCLIP(ClientBase):
                     continue
                 yield request
 
-        call = self._stub.ScoreBatch(requests(), timeout=deadline.remaining(), metadata=self._metadata, wait_for_ready=wait_for_ready)
+        call = self._stub.ScoreBatch(requests(), timeout=deadline.remaining(), metadata=self._metadata, wait_for_ready=attempt.retrying)
         try:
             async for response in call:
                 if state.record_response(response):

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from ._errors import ClipServeError
-from ._retry import RETRYABLE_CODES
+from ._retry import RETRYABLE_CODES, Deadline
 from ._types import SimilarityInput, SimilarityResult
 from .v1 import scorer_pb2
+
+if TYPE_CHECKING:
+    from ._base import ClientBase
 
 _RETRYABLE_NAMES = frozenset(code.name for code in RETRYABLE_CODES)
 
@@ -120,6 +124,57 @@ class WorkQueue:
     def take(self) -> int | None:
         with self._lock:
             return next(self._iter, None)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One round of streams over the items still unanswered."""
+
+    work: WorkQueue
+    streams: int
+    window: int  # items in flight per stream
+    retrying: bool  # a retry waits for the server to be reachable (wait_for_ready)
+
+
+class BatchRun:
+    """The attempt loop of one ``score_batch``, without the streaming and the waiting, which
+    the sync and aio clients do their own way::
+
+        while (attempt := run.next_attempt()) is not None:
+            errors = <run attempt.streams streams taking from attempt.work>
+            <sleep run.settle(errors) seconds>
+    """
+
+    def __init__(self, client: ClientBase, items: Sequence[SimilarityInput], *, progress: bool) -> None:
+        self.state = BatchState(items, progress=progress)
+        self.deadline = Deadline(client.timeout)
+        self._client = client
+        self._sent: list[int] = []
+        # Attempts in a row that answered nothing: occasional broken streams in a long run do
+        # not use up the retries, only a server that stays unusable does.
+        self._fruitless = 0
+
+    def next_attempt(self) -> Attempt | None:
+        pending = self.state.pending()
+        if not pending:
+            return None
+        retrying = bool(self._sent)
+        self._sent = pending
+        streams = min(self._client.streams, len(pending))
+        return Attempt(WorkQueue(pending), streams, max(1, self._client.max_in_flight // streams), retrying)
+
+    def settle(self, stream_errors: Sequence[ClipServeError | None]) -> float:
+        """Seconds to wait before the next attempt (0 when there is none to make)."""
+        left = self.state.pending()
+        if not left:
+            return 0.0
+        self._fruitless = self._fruitless + 1 if len(left) == len(self._sent) else 1
+        error = self.state.attempt_error([e for e in stream_errors if e is not None])
+        pause = self._client._retry_pause(error.code, self._fruitless, self.deadline)
+        if pause is None:
+            self.state.fail_pending(error)  # final: every unanswered pair gets this error
+            return 0.0
+        return pause
 
 
 STREAM_ENDED_EARLY = ClipServeError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream without answering every item")

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from ._base import ClientBase
-from ._batch import BatchState, WorkQueue, failed_result
+from ._batch import Attempt, BatchRun, BatchState, failed_result
 from ._errors import ClipServeError
 from ._requests import build_request, coerce_input
 from ._retry import Deadline
@@ -68,31 +68,16 @@ class CLIP(ClientBase):
         ``error`` set; it never aborts the others. If a stream breaks (server restart,
         overload, a replica gone), only its unanswered pairs are sent again.
         """
-        items = [coerce_input(x) for x in inputs]
-        state = BatchState(items, progress=self.progress if progress is None else progress)
-        deadline = Deadline(self.timeout)
-        # Attempts in a row that answered nothing: occasional broken streams in a long run do
-        # not use up the retries, only a server that stays unusable does.
-        attempt = 0
-        retrying = False
+        run = BatchRun(self, [coerce_input(x) for x in inputs], progress=self.progress if progress is None else progress)
         try:
-            while pending := state.pending():
-                work = WorkQueue(pending)
-                streams = min(self.streams, len(pending))
-                window = max(1, self.max_in_flight // streams)
-                with ThreadPoolExecutor(max_workers=streams, thread_name_prefix="clipserve-stream") as pool:
-                    futures = [pool.submit(self._stream, state, work, window, deadline, retrying) for _ in range(streams)]
-                    outcomes = [future.result() for future in futures]
-                if not state.pending():
-                    break
-                attempt = attempt + 1 if len(state.pending()) == len(pending) else 1
-                retrying = True
-                error = state.attempt_error([e for e in outcomes if e is not None])
-                if not self._should_retry(error.code, attempt, deadline):
-                    state.fail_pending(error)
+            while (attempt := run.next_attempt()) is not None:
+                with ThreadPoolExecutor(max_workers=attempt.streams, thread_name_prefix="clipserve-stream") as pool:
+                    futures = [pool.submit(self._stream, run.state, attempt, run.deadline) for _ in range(attempt.streams)]
+                    errors = [future.result() for future in futures]
+                time.sleep(run.settle(errors))
         finally:
-            state.close()
-        return state.in_order()
+            run.state.close()
+        return run.state.in_order()
 
     # -- internals -------------------------------------------------------------------------
     def _should_retry(self, code: grpc.StatusCode, attempt: int, deadline: Deadline) -> bool:
@@ -101,13 +86,13 @@ class CLIP(ClientBase):
             time.sleep(pause)
         return pause is not None
 
-    def _stream(self, state: BatchState, work: WorkQueue, window_size: int, deadline: Deadline, wait_for_ready: bool) -> ClipServeError | None:
-        """One ScoreBatch stream taking items from ``work`` until it is empty.
+    def _stream(self, state: BatchState, attempt: Attempt, deadline: Deadline) -> ClipServeError | None:
+        """One ScoreBatch stream taking items from ``attempt.work`` until it is empty.
 
         Returns None when the stream ended normally, else the error that broke it; items it
         sent but got no answer for stay pending for the next attempt.
         """
-        window = threading.Semaphore(window_size)
+        window = threading.Semaphore(attempt.window)
         stop = threading.Event()
 
         def requests() -> Iterator[scorer_pb2.ScoreRequest]:
@@ -116,7 +101,7 @@ class CLIP(ClientBase):
                 while not window.acquire(timeout=0.1):
                     if stop.is_set():
                         return
-                index = None if stop.is_set() else work.take()
+                index = None if stop.is_set() else attempt.work.take()
                 if index is None:
                     return
                 try:
@@ -127,7 +112,7 @@ class CLIP(ClientBase):
                     continue
                 yield request
 
-        call = self._stub.ScoreBatch(requests(), timeout=deadline.remaining(), metadata=self._metadata, wait_for_ready=wait_for_ready)
+        call = self._stub.ScoreBatch(requests(), timeout=deadline.remaining(), metadata=self._metadata, wait_for_ready=attempt.retrying)
         try:
             for response in call:
                 if state.record_response(response):

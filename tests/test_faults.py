@@ -227,3 +227,20 @@ def test_a_stream_is_read_no_faster_than_it_is_answered(make_fake_server):
             depths.append(server.run_on_loop(lambda: engine.queue_depth))
     assert len(replies) == 40
     assert max(depths) <= 2 * window  # a text and an image per item held
+
+
+def test_a_busy_port_is_an_error_not_a_shared_port(fake_server):
+    import asyncio
+
+    from clipserve_server.app import ClipServer
+    from clipserve_server.config import ServerConfig
+
+    async def start_second() -> None:
+        server = ClipServer(ServerConfig(host="127.0.0.1", port=fake_server.port), lambda _config: FakeModel())
+        try:
+            await server.start()
+        finally:
+            await server.stop(0)
+
+    with pytest.raises(RuntimeError, match="Failed to bind"):
+        asyncio.run(start_second())

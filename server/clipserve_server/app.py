@@ -54,6 +54,9 @@ class ClipServer:
             options=[
                 ("grpc.max_receive_message_length", self.config.max_message_mb * mib),
                 ("grpc.max_send_message_length", 4 * mib),
+                # gRPC shares a port between processes by default; a second server started on
+                # a busy port by mistake should fail, not silently take half the traffic.
+                ("grpc.so_reuseport", 0),
             ]
         )
         add_scorer_to_server(

@@ -18,8 +18,9 @@ class ClientBase:
     Args:
         address: ``host:port`` of the server, any gRPC target (e.g. ``dns:///svc:50051``,
             whose replicas round_robin spreads calls over), or several ``host:port`` (a list
-            or comma-separated) to spread over those. Defaults to ``[similarity_config].address`` from ``config``, then the
-            ``CLIPSERVE_ADDRESS`` environment variable, then ``localhost:50051``.
+            or comma-separated) to spread over those. Defaults to ``[similarity_config].address``
+            from ``config``, then the ``CLIPSERVE_ADDRESS`` environment variable, then
+            ``localhost:50051``.
         config: Path to a config.toml whose ``[similarity_config]`` table has ``address``
             (and ``col_name``, the score column for file scoring).
         timeout: Total seconds allowed for one ``score`` or ``score_batch`` call, retries

@@ -110,7 +110,7 @@ class ScoringEngine:
             key = "url:" + source.url
         else:
             assert source.data is not None
-            key = "sha256:" + await self._run_small_or_pooled(len(source.data), _sha256, source.data)
+            key = "sha256:" + await self._content_hash(source.data)
         return await self.image_cache.get(key, lambda: self._encode_image(source, wait))
 
     async def _encode_image(self, source: ImageSource, wait: bool) -> np.ndarray:
@@ -133,10 +133,10 @@ class ScoringEngine:
         except Exception as exc:
             raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: the model's image processor rejected it: {exc}") from exc
 
-    async def _run_small_or_pooled(self, size: int, fn: Callable[..., str], *args: Any) -> str:
-        if size < _HASH_OFF_LOOP_BYTES:
-            return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    async def _content_hash(self, data: bytes) -> str:
+        if len(data) < _HASH_OFF_LOOP_BYTES:
+            return _sha256(data)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, _sha256, data)
 
 
 def _sha256(data: bytes) -> str:

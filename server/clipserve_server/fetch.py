@@ -11,7 +11,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 
 from .errors import ErrorKind, ItemError
-from .netguard import ForbiddenAddressError, GuardedResolver, is_forbidden, literal_ip
+from .netguard import ForbiddenAddressError, GuardedResolver, literal_ip
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 64 * 1024
@@ -35,13 +35,13 @@ class ImageFetcher:
         self._max_redirects = max_redirects
         self._allow_private = allow_private_networks
         self._concurrency = concurrency
-        self._resolver = resolver
+        self._guard = resolver or GuardedResolver()
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
             limit=self._concurrency,
-            resolver=None if self._allow_private else (self._resolver or GuardedResolver()),
+            resolver=None if self._allow_private else self._guard,
             ttl_dns_cache=60,
         )
         self._session = aiohttp.ClientSession(
@@ -61,7 +61,7 @@ class ImageFetcher:
         try:
             return await asyncio.wait_for(self._follow(url), self._timeout_s)
         except asyncio.TimeoutError:
-            raise ItemError(ErrorKind.TIMEOUT, f"fetching {url} took longer than {self._timeout_s:g}s") from None
+            raise self._timed_out(url) from None
 
     async def _follow(self, url: str) -> bytes:
         assert self._session is not None
@@ -84,13 +84,13 @@ class ImageFetcher:
             except ItemError:
                 raise
             except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-                raise ItemError(ErrorKind.TIMEOUT, f"fetching {url} took longer than {self._timeout_s:g}s") from None
+                raise self._timed_out(url) from None
             except aiohttp.ClientConnectorError as exc:
                 if isinstance(exc.os_error, ForbiddenAddressError):
-                    raise ItemError(ErrorKind.FORBIDDEN, f"{url}: {exc.os_error} (start the server with --allow-private-networks to permit this)") from None
+                    raise _forbidden(url, str(exc.os_error)) from None
                 raise ItemError(ErrorKind.FETCH_FAILED, f"{url}: cannot connect: {exc.os_error or exc}") from None
             except ForbiddenAddressError as exc:
-                raise ItemError(ErrorKind.FORBIDDEN, f"{url}: {exc} (start the server with --allow-private-networks to permit this)") from None
+                raise _forbidden(url, str(exc)) from None
             except (aiohttp.ClientError, OSError) as exc:
                 raise ItemError(ErrorKind.FETCH_FAILED, f"{url}: {type(exc).__name__}: {exc}") from None
         raise ItemError(ErrorKind.FETCH_FAILED, f"{url}: more than {self._max_redirects} redirects")
@@ -108,9 +108,11 @@ class ImageFetcher:
             raise ItemError(ErrorKind.INVALID_INPUT, f"{where}: the URL has no host")
         ip = literal_ip(parts.hostname)
         # Literal IPs never reach the resolver, so they are checked here.
-        forbidden = self._resolver.is_forbidden if self._resolver else is_forbidden
-        if ip is not None and not self._allow_private and forbidden(ip):
-            raise ItemError(ErrorKind.FORBIDDEN, f"{where}: {ip} is not a public address (start the server with --allow-private-networks to permit this)")
+        if ip is not None and not self._allow_private and self._guard.is_forbidden(ip):
+            raise _forbidden(where, f"{ip} is not a public address")
+
+    def _timed_out(self, url: str) -> ItemError:
+        return ItemError(ErrorKind.TIMEOUT, f"fetching {url} took longer than {self._timeout_s:g}s")
 
     async def _read_capped(self, url: str, response: aiohttp.ClientResponse) -> bytes:
         declared = response.content_length
@@ -122,3 +124,7 @@ class ImageFetcher:
             if len(body) > self._max_bytes:
                 raise ItemError(ErrorKind.INVALID_INPUT, f"{url}: the image is over the {self._max_bytes}-byte limit")
         return bytes(body)
+
+
+def _forbidden(where: str, why: str) -> ItemError:
+    return ItemError(ErrorKind.FORBIDDEN, f"{where}: {why} (start the server with --allow-private-networks to permit this)")

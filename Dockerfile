@@ -32,7 +32,8 @@ RUN useradd --create-home --uid 10001 clipserve && mkdir -p /models && chown cli
 USER clipserve
 WORKDIR /home/clipserve
 
-# Every flag of `clipserve serve` can be set as CLIPSERVE_<FLAG>.
+# Every flag of `clipserve serve` can be set as CLIPSERVE_<FLAG>. (CLIPSERVE_COMPILE=1 would
+# need a C++ compiler at run time, which this image leaves out; see the README.)
 ENV CLIPSERVE_HOST=0.0.0.0 \
     CLIPSERVE_PORT=50051 \
     CLIPSERVE_DEVICE=auto \

@@ -13,7 +13,12 @@ files of mixed sizes, serves them over loopback HTTP, draws Q queries x K images
   (b) clipserve cold: `clipserve serve` over loopback gRPC through the SDK's score_batch;
   (c) clipserve warm: the same workload again (embeddings cached);
   (d) model bound: batched get_image_features + get_text_features over the distinct images
-      and texts, preprocessing excluded (no I/O, no decode): the best any server could do.
+      and texts through the server's own model class, preprocessing excluded (no I/O, no
+      decode): the best any server with that model path could do.
+
+The server runs with --compile (the image tower through torch.compile) and (d) uses the same
+compiled tower; --no-compile measures the eager path instead. (a) is always eager: it is the
+reference adapter's code.
 
 It prints a table (medians over --repeat runs) and writes it as JSON (--out).
 """
@@ -21,8 +26,10 @@ It prints a table (medians over --repeat runs) and writes it as JSON (--out).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import io
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -33,6 +40,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -96,6 +104,15 @@ def make_workload(base: str, names: list[str], queries: int, per_query: int, see
 
 # -- the four measurements -------------------------------------------------------------------------
 
+def in_fresh_process(function: Callable[..., float], *args: object) -> float:
+    """Run an in-process measurement in a new interpreter, so that no run inherits another's
+    model, allocator state or (compiled) OpenMP threads, and this process stays idle while the
+    server is measured."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(function, *args).result()
+
+
 def measure_reference(checkpoint: Path, pairs: list[tuple[str, str]]) -> float:
     """(a) The reference adapter's score(): fetch, decode, one full forward per pair."""
     from transformers import AutoModel, AutoProcessor
@@ -119,29 +136,24 @@ def measure_reference(checkpoint: Path, pairs: list[tuple[str, str]]) -> float:
     return len(pairs) / (time.perf_counter() - started)
 
 
-def measure_bound(checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[str, str]], batch_size: int, device: str, dtype: str) -> float:
+def measure_bound(checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[str, str]], args: argparse.Namespace) -> float:
     """(d) Batched forwards over the distinct texts and images; preprocessing done beforehand."""
-    from transformers import AutoModel, AutoProcessor
+    from clipserve_server.clip_model import HFClipModel
 
-    torch_dtype = getattr(torch, dtype)
-    model = AutoModel.from_pretrained(checkpoint, dtype=torch_dtype).to(device).eval()
-    processor = AutoProcessor.from_pretrained(checkpoint)
+    # The server's model class: the same (eager or compiled) towers, dtype and device. Its
+    # forward returns numpy arrays, so the timing includes waiting for the GPU.
+    model = HFClipModel(str(checkpoint), device=args.device, dtype=args.dtype, compile=args.compile)
+    model.warmup()
     texts = sorted({q for q, _ in pairs})
     names = sorted({u.rsplit("/", 1)[1] for _, u in pairs})
-    pixels = [processor.image_processor(images=[Image.open(io.BytesIO(corpus[n])).convert("RGB")], return_tensors="pt")["pixel_values"][0] for n in names]
-    with torch.inference_mode():
-        model.get_image_features(pixel_values=torch.stack(pixels[:2]).to(device, torch_dtype))  # warm-up
-        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-        sync()
-        started = time.perf_counter()
-        for i in range(0, len(texts), batch_size):
-            tokens = processor.tokenizer(texts[i : i + batch_size], padding=True, truncation=True, return_tensors="pt").to(device)
-            model.get_text_features(**tokens)
-        for i in range(0, len(pixels), batch_size):
-            model.get_image_features(pixel_values=torch.stack(pixels[i : i + batch_size]).to(device, torch_dtype))
-        sync()
-        elapsed = time.perf_counter() - started
-    return len(pairs) / elapsed
+    pixels = [model.preprocess_image(Image.open(io.BytesIO(corpus[n])).convert("RGB")) for n in names]
+    size = args.max_batch_size
+    started = time.perf_counter()
+    for i in range(0, len(texts), size):
+        model.forward(texts[i : i + size], [])
+    for i in range(0, len(pixels), size):
+        model.forward([], pixels[i : i + size])
+    return len(pairs) / (time.perf_counter() - started)
 
 
 def start_server(checkpoint: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
@@ -149,6 +161,7 @@ def start_server(checkpoint: Path, args: argparse.Namespace) -> tuple[subprocess
         sys.executable, "-m", "clipserve.cli", "serve", "--model", str(checkpoint), "--host", "127.0.0.1", "--port", "0",
         "--allow-private-networks", "--device", args.device, "--dtype", args.dtype,
         "--max-batch-size", str(args.max_batch_size), "--max-batch-delay-ms", str(args.max_batch_delay_ms), "--log-level", "WARNING",
+        "--compile" if args.compile else "--no-compile",
     ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -183,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-pairs", type=int, default=100, help="pairs timed for (a); its rate is per pair")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="serve (b, c) and bound (d) with the image tower compiled")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
     parser.add_argument("--streams", type=int, default=1, help="ScoreBatch streams the SDK opens (one server: 1 is enough)")
@@ -202,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = make_workload(base, sorted(corpus), args.queries, args.per_query, args.seed)
     distinct_images = len({u for _, u in pairs})
     print(f"workload: {len(pairs)} pairs, {args.queries} queries, {distinct_images} distinct images "
-          f"({sum(map(len, corpus.values())) / 1e6:.1f} MB corpus); device={args.device} dtype={args.dtype}", flush=True)
+          f"({sum(map(len, corpus.values())) / 1e6:.1f} MB corpus); device={args.device} dtype={args.dtype} compile={args.compile}", flush=True)
 
     # Each mode runs --repeat times (a fresh server for every cold run); the median is reported,
     # since a shared 2-core machine drifts by 10-15% between runs.
@@ -211,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     reference_pairs = random.Random(1).sample(pairs, min(args.reference_pairs, len(pairs)))
     for run in range(1, args.repeat + 1):
         if not args.skip_reference:
-            samples.setdefault("a_reference", []).append(measure_reference(checkpoint, reference_pairs))
+            samples.setdefault("a_reference", []).append(in_fresh_process(measure_reference, checkpoint, reference_pairs))
         proc, address = start_server(checkpoint, args)
         try:
             cold, cold_failures = measure_clipserve(address, pairs, args.streams)
@@ -223,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         samples.setdefault("c_clipserve_warm", []).append(warm)
         failures["cold"] += cold_failures
         failures["warm"] += warm_failures
-        samples.setdefault("d_model_bound", []).append(measure_bound(checkpoint, corpus, pairs, args.max_batch_size, args.device, args.dtype))
+        samples.setdefault("d_model_bound", []).append(in_fresh_process(measure_bound, checkpoint, corpus, pairs, args))
         print(f"run {run}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in samples.items()) + " pairs/s", flush=True)
     httpd.shutdown()
     rows = {name: statistics.median(values) for name, values in samples.items()}
@@ -245,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['mode']:<20}{row['pairs_per_s']:>10.1f}{row['images_per_s']:>10.1f}{speed:>8}{row['fraction_of_bound_d']:>8.2f}")
     report = {
         "workload": {"pairs": len(pairs), "queries": args.queries, "per_query": args.per_query, "images": args.images, "distinct_images": distinct_images},
-        "settings": {"streams": args.streams, "device": args.device, "dtype": args.dtype, "max_batch_size": args.max_batch_size, "max_batch_delay_ms": args.max_batch_delay_ms},
+        "settings": {"streams": args.streams, "device": args.device, "dtype": args.dtype, "compile": args.compile, "max_batch_size": args.max_batch_size, "max_batch_delay_ms": args.max_batch_delay_ms},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
         "repeat": args.repeat,

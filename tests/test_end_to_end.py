@@ -13,6 +13,7 @@ import pytest
 import clipserve
 from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
 
+from .conftest import ServerProcess
 from .helpers import make_image
 
 QUERIES = ["a dog on the beach", "a red car", "the cat in the hat", "x"]
@@ -100,6 +101,23 @@ def test_model_info_describes_the_loaded_model(clip, tiny_checkpoint):
     assert (info.device, info.dtype, info.embedding_dim, info.max_text_tokens) == ("cpu", "float32", 16, 77)
     assert info.logit_scale == pytest.approx(14.2857, rel=1e-3)
     assert info.max_batch_size == 32
+    assert not info.compiled
+
+
+def test_compiled_image_tower_changes_speed_not_scores(tiny_checkpoint, image_host, reference):
+    # --no-cache: every item goes through the compiled graph, in batches of one and of many.
+    server = ServerProcess(["--model", str(tiny_checkpoint), "--allow-private-networks", "--compile", "--no-cache"])
+    try:
+        with clipserve.CLIP(server.address, timeout=120) as clip:
+            assert clip.model_info().compiled
+            url = image_host.url("img/photo2.png")
+            assert clip.score("a red car", url) == pytest.approx(reference("a red car", image_host.images["photo2.png"]), abs=reference.tolerance)
+            names = [f"photo{j}.{ext}" for j in range(6) for ext in ("png", "jpg")]
+            results = clip.score_batch([clipserve.SimilarityInput("a dog", image_host.url(f"img/{n}")) for n in names])
+            for name, result in zip(names, results):
+                assert result.score == pytest.approx(reference("a dog", image_host.images[name]), abs=reference.tolerance)
+    finally:
+        assert server.terminate() == 0, "".join(server.log)
 
 
 def test_health_is_serving_via_sdk_cli(real_server):

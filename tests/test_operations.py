@@ -41,7 +41,7 @@ def test_metrics_describe_traffic_batches_caches_and_failures(make_fake_server, 
     assert samples['clipserve_cache_hits_total{cache="image"}'] >= 2
     assert samples['clipserve_cache_entries{cache="image"}'] == 2  # the upload and photo0; failures are not cached
     assert samples["clipserve_queue_depth"] == 0
-    assert 'clipserve_model_info{device="cpu",dtype="float32",embedding_dim="16",model_id="fake"} 1.0' in text
+    assert 'clipserve_model_info{compiled="false",device="cpu",dtype="float32",embedding_dim="16",model_id="fake"} 1.0' in text
     assert 'clipserve_item_latency_seconds_count{rpc="ScoreBatch"}' in samples
 
 

@@ -29,7 +29,7 @@ ModelFactory = Callable[[ServerConfig], EmbeddingModel]
 def load_configured_model(config: ServerConfig) -> EmbeddingModel:
     from .clip_model import load_model
 
-    return load_model(config.model, device=config.device, dtype=config.dtype, use_safetensors=config.use_safetensors)
+    return load_model(config.model, device=config.device, dtype=config.dtype, use_safetensors=config.use_safetensors, compile=config.compile)
 
 
 class ClipServer:

@@ -34,7 +34,9 @@ def _features(output: Any) -> Any:
 class HFClipModel(EmbeddingModel):
     """Loads ``AutoModel`` + ``AutoProcessor`` from a hub id or a local folder."""
 
-    def __init__(self, model_id: str, *, device: str = "auto", dtype: str = "float32", use_safetensors: bool | None = None) -> None:
+    def __init__(
+        self, model_id: str, *, device: str = "auto", dtype: str = "float32", use_safetensors: bool | None = None, compile: bool = False
+    ) -> None:
         import torch
         import transformers
         from transformers import AutoModel, AutoProcessor
@@ -56,6 +58,20 @@ class HFClipModel(EmbeddingModel):
         if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features") and hasattr(model, "logit_scale")):
             raise ValueError(f"{model_id} is a {type(model).__name__}, not a CLIP-family model with text and image towers")
         self._model = model.to(self._device).eval()
+        self._image_features = self._eager_image_features
+        if compile:
+            # Only the image tower: it is where the time goes (one forward per distinct image),
+            # and its input shape varies in the batch dimension alone. dynamic=True compiles one
+            # graph for every batch size >= 2 (size 1 gets its own; warmup() builds both), and
+            # freezing folds the weights in as constants so that inductor can pre-pack them for
+            # the CPU GEMM kernels. On a 2-core CPU this is ~25% faster per image than eager.
+            # (Inductor reads `freezing` from its global config when it compiles; passing it in
+            # torch.compile(options=...) is silently not applied. This process is the server, so
+            # setting it globally affects nothing else.)
+            import torch._inductor.config
+
+            torch._inductor.config.freezing = True
+            self._image_features = torch.compile(self._eager_image_features, dynamic=True)
         processor = AutoProcessor.from_pretrained(model_id)
         self._tokenizer = processor.tokenizer
         self._image_processor = processor.image_processor
@@ -76,6 +92,7 @@ class HFClipModel(EmbeddingModel):
             logit_scale=logit_scale,
             logit_bias=logit_bias,
             max_text_tokens=self._max_tokens,
+            compiled=compile,
         )
 
     def preprocess_image(self, image: Image.Image) -> Any:
@@ -97,7 +114,18 @@ class HFClipModel(EmbeddingModel):
 
     def _encode_images(self, images: list[Any]) -> np.ndarray:
         pixels = self._torch.stack(images).to(self._device, self._dtype)
-        return self._normalise(_features(self._model.get_image_features(pixel_values=pixels)))
+        return self._normalise(self._image_features(pixels))
+
+    def _eager_image_features(self, pixels: Any) -> Any:
+        return _features(self._model.get_image_features(pixel_values=pixels))
+
+    def warmup(self) -> None:
+        super().warmup()
+        if self.description.compiled:
+            # super().warmup() compiled the graph for a batch of one; a batch of two compiles
+            # the one that every other size shares, so that no request pays for compiling.
+            image = self.preprocess_image(Image.new("RGB", (64, 64), (127, 127, 127)))
+            self.forward([], [image, image])
 
     @staticmethod
     def _normalise(features: Any) -> np.ndarray:
@@ -107,5 +135,5 @@ class HFClipModel(EmbeddingModel):
         return features.cpu().numpy()
 
 
-def load_model(model_id: str, *, device: str, dtype: str, use_safetensors: bool | None) -> EmbeddingModel:
-    return HFClipModel(model_id, device=device, dtype=dtype, use_safetensors=use_safetensors)
+def load_model(model_id: str, *, device: str, dtype: str, use_safetensors: bool | None, compile: bool = False) -> EmbeddingModel:
+    return HFClipModel(model_id, device=device, dtype=dtype, use_safetensors=use_safetensors, compile=compile)

@@ -49,3 +49,4 @@ class ModelDescription:
     logit_scale: float  # exp(logit_scale parameter): the factor on the cosine
     logit_bias: float
     max_text_tokens: int
+    compiled: bool = False  # the image tower runs through torch.compile

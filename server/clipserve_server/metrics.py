@@ -49,7 +49,7 @@ class Metrics:
         self.encode_seconds.observe(seconds)
 
     def attach(self, description: ModelDescription, queue_depth: Callable[[], int], caches: Callable[[], tuple[CacheStats, CacheStats]]) -> None:
-        self.model.info({"model_id": description.model_id, "device": description.device, "dtype": description.dtype, "embedding_dim": str(description.embedding_dim)})
+        self.model.info({"model_id": description.model_id, "device": description.device, "dtype": description.dtype, "embedding_dim": str(description.embedding_dim), "compiled": str(description.compiled).lower()})
         self.registry.register(_EngineCollector(queue_depth, caches))
 
     def serve(self, host: str, port: int) -> None:

@@ -205,6 +205,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
             text_cache=_cache_stats(text_stats),
             image_cache=_cache_stats(image_stats),
             server_version=__version__,
+            compiled=d.compiled,
         )
 
 

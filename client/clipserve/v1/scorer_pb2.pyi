@@ -62,7 +62,7 @@ class CacheStats(_message.Message):
     def __init__(self, capacity: _Optional[int] = ..., entries: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., hit_rate: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "device", "dtype", "embedding_dim", "logit_scale", "logit_bias", "max_text_tokens", "max_batch_size", "max_batch_delay_ms", "text_cache", "image_cache", "server_version")
+    __slots__ = ("model_id", "device", "dtype", "embedding_dim", "logit_scale", "logit_bias", "max_text_tokens", "max_batch_size", "max_batch_delay_ms", "text_cache", "image_cache", "server_version", "compiled")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class ModelInfo(_message.Message):
     TEXT_CACHE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_CACHE_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COMPILED_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     device: str
     dtype: str
@@ -87,4 +88,5 @@ class ModelInfo(_message.Message):
     text_cache: CacheStats
     image_cache: CacheStats
     server_version: str
-    def __init__(self, model_id: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., logit_scale: _Optional[float] = ..., logit_bias: _Optional[float] = ..., max_text_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_batch_delay_ms: _Optional[float] = ..., text_cache: _Optional[_Union[CacheStats, _Mapping]] = ..., image_cache: _Optional[_Union[CacheStats, _Mapping]] = ..., server_version: _Optional[str] = ...) -> None: ...
+    compiled: bool
+    def __init__(self, model_id: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., logit_scale: _Optional[float] = ..., logit_bias: _Optional[float] = ..., max_text_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_batch_delay_ms: _Optional[float] = ..., text_cache: _Optional[_Union[CacheStats, _Mapping]] = ..., image_cache: _Optional[_Union[CacheStats, _Mapping]] = ..., server_version: _Optional[str] = ..., compiled: _Optional[bool] = ...) -> None: ...

@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({sum(map(len, corpus.values())) / 1e6:.1f} MB corpus); device={args.device} dtype={args.dtype} compile={args.compile}", flush=True)
 
     # Each mode runs --repeat times (a fresh server for every cold run); the median is reported,
-    # since a shared 2-core machine drifts by 10-15% between runs.
+    # since a shared 2-core machine drifts by 10-25% between runs.
     samples: dict[str, list[float]] = {}
     failures = {"cold": 0, "warm": 0}
     reference_pairs = random.Random(1).sample(pairs, min(args.reference_pairs, len(pairs)))

@@ -95,8 +95,8 @@ def test_a_request_without_an_image_or_query_is_invalid(fake_server):
     channel, stub = stub_for(fake_server)
     with channel:
         for request, words in (
-            (scorer_pb2.ScoreRequest(query="q"), "neither image_url nor image_bytes"),
-            (scorer_pb2.ScoreRequest(query="  ", image_bytes=make_image()), "query is empty"),
+            (scorer_pb2.ScoreRequest(query="q"), "no image_url, image_bytes or image_sha256"),
+            (scorer_pb2.ScoreRequest(query="  ", image_bytes=make_image()), "query is only whitespace"),
         ):
             with pytest.raises(grpc.RpcError) as info:
                 stub.Score(request, timeout=30)

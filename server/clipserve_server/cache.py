@@ -40,10 +40,8 @@ class EmbeddingCache:
         return CacheStats(capacity=self.capacity, entries=len(self._entries), hits=self.hits, misses=self.misses)
 
     async def get(self, key: str, compute: Callable[[], Awaitable[np.ndarray]]) -> np.ndarray:
-        cached = self._entries.get(key)
+        cached = self._hit(key)
         if cached is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
             return cached
         flight = self._flights.get(key)
         if flight is None:
@@ -53,6 +51,27 @@ class EmbeddingCache:
             flight.task.add_done_callback(lambda task: self._landed(key, flight, task))
         else:
             self.hits += 1  # joined an encode already under way: no extra model work
+        return await self._wait(key, flight)
+
+    async def join(self, key: str) -> np.ndarray | None:
+        """The embedding if it is cached or being computed; None (and no work) otherwise."""
+        cached = self._hit(key)
+        if cached is not None:
+            return cached
+        flight = self._flights.get(key)
+        if flight is None:
+            return None
+        self.hits += 1
+        return await self._wait(key, flight)
+
+    def _hit(self, key: str) -> np.ndarray | None:
+        cached = self._entries.get(key)
+        if cached is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+        return cached
+
+    async def _wait(self, key: str, flight: _Flight) -> np.ndarray:
         flight.waiters += 1
         try:
             return await asyncio.shield(flight.task)

@@ -7,16 +7,20 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ImageSource:
-    """Where an image comes from: exactly one of ``url`` and ``data`` is set."""
+    """Where an image comes from: a URL, uploaded bytes, or the SHA-256 of bytes uploaded
+    earlier. ``sha256`` beside ``data`` is the caller's claim about those bytes (checked)."""
 
     url: str | None = None
     data: bytes | None = None
+    sha256: str | None = None
 
     def describe(self) -> str:
         """A short name for error messages."""
         if self.url is not None:
             return self.url if len(self.url) <= 200 else self.url[:197] + "..."
-        return f"<{len(self.data or b'')} uploaded bytes>"
+        if self.data is not None:
+            return f"<{len(self.data)} uploaded bytes>"
+        return f"<image sha256:{(self.sha256 or '')[:16]}...>"
 
 
 @dataclass(frozen=True)

@@ -107,14 +107,26 @@ class ScoringEngine:
 
     async def _image_embedding(self, source: ImageSource, wait: bool) -> np.ndarray:
         if source.url is not None:
-            key = "url:" + source.url
-        else:
-            assert source.data is not None
-            key = "sha256:" + await self._content_hash(source.data)
-        return await self.image_cache.get(key, lambda: self._encode_image(source, wait))
+            return await self.image_cache.get("url:" + source.url, lambda: self._encode_image(source, wait))
+        if source.data is None:
+            # Named by hash alone: join what is cached or being encoded, or ask for the bytes.
+            embedding = await self.image_cache.join("sha256:" + (source.sha256 or ""))
+            if embedding is None:
+                raise ItemError(
+                    ErrorKind.IMAGE_NEEDED,
+                    f"image sha256:{source.sha256} is not on this server (never uploaded here, or evicted): send image_bytes",
+                )
+            return embedding
+        # A claimed hash keys the upload at once, so that references to it that arrive while
+        # it is being hashed and encoded join it; the claim is checked before it is used.
+        claimed = source.sha256
+        key = "sha256:" + (claimed or await self._content_hash(source.data))
+        return await self.image_cache.get(key, lambda: self._encode_image(source, wait, check_sha256=claimed))
 
-    async def _encode_image(self, source: ImageSource, wait: bool) -> np.ndarray:
+    async def _encode_image(self, source: ImageSource, wait: bool, check_sha256: str | None = None) -> np.ndarray:
         data = source.data if source.data is not None else await self._fetch(source.url or "")
+        if check_sha256 is not None and await self._content_hash(data) != check_sha256:
+            raise ItemError(ErrorKind.INVALID_INPUT, f"{source.describe()}: image_sha256 does not match the uploaded bytes")
         pixels = await asyncio.get_running_loop().run_in_executor(self._pool, self._preprocess, data, source.describe())
         return await self._batcher.encode_image(pixels, wait=wait)
 
@@ -143,24 +155,22 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-# C0 control characters other than whitespace, and DEL: never meaningful in a query, and a
-# sign of binary garbage or a broken encoder upstream.
-def _is_control(char: str) -> bool:
-    return (char < " " and char not in "\t\n\r\x0b\x0c") or char == "\x7f"
-
-
 def validate_query(query: str) -> str:
+    """Any text is a query, control and zero-width characters included: the tokenizer cleans
+    it exactly as the reference adapter's does. Only a query with nothing to encode fails."""
     if not query.strip():
-        raise ItemError(ErrorKind.INVALID_INPUT, "the query is empty")
-    for position, char in enumerate(query):
-        if _is_control(char):
-            raise ItemError(ErrorKind.INVALID_INPUT, f"the query contains the control character U+{ord(char):04X} at position {position}")
+        raise ItemError(ErrorKind.INVALID_INPUT, "the query is empty" if not query else "the query is only whitespace")
     return query
 
 
+_SHA256_HEX = frozenset("0123456789abcdef")
+
+
 def validate_image(source: ImageSource, max_bytes: int) -> None:
-    if source.url is None and source.data is None:
-        raise ItemError(ErrorKind.INVALID_INPUT, "the request has neither image_url nor image_bytes")
+    if source.url is None and source.data is None and source.sha256 is None:
+        raise ItemError(ErrorKind.INVALID_INPUT, "the request has no image_url, image_bytes or image_sha256")
+    if source.sha256 is not None and (len(source.sha256) != 64 or not _SHA256_HEX.issuperset(source.sha256)):
+        raise ItemError(ErrorKind.INVALID_INPUT, f"image_sha256 {source.sha256[:80]!r} is not 64 lowercase hex digits")
     if source.url is not None and not source.url.strip():
         raise ItemError(ErrorKind.INVALID_INPUT, "image_url is empty")
     if source.data is not None and len(source.data) > max_bytes:

@@ -10,6 +10,7 @@ class ErrorKind(enum.Enum):
     NOT_FOUND = "not found"  # the image URL answered 404/410
     FORBIDDEN = "forbidden"  # the URL points where the server may not fetch from
     FETCH_FAILED = "fetch failed"  # the image host is unreachable or answered an error
+    IMAGE_NEEDED = "image needed"  # named by hash alone, but not held here: send the bytes
     TIMEOUT = "timeout"  # a fetch (or the call's deadline) ran out
     OVERLOADED = "overloaded"  # the queue is full: try again later
     UNAVAILABLE = "unavailable"  # the server is starting, stopping or its worker died

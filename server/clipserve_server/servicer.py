@@ -16,7 +16,7 @@ from .domain import CacheStats, ImageSource, ScoreItem
 from .engine import ScoringEngine
 from .errors import ErrorKind, ItemError
 from .metrics import Metrics
-from .status import grpc_code
+from .status import grpc_code, reason
 from .wire import MalformedRequest, parse_score_request
 
 log = logging.getLogger(__name__)
@@ -45,14 +45,17 @@ Request = scorer_pb2.ScoreRequest | MalformedRequest
 def to_item(request: Request) -> ScoreItem:
     if isinstance(request, MalformedRequest):
         raise ItemError(ErrorKind.INVALID_INPUT, f"request {request.request_id!r}: {request.reason}")
+    return ScoreItem(query=request.query, image=image_source(request))
+
+
+def image_source(request: scorer_pb2.ScoreRequest) -> ImageSource:
+    sha256 = request.image_sha256.lower() or None
     which = request.WhichOneof("image")
     if which == "image_url":
-        source = ImageSource(url=request.image_url)
-    elif which == "image_bytes":
-        source = ImageSource(data=request.image_bytes)
-    else:
-        source = ImageSource()
-    return ScoreItem(query=request.query, image=source)
+        return ImageSource(url=request.image_url)
+    if which == "image_bytes":
+        return ImageSource(data=request.image_bytes, sha256=sha256)
+    return ImageSource(sha256=sha256)
 
 
 def _response(request: Request) -> scorer_pb2.ScoreResponse:
@@ -79,8 +82,13 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         self._stream_max_in_flight = stream_max_in_flight
         self._metrics = metrics
 
+    def _received(self, request: Request) -> None:
+        if not isinstance(request, MalformedRequest) and request.image_bytes:
+            self._metrics.upload_bytes.inc(len(request.image_bytes))
+
     async def Score(self, request: Request, context: grpc.aio.ServicerContext) -> scorer_pb2.ScoreResponse:
         started = time.monotonic()
+        self._received(request)
         code, message = grpc.StatusCode.OK, ""
         try:
             score = await self._slot.get().score(to_item(request), wait=False)
@@ -166,12 +174,14 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
 
     async def _score_item(self, engine: ScoringEngine, request: Request, ids: dict[str, str]) -> scorer_pb2.ScoreResponse:
         started = time.monotonic()
+        self._received(request)
         response = _response(request)
         try:
             response.score = await engine.score(to_item(request), wait=True)
         except ItemError as exc:
             response.error.code = grpc_code(exc.kind).name
             response.error.message = exc.message
+            response.error.reason = reason(exc.kind)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must cost one item, never the stream or a lost answer

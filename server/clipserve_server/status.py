@@ -13,6 +13,9 @@ _CODES: dict[ErrorKind, grpc.StatusCode] = {
     # Not UNAVAILABLE: that code means "this server, try again", and clients retry it. A dead
     # image host is a property of the item, so it gets a code that no client retries.
     ErrorKind.FETCH_FAILED: grpc.StatusCode.FAILED_PRECONDITION,
+    # The caller can fix it (send the bytes), so not NOT_FOUND, which means a missing image;
+    # the reason below tells the SDK apart from a failed fetch.
+    ErrorKind.IMAGE_NEEDED: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorKind.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
     ErrorKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
@@ -20,5 +23,13 @@ _CODES: dict[ErrorKind, grpc.StatusCode] = {
 }
 
 
+# ItemError.reason on the wire, where the code alone is ambiguous.
+_REASONS: dict[ErrorKind, str] = {ErrorKind.IMAGE_NEEDED: "IMAGE_BYTES_NEEDED"}
+
+
 def grpc_code(kind: ErrorKind) -> grpc.StatusCode:
     return _CODES[kind]
+
+
+def reason(kind: ErrorKind) -> str:
+    return _REASONS.get(kind, "")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63lipserve/v1/scorer.proto\x12\x0c\x63lipserve.v1\"\x8a\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x13\n\timage_url\x18\x03 \x01(\tH\x00\x12\x15\n\x0bimage_bytes\x18\x04 \x01(\x0cH\x00\x12\x10\n\x08query_id\x18\x05 \x01(\t\x12\x10\n\x08image_id\x18\x06 \x01(\tB\x07\n\x05image\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8d\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08query_id\x18\x02 \x01(\t\x12\x10\n\x08image_id\x18\x03 \x01(\t\x12\x12\n\x05score\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12&\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x17.clipserve.v1.ItemErrorB\x08\n\x06_score\"\x15\n\x13GetModelInfoRequest\"_\n\nCacheStats\x12\x10\n\x08\x63\x61pacity\x18\x01 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x04\x12\x0c\n\x04hits\x18\x03 \x01(\x04\x12\x0e\n\x06misses\x18\x04 \x01(\x04\x12\x10\n\x08hit_rate\x18\x05 \x01(\x01\"\xd0\x02\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x15\n\rembedding_dim\x18\x04 \x01(\r\x12\x13\n\x0blogit_scale\x18\x05 \x01(\x01\x12\x12\n\nlogit_bias\x18\x06 \x01(\x01\x12\x17\n\x0fmax_text_tokens\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x1a\n\x12max_batch_delay_ms\x18\t \x01(\x01\x12,\n\ntext_cache\x18\n \x01(\x0b\x32\x18.clipserve.v1.CacheStats\x12-\n\x0bimage_cache\x18\x0b \x01(\x0b\x32\x18.clipserve.v1.CacheStats\x12\x16\n\x0eserver_version\x18\x0c \x01(\t\x12\x10\n\x08\x63ompiled\x18\r \x01(\x08\x32\xe1\x01\n\x06Scorer\x12@\n\x05Score\x12\x1a.clipserve.v1.ScoreRequest\x1a\x1b.clipserve.v1.ScoreResponse\x12I\n\nScoreBatch\x12\x1a.clipserve.v1.ScoreRequest\x1a\x1b.clipserve.v1.ScoreResponse(\x01\x30\x01\x12J\n\x0cGetModelInfo\x12!.clipserve.v1.GetModelInfoRequest\x1a\x17.clipserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63lipserve/v1/scorer.proto\x12\x0c\x63lipserve.v1\"\xaf\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x13\n\timage_url\x18\x03 \x01(\tH\x00\x12\x15\n\x0bimage_bytes\x18\x04 \x01(\x0cH\x00\x12\x10\n\x08query_id\x18\x05 \x01(\t\x12\x10\n\x08image_id\x18\x06 \x01(\t\x12\x14\n\x0cimage_sha256\x18\x07 \x01(\t\x12\r\n\x05model\x18\x08 \x01(\tB\x07\n\x05image\":\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x8d\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08query_id\x18\x02 \x01(\t\x12\x10\n\x08image_id\x18\x03 \x01(\t\x12\x12\n\x05score\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12&\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x17.clipserve.v1.ItemErrorB\x08\n\x06_score\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"T\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.clipserve.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"\x99\x01\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x13\n\timage_url\x18\x03 \x01(\tH\x00\x12\x15\n\x0bimage_bytes\x18\x04 \x01(\x0cH\x00\x12\x0b\n\x03raw\x18\x05 \x01(\x08\x12\x14\n\x0cimage_sha256\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\tB\x07\n\x05input\"^\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.clipserve.v1.ItemError\"_\n\nCacheStats\x12\x10\n\x08\x63\x61pacity\x18\x01 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x04\x12\x0c\n\x04hits\x18\x03 \x01(\x04\x12\x0e\n\x06misses\x18\x04 \x01(\x04\x12\x10\n\x08hit_rate\x18\x05 \x01(\x01\"\xab\x03\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x15\n\rembedding_dim\x18\x04 \x01(\r\x12\x13\n\x0blogit_scale\x18\x05 \x01(\x01\x12\x12\n\nlogit_bias\x18\x06 \x01(\x01\x12\x17\n\x0fmax_text_tokens\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x1a\n\x12max_batch_delay_ms\x18\t \x01(\x01\x12,\n\ntext_cache\x18\n \x01(\x0b\x32\x18.clipserve.v1.CacheStats\x12-\n\x0bimage_cache\x18\x0b \x01(\x0b\x32\x18.clipserve.v1.CacheStats\x12\x16\n\x0eserver_version\x18\x0c \x01(\t\x12\x10\n\x08\x63ompiled\x18\r \x01(\x08\x12\x12\n\nnormalized\x18\x0e \x01(\x08\x12\x0f\n\x07replica\x18\x0f \x01(\t\x12\x0c\n\x04name\x18\x10 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x11 \x01(\t\x12\x15\n\rtext_model_id\x18\x12 \x01(\t2\xf8\x02\n\x06Scorer\x12@\n\x05Score\x12\x1a.clipserve.v1.ScoreRequest\x1a\x1b.clipserve.v1.ScoreResponse\x12I\n\nScoreBatch\x12\x1a.clipserve.v1.ScoreRequest\x1a\x1b.clipserve.v1.ScoreResponse(\x01\x30\x01\x12J\n\x0cGetModelInfo\x12!.clipserve.v1.GetModelInfoRequest\x1a\x17.clipserve.v1.ModelInfo\x12O\n\nListModels\x12\x1f.clipserve.v1.ListModelsRequest\x1a .clipserve.v1.ListModelsResponse\x12\x44\n\x05\x45mbed\x12\x1a.clipserve.v1.EmbedRequest\x1a\x1b.clipserve.v1.EmbedResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,17 +32,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clipserve.v1.scorer_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SCOREREQUEST']._serialized_start=44
-  _globals['_SCOREREQUEST']._serialized_end=182
-  _globals['_ITEMERROR']._serialized_start=184
-  _globals['_ITEMERROR']._serialized_end=226
-  _globals['_SCORERESPONSE']._serialized_start=229
-  _globals['_SCORERESPONSE']._serialized_end=370
-  _globals['_GETMODELINFOREQUEST']._serialized_start=372
-  _globals['_GETMODELINFOREQUEST']._serialized_end=393
-  _globals['_CACHESTATS']._serialized_start=395
-  _globals['_CACHESTATS']._serialized_end=490
-  _globals['_MODELINFO']._serialized_start=493
-  _globals['_MODELINFO']._serialized_end=829
-  _globals['_SCORER']._serialized_start=832
-  _globals['_SCORER']._serialized_end=1057
+  _globals['_SCOREREQUEST']._serialized_end=219
+  _globals['_ITEMERROR']._serialized_start=221
+  _globals['_ITEMERROR']._serialized_end=279
+  _globals['_SCORERESPONSE']._serialized_start=282
+  _globals['_SCORERESPONSE']._serialized_end=423
+  _globals['_GETMODELINFOREQUEST']._serialized_start=425
+  _globals['_GETMODELINFOREQUEST']._serialized_end=461
+  _globals['_LISTMODELSREQUEST']._serialized_start=463
+  _globals['_LISTMODELSREQUEST']._serialized_end=482
+  _globals['_LISTMODELSRESPONSE']._serialized_start=484
+  _globals['_LISTMODELSRESPONSE']._serialized_end=568
+  _globals['_EMBEDREQUEST']._serialized_start=571
+  _globals['_EMBEDREQUEST']._serialized_end=724
+  _globals['_EMBEDRESPONSE']._serialized_start=726
+  _globals['_EMBEDRESPONSE']._serialized_end=820
+  _globals['_CACHESTATS']._serialized_start=822
+  _globals['_CACHESTATS']._serialized_end=917
+  _globals['_MODELINFO']._serialized_start=920
+  _globals['_MODELINFO']._serialized_end=1347
+  _globals['_SCORER']._serialized_start=1350
+  _globals['_SCORER']._serialized_end=1726
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,16 @@ class ScorerStub:
                 request_serializer=clipserve_dot_v1_dot_scorer__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=clipserve_dot_v1_dot_scorer__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/clipserve.v1.Scorer/ListModels',
+                request_serializer=clipserve_dot_v1_dot_scorer__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=clipserve_dot_v1_dot_scorer__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.Embed = channel.stream_stream(
+                '/clipserve.v1.Scorer/Embed',
+                request_serializer=clipserve_dot_v1_dot_scorer__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=clipserve_dot_v1_dot_scorer__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class ScorerServicer:
@@ -73,7 +83,24 @@ class ScorerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """Describes the loaded model and the server's batching and cache settings.
+        """Describes one loaded model (the default one unless `model` names another) and the
+        server's batching and cache settings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Lists every model this server holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request_iterator, context):
+        """Embeds a stream of texts and images. Like ScoreBatch: responses may arrive in any order
+        (match them through `request_id`), a bad input yields a response with `error` set and the
+        stream goes on. Embeddings come from the same caches and batches as scoring.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,6 +123,16 @@ def add_ScorerServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=clipserve_dot_v1_dot_scorer__pb2.GetModelInfoRequest.FromString,
                     response_serializer=clipserve_dot_v1_dot_scorer__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=clipserve_dot_v1_dot_scorer__pb2.ListModelsRequest.FromString,
+                    response_serializer=clipserve_dot_v1_dot_scorer__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Embed': grpc.stream_stream_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=clipserve_dot_v1_dot_scorer__pb2.EmbedRequest.FromString,
+                    response_serializer=clipserve_dot_v1_dot_scorer__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +216,60 @@ class Scorer:
             '/clipserve.v1.Scorer/GetModelInfo',
             clipserve_dot_v1_dot_scorer__pb2.GetModelInfoRequest.SerializeToString,
             clipserve_dot_v1_dot_scorer__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipserve.v1.Scorer/ListModels',
+            clipserve_dot_v1_dot_scorer__pb2.ListModelsRequest.SerializeToString,
+            clipserve_dot_v1_dot_scorer__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/clipserve.v1.Scorer/Embed',
+            clipserve_dot_v1_dot_scorer__pb2.EmbedRequest.SerializeToString,
+            clipserve_dot_v1_dot_scorer__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,24 +69,53 @@ def image_host() -> Iterator[ImageHost]:
     host.close()
 
 
-class ServerProcess:
-    """`clipserve serve` in a subprocess, exactly as a user starts it."""
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int = 0) -> None:
+
+class ServerProcess:
+    """`clipserve serve` in a subprocess, exactly as a user starts it.
+
+    ``metrics=True`` serves its Prometheus metrics too (read them with ``metrics()``);
+    ``wait=False`` returns at once (call ``wait_ready()``), so that several start together.
+    """
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int = 0, *, metrics: bool = False, wait: bool = True) -> None:
+        self.metrics_port = free_port() if metrics else 0
+        extra = ["--metrics-port", str(self.metrics_port)] if metrics else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "clipserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+            [sys.executable, "-m", "clipserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *extra, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, **(env or {})},
         )
         self.log: list[str] = []
+        self.port = 0
+        self.address = ""
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> "ServerProcess":
         self.port = int(self._wait_for("clipserve listening on ").rsplit(":", 1)[1])
         self.address = f"127.0.0.1:{self.port}"
         self._wait_for("clipserve ready")
         # Keep draining the server's output, or its logging blocks once the pipe is full.
         self._drain = threading.Thread(target=self._collect, daemon=True)
         self._drain.start()
+        return self
+
+    def metrics(self) -> dict[str, float]:
+        """The server's Prometheus samples, e.g. ``{'clipserve_items_total{code="OK",rpc="ScoreBatch"}': 12.0}``."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+
+    def items(self, rpc: str = "ScoreBatch") -> int:
+        """Items this server answered (scored or failed) on ``rpc``."""
+        prefix = "clipserve_items_total{"
+        return int(sum(v for k, v in self.metrics().items() if k.startswith(prefix) and f'rpc="{rpc}"' in k))
 
     def _collect(self) -> None:
         assert self.proc.stdout is not None
@@ -111,7 +142,8 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self._drain.join(timeout=10)
+        if hasattr(self, "_drain"):
+            self._drain.join(timeout=10)
         return self.proc.returncode
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -14,7 +13,7 @@ import clipserve
 from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
 from clipserve_server.fake_model import FakeModel
 
-from .conftest import ServerProcess
+from .conftest import ServerProcess, free_port
 from .helpers import make_image
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -34,12 +33,6 @@ def wait_until(predicate, timeout: float = 30.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_sigterm_drains_in_flight_calls_refuses_new_ones_and_exits_zero(tiny_checkpoint, image_host):
@@ -77,7 +70,8 @@ def test_score_batch_survives_a_server_restart_with_every_item_exactly_once(tiny
     inputs = [clipserve.SimilarityInput(f"query {i}", image_host.url(f"slow-img/{name}"), query_id=str(i)) for i, name in enumerate(names)]
     first = ServerProcess(args, port=port)
     results: list = []
-    client = clipserve.CLIP(f"127.0.0.1:{port}", max_in_flight=4, timeout=120, retry=clipserve.RetryPolicy(max_attempts=20, max_backoff=1.0))
+    # The default patience (30 s without progress) covers the restart.
+    client = clipserve.CLIP(f"127.0.0.1:{port}", max_in_flight=4, timeout=120, retry=clipserve.RetryPolicy(max_backoff=1.0))
     runner = threading.Thread(target=lambda: results.extend(client.score_batch(inputs)))
     second = None
     try:

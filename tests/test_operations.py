@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import urllib.request
 from pathlib import Path
 
 import clipserve
 from clipserve_server.logs import JsonFormatter, TextFormatter
 
+from .conftest import free_port
 from .helpers import make_image
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_metrics_describe_traffic_batches_caches_and_failures(make_fake_server, image_host, tmp_path):
@@ -27,7 +21,7 @@ def test_metrics_describe_traffic_batches_caches_and_failures(make_fake_server, 
     server = make_fake_server(allow_private_networks=True, metrics_port=port)
     path = tmp_path / "x.png"
     path.write_bytes(make_image(seed=4))
-    with clipserve.CLIP(server.address, streams=1) as clip:
+    with clipserve.CLIP(server.address) as clip:
         clip.score_batch([("a", str(path)), ("a", str(path)), ("b", image_host.url("status/404")), ("c", image_host.url("img/photo0.png"))])
         clip.score("a", str(path))
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()

@@ -36,10 +36,9 @@ def test_the_client_imports_and_works_without_torch(tmp_path):
     image.write_bytes(b"\\x89PNG fake")
     code = BLOCK_TORCH + f"""
 import clipserve
-from clipserve._requests import build_request
 clip = clipserve.CLIP('127.0.0.1:1', timeout=0.5)
-request = build_request(clipserve.SimilarityInput('q', {str(image)!r}))
-assert request.image_bytes
+request = clip._score_request('q', {str(image)!r})  # a local file: hashed and read without numpy
+assert request.image_bytes and len(request.image_sha256) == 64
 clip.close()
 assert 'torch' not in sys.modules and 'transformers' not in sys.modules
 print(sorted(clipserve.__all__))

@@ -1,56 +1,149 @@
-"""One client, several replicas: gRPC round_robin spreads the streams, a dead replica is survived."""
+"""Several replicas behind one address: a fresh client spreads every batch over all of them,
+a faster replica takes more, replicas may die or appear mid-run, and every pair is answered
+exactly once, in input order."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 
+import pytest
+
 import clipserve
-from clipserve._channel import resolve_address
+import clipserve._replicas
+from clipserve._replicas import Discovery, ReplicaAddress, split_address
 
 from .conftest import ServerProcess
 from .helpers import make_image
 
 
-def test_several_addresses_become_one_round_robin_target():
-    assert resolve_address(["127.0.0.1:1", "127.0.0.1:2"]) == "ipv4:127.0.0.1:1,127.0.0.1:2"
-    assert resolve_address("127.0.0.1:1, 127.0.0.1:2") == "ipv4:127.0.0.1:1,127.0.0.1:2"
-    assert resolve_address("dns:///clipserve.default.svc:50051") == "dns:///clipserve.default.svc:50051"
-    with clipserve.CLIP(["127.0.0.1:1", "127.0.0.1:2"]) as two, clipserve.CLIP("127.0.0.1:1") as one:
-        assert (two.streams, one.streams) == (2, 1)  # one stream per replica
+def start_replicas(*args_per_replica: list[str]) -> list[ServerProcess]:
+    """Replicas started together, as an orchestrator does (in no particular order)."""
+    replicas = [ServerProcess(args, metrics=True, wait=False) for args in args_per_replica]
+    return [replica.wait_ready() for replica in replicas]
 
 
-def test_two_replicas_share_a_batch_and_one_dying_loses_nothing(tiny_checkpoint, image_host):
-    args = ["--model", str(tiny_checkpoint), "--allow-private-networks"]
-    replicas = [ServerProcess(args), ServerProcess(args)]
-    names = [image_host.add(f"scale{i}.png", make_image(16, 16, seed=3000 + i)).rsplit("/", 1)[1] for i in range(240)]
-    inputs = [clipserve.SimilarityInput(f"query {i}", image_host.url(f"slow-img/{n}"), query_id=str(i)) for i, n in enumerate(names)]
+def stop(replicas: list[ServerProcess]) -> None:
+    for replica in replicas:
+        replica.terminate()
+
+
+def pairs(n: int, image: str) -> list[clipserve.SimilarityInput]:
+    # Distinct queries: every pair costs the server a text encode, so the split of pairs is
+    # the split of work.
+    return [clipserve.SimilarityInput(f"query number {i}", image, query_id=str(i)) for i in range(n)]
+
+
+def assert_exactly_once_in_order(results: list[clipserve.SimilarityResult], n: int) -> None:
+    assert [r.query_id for r in results] == [str(i) for i in range(n)]
+    assert all(r.error is None for r in results), [r.error for r in results if r.error][:3]
+
+
+def test_address_forms_name_their_replicas():
+    assert split_address(["127.0.0.1:1", "127.0.0.1:2"]) == ["127.0.0.1:1", "127.0.0.1:2"]
+    assert split_address("127.0.0.1:1, 127.0.0.1:2") == ["127.0.0.1:1", "127.0.0.1:2"]
+    assert split_address("ipv4:10.0.0.1:5,10.0.0.2:5") == ["10.0.0.1:5", "10.0.0.2:5"]
+    assert [r.target for r in Discovery(["gpu1:50051", "gpu2:50051"]).replicas()] == ["gpu1:50051", "gpu2:50051"]
+    found = Discovery(["dns:///clipserve.default.svc:50051"], resolver=lambda host, port: [f"10.1.0.{i}:{port}" for i in (1, 2)]).replicas()
+    assert found == [ReplicaAddress(f"10.1.0.{i}:50051", authority="clipserve.default.svc:50051", tls_name="clipserve.default.svc") for i in (1, 2)]
+    with pytest.raises(ValueError):
+        Discovery(["dns:///no-port"])
+
+
+@pytest.mark.parametrize("count, least_share", [(2, 0.30), (3, 0.20)])
+def test_a_fresh_client_spreads_one_batch_over_every_replica(tiny_checkpoint, image_host, count, least_share):
+    replicas = start_replicas(*[["--model", str(tiny_checkpoint), "--allow-private-networks"]] * count)
     try:
-        addresses = [r.address for r in replicas]
-        with clipserve.CLIP(addresses, max_in_flight=16, timeout=120) as clip:
-            for _ in range(4):  # let round_robin connect to both replicas before the batch starts
-                clip.model_info()
-            time.sleep(0.5)
-            first_half = clip.score_batch(inputs[:120])
-            shares = []
-            for address in addresses:
-                with clipserve.CLIP(address) as replica:
-                    shares.append(replica.model_info().image_cache.misses)
-            assert all(share > 0 for share in shares), shares  # both replicas did work
+        # No warm-up call: the client's first request is the batch itself.
+        with clipserve.CLIP([r.address for r in replicas], timeout=120) as clip:
+            results = clip.score_batch(pairs(400, image_host.url("img/photo0.png")))
+        assert_exactly_once_in_order(results, 400)
+        shares = [r.items() / 400 for r in replicas]
+        assert sum(r.items() for r in replicas) >= 400
+        assert min(shares) >= least_share, shares
+    finally:
+        stop(replicas)
 
-            image_host.slow_img_delay = 0.2  # so that the kill lands mid-run
-            results: list = []
-            runner = threading.Thread(target=lambda: results.extend(clip.score_batch(inputs[120:])))
+
+def test_a_faster_replica_takes_more_and_a_slow_one_does_not_hold_the_run_back(image_host):
+    # Accelerator time simulated by the stand-in model: each forward pass sleeps, so the two
+    # replicas do not compete for this machine's cores. The second is three times slower.
+    batching = ["--max-batch-size", "8", "--max-batch-delay-ms", "2", "--allow-private-networks"]
+    fast, slow = start_replicas(["--model", "fake:forward_ms=60", *batching], ["--model", "fake:forward_ms=180", *batching])
+    try:
+        with clipserve.CLIP([fast.address, slow.address], timeout=120) as clip:
+            started = time.monotonic()
+            results = clip.score_batch(pairs(400, image_host.url("img/photo1.png")))
+            elapsed = time.monotonic() - started
+        assert_exactly_once_in_order(results, 400)
+        fast_items, slow_items = fast.items(), slow.items()
+        assert fast_items / (fast_items + slow_items) >= 0.60, (fast_items, slow_items)
+        # Alone, the fast replica needs 50 forwards of 8 (3 s); an even split would leave the
+        # slow one 25 forwards (4.5 s). Together, at their own speeds: ~2.3 s.
+        print(f"400 pairs in {elapsed:.2f}s: fast {fast_items}, slow {slow_items}")
+    finally:
+        stop([fast, slow])
+
+
+def test_a_replica_that_dies_mid_run_costs_nothing(tiny_checkpoint, image_host):
+    replicas = start_replicas(*[["--model", str(tiny_checkpoint), "--allow-private-networks"]] * 2)
+    image_host.slow_img_delay = 0.2  # so that the kill lands mid-run
+    try:
+        names = [image_host.add(f"dying{i}.png", make_image(16, 16, seed=3000 + i)).rsplit("/", 1)[1] for i in range(240)]
+        inputs = [clipserve.SimilarityInput(f"query {i}", image_host.url(f"slow-img/{n}"), query_id=str(i)) for i, n in enumerate(names)]
+        results: list = []
+        with clipserve.CLIP([r.address for r in replicas], timeout=120) as clip:
+            runner = threading.Thread(target=lambda: results.extend(clip.score_batch(inputs)))
             runner.start()
             deadline = time.monotonic() + 60
-            while sum(image_host.hits.get(f"/slow-img/{n}", 0) for n in names[120:]) < 30:
+            while sum(image_host.hits.get(f"/slow-img/{n}", 0) for n in names) < 40:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-            replicas[0].proc.kill()  # one replica dies mid-run
+            replicas[0].proc.kill()
             runner.join(120)
-        assert [r.query_id for r in first_half + results] == [str(i) for i in range(240)]
-        assert all(r.error is None for r in first_half + results), [r.error for r in results if r.error][:3]
+        assert_exactly_once_in_order(results, 240)
     finally:
         image_host.slow_img_delay = 0.05
-        for replica in replicas:
-            replica.terminate()
+        stop(replicas)
+
+
+def test_a_replica_that_appears_in_dns_mid_run_gets_work_within_seconds(image_host, monkeypatch):
+    # This machine has no DNS server to change: the name's answers come from a stand-in for
+    # the system resolver, which the SDK asks again every DNS_REFRESH_S seconds.
+    batching = ["--max-batch-size", "8", "--max-batch-delay-ms", "2", "--allow-private-networks"]
+    first, second = start_replicas(["--model", "fake:forward_ms=100", *batching], ["--model", "fake:forward_ms=100", *batching])
+    answers = {"clipserve.test": [first.address]}
+    monkeypatch.setattr(clipserve._replicas, "resolve_ips", lambda host, port: list(answers[host]))
+    try:
+        with clipserve.CLIP(f"dns:///clipserve.test:{first.port}", timeout=120) as clip:
+            results: list = []
+            runner = threading.Thread(target=lambda: results.extend(clip.score_batch(pairs(600, image_host.url("img/photo2.png")))))
+            runner.start()
+            time.sleep(1.0)
+            assert second.items() == 0
+            answers["clipserve.test"] = [first.address, second.address]  # a new pod is ready
+            joined = time.monotonic()
+            while second.items() == 0:
+                assert time.monotonic() - joined < clipserve._replicas.DNS_REFRESH_S + 3, "the new replica got no work"
+                time.sleep(0.05)
+            runner.join(120)
+        assert_exactly_once_in_order(results, 600)
+        assert second.items() >= 100, (first.items(), second.items())
+    finally:
+        stop([first, second])
+
+
+def test_info_says_which_replica_answered():
+    replicas = start_replicas(["--model", "fake", "--replica-name", "pod-a"], ["--model", "fake", "--replica-name", "pod-b"])
+    try:
+        address = ",".join(r.address for r in replicas)
+        done = subprocess.run([sys.executable, "-m", "clipserve.cli", "info", "--address", address], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["replica"] in {"pod-a", "pod-b"}
+        with clipserve.CLIP(address) as clip:  # unary calls take turns over the replicas
+            assert {clip.model_info().replica for _ in range(4)} == {"pod-a", "pod-b"}
+    finally:
+        stop(replicas)

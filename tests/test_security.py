@@ -56,8 +56,10 @@ def test_a_bearer_token_is_required_but_health_stays_open(make_fake_server, tmp_
             with pytest.raises(clipserve.ClipServeError) as info:
                 clip.score("q", str(path))
             assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
-            [result] = clip.score_batch([("q", str(path))])
-            assert result.error_code == "UNAUTHENTICATED"
+            with pytest.raises(clipserve.ClipServeError) as refused:  # the call as a whole is refused
+                clip.score_batch([("q", str(path))])
+            assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+            assert [r.error_code for r in refused.value.results] == ["UNAUTHENTICATED"]
     with clipserve.CLIP(server.address, auth_token="s3cret-token") as clip:
         assert isinstance(clip.score("q", str(path)), float)
         assert clip.score_batch([("q", str(path))])[0].error is None

@@ -1,4 +1,4 @@
-"""clipserve: score (query, image) pairs on a remote CLIP server.
+"""clipserve: score (query, image) pairs and embed texts and images on remote CLIP servers.
 
     >>> import clipserve
     >>> with clipserve.CLIP("gpu-box:50051") as clip:
@@ -12,14 +12,17 @@ from ._aio import AsyncCLIP
 from ._client import CLIP
 from ._errors import ClipServeError
 from ._retry import RetryPolicy
-from ._types import SimilarityInput, SimilarityResult
+from ._run import ClientStats
+from ._types import EmbeddingResult, SimilarityInput, SimilarityResult
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncCLIP",
     "CLIP",
+    "ClientStats",
     "ClipServeError",
+    "EmbeddingResult",
     "RetryPolicy",
     "SimilarityInput",
     "SimilarityResult",

@@ -3,35 +3,52 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 import grpc
 
-from ._base import ClientBase
-from ._batch import Attempt, BatchRun, BatchState, failed_result
+from ._base import ClientBase, UnaryAttempts
 from ._errors import ClipServeError
-from ._requests import build_request, coerce_input, local_path
-from ._retry import Deadline
-from ._types import SimilarityInput, SimilarityResult
+from ._replicas import Replicas
+from ._run import STOP, WAIT, Lane, Run
+from ._types import EmbeddingResult, SimilarityInput, SimilarityResult
 from .v1 import scorer_pb2, scorer_pb2_grpc
 
+_POLL_S = 0.25
+_CLOSE_S = 2.0  # how long finished streams get to close cleanly before they are cancelled
 
-async def _build(item: SimilarityInput, request_id: str, max_upload_bytes: int) -> scorer_pb2.ScoreRequest:
-    # Reading a local file would block the event loop: do that in a thread.
-    if local_path(item.image_url) is None:
-        return build_request(item, request_id, max_upload_bytes=max_upload_bytes)
-    return await asyncio.to_thread(build_request, item, request_id, max_upload_bytes=max_upload_bytes)
+
+class _Signal:
+    """Wakes every coroutine waiting for the run to change (set from the event loop only)."""
+
+    def __init__(self) -> None:
+        self._waiters: list[asyncio.Future] = []
+
+    def notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self, timeout: float) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            pass
 
 
 class AsyncCLIP(ClientBase):
     __doc__ = (ClientBase.__doc__ or "") + "\n    Every method is a coroutine; use ``async with`` or ``await close()``.\n"
 
     def _open(self) -> None:
-        self._channel = self.connection.aio_channel()
-        self._stub = scorer_pb2_grpc.ScorerStub(self._channel)
+        self._replicas = Replicas(self.discovery, self.connection.aio_channel, scorer_pb2_grpc.ScorerStub)
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._replicas.channels():
+            await channel.close()
 
     async def __aenter__(self) -> "AsyncCLIP":
         return self
@@ -39,69 +56,97 @@ class AsyncCLIP(ClientBase):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    # -- API (see CLIP) --------------------------------------------------------------------
     async def score(self, query: str, image_url: str) -> float:
         """The score of one pair; raises ClipServeError (with ``.code``) when it has none."""
-        request = await _build(SimilarityInput(query=query, image_url=image_url), "", self.max_upload_bytes)
-        deadline = Deadline(self.timeout)
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                response = await self._stub.Score(request, timeout=deadline.remaining(), metadata=self._metadata, wait_for_ready=attempt > 1)
-                return response.score
-            except grpc.RpcError as exc:
-                error = ClipServeError.from_rpc_error(exc)
-                if not await self._should_retry(error.code, attempt, deadline):
-                    raise error from None
+        request = await asyncio.to_thread(self._score_request, query, image_url)
+        return (await self._unary(lambda stub: stub.Score, request)).score
 
-    async def model_info(self) -> scorer_pb2.ModelInfo:
-        try:
-            return await self._stub.GetModelInfo(scorer_pb2.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise ClipServeError.from_rpc_error(exc) from None
+    async def model_info(self, model: str | None = None) -> scorer_pb2.ModelInfo:
+        request = scorer_pb2.GetModelInfoRequest(model=self.model if model is None else model)
+        return await self._unary(lambda stub: stub.GetModelInfo, request)
+
+    async def list_models(self) -> scorer_pb2.ListModelsResponse:
+        return await self._unary(lambda stub: stub.ListModels, scorer_pb2.ListModelsRequest())
 
     async def score_batch(
         self, inputs: Iterable[SimilarityInput | tuple[str, str] | dict], *, progress: bool | None = None
     ) -> list[SimilarityResult]:
         """Like ``CLIP.score_batch``: one result per input, in input order, never lost or doubled."""
-        run = BatchRun(self, [coerce_input(x) for x in inputs], progress=self.progress if progress is None else progress)
+        return await self._batch(self._score_job(inputs), progress)
+
+    async def embed_texts(self, texts: Iterable[str], *, raw: bool = False, progress: bool | None = None) -> list[EmbeddingResult]:
+        return await self._batch(self._embed_job(texts, images=False, raw=raw), progress)
+
+    async def embed_images(self, images: Iterable[str], *, raw: bool = False, progress: bool | None = None) -> list[EmbeddingResult]:
+        return await self._batch(self._embed_job(images, images=True, raw=raw), progress)
+
+    # -- internals -------------------------------------------------------------------------
+    async def _current_replicas(self) -> list:
+        # Resolving a DNS name blocks: off the event loop.
+        return await asyncio.to_thread(self._replicas.current) if self.discovery.dynamic else self._replicas.current()
+
+    async def _unary(self, method: Callable[[Any], Any], request: Any) -> Any:
+        attempts = UnaryAttempts(self, self._replicas.rotate() if not self.discovery.dynamic else await asyncio.to_thread(self._replicas.rotate))
+        while True:
+            stub = self._replicas.stub(attempts.replica())
+            try:
+                return await method(stub)(request, timeout=attempts.deadline.remaining(), metadata=self._metadata)
+            except grpc.RpcError as exc:
+                await asyncio.sleep(attempts.failed(ClipServeError.from_rpc_error(exc)))
+
+    async def _batch(self, job: Any, progress: bool | None) -> list:
+        signal = _Signal()
+        run = self._run(job, progress, on_change=signal.notify)
+        workers: list[asyncio.Task] = []
         try:
-            while (attempt := run.next_attempt()) is not None:
-                errors = await asyncio.gather(*(self._stream(run.state, attempt, run.deadline) for _ in range(attempt.streams)))
-                await asyncio.sleep(run.settle(errors))
+            while not run.done:
+                replicas = await self._current_replicas()
+                workers.extend(asyncio.ensure_future(self._work(run, lane, signal)) for lane in run.sync_replicas(replicas))
+                run.check(None if replicas else self.discovery.resolution_error())
+                await signal.wait(_POLL_S)
         finally:
-            run.state.close()
-        return run.state.in_order()
+            # Done: every stream half-closes and ends by itself; give up on that after a moment.
+            if run.done and workers:
+                await asyncio.wait(workers, timeout=_CLOSE_S)
+            run.cancel()
+            run.close()
+            await asyncio.gather(*workers, return_exceptions=True)
+        return run.in_order()
 
-    async def _should_retry(self, code: grpc.StatusCode, attempt: int, deadline: Deadline) -> bool:
-        pause = self._retry_pause(code, attempt, deadline)
-        if pause is not None:
-            await asyncio.sleep(pause)
-        return pause is not None
+    async def _work(self, run: Run, lane: Lane, signal: _Signal) -> None:
+        stub = self._replicas.stub(lane.replica)
+        while (pause := run.before_stream(lane)) is not None:
+            if pause > 0:
+                await asyncio.sleep(min(pause, _POLL_S))
+                continue
+            run.stream_ended(lane, await self._stream(run, lane, stub, signal))
 
-    async def _stream(self, state: BatchState, attempt: Attempt, deadline: Deadline) -> ClipServeError | None:
-        """One ScoreBatch stream taking items from ``attempt.work`` until it is empty."""
-        window = asyncio.Semaphore(attempt.window)
-
-        async def requests() -> AsyncIterator[scorer_pb2.ScoreRequest]:
+    async def _stream(self, run: Run, lane: Lane, stub: scorer_pb2_grpc.ScorerStub, signal: _Signal) -> ClipServeError | None:
+        async def requests() -> AsyncIterator[Any]:
             while True:
-                await window.acquire()
-                index = attempt.work.take()
-                if index is None:
+                take = run.take(lane)
+                if take is STOP:
                     return
+                if take is WAIT:
+                    await signal.wait(_POLL_S)
+                    continue
                 try:
-                    request = await _build(state.items[index], str(index), self.max_upload_bytes)
+                    # Hashing or reading a local file would block the event loop.
+                    if self._needs_thread(run, take):
+                        request = await asyncio.to_thread(self._build, run, lane, take)
+                    else:
+                        request = self._build(run, lane, take)
                 except ClipServeError as exc:
-                    state.record(index, failed_result(state.items[index], exc.code.name, exc.details))
-                    window.release()
+                    run.fail_item(lane, take.index, exc)
                     continue
                 yield request
 
-        call = self._stub.ScoreBatch(requests(), timeout=deadline.remaining(), metadata=self._metadata, wait_for_ready=attempt.retrying)
+        call = getattr(stub, run.job.rpc)(requests(), timeout=run.deadline.remaining(), metadata=self._metadata)
+        run.attach(lane, call)
         try:
             async for response in call:
-                if state.record_response(response):
-                    window.release()
+                run.answer(lane, response)
         except grpc.RpcError as exc:
             return ClipServeError.from_rpc_error(exc)
         finally:

@@ -1,54 +1,69 @@
-"""What the sync and aio clients share: settings, the channel, the retry decision."""
+"""What the sync and aio clients share: settings, replicas, requests, the retry decisions."""
 
 from __future__ import annotations
 
+import copy
+import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
-from ._channel import Connection, PemSource, resolve_address, static_target_size
+from ._channel import Connection, PemSource
 from ._config import DEFAULT_COL_NAME, load_client_config
-from ._requests import DEFAULT_MAX_UPLOAD_BYTES
+from ._errors import ClipServeError
+from ._jobs import EmbedJob, Image, Job, ScoreJob, check_text, coerce_input, local_path
+from ._replicas import Discovery, ReplicaAddress, split_address
 from ._retry import RETRYABLE_CODES, Deadline, RetryPolicy
+from ._run import ClientStats, Lane, Run, Take, unreachable
+from ._types import SimilarityInput
+from ._uploads import FileDigests, Send
+from .v1 import scorer_pb2
+
+log = logging.getLogger("clipserve")
+
+# The server's default --max-image-bytes.
+DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 
 
 class ClientBase:
-    """Scores (query, image) pairs on a remote clipserve server (``CLIP``, ``AsyncCLIP``).
+    """Scores (query, image) pairs and embeds texts and images on remote clipserve servers
+    (``CLIP``, and ``AsyncCLIP`` for asyncio).
 
     Args:
-        address: ``host:port`` of the server, any gRPC target (e.g. ``dns:///svc:50051``,
-            whose replicas round_robin spreads calls over), or several ``host:port`` (a list
-            or comma-separated) to spread over those. Defaults to ``[similarity_config].address``
-            from ``config``, then the ``CLIPSERVE_ADDRESS`` environment variable, then
+        address: ``host:port`` of the server; several (a list, or separated by commas) to
+            spread the work over; or ``dns:///name:port`` for every address the name resolves
+            to (a Kubernetes headless Service), looked up again every two seconds while calls
+            run. Defaults to the ``CLIPSERVE_ADDRESS`` environment variable, then
             ``localhost:50051``.
-        config: Path to a config.toml whose ``[similarity_config]`` table has ``address``
-            (and ``col_name``, the score column for file scoring).
-        timeout: Total seconds allowed for one ``score`` or ``score_batch`` call, retries
-            included. None waits as long as it takes.
-        max_in_flight: Items ``score_batch`` keeps outstanding; enough to fill the server's
-            batches without queueing the whole input on the server.
-        streams: Parallel ScoreBatch streams per ``score_batch``. Load balancing is per call,
-            so each replica needs a stream of its own: the default is the number of addresses
-            given (1 for a single server); with a ``dns:///`` name, set it to at least the
-            number of replicas.
-        retry: When to retry UNAVAILABLE / RESOURCE_EXHAUSTED (see ``RetryPolicy``).
-        progress: Show a tqdm progress bar in ``score_batch`` by default.
+        config: Path to the benchmark maker's config.toml, for ``[similarity_config].col_name``
+            (the score column of file scoring).
+        timeout: Total seconds allowed for one call, retries included. None: no limit.
+        max_in_flight: Items a batch call keeps outstanding on each server: enough to keep its
+            batches full without queueing the whole input there. Each server starts with 16
+            and gets one more per answer, so that a short batch still reaches every server.
+        retry: When to retry UNAVAILABLE / RESOURCE_EXHAUSTED, and for how long to wait for a
+            server that cannot be reached (see ``RetryPolicy``; by default 30 s).
+        progress: Show a tqdm progress bar in batch calls by default.
         tls, root_certificates, certificate_chain, private_key, auth_token: how to reach a
             server that uses TLS, mutual TLS or a bearer token (see ``Connection``).
         max_upload_bytes: local files larger than this fail locally with INVALID_ARGUMENT
             instead of being sent (match the server's ``--max-image-bytes``).
+        model: which of the server's models to use (``list_models()``); "" is its default.
 
-    Use it as a context manager, or call ``close()``, to release the connection.
+    Use it as a context manager, or call ``close()``, to release the connections.
     """
 
     def __init__(
         self,
-        address: str | list[str] | None = None,
+        address: str | Sequence[str] | None = None,
         *,
         config: str | Path | None = None,
         timeout: float | None = None,
         max_in_flight: int = 256,
-        streams: int | None = None,
         retry: RetryPolicy | None = None,
         progress: bool = False,
         tls: bool = False,
@@ -57,32 +72,121 @@ class ClientBase:
         private_key: PemSource = None,
         auth_token: str | None = None,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        model: str = "",
     ) -> None:
         file_config = load_client_config(config) if config is not None else None
-        self.address = resolve_address(address, file_config.address if file_config else None)
+        self.discovery = Discovery(split_address(address, file_config.address if file_config else None))
+        self.address = self.discovery.display
         self.connection = Connection(self.address, tls, root_certificates, certificate_chain, private_key, auth_token)
-        self.max_upload_bytes = max_upload_bytes
         self.col_name = file_config.col_name if file_config else DEFAULT_COL_NAME
         self.timeout = timeout if timeout is not None else (file_config.timeout if file_config else None)
-        self.streams = streams if streams is not None else static_target_size(self.address)
-        if max_in_flight < 1 or self.streams < 1:
-            raise ValueError("max_in_flight and streams must be at least 1")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
         self.max_in_flight = max_in_flight
         self.retry = retry or RetryPolicy()
         self.progress = progress
+        self.model = model
+        self.digests = FileDigests(max_upload_bytes)
         self._metadata = self.connection.metadata
+        self._stats = ClientStats()
+        self._stats_lock = threading.Lock()
         self._open()
 
     def _open(self) -> None:
-        """Create the channel and stub (sync or aio)."""
+        """Create the replica channels (sync or aio)."""
         raise NotImplementedError
 
-    def _retry_pause(self, code: grpc.StatusCode, attempt: int, deadline: Deadline) -> float | None:
-        """Seconds to wait before the next attempt, or None when the failure is final."""
-        if code not in RETRYABLE_CODES or attempt >= self.retry.max_attempts:
-            return None
-        pause = self.retry.backoff(attempt)
-        remaining = deadline.remaining()
-        if remaining is not None and remaining <= pause:
-            return None
+    def stats(self) -> ClientStats:
+        """Answers per replica, image bytes uploaded, resends and hedges, over this client's life."""
+        with self._stats_lock:
+            stats = copy.deepcopy(self._stats)
+        stats.hashed_bytes = self.digests.hashed_bytes
+        return stats
+
+    # -- building requests -----------------------------------------------------------------
+    def _score_job(self, inputs: Iterable[SimilarityInput | tuple[str, str] | dict]) -> ScoreJob:
+        return ScoreJob([coerce_input(x) for x in inputs], model=self.model)
+
+    def _embed_job(self, inputs: Iterable[str], *, images: bool, raw: bool) -> EmbedJob:
+        return EmbedJob(list(inputs), images=images, raw=raw, model=self.model)
+
+    def _run(self, job: Job, progress: bool | None, on_change: Any = None) -> Run:
+        return Run(
+            job,
+            address=self.address,
+            max_in_flight=self.max_in_flight,
+            retry=self.retry,
+            timeout=self.timeout,
+            stats=self._stats,
+            stats_lock=self._stats_lock,
+            progress=self.progress if progress is None else progress,
+            on_change=on_change,
+        )
+
+    def _build(self, run: Run, lane: Lane, take: Take) -> Any:
+        """The wire request for ``take`` on ``lane``. May block (hashing or reading a local
+        file): the sync client calls it on its stream threads, the aio one in a thread."""
+        ref = run.job.image_ref(take.index)
+        path = local_path(ref) if ref is not None else None
+        if path is None:
+            return run.job.request(take.index, Image(url=ref) if ref is not None else None)
+        file = self.digests.get(path)
+        send = take.resend or Send.HASH  # the server holds it already, or asks for the bytes
+        request = run.job.request(take.index, Image(file=file, send=send))
+        run.sending_file(lane, take.index, file.sha256, send, file.size)
+        return request
+
+    def _needs_thread(self, run: Run, take: Take) -> bool:
+        ref = run.job.image_ref(take.index)
+        return ref is not None and local_path(ref) is not None
+
+    def _score_request(self, query: str, image_url: str) -> scorer_pb2.ScoreRequest:
+        """A unary Score request: a local file goes with its bytes (one round trip)."""
+        check_text("query", query)
+        check_text("image_url", image_url)
+        request = scorer_pb2.ScoreRequest(query=query, model=self.model)
+        path = local_path(image_url)
+        if path is None:
+            request.image_url = image_url
+        else:
+            file = self.digests.get(path)
+            request.image_sha256 = file.sha256
+            request.image_bytes = file.read()
+        return request
+
+
+class UnaryAttempts:
+    """The retry loop of one unary call: which replica to try next, how long to pause, and
+    when to give up; the sync and aio clients each do the calling and sleeping."""
+
+    def __init__(self, client: ClientBase, replicas: list[ReplicaAddress]) -> None:
+        self._client = client
+        self._replicas = replicas
+        self.deadline = Deadline(client.timeout)
+        self._started = time.monotonic()
+        self._attempts = 0
+        self._warned = False
+
+    def replica(self) -> ReplicaAddress:
+        if not self._replicas:
+            why = self._client.discovery.resolution_error() or "no address to connect to"
+            raise ClipServeError(grpc.StatusCode.UNAVAILABLE, f"cannot reach the server at {self._client.address}: {why}")
+        return self._replicas[self._attempts % len(self._replicas)]
+
+    def failed(self, error: ClipServeError) -> float:
+        """Seconds to pause before the next attempt; raises when ``error`` is final."""
+        if error.code not in RETRYABLE_CODES:
+            raise error
+        self._attempts += 1
+        policy = self._client.retry
+        waited = time.monotonic() - self._started
+        # The last attempt is made when max_wait is up, not a whole backoff after it.
+        pause = min(policy.backoff(self._attempts), max(0.0, policy.max_wait - waited))
+        remaining = self.deadline.remaining()
+        if policy.exhausted(self._attempts, waited) or (remaining is not None and remaining <= pause):
+            raise unreachable(self._client.address, error, waited)
+        if not self._warned and error.code == grpc.StatusCode.UNAVAILABLE:
+            self._warned = True
+            limit = min(policy.max_wait - waited, remaining if remaining is not None else policy.max_wait)
+            log.warning("clipserve: waiting up to %.0fs for the server at %s: %s", limit, self._client.address, error.details)
         return pause

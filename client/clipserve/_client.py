@@ -1,33 +1,36 @@
-"""The synchronous SDK: ``CLIP`` mirrors the in-process adapter's ``score`` / ``score_batch``."""
+"""The synchronous SDK: ``CLIP`` mirrors the in-process adapter's ``score`` / ``score_batch``
+and adds ``embed_texts`` / ``embed_images``."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import grpc
 
-from ._base import ClientBase
-from ._batch import Attempt, BatchRun, BatchState, failed_result
+from ._base import ClientBase, UnaryAttempts
 from ._errors import ClipServeError
-from ._requests import build_request, coerce_input
-from ._retry import Deadline
-from ._types import SimilarityInput, SimilarityResult
+from ._replicas import Replicas
+from ._run import STOP, WAIT, Lane, Run
+from ._types import EmbeddingResult, SimilarityInput, SimilarityResult
 from .v1 import scorer_pb2, scorer_pb2_grpc
+
+_POLL_S = 0.25  # how often waiting threads look again, besides being woken by changes
+_CLOSE_S = 2.0  # how long finished streams get to close cleanly before they are cancelled
 
 
 class CLIP(ClientBase):
     __doc__ = ClientBase.__doc__
 
     def _open(self) -> None:
-        self._channel = self.connection.channel()
-        self._stub = scorer_pb2_grpc.ScorerStub(self._channel)
+        self._replicas = Replicas(self.discovery, self.connection.channel, scorer_pb2_grpc.ScorerStub)
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._replicas.channels():
+            channel.close()
 
     def __enter__(self) -> "CLIP":
         return self
@@ -38,88 +41,109 @@ class CLIP(ClientBase):
     # -- API -------------------------------------------------------------------------------
     def score(self, query: str, image_url: str) -> float:
         """The score of one pair; raises ClipServeError (with ``.code``) when it has none."""
-        request = build_request(SimilarityInput(query=query, image_url=image_url), max_upload_bytes=self.max_upload_bytes)
-        deadline = Deadline(self.timeout)
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                response = self._stub.Score(request, timeout=deadline.remaining(), metadata=self._metadata, wait_for_ready=attempt > 1)
-                return response.score
-            except grpc.RpcError as exc:
-                error = ClipServeError.from_rpc_error(exc)
-                if not self._should_retry(error.code, attempt, deadline):
-                    raise error from None
+        return self._unary(lambda stub: stub.Score, self._score_request(query, image_url)).score
 
-    def model_info(self) -> scorer_pb2.ModelInfo:
-        """The server's model, device, dtype, batching limits and cache statistics."""
-        try:
-            return self._stub.GetModelInfo(scorer_pb2.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise ClipServeError.from_rpc_error(exc) from None
+    def model_info(self, model: str | None = None) -> scorer_pb2.ModelInfo:
+        """The model (this client's unless ``model`` names another), device, dtype, batching
+        limits and cache statistics, and which replica answered (``replica``)."""
+        request = scorer_pb2.GetModelInfoRequest(model=self.model if model is None else model)
+        return self._unary(lambda stub: stub.GetModelInfo, request)
+
+    def list_models(self) -> scorer_pb2.ListModelsResponse:
+        """Every model the server holds, and which one is its default."""
+        return self._unary(lambda stub: stub.ListModels, scorer_pb2.ListModelsRequest())
 
     def score_batch(
         self, inputs: Iterable[SimilarityInput | tuple[str, str] | dict], *, progress: bool | None = None
     ) -> list[SimilarityResult]:
         """Score every pair; one result per input, in input order.
 
-        Pairs go out over ``streams`` parallel ScoreBatch streams with at most
-        ``max_in_flight`` outstanding in all. A pair that fails gets ``score=None`` and
-        ``error`` set; it never aborts the others. If a stream breaks (server restart,
-        overload, a replica gone), only its unanswered pairs are sent again.
+        Pairs are spread over every replica of the address, each taking more as it answers
+        (at most ``max_in_flight`` outstanding per replica). A pair that fails gets
+        ``score=None`` and ``error`` set; it never aborts the others. If a stream breaks
+        (server restart, overload, a replica gone), its unanswered pairs go to the others.
+        Local files cross the network once per server (see the README).
         """
-        run = BatchRun(self, [coerce_input(x) for x in inputs], progress=self.progress if progress is None else progress)
-        try:
-            while (attempt := run.next_attempt()) is not None:
-                with ThreadPoolExecutor(max_workers=attempt.streams, thread_name_prefix="clipserve-stream") as pool:
-                    futures = [pool.submit(self._stream, run.state, attempt, run.deadline) for _ in range(attempt.streams)]
-                    errors = [future.result() for future in futures]
-                time.sleep(run.settle(errors))
-        finally:
-            run.state.close()
-        return run.state.in_order()
+        return self._batch(self._score_job(inputs), progress)
+
+    def embed_texts(self, texts: Iterable[str], *, raw: bool = False, progress: bool | None = None) -> list[EmbeddingResult]:
+        """The embedding of each text, in order: unit length (what scoring uses) unless
+        ``raw``, which gives the model's own unnormalised text features."""
+        return self._batch(self._embed_job(texts, images=False, raw=raw), progress)
+
+    def embed_images(self, images: Iterable[str], *, raw: bool = False, progress: bool | None = None) -> list[EmbeddingResult]:
+        """The embedding of each image (URL, local path or ``file://`` URL), in order; unit
+        length unless ``raw``. Local files are uploaded as in ``score_batch``."""
+        return self._batch(self._embed_job(images, images=True, raw=raw), progress)
 
     # -- internals -------------------------------------------------------------------------
-    def _should_retry(self, code: grpc.StatusCode, attempt: int, deadline: Deadline) -> bool:
-        pause = self._retry_pause(code, attempt, deadline)
-        if pause is not None:
-            time.sleep(pause)
-        return pause is not None
+    def _unary(self, method: Callable[[Any], Any], request: Any) -> Any:
+        attempts = UnaryAttempts(self, self._replicas.rotate())
+        while True:
+            stub = self._replicas.stub(attempts.replica())
+            try:
+                return method(stub)(request, timeout=attempts.deadline.remaining(), metadata=self._metadata)
+            except grpc.RpcError as exc:
+                time.sleep(attempts.failed(ClipServeError.from_rpc_error(exc)))
 
-    def _stream(self, state: BatchState, attempt: Attempt, deadline: Deadline) -> ClipServeError | None:
-        """One ScoreBatch stream taking items from ``attempt.work`` until it is empty.
+    def _batch(self, job: Any, progress: bool | None) -> list:
+        run = self._run(job, progress)
+        workers: list[threading.Thread] = []
+        try:
+            while not run.done:
+                replicas = self._replicas.current()
+                for lane in run.sync_replicas(replicas):
+                    worker = threading.Thread(target=self._work, args=(run, lane), name=f"clipserve-{lane.replica.target}", daemon=True)
+                    worker.start()
+                    workers.append(worker)
+                run.check(None if replicas else self.discovery.resolution_error())
+                run.wait(_POLL_S)
+        finally:
+            # Done: every stream half-closes and ends by itself; give up on that after a moment.
+            deadline = time.monotonic() + (_CLOSE_S if run.done else 0.0)
+            for worker in workers:
+                worker.join(timeout=max(0.0, deadline - time.monotonic()))
+            run.cancel()
+            run.close()
+            for worker in workers:
+                worker.join(timeout=10)
+        return run.in_order()
 
-        Returns None when the stream ended normally, else the error that broke it; items it
-        sent but got no answer for stay pending for the next attempt.
-        """
-        window = threading.Semaphore(attempt.window)
-        stop = threading.Event()
+    def _work(self, run: Run, lane: Lane) -> None:
+        """One replica's worker: a stream at a time, pausing between failed ones."""
+        stub = self._replicas.stub(lane.replica)
+        while (pause := run.before_stream(lane)) is not None:
+            if pause > 0:
+                time.sleep(min(pause, _POLL_S))  # not run.wait: every answer elsewhere would wake it
+                continue
+            run.stream_ended(lane, self._stream(run, lane, stub))
 
-        def requests() -> Iterator[scorer_pb2.ScoreRequest]:
+    def _stream(self, run: Run, lane: Lane, stub: scorer_pb2_grpc.ScorerStub) -> ClipServeError | None:
+        """One stream to the lane's replica, sending what the run hands it; returns the error
+        that ended it, or None."""
+
+        def requests() -> Iterator[Any]:
             # Runs on a gRPC thread: blocks here, not on the server, when the window is full.
             while True:
-                while not window.acquire(timeout=0.1):
-                    if stop.is_set():
-                        return
-                index = None if stop.is_set() else attempt.work.take()
-                if index is None:
+                take = run.take_blocking(lane, _POLL_S)
+                if take is STOP:
                     return
+                if take is WAIT:
+                    continue
                 try:
-                    request = build_request(state.items[index], request_id=str(index), max_upload_bytes=self.max_upload_bytes)
+                    request = self._build(run, lane, take)
                 except ClipServeError as exc:
-                    state.record(index, failed_result(state.items[index], exc.code.name, exc.details))
-                    window.release()
+                    run.fail_item(lane, take.index, exc)
                     continue
                 yield request
 
-        call = self._stub.ScoreBatch(requests(), timeout=deadline.remaining(), metadata=self._metadata, wait_for_ready=attempt.retrying)
+        call = getattr(stub, run.job.rpc)(requests(), timeout=run.deadline.remaining(), metadata=self._metadata)
+        run.attach(lane, call)
         try:
             for response in call:
-                if state.record_response(response):
-                    window.release()
+                run.answer(lane, response)
         except grpc.RpcError as exc:
             return ClipServeError.from_rpc_error(exc)
         finally:
-            stop.set()
             call.cancel()
         return None

@@ -38,3 +38,21 @@ class SimilarityResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    """The embedding of one text or image, or why it has none.
+
+    ``input`` is the text or image reference as given. Exactly one of ``embedding`` and
+    ``error`` is set; ``error`` reads ``"CODE: message"`` as in ``SimilarityResult``.
+    """
+
+    input: str
+    embedding: list[float] | None
+    error: str | None = None
+    error_code: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

@@ -42,6 +42,7 @@ class Metrics:
         self.batch_size = Histogram("clipserve_batch_size", "Texts plus images per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
         self.encode_seconds = Histogram("clipserve_encode_seconds", "Duration of one forward pass", buckets=_LATENCY_BUCKETS, registry=r)
         self.upload_bytes = Counter("clipserve_upload_bytes", "Image bytes received in requests (uploads)", registry=r)
+        self.bytes_requested = Counter("clipserve_image_bytes_requested", "Items named by image_sha256 alone that were answered IMAGE_BYTES_NEEDED", registry=r)
         self.fetch_failures = Counter("clipserve_fetch_failures", "Image downloads that failed, by reason", ["reason"], registry=r)
         self.model = Info("clipserve_model", "The loaded model", registry=r)
 

@@ -30,6 +30,7 @@ class EngineSlot:
     def __init__(self) -> None:
         self.engine: ScoringEngine | None = None
         self.closing = False
+        self.replica = ""  # this server's name in GetModelInfo (set once the port is bound)
 
     def get(self) -> ScoringEngine:
         if self.closing:
@@ -188,6 +189,10 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
             log.exception("scoring an item failed unexpectedly", extra={**ids, "request_id": request.request_id})
             response.error.code = grpc.StatusCode.INTERNAL.name
             response.error.message = f"internal error: {type(exc).__name__}: {exc}"
+        if response.error.reason:
+            # Not an outcome but a step of the upload protocol: the caller resends the item.
+            self._metrics.bytes_requested.inc()
+            return response
         code = response.error.code or grpc.StatusCode.OK.name
         self._metrics.items.labels(rpc="ScoreBatch", code=code).inc()
         self._metrics.item_seconds.labels(rpc="ScoreBatch").observe(time.monotonic() - started)
@@ -216,6 +221,8 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
             image_cache=_cache_stats(image_stats),
             server_version=__version__,
             compiled=d.compiled,
+            normalized=True,
+            replica=self._slot.replica,
         )
 
 

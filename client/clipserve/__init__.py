@@ -13,7 +13,7 @@ from ._client import CLIP
 from ._errors import ClipServeError
 from ._retry import RetryPolicy
 from ._run import ClientStats
-from ._types import EmbeddingResult, SimilarityInput, SimilarityResult
+from ._types import EmbeddingResult, SimilarityInput, SimilarityResult, as_array
 
 __version__ = "0.1.0"
 
@@ -27,4 +27,5 @@ __all__ = [
     "SimilarityInput",
     "SimilarityResult",
     "__version__",
+    "as_array",
 ]

@@ -100,7 +100,7 @@ class ClientBase:
         """Answers per replica, image bytes uploaded, resends and hedges, over this client's life."""
         with self._stats_lock:
             stats = copy.deepcopy(self._stats)
-        stats.hashed_bytes = self.digests.hashed_bytes
+        stats.hashed_bytes, stats.hash_seconds = self.digests.hashed_bytes, self.digests.hash_seconds
         return stats
 
     # -- building requests -----------------------------------------------------------------

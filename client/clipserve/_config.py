@@ -1,4 +1,4 @@
-"""Reading the client's settings from the adapter's config.toml."""
+"""Reading the client's settings from the benchmark maker's config.toml."""
 
 from __future__ import annotations
 
@@ -13,12 +13,19 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 DEFAULT_ADDRESS = "localhost:50051"
-DEFAULT_COL_NAME = "similarity_score"
+# The local_clip adapter's CLIPConfig default: the column the benchmark maker writes when its
+# [similarity_config] has no col_name.
+DEFAULT_COL_NAME = "clip_score"
 
 
 @dataclass(frozen=True)
 class ClientConfig:
-    """What the SDK takes from ``[similarity_config]``: where the server is, the score column."""
+    """What the SDK takes from ``[similarity_config]``: the score column.
+
+    ``address`` and ``timeout`` are read when present for files written before the benchmark
+    maker's loader was known to refuse them; they are not documented, and a config.toml that
+    the benchmark maker can load never has them.
+    """
 
     address: str | None = None
     col_name: str = DEFAULT_COL_NAME

@@ -61,6 +61,7 @@ class ClientStats:
     items_by_replica: dict[str, int] = field(default_factory=dict)  # answers, per replica address
     upload_bytes: int = 0  # image bytes sent
     hashed_bytes: int = 0  # local file bytes read to hash them (each file once while unchanged)
+    hash_seconds: float = 0.0  # time spent hashing them
     resends: int = 0  # requests sent again because a server asked for the image bytes
     hedges: int = 0  # requests also sent to a second replica at the end of a batch
 

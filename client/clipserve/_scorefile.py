@@ -1,54 +1,57 @@
 """Scoring a whole benchmark file, as the benchmark maker's similarity step does.
 
-Reads qrels rows (JSONL, CSV or Parquet by extension), maps each row's image id to a URL via
-an images file (or takes the URL from the row), scores every pair, and writes every input
-row unchanged plus the score column (null where the pair failed), in input order.
+Reads qrels rows (JSONL, CSV or Parquet by extension), finds each row's image URL (the row's
+own URL column, else the images file, else ``image_base_url`` + the image id), scores every
+pair, and writes every input row unchanged plus the score column (null where the pair
+failed), in input order. ``retry_failed`` is the benchmark maker's ``similarity-retry``:
+re-score, in place, the rows of a scored file whose score is null or missing.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import sys
+import itertools
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 
-from ._batch import failed_result
 from ._config import DEFAULT_COL_NAME, read_toml
 from ._errors import ClipServeError
+from ._inplace import Updates, open_scored
+from ._jobs import failed_score
+from ._rows import RunFailed, open_writer, read_rows
 from ._types import SimilarityInput, SimilarityResult
-
-# Codes that mean the call, not the pair, failed: a chunk made only of these stops the run.
-_RUN_FAILURE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE.name, grpc.StatusCode.UNAUTHENTICATED.name})
-
-
-class RunFailed(Exception):
-    """The run could not go on (server unreachable, bad input file); exit non-zero."""
-
 
 @dataclass(frozen=True)
 class FileJob:
-    qrels: Path
     output: Path
+    qrels: Path | None = None  # not read by retry_failed, which re-scores the output
     images: Path | None = None
     column_query: str = "query_text"
     column_image_id: str = "image_id"
     image_url_column: str = "image_url"
+    image_base_url: str | None = None
     col_name: str = DEFAULT_COL_NAME
+    error_column: str | None = None
 
+    def result_columns(self, result: SimilarityResult) -> dict[str, Any]:
+        """What a row gets from its result: the score, and the error when asked for."""
+        columns: dict[str, Any] = {self.col_name: result.score}
+        if self.error_column:
+            columns[self.error_column] = result.error
+        return columns
 
-@dataclass(frozen=True)
-class Summary:
-    total: int
-    skipped: int  # already in the output (--resume)
-    ok: int
-    failed: int
-    seconds: float
+    @property
+    def column_types(self) -> dict[str, str]:
+        """Arrow types of the written columns (Parquet: a column of nulls needs one)."""
+        types = {self.col_name: "float64"}
+        if self.error_column:
+            types[self.error_column] = "string"
+        return types
 
 
 def job_settings_from_config(path: str | Path) -> dict[str, Any]:
@@ -62,108 +65,13 @@ def job_settings_from_config(path: str | Path) -> dict[str, Any]:
         "column_query": data.get("column_query"),
         "column_image_id": data.get("column_image_id"),
         "image_url_column": data.get("image_url_temp_column"),
+        "image_base_url": data.get("image_base_url"),
         "col_name": similarity.get("col_name"),
     }
     return {k: v for k, v in mapping.items() if v is not None}
 
 
-# -- reading and writing rows ----------------------------------------------------------------------
-
-def _kind(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        return "jsonl"
-    if suffix in (".csv", ".parquet"):
-        return suffix[1:]
-    raise RunFailed(f"{path}: unknown file type {suffix!r} (use .jsonl, .csv or .parquet)")
-
-
-def _pyarrow() -> Any:
-    try:
-        import pyarrow
-        import pyarrow.parquet  # noqa: F401
-    except ImportError:
-        raise RunFailed("Parquet files need pyarrow: pip install 'clipserve[parquet]'") from None
-    return pyarrow
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        raise RunFailed(f"{path}: no such file")
-    kind = _kind(path)
-    if kind == "parquet":
-        return _pyarrow().parquet.read_table(path).to_pylist()
-    with path.open(encoding="utf-8", newline="") as fh:
-        if kind == "csv":
-            return list(csv.DictReader(fh))
-        rows = []
-        for number, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise RunFailed(f"{path}:{number}: not JSON: {exc}") from None
-        return rows
-
-
-class RowWriter(Protocol):
-    def write(self, rows: Sequence[dict[str, Any]]) -> None: ...
-    def close(self) -> None: ...
-
-
-class _JsonlWriter:
-    def __init__(self, path: Path, append: bool) -> None:
-        self._fh = path.open("a" if append else "w", encoding="utf-8")
-
-    def write(self, rows: Sequence[dict[str, Any]]) -> None:
-        self._fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        self._fh.flush()  # what is written survives a crash: --resume picks up from there
-
-    def close(self) -> None:
-        self._fh.close()
-
-
-class _CsvWriter:
-    def __init__(self, path: Path, append: bool, fieldnames: list[str]) -> None:
-        self._fh = path.open("a" if append else "w", encoding="utf-8", newline="")
-        self._writer = csv.DictWriter(self._fh, fieldnames=fieldnames)
-        if not append:
-            self._writer.writeheader()
-
-    def write(self, rows: Sequence[dict[str, Any]]) -> None:
-        self._writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-        self._fh.flush()
-
-    def close(self) -> None:
-        self._fh.close()
-
-
-class _ParquetWriter:
-    """Parquet cannot be appended to: rows are collected and written when the run ends."""
-
-    def __init__(self, path: Path, existing: list[dict[str, Any]]) -> None:
-        self._path = path
-        self._rows = list(existing)
-
-    def write(self, rows: Sequence[dict[str, Any]]) -> None:
-        self._rows.extend(rows)
-
-    def close(self) -> None:
-        pa = _pyarrow()
-        pa.parquet.write_table(pa.Table.from_pylist(self._rows), self._path)
-
-
-def _writer(job: FileJob, existing: list[dict[str, Any]], fieldnames: list[str]) -> RowWriter:
-    kind = _kind(job.output)
-    job.output.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "jsonl":
-        return _JsonlWriter(job.output, append=bool(existing))
-    if kind == "csv":
-        return _CsvWriter(job.output, append=bool(existing), fieldnames=fieldnames)
-    return _ParquetWriter(job.output, existing)
-
-
-# -- the run ----------------------------------------------------------------------------------------
+# -- what each row asks for -------------------------------------------------------------------------
 
 def _url_map(job: FileJob) -> dict[str, str]:
     if job.images is None:
@@ -175,21 +83,136 @@ def _url_map(job: FileJob) -> dict[str, str]:
     return urls
 
 
+def _image_url(row: dict[str, Any], job: FileJob, urls: dict[str, str]) -> str | None:
+    if row.get(job.image_url_column):
+        return str(row[job.image_url_column])
+    image_id = row.get(job.column_image_id)
+    if image_id is None or image_id == "":
+        return None
+    if str(image_id) in urls:
+        return urls[str(image_id)]
+    if job.image_base_url:
+        # As the benchmark maker builds image_url (preprocess.build_row): no URL-encoding.
+        return job.image_base_url.rstrip("/") + "/" + str(image_id).lstrip("/")
+    return None
+
+
+def _no_url(job: FileJob, image_id: Any) -> str:
+    where = f"{job.images.name} has no {job.image_url_column!r} for it" if job.images is not None else "no images file"
+    return f"no image URL for {job.column_image_id} {image_id!r}: {where}, and no image_base_url is set"
+
+
 def _pair(row: dict[str, Any], job: FileJob, urls: dict[str, str]) -> tuple[SimilarityInput, str | None]:
     """The pair a row asks for, and why it cannot be scored (None when it can)."""
     query = row.get(job.column_query)
     image_id = row.get(job.column_image_id)
-    url = row.get(job.image_url_column) or (urls.get(str(image_id)) if image_id is not None else None)
+    url = _image_url(row, job, urls)
     item = SimilarityInput(
-        query=str(query or ""), image_url=str(url or ""), query_id=None, image_id=None if image_id is None else str(image_id)
+        query="" if query is None else str(query), image_url=url or "", image_id=None if image_id is None else str(image_id)
     )
-    if not query:
+    if query is None or query == "":
         return item, f"the row has no {job.column_query!r}"
-    if image_id is None and not url:
-        return item, f"the row has no {job.column_image_id!r}"
-    if not url:
-        return item, f"no image URL for {job.column_image_id}={image_id!r}"
+    if url is None:
+        return item, _no_url(job, image_id) if image_id not in (None, "") else f"the row has no {job.column_image_id!r}"
     return item, None
+
+
+def _score_rows(clip: Any, rows: Sequence[dict[str, Any]], job: FileJob, urls: dict[str, str]) -> tuple[list[SimilarityResult], ClipServeError | None]:
+    """One result per row, in order; and the error that stopped the call, if one did (the
+    server could not be reached or refused it): then the rows it did not answer carry it."""
+    pairs = [_pair(row, job, urls) for row in rows]
+    sendable = [item for item, problem in pairs if problem is None]
+    error = None
+    try:
+        scored = clip.score_batch(sendable, progress=False) if sendable else []
+    except ClipServeError as exc:
+        if exc.results is None:
+            raise
+        scored, error = exc.results, exc
+    answers = iter(scored)
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.name
+    results = [next(answers) if problem is None else failed_score(item, invalid, problem) for item, problem in pairs]
+    return results, error
+
+
+# -- the summary --------------------------------------------------------------------------------------
+
+@dataclass
+class Tally:
+    """Rows scored and failed so far, failures grouped by error code with the first message."""
+
+    ok: int = 0
+    codes: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+
+    def add(self, results: Sequence[SimilarityResult]) -> None:
+        for result in results:
+            if result.error is None:
+                self.ok += 1
+                continue
+            code = result.error_code or "UNKNOWN"
+            self.codes[code] += 1
+            self.examples.setdefault(code, result.error.removeprefix(f"{code}: "))
+
+    @property
+    def failed(self) -> int:
+        return sum(self.codes.values())
+
+    def reasons(self) -> str:
+        """E.g. ``NOT_FOUND x5 (e.g. http://.../im3.jpg: HTTP 404 Not Found)``, commonest first."""
+        return ", ".join(f"{code} x{count} (e.g. {self.examples[code]})" for code, count in self.codes.most_common())
+
+
+@dataclass(frozen=True)
+class Summary:
+    output: Path
+    total: int  # rows in the file
+    skipped: int  # rows left as they were: already in the output (--resume), or with a score (--retry-failed)
+    tally: Tally
+    seconds: float
+    retry: bool = False
+
+    def lines(self) -> list[str]:
+        scored = self.tally.ok + self.tally.failed
+        if self.retry and self.skipped == self.total:
+            return [f"{self.output}: {self.total} rows, every one has a score: nothing to retry, the file is unchanged"]
+        rate = scored / self.seconds if self.seconds > 0 else 0.0
+        pace = f"{scored} pairs in {self.seconds:.1f}s ({rate:.1f} pairs/s)"
+        if self.retry:
+            head = f"{self.output}: {self.total} rows, {scored} without a score re-scored: {self.tally.ok} scored, {self.tally.failed} still failed (score null); {pace}"
+        else:
+            skipped = f", {self.skipped} already scored" if self.skipped else ""
+            head = f"{self.output}: {self.total} rows: {self.tally.ok} scored, {self.tally.failed} failed (score null){skipped}; {pace}"
+        lines = [head]
+        if self.tally.failed:
+            lines.append(f"{self.tally.failed} failed: {self.tally.reasons()}")
+        return lines
+
+
+# -- the runs -----------------------------------------------------------------------------------------
+
+def _chunks(indices: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+    for start in range(0, len(indices), size):
+        yield indices[start : start + size]
+
+
+def _progress(progress: bool, total: int, initial: int, name: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="pair", desc=f"scoring {name}", dynamic_ncols=True, disable=not progress)
+
+
+def _server_failed(clip: Any, error: ClipServeError, rerun: str) -> RunFailed:
+    # The SDK names the address when it could not reach the server; other refusals do not.
+    what = str(error) if clip.address in error.details else f"the server at {clip.address}: {error}"
+    return RunFailed(f"{what}; rerun with {rerun} to carry on")
+
+
+def _check_server(clip: Any, rerun: str) -> None:
+    try:
+        clip.model_info()  # fail fast, before reading anything, when the server is not there
+    except ClipServeError as exc:
+        raise _server_failed(clip, exc, rerun) from None
 
 
 def _check_resumable(existing: list[dict[str, Any]], rows: list[dict[str, Any]], job: FileJob) -> None:
@@ -201,68 +224,69 @@ def _check_resumable(existing: list[dict[str, Any]], rows: list[dict[str, Any]],
                 raise RunFailed(f"{job.output} row {number} does not match {job.qrels} ({column}): cannot resume; remove the output or drop --resume")
 
 
-def _chunks(indices: Sequence[int], size: int) -> Iterator[Sequence[int]]:
-    for start in range(0, len(indices), size):
-        yield indices[start : start + size]
-
-
 def score_file(clip: Any, job: FileJob, *, resume: bool = False, chunk_size: int = 1024, progress: bool = True) -> Summary:
     """Score ``job.qrels`` into ``job.output`` with ``clip`` (a ``CLIP``)."""
     started = time.monotonic()
-    try:
-        clip.model_info()  # fail fast, before reading anything, when the server is not there
-    except ClipServeError as exc:
-        raise RunFailed(f"cannot use the server at {clip.address}: {exc}; rerun with --resume once it is up") from None
+    if job.qrels is None:
+        raise RunFailed("no qrels file to score: give it as the argument, or qrels_jsonl in --config")
+    _check_server(clip, "--resume")
     rows = read_rows(job.qrels)
     urls = _url_map(job)
     existing = read_rows(job.output) if resume and job.output.exists() else []
     _check_resumable(existing, rows, job)
-    fieldnames = list(dict.fromkeys([*(rows[0].keys() if rows else []), job.col_name]))
-    todo = list(range(len(existing), len(rows)))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(rows), initial=len(existing), unit="pair", desc=f"scoring {job.qrels.name}", dynamic_ncols=True)
-    ok = failed = 0
-    writer = _writer(job, existing, fieldnames)
+    fieldnames = list(dict.fromkeys([*(rows[0].keys() if rows else []), *job.column_types]))
+    tally = Tally()
+    bar = _progress(progress, len(rows), len(existing), job.qrels.name)
+    writer = open_writer(job.output, existing, fieldnames, job.column_types)
     try:
-        for chunk in _chunks(todo, chunk_size):
-            pairs = [_pair(rows[i], job, urls) for i in chunk]
-            sendable = [item for item, problem in pairs if problem is None]
-            scored = iter(clip.score_batch(sendable, progress=False)) if sendable else iter(())
-            results: list[SimilarityResult] = [
-                next(scored) if problem is None else failed_result(item, grpc.StatusCode.INVALID_ARGUMENT.name, problem)
-                for item, problem in pairs
-            ]
-            sent = [r for (_, problem), r in zip(pairs, results) if problem is None]
-            if sent and all(r.error_code in _RUN_FAILURE_CODES for r in sent):
-                raise RunFailed(f"the server failed every pair of a chunk ({sent[0].error}); rerun with --resume to continue")
-            out = []
-            for i, result in zip(chunk, results):
-                row = dict(rows[i])
-                row[job.col_name] = result.score
-                out.append(row)
-            writer.write(out)
-            chunk_failed = sum(1 for r in results if r.error is not None)
-            ok += len(results) - chunk_failed
-            failed += chunk_failed
-            if bar is not None:
-                bar.update(len(chunk))
-                bar.set_postfix(ok=ok, failed=failed, refresh=False)
+        for chunk in _chunks(range(len(existing), len(rows)), chunk_size):
+            results, error = _score_rows(clip, [rows[i] for i in chunk], job, urls)
+            if error is not None:
+                # Keep the output a prefix of the input that --resume can carry on from.
+                results = list(itertools.takewhile(lambda r: r.error_code != error.code.name, results))
+            writer.write([{**rows[i], **job.result_columns(result)} for i, result in zip(chunk, results)])
+            tally.add(results)
+            bar.update(len(results))
+            bar.set_postfix(ok=tally.ok, failed=tally.failed, refresh=False)
+            if error is not None:
+                raise _server_failed(clip, error, "--resume")
     finally:
         writer.close()
-        if bar is not None:
+        bar.close()
+    return Summary(job.output, total=len(rows), skipped=len(existing), tally=tally, seconds=time.monotonic() - started)
+
+
+def retry_failed(clip: Any, job: FileJob, *, chunk_size: int = 1024, progress: bool = True) -> Summary:
+    """Re-score the rows of ``job.output`` whose score is null or missing, in place.
+
+    Like the benchmark maker's ``similarity-retry``: a NaN score is a score and is kept, and
+    nothing is written when no row needs it. Rows with a score are written back byte for
+    byte; the file is replaced atomically, also when the server fails half way (the rows
+    re-scored by then are kept).
+    """
+    started = time.monotonic()
+    scored = open_scored(job.output)
+    todo = [i for i, row in enumerate(scored.rows) if row.get(job.col_name) is None]
+    tally = Tally()
+    if todo:
+        _check_server(clip, "--retry-failed")
+        urls = _url_map(job)
+        updates: Updates = {}
+        bar = _progress(progress, len(todo), 0, job.output.name)
+        try:
+            for chunk in _chunks(todo, chunk_size):
+                results, error = _score_rows(clip, [scored.rows[i] for i in chunk], job, urls)
+                for i, result in zip(chunk, results):
+                    columns = job.result_columns(result)
+                    if any(name not in scored.rows[i] or scored.rows[i][name] != value for name, value in columns.items()):
+                        updates[i] = columns  # a row still failing as before stays as it was
+                tally.add(results)
+                bar.update(len(chunk))
+                bar.set_postfix(ok=tally.ok, failed=tally.failed, refresh=False)
+                if error is not None:
+                    raise _server_failed(clip, error, "--retry-failed")
+        finally:
             bar.close()
-    return Summary(total=len(rows), skipped=len(existing), ok=ok, failed=failed, seconds=time.monotonic() - started)
-
-
-def print_summary(summary: Summary, job: FileJob) -> None:
-    scored = summary.ok + summary.failed
-    rate = scored / summary.seconds if summary.seconds > 0 else 0.0
-    skipped = f", {summary.skipped} already scored" if summary.skipped else ""
-    print(
-        f"{job.output}: {summary.total} rows: {summary.ok} scored, {summary.failed} failed (score null){skipped}; "
-        f"{scored} pairs in {summary.seconds:.1f}s ({rate:.1f} pairs/s)",
-        file=sys.stderr,
-    )
+            if updates:
+                scored.save(updates, job.column_types)
+    return Summary(job.output, total=len(scored.rows), skipped=len(scored.rows) - len(todo), tally=tally, seconds=time.monotonic() - started, retry=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -56,3 +58,21 @@ class EmbeddingResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+def as_array(results: Sequence[EmbeddingResult]) -> Any:
+    """The embeddings as one float32 numpy matrix, a row per result, in order.
+
+    Raises ValueError when a result has no embedding (say which), and ImportError when numpy
+    is not installed (the SDK itself does not need it).
+    """
+    try:
+        import numpy as np
+    except ImportError:
+        raise ImportError("clipserve.as_array needs numpy: pip install numpy") from None
+    failed = [i for i, r in enumerate(results) if r.embedding is None]
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(results)} results have no embedding, e.g. #{failed[0]}: {results[failed[0]].error}")
+    if not results:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.asarray([r.embedding for r in results], dtype=np.float32)

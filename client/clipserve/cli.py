@@ -40,9 +40,11 @@ def _security(args: argparse.Namespace) -> dict:
 
 
 def _connection(args: argparse.Namespace):
-    from ._channel import Connection, resolve_address
+    from ._channel import Connection
+    from ._replicas import Discovery, split_address
 
-    return Connection(resolve_address(args.address), **_security(args))
+    discovery = Discovery(split_address(args.address))
+    return Connection(discovery.display, **_security(args)), discovery.replicas()
 
 
 def _cmd_serve(argv: list[str]) -> int:
@@ -79,18 +81,24 @@ def _cmd_score(args: argparse.Namespace) -> int:
 def _cmd_health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    connection = _connection(args)
-    address = connection.address
-    with connection.channel() as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
-        except grpc.RpcError as exc:
-            print(f"{address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(status)
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+    connection, replicas = _connection(args)
+    if not replicas:
+        print(f"{connection.address}: no address to check", file=sys.stderr)
+        return 1
+    serving = True
+    for replica in replicas:  # every replica behind the address; one line each when several
+        prefix = f"{replica.target}: " if len(replicas) > 1 else ""
+        with connection.channel(replica) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+            except grpc.RpcError as exc:
+                print(f"{replica.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                serving = False
+                continue
+        print(prefix + health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+        serving = serving and reply.status == health_pb2.HealthCheckResponse.SERVING
+    return 0 if serving else 1
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -110,26 +118,32 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_score_file(args: argparse.Namespace) -> int:
     from . import CLIP, ClipServeError
-    from ._scorefile import FileJob, RunFailed, job_settings_from_config, print_summary, score_file
+    from ._scorefile import FileJob, RunFailed, job_settings_from_config, retry_failed, score_file
 
     settings = job_settings_from_config(args.config) if args.config else {}
-    for field in ("qrels", "images", "output", "column_query", "column_image_id", "image_url_column", "col_name"):
+    for field in ("qrels", "images", "output", "column_query", "column_image_id", "image_url_column", "image_base_url", "col_name", "error_column"):
         if getattr(args, field) is not None:
             settings[field] = getattr(args, field)
-    if "qrels" not in settings:
+    qrels = Path(settings.pop("qrels")) if "qrels" in settings else None
+    if qrels is None and not (args.retry_failed and "output" in settings):
         print("error: give the qrels file (argument, or qrels_jsonl in --config)", file=sys.stderr)
         return 2
-    qrels = Path(settings.pop("qrels"))
-    output = Path(settings.pop("output", None) or qrels.with_name(qrels.stem + "_with_score" + qrels.suffix))
+    # --retry-failed re-scores the output: with -o (or qrels_with_score_jsonl), no qrels file is read.
+    default_output = qrels.with_name(qrels.stem + "_with_score" + qrels.suffix) if qrels is not None else None
+    output = Path(settings.pop("output", None) or default_output)
     images = settings.pop("images", None)
     job = FileJob(qrels=qrels, output=output, images=Path(images) if images else None, **settings)
     try:
-        with CLIP(args.address, config=args.config, timeout=args.timeout, streams=args.streams, **_security(args)) as clip:
-            summary = score_file(clip, job, resume=args.resume, chunk_size=args.chunk_size, progress=not args.no_progress)
+        with CLIP(args.address, config=args.config, timeout=args.timeout, **_security(args)) as clip:
+            if args.retry_failed:
+                summary = retry_failed(clip, job, chunk_size=args.chunk_size, progress=not args.no_progress)
+            else:
+                summary = score_file(clip, job, resume=args.resume, chunk_size=args.chunk_size, progress=not args.no_progress)
     except (RunFailed, ClipServeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print_summary(summary, job)
+    for line in summary.lines():
+        print(line, file=sys.stderr)
     return 0
 
 
@@ -153,12 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     score_file = sub.add_parser(
         "score-file",
         help="score every row of a qrels file (JSONL/CSV/Parquet) and write it with a score column",
-        description="Reads the benchmark maker's qrels file, maps image ids to URLs through the images "
-        "file (or an image URL column in the rows), and writes every row unchanged plus the score "
-        "column (null where a pair failed), in input order. Settings default to the config.toml keys "
-        "qrels_jsonl, images_jsonl, qrels_with_score_jsonl, column_query, column_image_id, "
-        "image_url_temp_column and [similarity_config] col_name / address. Exit code 1 only when "
-        "the run itself failed (server unreachable, unreadable files).",
+        description="The benchmark maker's similarity step: reads its qrels file, finds each image's URL "
+        "(an image URL column in the rows, else the images file, else image_base_url + '/' + image id), "
+        "and writes every row unchanged plus the score column (null where a pair failed), in input order. "
+        "Settings default to the benchmark maker's config.toml keys qrels_jsonl, images_jsonl, "
+        "qrels_with_score_jsonl, column_query, column_image_id, image_url_temp_column, image_base_url and "
+        "[similarity_config] col_name; the server address comes from --address or $CLIPSERVE_ADDRESS. "
+        "Exit code 1 only when the run itself failed (server unreachable, unreadable files).",
     )
     score_file.add_argument("qrels", nargs="?", default=None, help="qrels file (.jsonl, .csv, .parquet)")
     score_file.add_argument("-o", "--output", default=None, help="output file (default: <qrels>_with_score.<ext>)")
@@ -167,11 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     score_file.add_argument("--column-query", default=None, help="query column (default: query_text)")
     score_file.add_argument("--column-image-id", default=None, help="image id column (default: image_id)")
     score_file.add_argument("--image-url-column", default=None, help="image URL column, in the images file or the rows (default: image_url)")
-    score_file.add_argument("--col-name", default=None, help="score column to write (default: similarity_score)")
-    score_file.add_argument("--resume", action="store_true", help="keep rows already in the output and score the rest")
+    score_file.add_argument("--image-base-url", default=None, help="URL prefix for images with no URL: <base>/<image id>, as the benchmark maker builds them")
+    score_file.add_argument("--col-name", default=None, help="score column to write (default: clip_score)")
+    score_file.add_argument("--error-column", default=None, metavar="NAME", help="also write each row's error (null when scored) to this column")
+    again = score_file.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="keep rows already in the output and score the rest")
+    again.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="re-score, in the output file, the rows whose score is null or missing; every other row stays byte for byte",
+    )
     score_file.add_argument("--chunk-size", type=int, default=1024, help="rows scored and written at a time")
     score_file.add_argument("--no-progress", action="store_true", help="no progress bar")
-    score_file.add_argument("--streams", type=int, default=None, help="parallel streams (default: one per address; with a dns:/// name, the number of replicas)")
     _add_address(score_file)
     score_file.set_defaults(func=_cmd_score_file, timeout=None)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Callable
 
@@ -27,9 +28,9 @@ ModelFactory = Callable[[ServerConfig], EmbeddingModel]
 
 
 def load_configured_model(config: ServerConfig) -> EmbeddingModel:
-    from .clip_model import load_model
+    from .loading import load_model
 
-    return load_model(config.model, device=config.device, dtype=config.dtype, use_safetensors=config.use_safetensors, compile=config.compile)
+    return load_model(config.model, config)
 
 
 class ClipServer:
@@ -73,6 +74,7 @@ class ClipServer:
             self.port = self._server.add_insecure_port(address)
         else:
             self.port = self._server.add_secure_port(address, credentials)
+        self._slot.replica = self.config.replica_name or f"{socket.gethostname()}:{self.port}"
         await self._server.start()
         log.info("listening on %s:%d", self.config.host, self.port)
         if self.config.metrics_port:
@@ -139,7 +141,11 @@ async def run(config: ServerConfig, model_factory: ModelFactory = load_configure
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if ready.done() and ready.exception() is not None:
-            log.error("could not load the model: %s", ready.exception(), exc_info=ready.exception())
+            from .load_errors import explain
+
+            error = ready.exception()
+            # One line that says what to do; the library traceback only for --log-level debug.
+            log.error("%s", explain(config.model, error), exc_info=error if log.isEnabledFor(logging.DEBUG) else None)
             exit_code = 1
         else:
             if ready.done():

@@ -40,6 +40,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class _FirstOnly(logging.Filter):
+    """Passes the first record of one logger and drops the ones after it."""
+
+    def __init__(self, logger: str) -> None:
+        super().__init__()
+        self._logger = logger
+        self._seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != self._logger:
+            return True
+        seen, self._seen = self._seen, True
+        return not seen
+
+
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
@@ -48,3 +63,13 @@ def setup_logging(level: str, fmt: str) -> None:
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # huggingface_hub gives its logger a handler of its own when imported, and still lets its
+    # records propagate to ours: each of its lines came out twice, once bare. Drop its
+    # handler (importing it first, so that it is there to drop): ours prints them, once.
+    import huggingface_hub.utils.logging  # noqa: F401
+
+    logging.getLogger("huggingface_hub").handlers.clear()
+    if root.level > logging.DEBUG:
+        # Its HTTP layer warns on every retry of every file (ten lines for a hub that cannot
+        # be reached); the first says why loading is slow, and the load failure says the rest.
+        handler.addFilter(_FirstOnly("huggingface_hub.utils._http"))

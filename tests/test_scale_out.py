@@ -5,6 +5,7 @@ exactly once, in input order."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -145,5 +146,25 @@ def test_info_says_which_replica_answered():
         assert json.loads(done.stdout)["replica"] in {"pod-a", "pod-b"}
         with clipserve.CLIP(address) as clip:  # unary calls take turns over the replicas
             assert {clip.model_info().replica for _ in range(4)} == {"pod-a", "pod-b"}
+    finally:
+        stop(replicas)
+
+
+def test_score_file_reports_the_pairs_each_replica_answered(image_host, tmp_path):
+    replicas = start_replicas(["--model", "fake", "--allow-private-networks"], ["--model", "fake", "--allow-private-networks"])
+    rows = [{"query_text": f"query {i}", "image_id": "photo3.png"} for i in range(300)]
+    (tmp_path / "qrels.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "clipserve.cli", "score-file", str(tmp_path / "qrels.jsonl"), "--image-base-url", image_host.url("img"),
+             "-o", str(tmp_path / "out.jsonl"), "--no-progress"],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "CLIPSERVE_ADDRESS": ",".join(r.address for r in replicas)},
+        )
+        assert done.returncode == 0, done.stderr
+        [line] = [line for line in done.stderr.splitlines() if line.startswith("pairs per replica: ")]
+        counts = {name: int(count) for name, count in (part.rsplit(" ", 1) for part in line.removeprefix("pairs per replica: ").split(", "))}
+        assert set(counts) == {r.address for r in replicas} and sum(counts.values()) == 300
+        # A server may also have answered a few pairs that the other answered first (hedged).
+        assert all(0 < counts[r.address] <= r.items() for r in replicas), (counts, [r.items() for r in replicas])
     finally:
         stop(replicas)

@@ -337,6 +337,11 @@ class ServerGoneAfter:
     def model_info(self) -> None:
         return None
 
+    def stats(self):
+        from clipserve import ClientStats
+
+        return ClientStats()
+
     def score_batch(self, items, progress=None):
         from clipserve import ClipServeError, SimilarityResult
         from clipserve._jobs import failed_score

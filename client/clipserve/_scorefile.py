@@ -171,6 +171,7 @@ class Summary:
     tally: Tally
     seconds: float
     retry: bool = False
+    replicas: dict[str, int] = field(default_factory=dict)  # pairs each server answered
 
     def lines(self) -> list[str]:
         scored = self.tally.ok + self.tally.failed
@@ -186,7 +187,15 @@ class Summary:
         lines = [head]
         if self.tally.failed:
             lines.append(f"{self.tally.failed} failed: {self.tally.reasons()}")
+        if len(self.replicas) > 1:
+            lines.append("pairs per replica: " + ", ".join(f"{name} {count}" for name, count in sorted(self.replicas.items())))
         return lines
+
+
+def _answered_since(clip: Any, before: dict[str, int]) -> dict[str, int]:
+    """Pairs each replica answered since ``before`` (a ``clip.stats().items_by_replica``)."""
+    now = clip.stats().items_by_replica
+    return {name: count - before.get(name, 0) for name, count in now.items() if count > before.get(name, 0)}
 
 
 # -- the runs -----------------------------------------------------------------------------------------
@@ -236,6 +245,7 @@ def score_file(clip: Any, job: FileJob, *, resume: bool = False, chunk_size: int
     _check_resumable(existing, rows, job)
     fieldnames = list(dict.fromkeys([*(rows[0].keys() if rows else []), *job.column_types]))
     tally = Tally()
+    answered_before = clip.stats().items_by_replica
     bar = _progress(progress, len(rows), len(existing), job.qrels.name)
     writer = open_writer(job.output, existing, fieldnames, job.column_types)
     try:
@@ -253,7 +263,9 @@ def score_file(clip: Any, job: FileJob, *, resume: bool = False, chunk_size: int
     finally:
         writer.close()
         bar.close()
-    return Summary(job.output, total=len(rows), skipped=len(existing), tally=tally, seconds=time.monotonic() - started)
+    return Summary(
+        job.output, total=len(rows), skipped=len(existing), tally=tally, seconds=time.monotonic() - started, replicas=_answered_since(clip, answered_before)
+    )
 
 
 def retry_failed(clip: Any, job: FileJob, *, chunk_size: int = 1024, progress: bool = True) -> Summary:
@@ -268,6 +280,7 @@ def retry_failed(clip: Any, job: FileJob, *, chunk_size: int = 1024, progress: b
     scored = open_scored(job.output)
     todo = [i for i, row in enumerate(scored.rows) if row.get(job.col_name) is None]
     tally = Tally()
+    answered_before = clip.stats().items_by_replica
     if todo:
         _check_server(clip, "--retry-failed")
         urls = _url_map(job)
@@ -289,4 +302,12 @@ def retry_failed(clip: Any, job: FileJob, *, chunk_size: int = 1024, progress: b
             bar.close()
             if updates:
                 scored.save(updates, job.column_types)
-    return Summary(job.output, total=len(scored.rows), skipped=len(scored.rows) - len(todo), tally=tally, seconds=time.monotonic() - started, retry=True)
+    return Summary(
+        job.output,
+        total=len(scored.rows),
+        skipped=len(scored.rows) - len(todo),
+        tally=tally,
+        seconds=time.monotonic() - started,
+        retry=True,
+        replicas=_answered_since(clip, answered_before),
+    )

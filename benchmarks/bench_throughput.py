@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -55,25 +55,30 @@ WORDS = "dog cat car beach mountain city street tree flower bird boat house rive
 
 # -- fixtures: images, a loopback image host, queries ---------------------------------------------
 
-def make_corpus(n: int, seed: int) -> dict[str, bytes]:
-    """N photo-like images: gradients, shapes and noise, JPEG and PNG, of mixed sizes."""
-    rng = np.random.default_rng(seed)
-    corpus: dict[str, bytes] = {}
-    for i in range(n):
-        w, h = SIZES[i % len(SIZES)]
-        y, x = np.mgrid[0:h, 0:w]
-        base = np.stack([(x * (i % 7 + 1) / w), (y * (i % 5 + 1) / h), ((x + y) / (w + h))], axis=-1) * 200
-        pixels = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype("uint8")
-        image = Image.fromarray(pixels, "RGB")
-        draw = ImageDraw.Draw(image)
-        for _ in range(6):
-            x0, y0 = int(rng.integers(0, w - 10)), int(rng.integers(0, h - 10))
-            draw.ellipse([x0, y0, x0 + int(rng.integers(10, w // 2)), y0 + int(rng.integers(10, h // 2))], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-        buffer = io.BytesIO()
-        fmt = "JPEG" if i % 3 else "PNG"
-        image.save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-        corpus[f"img{i:04d}.{fmt.lower().replace('jpeg', 'jpg')}"] = buffer.getvalue()
-    return corpus
+def make_photo(i: int, seed: int) -> tuple[str, bytes]:
+    """Image number i of a corpus: gradients, shapes and noise; every third a PNG, the rest JPEG."""
+    rng = np.random.default_rng([seed, i])
+    w, h = SIZES[i % len(SIZES)]
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([(x * (i % 7 + 1) / w), (y * (i % 5 + 1) / h), ((x + y) / (w + h))], axis=-1) * 200
+    pixels = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype("uint8")
+    image = Image.fromarray(pixels, "RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, w - 10)), int(rng.integers(0, h - 10))
+        draw.ellipse([x0, y0, x0 + int(rng.integers(10, w // 2)), y0 + int(rng.integers(10, h // 2))], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    buffer = io.BytesIO()
+    fmt = "JPEG" if i % 3 else "PNG"
+    image.save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return f"img{i:04d}.{fmt.lower().replace('jpeg', 'jpg')}", buffer.getvalue()
+
+
+def make_corpus(n: int, seed: int, workers: int = 1) -> dict[str, bytes]:
+    """N photo-like images of mixed sizes (``workers`` processes make them in parallel)."""
+    if workers <= 1:
+        return dict(make_photo(i, seed) for i in range(n))
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return dict(pool.map(make_photo, range(n), [seed] * n, chunksize=8))
 
 
 def serve_corpus(corpus: dict[str, bytes]) -> tuple[ThreadingHTTPServer, str]:
@@ -156,12 +161,12 @@ def measure_bound(checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[
     return len(pairs) / (time.perf_counter() - started)
 
 
-def start_server(checkpoint: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: Path, args: argparse.Namespace, extra: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
     command = [
         sys.executable, "-m", "clipserve.cli", "serve", "--model", str(checkpoint), "--host", "127.0.0.1", "--port", "0",
         "--allow-private-networks", "--device", args.device, "--dtype", args.dtype,
         "--max-batch-size", str(args.max_batch_size), "--max-batch-delay-ms", str(args.max_batch_delay_ms), "--log-level", "WARNING",
-        "--compile" if args.compile else "--no-compile",
+        "--compile" if args.compile else "--no-compile", *extra,
     ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -174,11 +179,11 @@ def start_server(checkpoint: Path, args: argparse.Namespace) -> tuple[subprocess
     raise RuntimeError(f"server exited with {proc.wait()}")
 
 
-def measure_clipserve(address: str, pairs: list[tuple[str, str]], streams: int) -> tuple[float, int]:
+def measure_clipserve(address: str, pairs: list[tuple[str, str]]) -> tuple[float, int]:
     import clipserve
 
     inputs = [clipserve.SimilarityInput(q, u) for q, u in pairs]
-    with clipserve.CLIP(address, streams=streams) as clip:
+    with clipserve.CLIP(address) as clip:
         started = time.perf_counter()
         results = clip.score_batch(inputs)
         elapsed = time.perf_counter() - started
@@ -199,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="serve (b, c) and bound (d) with the image tower compiled")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
-    parser.add_argument("--streams", type=int, default=1, help="ScoreBatch streams the SDK opens (one server: 1 is enough)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="reuse a vit-b-32 checkpoint folder")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--repeat", type=int, default=1, help="runs of every mode; the median is reported")
@@ -228,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             samples.setdefault("a_reference", []).append(in_fresh_process(measure_reference, checkpoint, reference_pairs))
         proc, address = start_server(checkpoint, args)
         try:
-            cold, cold_failures = measure_clipserve(address, pairs, args.streams)
-            warm, warm_failures = measure_clipserve(address, pairs, args.streams)
+            cold, cold_failures = measure_clipserve(address, pairs)
+            warm, warm_failures = measure_clipserve(address, pairs)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -259,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['mode']:<20}{row['pairs_per_s']:>10.1f}{row['images_per_s']:>10.1f}{speed:>8}{row['fraction_of_bound_d']:>8.2f}")
     report = {
         "workload": {"pairs": len(pairs), "queries": args.queries, "per_query": args.per_query, "images": args.images, "distinct_images": distinct_images},
-        "settings": {"streams": args.streams, "device": args.device, "dtype": args.dtype, "compile": args.compile, "max_batch_size": args.max_batch_size, "max_batch_delay_ms": args.max_batch_delay_ms},
+        "settings": {"device": args.device, "dtype": args.dtype, "compile": args.compile, "max_batch_size": args.max_batch_size, "max_batch_delay_ms": args.max_batch_delay_ms},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
         "repeat": args.repeat,

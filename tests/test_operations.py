@@ -26,17 +26,21 @@ def test_metrics_describe_traffic_batches_caches_and_failures(make_fake_server, 
         clip.score("a", str(path))
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
-    assert samples['clipserve_items_total{code="OK",rpc="ScoreBatch"}'] == 3
-    assert samples['clipserve_items_total{code="NOT_FOUND",rpc="ScoreBatch"}'] == 1
+    assert samples['clipserve_items_total{code="OK",model="default",rpc="ScoreBatch"}'] == 3
+    assert samples['clipserve_items_total{code="NOT_FOUND",model="default",rpc="ScoreBatch"}'] == 1
     assert samples['clipserve_requests_total{code="OK",rpc="ScoreBatch"}'] == 1
     assert samples['clipserve_requests_total{code="OK",rpc="Score"}'] == 1
     assert samples['clipserve_fetch_failures_total{reason="not_found"}'] == 1
-    assert samples["clipserve_batch_size_count"] >= 1 and samples["clipserve_encode_seconds_count"] >= 1
-    assert samples['clipserve_cache_hits_total{cache="image"}'] >= 2
-    assert samples['clipserve_cache_entries{cache="image"}'] == 2  # the upload and photo0; failures are not cached
-    assert samples["clipserve_queue_depth"] == 0
-    assert 'clipserve_model_info{compiled="false",device="cpu",dtype="float32",embedding_dim="16",model_id="fake"} 1.0' in text
-    assert 'clipserve_item_latency_seconds_count{rpc="ScoreBatch"}' in samples
+    assert samples['clipserve_batch_size_count{model="default"}'] >= 1 and samples['clipserve_encode_seconds_count{model="default"}'] >= 1
+    assert samples['clipserve_cache_hits_total{cache="image",model="default"}'] >= 2
+    assert samples['clipserve_cache_entries{cache="image",model="default"}'] == 2  # the upload and photo0; failures are not cached
+    assert samples['clipserve_queue_depth{model="default"}'] == 0
+    assert samples['clipserve_upload_bytes_total'] == 2 * path.stat().st_size  # the batch's upload (once), then the unary call's
+    assert (
+        'clipserve_model_info{backend="transformers",compiled="false",device="cpu",dtype="float32",embedding_dim="16",model="default",model_id="fake"} 1.0'
+        in text
+    )
+    assert 'clipserve_item_latency_seconds_count{model="default",rpc="ScoreBatch"}' in samples
 
 
 def test_json_logs_carry_request_ids():

@@ -19,7 +19,8 @@ from .engine import ScoringEngine
 from .metrics import Metrics
 from .model import EmbeddingModel
 from .security import interceptors, server_credentials
-from .servicer import EngineSlot, ScorerServicer, add_scorer_to_server
+from .registry import ModelRegistry
+from .servicer import ScorerServicer, add_scorer_to_server
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class ClipServer:
     def __init__(self, config: ServerConfig, model_factory: ModelFactory = load_configured_model) -> None:
         self.config = config
         self._model_factory = model_factory
-        self._slot = EngineSlot()
+        self._registry = ModelRegistry()
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._loader: asyncio.Task | None = None
@@ -61,7 +62,7 @@ class ClipServer:
             ]
         )
         add_scorer_to_server(
-            ScorerServicer(self._slot, stream_max_in_flight=self.config.stream_max_in_flight, metrics=self.metrics), self._server
+            ScorerServicer(self._registry, stream_max_in_flight=self.config.stream_max_in_flight, metrics=self.metrics), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -74,7 +75,7 @@ class ClipServer:
             self.port = self._server.add_insecure_port(address)
         else:
             self.port = self._server.add_secure_port(address, credentials)
-        self._slot.replica = self.config.replica_name or f"{socket.gethostname()}:{self.port}"
+        self._registry.replica = self.config.replica_name or f"{socket.gethostname()}:{self.port}"
         await self._server.start()
         log.info("listening on %s:%d", self.config.host, self.port)
         if self.config.metrics_port:
@@ -92,10 +93,10 @@ class ClipServer:
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(None, self._model_factory, self.config)
         await loop.run_in_executor(None, model.warmup)
-        engine = ScoringEngine(model, self.config, on_dead=self._engine_died, metrics=self.metrics)
+        engine = ScoringEngine(model, self.config, on_dead=self._engine_died, metrics=self.metrics, name="default")
         await engine.start()
-        self.metrics.attach(model.description, lambda: engine.queue_depth, engine.cache_stats)
-        self._slot.engine = engine
+        self.metrics.attach(self._registry.engines)
+        self._registry.add("default", engine)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         d = model.description
         log.info("serving %s on %s (%s), embedding dim %d", d.model_id, d.device, d.dtype, d.embedding_dim)
@@ -111,14 +112,14 @@ class ClipServer:
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish within ``grace`` seconds, then stop."""
         grace = self.config.grace_period_s if grace is None else grace
-        self._slot.closing = True
+        self._registry.closing = True
         await self._health.enter_graceful_shutdown()
         if self._loader is not None and not self._loader.done():
             self._loader.cancel()
         if self._server is not None:
             await self._server.stop(grace)
-        if self._slot.engine is not None:
-            await self._slot.engine.stop()
+        for _, engine in self._registry.engines():
+            await engine.stop()
 
 
 async def run(config: ServerConfig, model_factory: ModelFactory = load_configured_model) -> int:

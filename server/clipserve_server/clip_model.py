@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,7 @@ from PIL import Image
 
 from .domain import ModelDescription
 from .model import EmbeddingModel
+from .preprocess import build_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ class HFClipModel(EmbeddingModel):
             self._image_features = torch.compile(self._eager_image_features, dynamic=True)
         processor = AutoProcessor.from_pretrained(model_id)
         self._tokenizer = processor.tokenizer
-        self._image_processor = processor.image_processor
+        self._pipeline = build_pipeline(processor.image_processor)
         config = model.config
         self._max_tokens = int(getattr(config.text_config, "max_position_embeddings", 77))
         # SigLIP was trained on texts padded to the full length; CLIP pads to the longest.
@@ -96,7 +98,30 @@ class HFClipModel(EmbeddingModel):
         )
 
     def preprocess_image(self, image: Image.Image) -> Any:
-        return self._image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        return self._pipeline(image)
+
+    def image_preprocessor(self) -> Callable[[Image.Image], Any]:
+        return self._pipeline
+
+    @property
+    def decode_size(self) -> tuple[int, int] | None:
+        return self._pipeline.decode_size
+
+    def device_jpeg_decoder(self) -> Callable[[bytes], Any]:
+        if self._device.type != "cuda":
+            raise RuntimeError(f"--gpu-decode decodes on the model's CUDA device, but the model is on {self._device}: use --device cuda")
+        torch = self._torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        device, pipeline = self._device, self._pipeline
+
+        def decode(data: bytes) -> Any:
+            # nvJPEG decodes straight into GPU memory (torchvision serialises calls to its one
+            # decoder); the processor's resize and crop then run there too.
+            encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return pipeline.on_device(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+
+        return decode
 
     def forward(self, texts: list[str], images: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch
@@ -113,8 +138,10 @@ class HFClipModel(EmbeddingModel):
         return self._normalise(_features(self._model.get_text_features(**tokens)))
 
     def _encode_images(self, images: list[Any]) -> np.ndarray:
-        pixels = self._torch.stack(images).to(self._device, self._dtype)
-        return self._normalise(self._image_features(pixels))
+        torch = self._torch
+        # Preprocessed on the CPU (numpy arrays) or, with --gpu-decode, already on the device.
+        pixels = self._pipeline.normalize(torch.stack([torch.as_tensor(image, device=self._device) for image in images]))
+        return self._normalise(self._image_features(pixels.to(self._dtype)))
 
     def _eager_image_features(self, pixels: Any) -> Any:
         return _features(self._model.get_image_features(pixel_values=pixels))

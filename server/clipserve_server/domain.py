@@ -30,6 +30,15 @@ class ScoreItem:
 
 
 @dataclass(frozen=True)
+class EmbedItem:
+    """A text or an image to embed; ``raw``: the model's own features, not unit length."""
+
+    text: str | None = None
+    image: ImageSource | None = None
+    raw: bool = False
+
+
+@dataclass(frozen=True)
 class CacheStats:
     capacity: int
     entries: int
@@ -54,3 +63,5 @@ class ModelDescription:
     logit_bias: float
     max_text_tokens: int
     compiled: bool = False  # the image tower runs through torch.compile
+    backend: str = "transformers"  # how it was loaded: transformers, open_clip, ...
+    text_model_id: str = ""  # a separate text model paired with the image tower, if any

@@ -1,9 +1,10 @@
 """The scoring pipeline: caches -> fetch -> decode/preprocess -> batched forward -> score.
 
 Every stage overlaps: downloads run concurrently on the event loop, decoding and
-preprocessing on a thread pool sized from the cores, the forward pass on the batcher's model
-thread. A slow download only delays its own item. Each distinct text and image is encoded
-at most once while it stays in the cache, and concurrent requests for one share one encode.
+preprocessing on threads or worker processes sized from the cores (decode_pool), the forward
+pass on the batcher's model thread. A slow download only delays its own item. Each distinct
+text and image is encoded at most once while it stays in the cache, and concurrent requests
+for one share one encode.
 """
 
 from __future__ import annotations
@@ -12,15 +13,13 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
 
 from .batcher import Batcher
 from .cache import EmbeddingCache
 from .config import ServerConfig
-from .decode import decode_image
+from .decode_pool import build_decoder
 from .domain import CacheStats, ImageSource, ModelDescription, ScoreItem
 from .errors import ErrorKind, ItemError
 from .fetch import ImageFetcher
@@ -41,6 +40,7 @@ class ScoringEngine:
         *,
         on_dead: Callable[[BaseException], None] | None = None,
         metrics: Metrics | None = None,
+        name: str = "default",
     ) -> None:
         self.model = model
         self._metrics = metrics
@@ -54,7 +54,7 @@ class ScoringEngine:
             max_queue_size=config.max_queue_size,
             forward_timeout_s=config.forward_timeout_s,
             on_dead=on_dead,
-            on_batch=metrics.observe_batch if metrics else None,
+            on_batch=metrics.batch_observer(name) if metrics else None,
         )
         self._fetcher = ImageFetcher(
             timeout_s=config.fetch_timeout_s,
@@ -63,7 +63,7 @@ class ScoringEngine:
             allow_private_networks=config.allow_private_networks,
             concurrency=config.fetch_concurrency,
         )
-        self._pool = ThreadPoolExecutor(max_workers=config.resolved_decode_workers, thread_name_prefix="clipserve-decode")
+        self._decoder = build_decoder(model, config)
 
     @property
     def description(self) -> ModelDescription:
@@ -78,12 +78,13 @@ class ScoringEngine:
 
     async def start(self) -> None:
         await self._fetcher.start()
+        await self._decoder.start()
         self._batcher.start()
 
     async def stop(self) -> None:
         await self._batcher.stop()
         await self._fetcher.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        await self._decoder.close()
 
     # -- scoring ---------------------------------------------------------------------------
     async def score(self, item: ScoreItem, *, wait: bool) -> float:
@@ -127,7 +128,7 @@ class ScoringEngine:
         data = source.data if source.data is not None else await self._fetch(source.url or "")
         if check_sha256 is not None and await self._content_hash(data) != check_sha256:
             raise ItemError(ErrorKind.INVALID_INPUT, f"{source.describe()}: image_sha256 does not match the uploaded bytes")
-        pixels = await asyncio.get_running_loop().run_in_executor(self._pool, self._preprocess, data, source.describe())
+        pixels = await self._decoder.decode(data, source.describe())
         return await self._batcher.encode_image(pixels, wait=wait)
 
     async def _fetch(self, url: str) -> bytes:
@@ -138,17 +139,10 @@ class ScoringEngine:
                 self._metrics.fetch_failures.labels(reason=exc.kind.name.lower()).inc()
             raise
 
-    def _preprocess(self, data: bytes, name: str) -> Any:
-        image = decode_image(data, max_pixels=self.config.max_image_pixels, name=name)
-        try:
-            return self.model.preprocess_image(image)
-        except Exception as exc:
-            raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: the model's image processor rejected it: {exc}") from exc
-
     async def _content_hash(self, data: bytes) -> str:
         if len(data) < _HASH_OFF_LOOP_BYTES:
             return _sha256(data)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, _sha256, data)
+        return await asyncio.get_running_loop().run_in_executor(None, _sha256, data)  # hashlib lets go of the GIL
 
 
 def _sha256(data: bytes) -> str:

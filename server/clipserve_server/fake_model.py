@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,8 +49,10 @@ class FakeModel(EmbeddingModel):
             self.encoded_images = 0
 
     def preprocess_image(self, image: Image.Image) -> Any:
-        small = image.convert("RGB").resize((8, 8))
-        return np.asarray(small, dtype=np.uint8).tobytes()
+        return _pixels(image)
+
+    def image_preprocessor(self) -> Callable[[Image.Image], Any]:
+        return _pixels  # a plain function: decode worker processes can be handed it
 
     def forward(self, texts: list[str], images: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         if self.forward_delay_s:
@@ -70,3 +73,7 @@ class FakeModel(EmbeddingModel):
         rng = np.random.default_rng(int.from_bytes(hashlib.sha256(seed).digest()[:8], "little"))
         vector = rng.standard_normal(dim).astype(np.float32)
         return vector / np.linalg.norm(vector)
+
+
+def _pixels(image: Image.Image) -> bytes:
+    return np.asarray(image.convert("RGB").resize((8, 8)), dtype=np.uint8).tobytes()

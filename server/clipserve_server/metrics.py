@@ -1,35 +1,47 @@
-"""Prometheus metrics, in a registry of the server's own (so tests can run several servers)."""
+"""Prometheus metrics, in a registry of the server's own (so tests can run several servers).
+
+Whatever is per model carries a ``model`` label: the model's name on this server.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .domain import CacheStats, ModelDescription
-
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+# (name, engine) for every loaded model: what the registry's ``engines()`` gives.
+Engines = Callable[[], list[tuple[str, Any]]]
 
 
 class _EngineCollector(Collector):
-    """Reads queue depth and cache statistics at scrape time, so nothing is double-booked."""
+    """Reads queue depths, cache statistics and model descriptions at scrape time, so nothing
+    is double-booked."""
 
-    def __init__(self, queue_depth: Callable[[], int], caches: Callable[[], tuple[CacheStats, CacheStats]]) -> None:
-        self._queue_depth = queue_depth
-        self._caches = caches
+    def __init__(self, engines: Engines) -> None:
+        self._engines = engines
 
     def collect(self) -> Iterator:
-        yield GaugeMetricFamily("clipserve_queue_depth", "Texts and images waiting for the model", value=self._queue_depth())
-        entries = GaugeMetricFamily("clipserve_cache_entries", "Embeddings held", labels=["cache"])
-        hits = CounterMetricFamily("clipserve_cache_hits", "Lookups served without a new encode", labels=["cache"])
-        misses = CounterMetricFamily("clipserve_cache_misses", "Lookups that needed an encode", labels=["cache"])
-        for name, stats in zip(("text", "image"), self._caches()):
-            entries.add_metric([name], stats.entries)
-            hits.add_metric([name], stats.hits)
-            misses.add_metric([name], stats.misses)
-        yield from (entries, hits, misses)
+        depth = GaugeMetricFamily("clipserve_queue_depth", "Texts and images waiting for the model", labels=["model"])
+        entries = GaugeMetricFamily("clipserve_cache_entries", "Embeddings held", labels=["model", "cache"])
+        hits = CounterMetricFamily("clipserve_cache_hits", "Lookups served without a new encode", labels=["model", "cache"])
+        misses = CounterMetricFamily("clipserve_cache_misses", "Lookups that needed an encode", labels=["model", "cache"])
+        info = GaugeMetricFamily(
+            "clipserve_model_info", "The loaded models", labels=["model", "model_id", "backend", "device", "dtype", "embedding_dim", "compiled"]
+        )
+        for model, engine in self._engines():
+            depth.add_metric([model], engine.queue_depth)
+            for cache, stats in zip(("text", "image"), engine.cache_stats()):
+                entries.add_metric([model, cache], stats.entries)
+                hits.add_metric([model, cache], stats.hits)
+                misses.add_metric([model, cache], stats.misses)
+            d = engine.description
+            info.add_metric([model, d.model_id, d.backend, d.device, d.dtype, str(d.embedding_dim), str(d.compiled).lower()], 1)
+        yield from (depth, entries, hits, misses, info)
 
 
 class Metrics:
@@ -37,22 +49,26 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.calls = Counter("clipserve_requests", "RPCs by method and final status code", ["rpc", "code"], registry=r)
-        self.items = Counter("clipserve_items", "Pairs answered, by RPC and status code", ["rpc", "code"], registry=r)
-        self.item_seconds = Histogram("clipserve_item_latency_seconds", "Per pair, from arrival to answer", ["rpc"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("clipserve_batch_size", "Texts plus images per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
-        self.encode_seconds = Histogram("clipserve_encode_seconds", "Duration of one forward pass", buckets=_LATENCY_BUCKETS, registry=r)
+        self.items = Counter("clipserve_items", "Items answered (pairs scored, inputs embedded), by RPC, status code and model", ["rpc", "code", "model"], registry=r)
+        self.item_seconds = Histogram("clipserve_item_latency_seconds", "Per item, from arrival to answer", ["rpc", "model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("clipserve_batch_size", "Texts plus images per forward pass", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self.encode_seconds = Histogram("clipserve_encode_seconds", "Duration of one forward pass", ["model"], buckets=_LATENCY_BUCKETS, registry=r)
         self.upload_bytes = Counter("clipserve_upload_bytes", "Image bytes received in requests (uploads)", registry=r)
         self.bytes_requested = Counter("clipserve_image_bytes_requested", "Items named by image_sha256 alone that were answered IMAGE_BYTES_NEEDED", registry=r)
         self.fetch_failures = Counter("clipserve_fetch_failures", "Image downloads that failed, by reason", ["reason"], registry=r)
-        self.model = Info("clipserve_model", "The loaded model", registry=r)
 
-    def observe_batch(self, size: int, seconds: float) -> None:
-        self.batch_size.observe(size)
-        self.encode_seconds.observe(seconds)
+    def batch_observer(self, model: str) -> Callable[[int, float], None]:
+        """What a model's batcher calls after each forward pass: (items, seconds)."""
+        size, seconds = self.batch_size.labels(model=model), self.encode_seconds.labels(model=model)
 
-    def attach(self, description: ModelDescription, queue_depth: Callable[[], int], caches: Callable[[], tuple[CacheStats, CacheStats]]) -> None:
-        self.model.info({"model_id": description.model_id, "device": description.device, "dtype": description.dtype, "embedding_dim": str(description.embedding_dim), "compiled": str(description.compiled).lower()})
-        self.registry.register(_EngineCollector(queue_depth, caches))
+        def observe(items: int, took: float) -> None:
+            size.observe(items)
+            seconds.observe(took)
+
+        return observe
+
+    def attach(self, engines: Engines) -> None:
+        self.registry.register(_EngineCollector(engines))
 
     def serve(self, host: str, port: int) -> None:
         """Expose /metrics over HTTP (a daemon thread)."""

@@ -1,14 +1,16 @@
 """The model interface the batcher and engine program against.
 
 An implementation turns decoded images into model inputs (``preprocess_image``, run on the
-decode pool) and encodes batches of texts and images into L2-normalised embeddings
-(``forward``, run on the single model thread). ``score`` is the model's
-``logits_per_image`` for one pair, computed from those embeddings.
+decode pool: threads, or worker processes that get it through ``image_preprocessor``) and
+encodes batches of texts and images into L2-normalised embeddings (``forward``, run on the
+single model thread). ``score`` is the model's ``logits_per_image`` for one pair, computed from
+those embeddings.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,21 @@ class EmbeddingModel(ABC):
     @abstractmethod
     def preprocess_image(self, image: Image.Image) -> Any:
         """Turn one decoded RGB image into whatever ``forward`` takes. Thread-safe."""
+
+    def image_preprocessor(self) -> Callable[[Image.Image], Any]:
+        """``preprocess_image`` as a picklable callable, for decode worker processes."""
+        return self.preprocess_image
+
+    @property
+    def decode_size(self) -> tuple[int, int] | None:
+        """(width, height) that preprocessing resizes images down to, at least: how small a
+        JPEG may be decoded (``--jpeg-draft``). None: unknown, decode at full size."""
+        return None
+
+    def device_jpeg_decoder(self) -> Callable[[bytes], Any]:
+        """A function that decodes JPEG bytes and preprocesses them on the model's accelerator
+        (``--gpu-decode``); raises RuntimeError, saying why, where that is not possible."""
+        raise RuntimeError(f"{type(self).__name__} cannot decode images on an accelerator")
 
     @abstractmethod
     def forward(self, texts: list[str], images: list[Any]) -> tuple[np.ndarray, np.ndarray]:

@@ -6,52 +6,50 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
 
 from . import __version__
-from .domain import CacheStats, ImageSource, ScoreItem
+from .domain import CacheStats, EmbedItem, ImageSource, ScoreItem
 from .engine import ScoringEngine
 from .errors import ErrorKind, ItemError
 from .metrics import Metrics
+from .registry import ModelRegistry
 from .status import grpc_code, reason
-from .wire import MalformedRequest, parse_score_request
+from .wire import MalformedRequest, parse_embed_request, parse_score_request
 
 log = logging.getLogger(__name__)
 
 _END_OF_INPUT = object()
 
-
-class EngineSlot:
-    """Holds the engine once the model has loaded; calls before that get UNAVAILABLE."""
-
-    def __init__(self) -> None:
-        self.engine: ScoringEngine | None = None
-        self.closing = False
-        self.replica = ""  # this server's name in GetModelInfo (set once the port is bound)
-
-    def get(self) -> ScoringEngine:
-        if self.closing:
-            raise ItemError(ErrorKind.UNAVAILABLE, "the server is shutting down")
-        if self.engine is None:
-            raise ItemError(ErrorKind.UNAVAILABLE, "the model is still loading; retry shortly")
-        return self.engine
+ScoreRequest = scorer_pb2.ScoreRequest | MalformedRequest
+EmbedRequest = scorer_pb2.EmbedRequest | MalformedRequest
 
 
-Request = scorer_pb2.ScoreRequest | MalformedRequest
-
-
-def to_item(request: Request) -> ScoreItem:
+def _checked(request: Any) -> Any:
     if isinstance(request, MalformedRequest):
         raise ItemError(ErrorKind.INVALID_INPUT, f"request {request.request_id!r}: {request.reason}")
-    return ScoreItem(query=request.query, image=image_source(request))
+    return request
 
 
-def image_source(request: scorer_pb2.ScoreRequest) -> ImageSource:
+def to_item(request: ScoreRequest) -> ScoreItem:
+    request = _checked(request)
+    return ScoreItem(query=request.query, image=image_source(request, request.WhichOneof("image")))
+
+
+def to_embed_item(request: EmbedRequest) -> EmbedItem:
+    request = _checked(request)
+    which = request.WhichOneof("input")
+    if which == "text":
+        return EmbedItem(text=request.text, raw=request.raw)
+    return EmbedItem(image=image_source(request, which), raw=request.raw)
+
+
+def image_source(request: scorer_pb2.ScoreRequest | scorer_pb2.EmbedRequest, which: str | None) -> ImageSource:
     sha256 = request.image_sha256.lower() or None
-    which = request.WhichOneof("image")
     if which == "image_url":
         return ImageSource(url=request.image_url)
     if which == "image_bytes":
@@ -59,7 +57,7 @@ def image_source(request: scorer_pb2.ScoreRequest) -> ImageSource:
     return ImageSource(sha256=sha256)
 
 
-def _response(request: Request) -> scorer_pb2.ScoreResponse:
+def _score_response(request: ScoreRequest) -> scorer_pb2.ScoreResponse:
     return scorer_pb2.ScoreResponse(request_id=request.request_id, query_id=request.query_id, image_id=request.image_id)
 
 
@@ -78,44 +76,149 @@ def call_id(context: grpc.aio.ServicerContext) -> str:
 
 
 class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
-    def __init__(self, slot: EngineSlot, *, stream_max_in_flight: int, metrics: Metrics) -> None:
-        self._slot = slot
+    def __init__(self, registry: ModelRegistry, *, stream_max_in_flight: int, metrics: Metrics) -> None:
+        self._registry = registry
         self._stream_max_in_flight = stream_max_in_flight
         self._metrics = metrics
 
-    def _received(self, request: Request) -> None:
-        if not isinstance(request, MalformedRequest) and request.image_bytes:
-            self._metrics.upload_bytes.inc(len(request.image_bytes))
-
-    async def Score(self, request: Request, context: grpc.aio.ServicerContext) -> scorer_pb2.ScoreResponse:
+    # -- scoring -----------------------------------------------------------------------------
+    async def Score(self, request: ScoreRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.ScoreResponse:
         started = time.monotonic()
         self._received(request)
-        code, message = grpc.StatusCode.OK, ""
+        code, message, model = grpc.StatusCode.OK, "", ""
         try:
-            score = await self._slot.get().score(to_item(request), wait=False)
+            model, engine = self._engine(request)
+            score = await engine.score(to_item(request), wait=False)
         except ItemError as exc:
             code, message = grpc_code(exc.kind), exc.message
         except Exception as exc:
             log.exception("Score failed unexpectedly", extra={"call_id": call_id(context)})
             code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
-        self._metrics.items.labels(rpc="Score", code=code.name).inc()
+        self._metrics.items.labels(rpc="Score", code=code.name, model=model).inc()
         self._metrics.calls.labels(rpc="Score", code=code.name).inc()
-        self._metrics.item_seconds.labels(rpc="Score").observe(time.monotonic() - started)
+        self._metrics.item_seconds.labels(rpc="Score", model=model).observe(time.monotonic() - started)
         if code is not grpc.StatusCode.OK:
             log.info("Score failed", extra={"call_id": call_id(context), "request_id": request.request_id, "code": code.name, "error": message, "peer": context.peer()})
             await context.abort(code, message)
-        response = _response(request)
+        response = _score_response(request)
         response.score = score
         return response
 
-    async def ScoreBatch(
-        self, request_iterator: AsyncIterator[Request], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[scorer_pb2.ScoreResponse]:
+    async def ScoreBatch(self, requests: AsyncIterator[ScoreRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[scorer_pb2.ScoreResponse]:
+        async for response in self._stream("ScoreBatch", requests, context, self._score_item):
+            yield response
+
+    async def _score_item(self, request: ScoreRequest, ids: dict[str, str]) -> scorer_pb2.ScoreResponse:
+        response = _score_response(request)
+
+        async def score(engine: ScoringEngine) -> None:
+            response.score = await engine.score(to_item(request), wait=True)
+
+        await self._answer("ScoreBatch", request, ids, response, score)
+        return response
+
+    # -- embedding ---------------------------------------------------------------------------
+    async def Embed(self, requests: AsyncIterator[EmbedRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[scorer_pb2.EmbedResponse]:
+        async for response in self._stream("Embed", requests, context, self._embed_item):
+            yield response
+
+    async def _embed_item(self, request: EmbedRequest, ids: dict[str, str]) -> scorer_pb2.EmbedResponse:
+        response = scorer_pb2.EmbedResponse(request_id=request.request_id)
+
+        async def embed(engine: ScoringEngine) -> None:
+            response.embedding[:] = (await engine.embed(to_embed_item(request), wait=True)).tolist()
+
+        await self._answer("Embed", request, ids, response, embed)
+        return response
+
+    # -- models ------------------------------------------------------------------------------
+    async def GetModelInfo(self, request: scorer_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.ModelInfo:
         try:
-            engine = self._slot.get()
+            name, engine = self._engine(request)
         except ItemError as exc:
-            self._metrics.calls.labels(rpc="ScoreBatch", code=grpc_code(exc.kind).name).inc()
             await context.abort(grpc_code(exc.kind), exc.message)
+        return self._model_info(name, engine)
+
+    async def ListModels(self, request: scorer_pb2.ListModelsRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.ListModelsResponse:
+        if not self._registry.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the models are still loading; retry shortly")
+        models = [self._model_info(name, engine) for name, engine in self._registry.engines()]
+        return scorer_pb2.ListModelsResponse(models=models, default_model=self._registry.default)
+
+    def _model_info(self, name: str, engine: ScoringEngine) -> scorer_pb2.ModelInfo:
+        d = engine.description
+        text_stats, image_stats = engine.cache_stats()
+        return scorer_pb2.ModelInfo(
+            model_id=d.model_id,
+            device=d.device,
+            dtype=d.dtype,
+            embedding_dim=d.embedding_dim,
+            logit_scale=d.logit_scale,
+            logit_bias=d.logit_bias,
+            max_text_tokens=d.max_text_tokens,
+            max_batch_size=engine.config.max_batch_size,
+            max_batch_delay_ms=engine.config.max_batch_delay_ms,
+            text_cache=_cache_stats(text_stats),
+            image_cache=_cache_stats(image_stats),
+            server_version=__version__,
+            compiled=d.compiled,
+            normalized=True,
+            replica=self._registry.replica,
+            name=name,
+            backend=d.backend,
+            text_model_id=d.text_model_id,
+        )
+
+    # -- what every call shares --------------------------------------------------------------
+    def _engine(self, request: Any) -> tuple[str, ScoringEngine]:
+        name = getattr(request, "model", "") or self._registry.default
+        return name, self._registry.get(name)
+
+    def _received(self, request: Any) -> None:
+        if not isinstance(request, MalformedRequest) and request.image_bytes:
+            self._metrics.upload_bytes.inc(len(request.image_bytes))
+
+    async def _answer(self, rpc: str, request: Any, ids: dict[str, str], response: Any, work: Callable[[ScoringEngine], Awaitable[None]]) -> None:
+        """Do one item's ``work`` and put its outcome (or its error) into ``response``."""
+        started = time.monotonic()
+        self._received(request)
+        model = ""
+        try:
+            model, engine = self._engine(request)
+            await work(engine)
+        except ItemError as exc:
+            response.error.code = grpc_code(exc.kind).name
+            response.error.message = exc.message
+            response.error.reason = reason(exc.kind)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must cost one item, never the stream or a lost answer
+            log.exception("an item failed unexpectedly", extra={**ids, "request_id": request.request_id})
+            response.error.code = grpc.StatusCode.INTERNAL.name
+            response.error.message = f"internal error: {type(exc).__name__}: {exc}"
+        if response.error.reason:
+            # Not an outcome but a step of the upload protocol: the caller resends the item.
+            self._metrics.bytes_requested.inc()
+            return
+        code = response.error.code or grpc.StatusCode.OK.name
+        model = model if model in self._registry.names else ""  # never a label per unknown name
+        self._metrics.items.labels(rpc=rpc, code=code, model=model).inc()
+        self._metrics.item_seconds.labels(rpc=rpc, model=model).observe(time.monotonic() - started)
+        if response.HasField("error"):
+            log.info("item failed", extra={**ids, "request_id": request.request_id, "code": code, "error": response.error.message})
+
+    async def _stream(
+        self,
+        rpc: str,
+        requests: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext,
+        answer_one: Callable[[Any, dict[str, str]], Awaitable[Any]],
+    ) -> AsyncIterator[Any]:
+        """Answer a stream of items, each as soon as it is done, in any order."""
+        if self._registry.closing or not self._registry.ready:
+            error = ItemError(ErrorKind.UNAVAILABLE, "the server is shutting down" if self._registry.closing else "the model is still loading; retry shortly")
+            self._metrics.calls.labels(rpc=rpc, code=grpc_code(error.kind).name).inc()
+            await context.abort(grpc_code(error.kind), error.message)
         ids = {"call_id": call_id(context), "peer": context.peer()}
         started = time.monotonic()
         failed = 0
@@ -127,13 +230,13 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         tasks: set[asyncio.Task] = set()
         sent = 0
 
-        async def answer(request: Request) -> None:
-            await answers.put(await self._score_item(engine, request, ids))
+        async def answer(request: Any) -> None:
+            await answers.put(await answer_one(request, ids))
 
         async def read() -> None:
             nonlocal sent
             try:
-                async for request in request_iterator:
+                async for request in requests:
                     await window.acquire()
                     task = asyncio.ensure_future(answer(request))
                     tasks.add(task)
@@ -166,77 +269,34 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
-            self._metrics.calls.labels(rpc="ScoreBatch", code=final_code.name).inc()
+            self._metrics.calls.labels(rpc=rpc, code=final_code.name).inc()
             log.info(
-                "ScoreBatch %s",
+                "%s %s",
+                rpc,
                 "finished" if final_code is grpc.StatusCode.OK else "ended early",
                 extra={**ids, "items": answered, "failed": failed, "seconds": round(time.monotonic() - started, 3), "code": final_code.name},
             )
 
-    async def _score_item(self, engine: ScoringEngine, request: Request, ids: dict[str, str]) -> scorer_pb2.ScoreResponse:
-        started = time.monotonic()
-        self._received(request)
-        response = _response(request)
-        try:
-            response.score = await engine.score(to_item(request), wait=True)
-        except ItemError as exc:
-            response.error.code = grpc_code(exc.kind).name
-            response.error.message = exc.message
-            response.error.reason = reason(exc.kind)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug must cost one item, never the stream or a lost answer
-            log.exception("scoring an item failed unexpectedly", extra={**ids, "request_id": request.request_id})
-            response.error.code = grpc.StatusCode.INTERNAL.name
-            response.error.message = f"internal error: {type(exc).__name__}: {exc}"
-        if response.error.reason:
-            # Not an outcome but a step of the upload protocol: the caller resends the item.
-            self._metrics.bytes_requested.inc()
-            return response
-        code = response.error.code or grpc.StatusCode.OK.name
-        self._metrics.items.labels(rpc="ScoreBatch", code=code).inc()
-        self._metrics.item_seconds.labels(rpc="ScoreBatch").observe(time.monotonic() - started)
-        if response.HasField("error"):
-            log.info("item failed", extra={**ids, "request_id": request.request_id, "code": code, "error": response.error.message})
-        return response
-
-    async def GetModelInfo(self, request: scorer_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.ModelInfo:
-        try:
-            engine = self._slot.get()
-        except ItemError as exc:
-            await context.abort(grpc_code(exc.kind), exc.message)
-        d = engine.description
-        text_stats, image_stats = engine.cache_stats()
-        return scorer_pb2.ModelInfo(
-            model_id=d.model_id,
-            device=d.device,
-            dtype=d.dtype,
-            embedding_dim=d.embedding_dim,
-            logit_scale=d.logit_scale,
-            logit_bias=d.logit_bias,
-            max_text_tokens=d.max_text_tokens,
-            max_batch_size=engine.config.max_batch_size,
-            max_batch_delay_ms=engine.config.max_batch_delay_ms,
-            text_cache=_cache_stats(text_stats),
-            image_cache=_cache_stats(image_stats),
-            server_version=__version__,
-            compiled=d.compiled,
-            normalized=True,
-            replica=self._slot.replica,
-        )
-
 
 def add_scorer_to_server(servicer: ScorerServicer, server: grpc.aio.Server) -> None:
-    """Like the generated ``add_ScorerServicer_to_server``, but ScoreRequests are decoded by
-    ``parse_score_request`` so that one malformed message costs one item, not the stream."""
-    serialize = scorer_pb2.ScoreResponse.SerializeToString
+    """Like the generated ``add_ScorerServicer_to_server``, but requests are decoded by
+    ``wire`` so that one malformed message costs one item, not the stream."""
+    score_response = scorer_pb2.ScoreResponse.SerializeToString
     handlers = {
-        "Score": grpc.unary_unary_rpc_method_handler(servicer.Score, request_deserializer=parse_score_request, response_serializer=serialize),
-        "ScoreBatch": grpc.stream_stream_rpc_method_handler(servicer.ScoreBatch, request_deserializer=parse_score_request, response_serializer=serialize),
+        "Score": grpc.unary_unary_rpc_method_handler(servicer.Score, request_deserializer=parse_score_request, response_serializer=score_response),
+        "ScoreBatch": grpc.stream_stream_rpc_method_handler(servicer.ScoreBatch, request_deserializer=parse_score_request, response_serializer=score_response),
+        "Embed": grpc.stream_stream_rpc_method_handler(
+            servicer.Embed, request_deserializer=parse_embed_request, response_serializer=scorer_pb2.EmbedResponse.SerializeToString
+        ),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
             servicer.GetModelInfo,
             request_deserializer=scorer_pb2.GetModelInfoRequest.FromString,
             response_serializer=scorer_pb2.ModelInfo.SerializeToString,
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels,
+            request_deserializer=scorer_pb2.ListModelsRequest.FromString,
+            response_serializer=scorer_pb2.ListModelsResponse.SerializeToString,
         ),
     }
     service = scorer_pb2.DESCRIPTOR.services_by_name["Scorer"].full_name

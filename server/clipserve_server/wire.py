@@ -1,4 +1,4 @@
-"""Decoding ScoreRequest messages without letting one malformed message end a stream.
+"""Decoding request messages without letting one malformed message end a stream.
 
 protobuf refuses a whole message whose string field is not valid UTF-8, and gRPC would then
 fail the entire call. Instead such a message becomes a ``MalformedRequest`` carrying whatever
@@ -9,11 +9,13 @@ one item with INVALID_ARGUMENT and carry on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from clipserve.v1 import scorer_pb2
 from google.protobuf.message import DecodeError
 
-# ScoreRequest field numbers (protos/clipserve/v1/scorer.proto).
+# Field numbers of the identifiers that are echoed back (protos/clipserve/v1/scorer.proto):
+# request_id is 1 in both requests; query_id and image_id exist in ScoreRequest only.
 _REQUEST_ID, _QUERY_ID, _IMAGE_ID = 1, 5, 6
 
 
@@ -23,11 +25,23 @@ class MalformedRequest:
     query_id: str
     image_id: str
     reason: str
+    model: str = ""  # what the request named cannot be trusted: the default model answers
 
 
 def parse_score_request(data: bytes) -> scorer_pb2.ScoreRequest | MalformedRequest:
+    return _parse(scorer_pb2.ScoreRequest, data)
+
+
+def parse_embed_request(data: bytes) -> scorer_pb2.EmbedRequest | MalformedRequest:
+    request = _parse(scorer_pb2.EmbedRequest, data)
+    if isinstance(request, MalformedRequest):  # EmbedRequest has no query_id / image_id
+        return MalformedRequest(request.request_id, "", "", request.reason)
+    return request
+
+
+def _parse(message: Any, data: bytes) -> Any:
     try:
-        return scorer_pb2.ScoreRequest.FromString(data)
+        return message.FromString(data)
     except DecodeError as exc:
         fields = _length_delimited_fields(data)
 

@@ -1,0 +1,265 @@
+"""Feed benchmark: the server's CPU per image against decoding + preprocessing alone.
+
+    python benchmarks/bench_feed.py                    # 3 interleaved rounds, best of each
+    python benchmarks/bench_feed.py --decode-pool processes --jpeg-draft
+
+The throughput benchmark's corpus and workload (40 queries x 25 of 200 JPEG/PNG photos, 320x240
+to 1600x1200, over loopback HTTP), served with the 2-layer `tiny` random CLIP at the real input
+size 224, so that the model costs almost nothing and the CPU that decides how many images a
+second reach an accelerator is what is left: fetch, decode, preprocess, gRPC, asyncio. Each
+round measures, one after the other:
+
+  stock:  decode (PIL open + load + convert) and decode + the model's AutoProcessor on the PIL
+          image, one image at a time on one thread, CPU seconds per distinct image;
+  server: a cold pass through a fresh `clipserve serve` (the SDK over loopback gRPC): the
+          server's CPU (its threads and its decode worker processes) per distinct image, its
+          event-loop thread's CPU (the serial part) per pair and per image, and wall pairs/s.
+
+It prints the best of the rounds and the ratios: server CPU / stock CPU (the goal is <= 0.9),
+and wall pairs/s against the stock bound (every core doing nothing but the stock decode +
+preprocess of the distinct images). With --drift it also scores the pass with each inexact
+fast path (--jpeg-draft; --gpu-decode with --device cuda) and prints the largest score
+difference from the exact path, plus the largest pixel difference in pixel_values.
+
+--scaling measures the decode pools alone, driven from an event loop as the server drives them:
+images/s with 1 and 2 threads and 1 and 2 worker processes, this process's CPU per image (the
+part that does not scale), both with an idle loop and with one that spends --loop-us of pure
+Python per image, as a busy server's loop does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+
+from bench_throughput import ROOT, make_corpus, make_workload, serve_corpus, start_server
+
+
+# -- stock: decoding and preprocessing the way the reference adapter does ----------------------------
+
+def stock_cpu(checkpoint: Path, images: list[bytes]) -> tuple[float, float]:
+    """CPU seconds per image: (decode alone, decode + the stock processor on the PIL image)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint).image_processor
+
+    def decode(data: bytes) -> Image.Image:
+        image = Image.open(io.BytesIO(data))
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+    started = time.thread_time()
+    for data in images:
+        decode(data).load()
+    decode_s = time.thread_time() - started
+    started = time.thread_time()
+    for data in images:
+        processor(images=[decode(data)], return_tensors="pt")
+    return decode_s / len(images), (time.thread_time() - started) / len(images)
+
+
+# -- the server ---------------------------------------------------------------------------------------
+
+def tree_cpu(proc: psutil.Process) -> tuple[float, float]:
+    """(CPU seconds of the process and its children, of its main thread alone)."""
+    total = sum(p.cpu_times().user + p.cpu_times().system for p in [proc, *proc.children(recursive=True)])
+    main = next(t for t in proc.threads() if t.id == proc.pid)
+    return total, main.user_time + main.system_time
+
+
+def server_pass(checkpoint: Path, pairs: list[tuple[str, str]], args: argparse.Namespace, extra: list[str]) -> dict:
+    """One cold pass through a fresh server; its CPU, its loop's CPU, wall time and the scores."""
+    import clipserve
+
+    proc, address = start_server(checkpoint, args, extra)
+    try:
+        server = psutil.Process(proc.pid)
+        inputs = [clipserve.SimilarityInput(q, u) for q, u in pairs]
+        with clipserve.CLIP(address) as clip:
+            cpu_before, loop_before = tree_cpu(server)
+            started = time.perf_counter()
+            results = clip.score_batch(inputs)
+            wall = time.perf_counter() - started
+            cpu_after, loop_after = tree_cpu(server)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    failures = [r.error for r in results if r.error is not None]
+    if failures:
+        raise RuntimeError(f"{len(failures)} pairs failed, e.g. {failures[0]}")
+    return {"cpu_s": cpu_after - cpu_before, "loop_s": loop_after - loop_before, "wall_s": wall, "scores": np.array([r.score for r in results])}
+
+
+# -- drift: how far an inexact fast path moves the scores and pixels ---------------------------------
+
+def pixel_drift(checkpoint: Path, images: list[bytes], draft_size: tuple[int, int] | None) -> float:
+    """Largest |pixel_values difference| between the exact decode and --jpeg-draft's."""
+    from transformers import AutoProcessor
+
+    from clipserve_server.decode import decode_image
+    from clipserve_server.preprocess import build_pipeline
+
+    pipeline = build_pipeline(AutoProcessor.from_pretrained(checkpoint).image_processor)
+    worst = 0.0
+    for data in images:
+        exact, fast = (
+            pipeline.normalize(torch.from_numpy(pipeline(decode_image(data, max_pixels=10**9, name="x", draft_size=size))).unsqueeze(0))
+            for size in (None, draft_size)
+        )
+        worst = max(worst, float((exact - fast).abs().max()))
+    return worst
+
+
+# -- scaling: the decode pools alone ------------------------------------------------------------------
+
+def scaling(checkpoint: Path, images: list[bytes], loop_us: float) -> list[dict]:
+    from transformers import AutoProcessor
+
+    from clipserve_server.decode_pool import DecodeJob, ProcessDecoder, ThreadDecoder
+    from clipserve_server.preprocess import build_pipeline
+
+    job = DecodeJob(build_pipeline(AutoProcessor.from_pretrained(checkpoint).image_processor), max_pixels=10**9)
+
+    def busy(seconds: float) -> None:  # pure Python, holding the GIL, as a loaded loop does
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    async def drive(decoder, spin_s: float) -> tuple[float, float]:
+        await decoder.start()
+        in_flight = asyncio.Semaphore(16)
+
+        async def one(data: bytes) -> None:
+            async with in_flight:
+                busy(spin_s)
+                await decoder.decode(data, "x")
+
+        await asyncio.gather(*(one(d) for d in images[:8]))  # warm
+        loop_before, started = time.thread_time(), time.perf_counter()
+        await asyncio.gather(*(one(d) for d in images))
+        wall, loop = time.perf_counter() - started, time.thread_time() - loop_before
+        await decoder.close()
+        return len(images) / wall, (loop - spin_s * len(images)) / len(images)
+
+    rows = []
+    for spin_us in (0.0, loop_us):
+        for kind, workers in (("threads", 1), ("threads", 2), ("processes", 1), ("processes", 2)):
+            decoder = ThreadDecoder(job, workers) if kind == "threads" else ProcessDecoder(job, workers, max_image_bytes=64 << 20)
+            rate, loop_cpu = asyncio.run(drive(decoder, spin_us / 1e6))
+            rows.append({"pool": kind, "workers": workers, "loop_busy_us_per_image": spin_us, "images_per_s": round(rate, 1), "loop_cpu_us_per_image": round(loop_cpu * 1e6)})
+            print(f"  {kind:<9} x{workers}  loop +{spin_us:>4.0f} us/image: {rate:6.1f} images/s, this process's loop {loop_cpu * 1e6:5.0f} us/image", flush=True)
+    return rows
+
+
+# -- main ----------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--queries", "-Q", type=int, default=40)
+    parser.add_argument("--per-query", "-K", type=int, default=25)
+    parser.add_argument("--images", "-N", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best of each measurement is reported")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
+    parser.add_argument("--decode-pool", default="auto", choices=("auto", "threads", "processes"))
+    parser.add_argument("--decode-workers", type=int, default=0)
+    parser.add_argument("--jpeg-draft", action="store_true", help="serve the measured passes with --jpeg-draft")
+    parser.add_argument("--drift", action="store_true", help="also measure the fast paths' score drift against the exact path")
+    parser.add_argument("--scaling", action="store_true", help="also measure the decode pools alone at 1 and 2 workers")
+    parser.add_argument("--loop-us", type=float, default=300.0, help="--scaling: pure-Python loop work per image for the busy-loop rows")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint folder (default: a tiny random CLIP at 224)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "feed.json")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.compile = False
+
+    from clipserve_server.synthetic import build_checkpoint
+
+    torch.set_num_threads(1)  # the stock measurement: one image at a time, one thread, like a decode worker
+    checkpoint = args.checkpoint or build_checkpoint(Path(tempfile.mkdtemp(prefix="clipserve-feed-")) / "tiny-224", arch="tiny", image_size=224, seed=args.seed)
+    corpus = make_corpus(args.images, args.seed)
+    httpd, base = serve_corpus(corpus)
+    pairs = make_workload(base, sorted(corpus), args.queries, args.per_query, args.seed)
+    names = sorted({u.rsplit("/", 1)[1] for _, u in pairs})
+    distinct = [corpus[n] for n in names]
+    cores = os.cpu_count() or 1
+    extra = ["--decode-workers", str(args.decode_workers)] + (["--decode-pool", args.decode_pool] if args.decode_pool != "auto" else []) + (["--jpeg-draft"] if args.jpeg_draft else [])
+    print(f"workload: {len(pairs)} pairs, {len(names)} distinct images; {cores} cores; server {' '.join(extra)}", flush=True)
+
+    samples: dict[str, list[float]] = {}
+    for round_ in range(1, args.rounds + 1):
+        decode_s, stock_s = stock_cpu(checkpoint, distinct)
+        run = server_pass(checkpoint, pairs, args, extra)
+        for key, value in {
+            "decode_cpu_ms_per_image": decode_s * 1e3,
+            "stock_cpu_ms_per_image": stock_s * 1e3,
+            "server_cpu_ms_per_image": run["cpu_s"] / len(names) * 1e3,
+            "loop_cpu_us_per_pair": run["loop_s"] / len(pairs) * 1e6,
+            "loop_cpu_us_per_image": run["loop_s"] / len(names) * 1e6,
+            "wall_pairs_per_s": len(pairs) / run["wall_s"],
+        }.items():
+            samples.setdefault(key, []).append(value)
+        print(f"round {round_}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in samples.items()), flush=True)
+
+    best = {k: (max(v) if k == "wall_pairs_per_s" else min(v)) for k, v in samples.items()}
+    stock_bound = len(pairs) / (best["stock_cpu_ms_per_image"] / 1e3 * len(names) / cores)
+    ratio = best["server_cpu_ms_per_image"] / best["stock_cpu_ms_per_image"]
+    print()
+    print(f"decode alone                 {best['decode_cpu_ms_per_image']:7.2f} ms CPU/image")
+    print(f"decode + stock preprocess    {best['stock_cpu_ms_per_image']:7.2f} ms CPU/image")
+    print(f"server, cold pass            {best['server_cpu_ms_per_image']:7.2f} ms CPU/image   = {ratio:.2f} x stock (goal <= 0.9)")
+    print(f"server event loop (serial)   {best['loop_cpu_us_per_pair']:7.0f} us/pair, {best['loop_cpu_us_per_image']:.0f} us/distinct image"
+          f"   -> at most {1e6 / best['loop_cpu_us_per_image']:.0f} images/s however many cores")
+    print(f"wall                         {best['wall_pairs_per_s']:7.1f} pairs/s = {best['wall_pairs_per_s'] / stock_bound:.2f} of the stock bound ({stock_bound:.1f} pairs/s on {cores} cores)")
+
+    report = {
+        "workload": {"pairs": len(pairs), "distinct_images": len(names), "queries": args.queries, "per_query": args.per_query},
+        "server_flags": extra,
+        "machine": {"cpus": cores, "platform": platform.platform(), "torch": torch.__version__},
+        "samples": {k: [round(x, 3) for x in v] for k, v in samples.items()},
+        "best": {k: round(v, 3) for k, v in best.items()},
+        "server_over_stock": round(ratio, 3),
+        "stock_bound_pairs_per_s": round(stock_bound, 1),
+        "medians": {k: round(statistics.median(v), 3) for k, v in samples.items()},
+    }
+    if args.drift:
+        from clipserve_server.clip_model import HFClipModel
+
+        draft_size = HFClipModel(str(checkpoint), device="cpu").decode_size
+        exact = server_pass(checkpoint, pairs, args, ["--decode-pool", args.decode_pool])["scores"]
+        report["drift"] = {}
+        paths = {"jpeg_draft": ["--jpeg-draft"]} | ({"gpu_decode": ["--gpu-decode"]} if args.device.startswith("cuda") else {})
+        for name, flags in paths.items():
+            fast = server_pass(checkpoint, pairs, args, ["--decode-pool", args.decode_pool, *flags])["scores"]
+            report["drift"][name] = {"max_abs_score_diff": float(np.abs(fast - exact).max()), "mean_abs_score_diff": float(np.abs(fast - exact).mean()), "score_range": [float(exact.min()), float(exact.max())]}
+        report["drift"]["jpeg_draft"]["max_abs_pixel_values_diff"] = pixel_drift(checkpoint, distinct, draft_size)
+        for name, drift in report["drift"].items():
+            print(f"drift {name:<10}: max |score diff| {drift['max_abs_score_diff']:.4f} (mean {drift['mean_abs_score_diff']:.4f}; scores span {drift['score_range'][0]:.2f}..{drift['score_range'][1]:.2f})"
+                  + (f", max |pixel_values diff| {drift['max_abs_pixel_values_diff']:.3f}" if "max_abs_pixel_values_diff" in drift else ""))
+    if args.scaling:
+        print("\ndecode pools alone (decode + preprocess of the distinct images, 16 in flight):")
+        report["scaling"] = scaling(checkpoint, distinct, args.loop_us)
+    httpd.shutdown()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

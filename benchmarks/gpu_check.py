@@ -1,0 +1,296 @@
+"""The GPU run (started by benchmarks/gpu_check.sh, which sets up the imports): for each model,
+the fp16 model-only bound, clipserve cold and warm, GPU utilisation during the cold pass, the
+fp16-vs-fp32 score drift, and the fast paths' drifts; --compile on CUDA. No network needed:
+random-weight checkpoints with the real architectures, a generated corpus on loopback HTTP.
+
+Settings come from the environment (gpu_check.sh documents them): GPU_CHECK_DEVICE (cuda; cpu
+for a dry run of every step on tiny sizes), GPU_CHECK_ARCHS, GPU_CHECK_IMAGES, GPU_CHECK_QUERIES,
+GPU_CHECK_PER_QUERY, GPU_CHECK_BATCH, GPU_CHECK_BUDGET_S (optional steps are skipped past it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_throughput import ROOT, make_corpus, make_workload, serve_corpus  # noqa: E402
+
+DEVICE = os.environ.get("GPU_CHECK_DEVICE", "cuda")
+ON_GPU = DEVICE.startswith("cuda")
+HALF = "float16" if ON_GPU else "bfloat16"  # the CPU's half precision, for the dry run
+ARCHS = os.environ.get("GPU_CHECK_ARCHS", "vit-b-32,vit-h-14-378" if ON_GPU else "tiny:224,tiny:378").split(",")
+IMAGES = int(os.environ.get("GPU_CHECK_IMAGES", "1200" if ON_GPU else "24"))
+QUERIES = int(os.environ.get("GPU_CHECK_QUERIES", "40" if ON_GPU else "4"))
+PER_QUERY = int(os.environ.get("GPU_CHECK_PER_QUERY", "100" if ON_GPU else "8"))
+BATCH = int(os.environ.get("GPU_CHECK_BATCH", "256" if ON_GPU else "8"))
+BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", "420"))
+STARTED = time.monotonic()
+REPORT: dict = {"device": DEVICE, "archs": {}}
+
+
+def say(message: str) -> None:
+    print(f"[{time.monotonic() - STARTED:6.1f}s] {message}", flush=True)
+
+
+def time_left() -> float:
+    return BUDGET_S - (time.monotonic() - STARTED)
+
+
+# -- GPU utilisation ------------------------------------------------------------------------------------
+
+class UtilisationSampler:
+    """Mean GPU utilisation (%) while it runs: NVML every 50 ms, else nvidia-smi, else None."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> UtilisationSampler:
+        if ON_GPU:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    @property
+    def mean(self) -> float | None:
+        return round(statistics.mean(self.samples), 1) if self.samples else None
+
+    def _run(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            while not self._stop.wait(0.05):
+                self.samples.append(float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+        except Exception:  # no NVML bindings: ask nvidia-smi
+            while not self._stop.wait(0.1):
+                try:
+                    out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5)
+                    self.samples.append(float(out.stdout.split()[0]))
+                except Exception:
+                    return
+
+
+# -- the server ----------------------------------------------------------------------------------------
+
+class Server:
+    """`clipserve serve` in a subprocess, killed if it is not ready within ``start_timeout_s``."""
+
+    def __init__(self, checkpoint: Path, dtype: str, flags: list[str], start_timeout_s: float) -> None:
+        command = [
+            sys.executable, "-m", "clipserve.cli", "serve", "--model", str(checkpoint), "--host", "127.0.0.1", "--port", "0",
+            "--allow-private-networks", "--device", DEVICE, "--dtype", dtype, "--max-batch-size", str(BATCH),
+            "--max-batch-delay-ms", "5", "--max-queue-size", str(max(1024, 4 * BATCH)), "--log-level", "WARNING", *flags,
+        ]
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        timer = threading.Timer(start_timeout_s, self.proc.kill)
+        timer.start()
+        self.address = ""
+        try:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                if line.startswith("clipserve listening on "):
+                    self.address = "127.0.0.1:" + line.strip().rsplit(":", 1)[1]
+                if line.startswith("clipserve ready"):
+                    return
+            raise RuntimeError(f"the server exited with {self.proc.wait()} before it was ready (its log is above)")
+        finally:
+            timer.cancel()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def score_pass(address: str, pairs: list[tuple[str, str]]) -> tuple[float, np.ndarray, float | None]:
+    """(pairs/s, scores, mean GPU utilisation) of one score_batch over ``pairs``."""
+    import clipserve
+
+    inputs = [clipserve.SimilarityInput(q, u) for q, u in pairs]
+    with clipserve.CLIP(address, timeout=600) as clip, UtilisationSampler() as gpu:
+        started = time.perf_counter()
+        results = clip.score_batch(inputs)
+        elapsed = time.perf_counter() - started
+    failed = [r.error for r in results if r.error is not None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(pairs)} pairs failed, e.g. {failed[0]}")
+    return len(pairs) / elapsed, np.array([r.score for r in results]), gpu.mean
+
+
+def served(checkpoint: Path, pairs: list[tuple[str, str]], dtype: str, flags: list[str], *, warm: bool = False, start_timeout_s: float = 240) -> dict:
+    started = time.monotonic()
+    server = Server(checkpoint, dtype, flags, start_timeout_s)
+    try:
+        result = {"start_s": round(time.monotonic() - started, 1)}
+        result["cold_pairs_per_s"], scores, result["gpu_util_cold_pct"] = score_pass(server.address, pairs)
+        if warm:
+            result["warm_pairs_per_s"] = score_pass(server.address, pairs)[0]
+        result["scores"] = scores
+        return result
+    finally:
+        server.close()
+
+
+# -- in-process: the bound and the precision drift --------------------------------------------------------
+
+def model_bound(checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[str, str]]) -> dict:
+    """Batched fp16 forwards over the distinct images (and texts) through the server's model
+    class, preprocessing done beforehand: the most any server could get out of this GPU."""
+    from clipserve_server.clip_model import HFClipModel
+
+    model = HFClipModel(str(checkpoint), device=DEVICE, dtype=HALF)
+    model.warmup()
+    texts = sorted({q for q, _ in pairs})
+    names = sorted({u.rsplit("/", 1)[1] for _, u in pairs})
+    pixels = [model.preprocess_image(Image.open(_bytes_io(corpus[n])).convert("RGB")) for n in names]
+    model.forward([], pixels[:BATCH])  # the first full batch pays for kernel selection
+    started = time.perf_counter()
+    for i in range(0, len(pixels), BATCH):
+        model.forward([], pixels[i : i + BATCH])
+    images_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for i in range(0, len(texts), BATCH):
+        model.forward(texts[i : i + BATCH], [])
+    texts_s = time.perf_counter() - started
+    del model
+    _free()
+    return {"images_per_s": round(len(names) / images_s, 1), "pairs_per_s": round(len(pairs) / (images_s + texts_s), 1)}
+
+
+def precision_drift(checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[str, str]], sample: int = 64) -> float:
+    """Max |score(half) - score(float32)| over a sample of the pairs, same preprocessing."""
+    from clipserve_server.clip_model import HFClipModel
+
+    chosen = pairs[:: max(1, len(pairs) // sample)][:sample]
+    names = sorted({u.rsplit("/", 1)[1] for _, u in chosen})
+    texts = sorted({q for q, _ in chosen})
+    scores = []
+    for dtype in (HALF, "float32"):
+        model = HFClipModel(str(checkpoint), device=DEVICE, dtype=dtype)
+        pixels = [model.preprocess_image(Image.open(_bytes_io(corpus[n])).convert("RGB")) for n in names]
+        text_emb, image_emb = model.forward(texts, pixels)
+        by_name, by_text = dict(zip(names, image_emb)), dict(zip(texts, text_emb))
+        scores.append(np.array([model.score(by_text[q], by_name[u.rsplit("/", 1)[1]]) for q, u in chosen]))
+        del model
+        _free()
+    return float(np.abs(scores[0] - scores[1]).max())
+
+
+def _bytes_io(data: bytes):
+    import io
+
+    return io.BytesIO(data)
+
+
+def _free() -> None:
+    import gc
+
+    gc.collect()
+    if ON_GPU:
+        torch.cuda.empty_cache()
+
+
+# -- one architecture ------------------------------------------------------------------------------------
+
+def check(arch_spec: str, corpus: dict[str, bytes], base: str, scratch: Path, *, fast_paths: bool) -> tuple[dict, dict]:
+    from clipserve_server.synthetic import build_checkpoint
+
+    arch, _, size = arch_spec.partition(":")
+    out: dict = {}
+    started = time.monotonic()
+    checkpoint = build_checkpoint(scratch / arch_spec.replace(":", "-"), arch=arch, image_size=int(size) if size else None, device=DEVICE, dtype=HALF)
+    say(f"{arch_spec}: random-weight checkpoint built in {time.monotonic() - started:.1f}s")
+    pairs = make_workload(base, sorted(corpus), QUERIES, PER_QUERY, 0)
+    out["workload"] = {"pairs": len(pairs), "distinct_images": len({u for _, u in pairs}), "batch": BATCH}
+
+    out["bound"] = model_bound(checkpoint, corpus, pairs)
+    say(f"{arch_spec}: model-only bound {out['bound']['images_per_s']} images/s ({out['bound']['pairs_per_s']} pairs/s on this workload)")
+
+    exact = served(checkpoint, pairs, HALF, [], warm=True)
+    exact_scores = exact.pop("scores")
+    out["clipserve"] = exact | {"cold_fraction_of_bound": round(exact["cold_pairs_per_s"] / out["bound"]["pairs_per_s"], 2)}
+    say(f"{arch_spec}: clipserve cold {exact['cold_pairs_per_s']:.1f} pairs/s = {out['clipserve']['cold_fraction_of_bound']} of the bound, "
+        f"GPU {exact['gpu_util_cold_pct']}% busy; warm {exact['warm_pairs_per_s']:.1f} pairs/s (server start {exact['start_s']}s)")
+
+    out["fp16_vs_fp32_max_abs_score_diff"] = precision_drift(checkpoint, corpus, pairs)
+    say(f"{arch_spec}: {HALF} vs float32: max |score diff| {out['fp16_vs_fp32_max_abs_score_diff']:.4f} "
+        f"(scores span {exact_scores.min():.2f}..{exact_scores.max():.2f})")
+
+    if fast_paths:
+        for name, flags in {"jpeg_draft": ["--jpeg-draft"], "gpu_decode": ["--gpu-decode"]}.items():
+            out[name] = variant(arch_spec, name, flags, checkpoint, pairs, exact_scores, needs_s=40)
+    return out, {"arch": arch_spec, "checkpoint": checkpoint, "pairs": pairs, "exact_scores": exact_scores}
+
+
+def variant(arch_spec: str, name: str, flags: list[str], checkpoint: Path, pairs: list[tuple[str, str]], exact_scores: np.ndarray, *, needs_s: float) -> dict:
+    """A server with ``flags``: its cold speed and how far its scores are from the exact path's."""
+    if time_left() < needs_s:
+        say(f"{arch_spec}: {name} skipped: {time_left():.0f}s of the budget left")
+        return {"skipped": f"{time_left():.0f}s of the budget left"}
+    try:
+        fast = served(checkpoint, pairs, HALF, flags, start_timeout_s=max(30.0, min(300.0, time_left() - 20)))
+    except Exception as exc:  # e.g. --gpu-decode on a CPU dry run: refused, as it should be
+        say(f"{arch_spec}: {name} did not run: {exc}")
+        return {"failed": str(exc)[:300]}
+    diff = np.abs(fast.pop("scores") - exact_scores)
+    say(f"{arch_spec}: {name}: cold {fast['cold_pairs_per_s']:.1f} pairs/s, GPU {fast['gpu_util_cold_pct']}%, "
+        f"max |score diff| vs exact {diff.max():.4f} (mean {diff.mean():.4f}), start {fast['start_s']}s")
+    return fast | {"max_abs_score_diff": float(diff.max()), "mean_abs_score_diff": float(diff.mean())}
+
+
+def main() -> int:
+    if ON_GPU and not torch.cuda.is_available():
+        print("gpu_check: CUDA is not available here (GPU_CHECK_DEVICE=cpu runs the dry run)", file=sys.stderr)
+        return 2
+    REPORT["machine"] = {
+        "gpu": torch.cuda.get_device_name(0) if ON_GPU else None, "cpus": os.cpu_count(), "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
+    say(f"device {DEVICE} ({REPORT['machine']['gpu'] or 'dry run'}), {os.cpu_count()} cores, archs {ARCHS}, "
+        f"{IMAGES} images, {QUERIES}x{PER_QUERY} pairs, batch {BATCH}, budget {BUDGET_S:.0f}s")
+    corpus = make_corpus(IMAGES, 0, workers=min(16, os.cpu_count() or 1))
+    httpd, base = serve_corpus(corpus)
+    say(f"corpus: {len(corpus)} images, {sum(map(len, corpus.values())) / 1e6:.0f} MB on {base}")
+    scratch = Path(tempfile.mkdtemp(prefix="clipserve-gpu-"))
+    try:
+        first = None
+        for i, arch in enumerate(ARCHS):
+            # The fast paths on the first (cheap) model; the big one gets the time.
+            REPORT["archs"][arch], kept = check(arch, corpus, base, scratch, fast_paths=i == 0)
+            first = first or kept
+        if ON_GPU and first is not None:  # last: compiling takes a minute or two, the rest comes first
+            REPORT["archs"][first["arch"]]["compile"] = variant(
+                first["arch"], "compile", ["--compile"], first["checkpoint"], first["pairs"], first["exact_scores"], needs_s=150
+            )
+    finally:
+        httpd.shutdown()
+        out = ROOT / "benchmarks" / "results" / "gpu_check.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(REPORT, indent=2, default=float))
+        say(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Decode pools: threads or worker processes, the same pixels either way; the GPU path's routing."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clipserve
+from clipserve_server.config import ServerConfig
+from clipserve_server.decode_pool import DecodeJob, ProcessDecoder, ThreadDecoder, build_decoder
+from clipserve_server.errors import ErrorKind, ItemError
+from clipserve_server.fake_model import FakeModel
+
+from .conftest import ServerProcess
+from .helpers import make_image
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, 120))
+
+
+def jpeg(width: int = 64, height: int = 48, mode: str = "RGB") -> bytes:
+    return make_image(width, height, seed=width, fmt="JPEG", mode=mode)
+
+
+def test_decode_threads_run_torch_on_one_thread_each_and_leave_the_callers_alone():
+    job = DecodeJob(lambda image: torch.get_num_threads(), max_pixels=10**6)
+    threads_before = torch.get_num_threads()
+
+    async def main():
+        decoder = ThreadDecoder(job, 2)
+        try:
+            return await asyncio.gather(*(decoder.decode(jpeg(), f"img{i}") for i in range(4)))
+        finally:
+            await decoder.close()
+
+    assert run(main()) == [1, 1, 1, 1]
+    assert torch.get_num_threads() == threads_before
+
+
+def test_worker_processes_give_the_same_pixels_and_errors_as_threads(tiny_checkpoint):
+    from clipserve_server.clip_model import HFClipModel
+
+    model = HFClipModel(str(tiny_checkpoint), device="cpu")
+    job = DecodeJob(model.image_preprocessor(), max_pixels=10**6)
+    images = [jpeg(64, 48), make_image(33, 77, seed=2), jpeg(300, 200, mode="CMYK")]
+    bad = {b"not an image at all": "not a recognised image format", make_image(2000, 1000): "over the 1000000-pixel limit"}
+
+    async def decode_all(decoder):
+        await decoder.start()
+        try:
+            pixels = await asyncio.gather(*(decoder.decode(data, f"img{i}") for i, data in enumerate(images)))
+            errors = await asyncio.gather(*(decoder.decode(data, "upload") for data in bad), return_exceptions=True)
+            return pixels, errors
+        finally:
+            await decoder.close()
+
+    by_thread, _ = run(decode_all(ThreadDecoder(job, 2)))
+    by_process, errors = run(decode_all(ProcessDecoder(job, 2, max_image_bytes=16 << 20)))
+    for a, b in zip(by_thread, by_process):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    for error, words in zip(errors, bad.values()):
+        assert isinstance(error, ItemError) and error.kind is ErrorKind.INVALID_INPUT
+        assert error.message.startswith("upload: ") and words in error.message
+
+
+CRASHY = textwrap.dedent(
+    """
+    import os
+
+    def preprocess(image):
+        if image.size == (1, 1):
+            os._exit(3)  # a decoder crashing on one hostile image
+        return image.size
+    """
+)
+
+
+def test_a_worker_that_dies_fails_only_its_image_and_is_replaced(tmp_path, monkeypatch):
+    (tmp_path / "crashy_preprocess.py").write_text(CRASHY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the worker imports it to unpickle the job
+    import crashy_preprocess
+
+    job = DecodeJob(crashy_preprocess.preprocess, max_pixels=10**6)
+    hostile, fine = make_image(1, 1), [make_image(10 + i, 10) for i in range(3)]
+
+    async def main():
+        decoder = ProcessDecoder(job, 1, max_image_bytes=1 << 20)
+        await decoder.start()
+        try:
+            # All four go to the one worker: the hostile one first, the others wait behind it.
+            results = await asyncio.gather(decoder.decode(hostile, "hostile.png"), *(decoder.decode(d, f"ok{i}") for i, d in enumerate(fine)), return_exceptions=True)
+            later = await decoder.decode(fine[0], "later")
+            return results, later
+        finally:
+            await decoder.close()
+
+    results, later = run(main())
+    assert isinstance(results[0], ItemError) and results[0].kind is ErrorKind.INTERNAL and "died" in results[0].message
+    assert results[1:] == [(10, 10), (11, 10), (12, 10)]
+    assert later == (10, 10)
+
+
+# -- which pool -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("settings", "kind"),
+    [
+        ({"decode_workers": 2}, ThreadDecoder),
+        ({"decode_workers": 4}, ThreadDecoder),
+        ({"decode_workers": 16}, ProcessDecoder),
+        ({"decode_workers": 2, "decode_pool": "processes"}, ProcessDecoder),
+        ({"decode_workers": 16, "decode_pool": "threads"}, ThreadDecoder),
+    ],
+)
+def test_auto_picks_worker_processes_only_where_threads_stop_scaling(settings, kind):
+    async def main():
+        return build_decoder(FakeModel(), ServerConfig(**settings))
+
+    assert type(run(main())) is kind
+
+
+# -- the GPU path, as far as a CPU can tell -------------------------------------------------------------
+
+class FakeDevice:
+    """Stands in for nvJPEG: records what it was given; can refuse."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.seen: list[bytes] = []
+        self.refuse = refuse
+
+    def __call__(self, data: bytes) -> str:
+        self.seen.append(data)
+        if self.refuse:
+            raise RuntimeError("nvjpeg: unsupported JPEG")
+        return "decoded on the device"
+
+
+def decode_with(device: FakeDevice, data: bytes, max_pixels: int = 10**6):
+    job = DecodeJob(lambda image: "decoded on the CPU", max_pixels=max_pixels)
+
+    async def main():
+        decoder = ThreadDecoder(job, 1, on_device=device)
+        try:
+            return await decoder.decode(data, "img")
+        finally:
+            await decoder.close()
+
+    return run(main())
+
+
+def test_gpu_decode_takes_rgb_and_grayscale_jpegs():
+    device = FakeDevice()
+    assert decode_with(device, jpeg()) == "decoded on the device"
+    assert decode_with(device, jpeg(mode="L")) == "decoded on the device"
+    assert len(device.seen) == 2
+
+
+@pytest.mark.parametrize("data", [make_image(20, 20), jpeg(mode="CMYK")], ids=["png", "cmyk-jpeg"])
+def test_everything_else_is_decoded_exactly_on_the_cpu(data):
+    device = FakeDevice()
+    assert decode_with(device, data) == "decoded on the CPU"
+    assert device.seen == []
+
+
+def test_a_jpeg_that_nvjpeg_refuses_is_decoded_on_the_cpu():
+    assert decode_with(FakeDevice(refuse=True), jpeg()) == "decoded on the CPU"
+
+
+def test_the_pixel_limit_holds_before_the_gpu_sees_the_file():
+    device = FakeDevice()
+    with pytest.raises(ItemError) as info:
+        decode_with(device, jpeg(400, 300), max_pixels=100_000)
+    assert info.value.kind is ErrorKind.INVALID_INPUT and "pixel limit" in info.value.message
+    assert device.seen == []
+
+
+def test_gpu_decode_refuses_clearly_without_cuda(tiny_checkpoint):
+    from clipserve_server.clip_model import HFClipModel
+
+    with pytest.raises(ValueError, match="needs --device cuda"):
+        ServerConfig(gpu_decode=True, device="cpu")
+    with pytest.raises(RuntimeError, match="use --device cuda"):
+        HFClipModel(str(tiny_checkpoint), device="cpu").device_jpeg_decoder()
+    served = subprocess.run(
+        [sys.executable, "-m", "clipserve.cli", "serve", "--model", str(tiny_checkpoint), "--gpu-decode", "--device", "cpu", "--port", "0"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert served.returncode == 2 and "needs --device cuda" in served.stderr
+
+
+# -- through a real server ----------------------------------------------------------------------------------
+
+def test_a_server_decoding_in_worker_processes_scores_like_the_reference(tiny_checkpoint, image_host, reference):
+    server = ServerProcess(["--model", str(tiny_checkpoint), "--allow-private-networks", "--decode-pool", "processes", "--decode-workers", "2"])
+    try:
+        with clipserve.CLIP(server.address, timeout=60) as clip:
+            inputs = [clipserve.SimilarityInput(q, image_host.url(f"img/photo{j}.{ext}")) for q in ("a dog", "a red car") for j in range(3) for ext in ("png", "jpg")]
+            results = clip.score_batch(inputs)
+    finally:
+        assert server.terminate() == 0, "".join(server.log)
+    for x, r in zip(inputs, results):
+        assert r.error is None
+        assert r.score == pytest.approx(reference(x.query, image_host.images[x.image_url.rsplit("/", 1)[1]]), abs=reference.tolerance)

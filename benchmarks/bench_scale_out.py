@@ -28,22 +28,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_throughput import serve  # noqa: E402  (one way to start a server, for every benchmark)
 
 
 def start_replica(forward_ms: float, batch: int) -> tuple[subprocess.Popen, str]:
-    command = [
-        sys.executable, "-m", "clipserve.cli", "serve", "--model", f"fake:forward_ms={forward_ms}", "--host", "127.0.0.1",
-        "--port", "0", "--max-batch-size", str(batch), "--max-batch-delay-ms", "2", "--log-level", "WARNING",
-    ]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    address = ""
-    for line in proc.stdout:
-        if line.startswith("clipserve listening on "):
-            address = "127.0.0.1:" + line.strip().rsplit(":", 1)[1]
-        if line.startswith("clipserve ready"):
-            return proc, address
-    raise RuntimeError(f"replica exited with {proc.wait()}")
+    return serve("--model", f"fake:forward_ms={forward_ms}", "--max-batch-size", str(batch), "--max-batch-delay-ms", "2")
 
 
 def one_run(replicas: int, pairs: int, image: Path, args: argparse.Namespace) -> tuple[float, list[int]]:

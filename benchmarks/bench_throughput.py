@@ -14,7 +14,9 @@ files of mixed sizes, serves them over loopback HTTP, draws Q queries x K images
   (c) clipserve warm: the same workload again (embeddings cached);
   (d) model bound: batched get_image_features + get_text_features over the distinct images
       and texts through the server's own model class, preprocessing excluded (no I/O, no
-      decode): the best any server with that model path could do.
+      decode): the best any server with that model path could do;
+  (e) with --embed: Embed of the distinct images on a cold server through the SDK's
+      embed_images, in images/s, against the image half of (d) alone.
 
 The server runs with --compile (the image tower through torch.compile) and (d) uses the same
 compiled tower; --no-compile measures the eager path instead. (a) is always eager: it is the
@@ -141,8 +143,9 @@ def measure_reference(checkpoint: Path, pairs: list[tuple[str, str]]) -> float:
     return len(pairs) / (time.perf_counter() - started)
 
 
-def measure_bound(checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[str, str]], args: argparse.Namespace) -> float:
-    """(d) Batched forwards over the distinct texts and images; preprocessing done beforehand."""
+def measure_bound(checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[str, str]], args: argparse.Namespace) -> tuple[float, float]:
+    """(d) Batched forwards over the distinct texts and images; preprocessing done beforehand.
+    Returns pairs/s, and images/s of the image forwards alone (the bound of (e))."""
     from clipserve_server.clip_model import HFClipModel
 
     # The server's model class: the same (eager or compiled) towers, dtype and device. Its
@@ -156,18 +159,24 @@ def measure_bound(checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[
     started = time.perf_counter()
     for i in range(0, len(texts), size):
         model.forward(texts[i : i + size], [])
+    images_started = time.perf_counter()
     for i in range(0, len(pixels), size):
         model.forward([], pixels[i : i + size])
-    return len(pairs) / (time.perf_counter() - started)
+    ended = time.perf_counter()
+    return len(pairs) / (ended - started), len(pixels) / (ended - images_started)
 
 
 def start_server(checkpoint: Path, args: argparse.Namespace, extra: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
-    command = [
-        sys.executable, "-m", "clipserve.cli", "serve", "--model", str(checkpoint), "--host", "127.0.0.1", "--port", "0",
-        "--allow-private-networks", "--device", args.device, "--dtype", args.dtype,
-        "--max-batch-size", str(args.max_batch_size), "--max-batch-delay-ms", str(args.max_batch_delay_ms), "--log-level", "WARNING",
+    return serve(
+        "--model", str(checkpoint), "--allow-private-networks", "--device", args.device, "--dtype", args.dtype,
+        "--max-batch-size", str(args.max_batch_size), "--max-batch-delay-ms", str(args.max_batch_delay_ms),
         "--compile" if args.compile else "--no-compile", *extra,
-    ]
+    )
+
+
+def serve(*flags: str) -> tuple[subprocess.Popen, str]:
+    """`clipserve serve FLAGS` on a free loopback port; returns once it is ready."""
+    command = [sys.executable, "-m", "clipserve.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--log-level", "WARNING", *flags]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     address = ""
@@ -191,6 +200,17 @@ def measure_clipserve(address: str, pairs: list[tuple[str, str]]) -> tuple[float
     return len(pairs) / elapsed, failures
 
 
+def measure_embed(address: str, urls: list[str]) -> tuple[float, int]:
+    """(e) Embed: every distinct image once, on a cold server (images/s)."""
+    import clipserve
+
+    with clipserve.CLIP(address) as clip:
+        started = time.perf_counter()
+        results = clip.embed_images(urls)
+        elapsed = time.perf_counter() - started
+    return len(urls) / elapsed, sum(1 for r in results if r.error is not None)
+
+
 # -- main --------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
     parser.add_argument("--checkpoint", type=Path, default=None, help="reuse a vit-b-32 checkpoint folder")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--embed", action="store_true", help="also (e): embed the distinct images on a cold server, against the image bound")
     parser.add_argument("--repeat", type=int, default=1, help="runs of every mode; the median is reported")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
     parser.add_argument("--seed", type=int, default=0)
@@ -225,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     # Each mode runs --repeat times (a fresh server for every cold run); the median is reported,
     # since a shared 2-core machine drifts by 10-25% between runs.
     samples: dict[str, list[float]] = {}
-    failures = {"cold": 0, "warm": 0}
+    images: dict[str, list[float]] = {}  # (e) and its bound, in images/s
+    failures = {"cold": 0, "warm": 0, "embed": 0}
     reference_pairs = random.Random(1).sample(pairs, min(args.reference_pairs, len(pairs)))
     for run in range(1, args.repeat + 1):
         if not args.skip_reference:
@@ -241,8 +263,20 @@ def main(argv: list[str] | None = None) -> int:
         samples.setdefault("c_clipserve_warm", []).append(warm)
         failures["cold"] += cold_failures
         failures["warm"] += warm_failures
-        samples.setdefault("d_model_bound", []).append(in_fresh_process(measure_bound, checkpoint, corpus, pairs, args))
-        print(f"run {run}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in samples.items()) + " pairs/s", flush=True)
+        bound, image_bound = in_fresh_process(measure_bound, checkpoint, corpus, pairs, args)
+        samples.setdefault("d_model_bound", []).append(bound)
+        if args.embed:
+            proc, address = start_server(checkpoint, args)
+            try:
+                embedded, embed_failures = measure_embed(address, sorted({u for _, u in pairs}))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+            failures["embed"] += embed_failures
+            images.setdefault("e_embed_cold", []).append(embedded)
+            images.setdefault("d_image_bound", []).append(image_bound)
+        print(f"run {run}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in samples.items()) + " pairs/s"
+              + "".join(f", {k} {v[-1]:.1f}" for k, v in images.items()) + (" images/s" if images else ""), flush=True)
     httpd.shutdown()
     rows = {name: statistics.median(values) for name, values in samples.items()}
 
@@ -261,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     for row in table:
         speed = f"{row['speedup_vs_a']:.1f}" if row["speedup_vs_a"] else "-"
         print(f"{row['mode']:<20}{row['pairs_per_s']:>10.1f}{row['images_per_s']:>10.1f}{speed:>8}{row['fraction_of_bound_d']:>8.2f}")
+    if images:
+        embed = statistics.median(images["e_embed_cold"])
+        image_bound = statistics.median(images["d_image_bound"])
+        table.append({"mode": "e_embed_cold", "images_per_s": round(embed, 1), "fraction_of_image_bound": round(embed / image_bound, 2)})
+        print(f"{'e_embed_cold':<20}{'-':>10}{embed:>10.1f}{'-':>8}{embed / image_bound:>8.2f}  (of the image-only bound, {image_bound:.1f} images/s)")
     report = {
         "workload": {"pairs": len(pairs), "queries": args.queries, "per_query": args.per_query, "images": args.images, "distinct_images": distinct_images},
         "settings": {"device": args.device, "dtype": args.dtype, "compile": args.compile, "max_batch_size": args.max_batch_size, "max_batch_delay_ms": args.max_batch_delay_ms},
@@ -268,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                     "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
         "repeat": args.repeat,
         "samples_pairs_per_s": {k: [round(v, 1) for v in values] for k, values in samples.items()},
+        "samples_images_per_s": {k: [round(v, 1) for v in values] for k, values in images.items()},
         "failures": failures,
         "results": table,
     }

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,20 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_throughput import make_corpus  # noqa: E402  (the same 200-image corpus)
-
-
-def start_server() -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "clipserve.cli", "serve", "--model", "fake", "--host", "127.0.0.1", "--port", "0", "--log-level", "WARNING"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    address = ""
-    for line in proc.stdout:
-        if line.startswith("clipserve listening on "):
-            address = "127.0.0.1:" + line.strip().rsplit(":", 1)[1]
-        if line.startswith("clipserve ready"):
-            return proc, address
-    raise RuntimeError(f"server exited with {proc.wait()}")
+from bench_throughput import make_corpus, serve  # noqa: E402  (the same 200-image corpus)
 
 
 def run(address: str, inputs: list) -> dict[str, float]:
@@ -79,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     per_pair_naive = sum(Path(x.image_url).stat().st_size for x in inputs) / pairs
     print(f"{pairs} pairs over {len(used)} local files ({size / 1e6:.1f} MB); uploading every pair would send {per_pair_naive / 1e3:.0f} kB/pair")
 
-    proc, address = start_server()
+    proc, address = serve("--model", "fake")
     try:
         cold = run(address, inputs)
         warm = run(address, inputs)

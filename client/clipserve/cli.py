@@ -1,4 +1,5 @@
-"""The ``clipserve`` command: ``serve``, ``score``, ``health``, ``info``."""
+"""The ``clipserve`` command: ``serve``, ``score``, ``health``, ``info``, ``models``,
+``score-file``, ``embed-file``."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ def _add_address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", default=None, help="PEM client certificate (mutual TLS)")
     parser.add_argument("--tls-key", default=None, help="PEM client key (mutual TLS)")
     parser.add_argument("--auth-token-file", default=None, help="file holding the bearer token (default: $CLIPSERVE_AUTH_TOKEN)")
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="", help="which of the server's models (see `clipserve models`; default: the server's default)")
 
 
 def _security(args: argparse.Namespace) -> dict:
@@ -69,7 +74,7 @@ def _cmd_serve(argv: list[str]) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from . import CLIP, ClipServeError
 
-    with CLIP(args.address, timeout=args.timeout, **_security(args)) as clip:
+    with CLIP(args.address, timeout=args.timeout, model=args.model, **_security(args)) as clip:
         try:
             print(clip.score(args.query, args.image))
         except ClipServeError as exc:
@@ -106,13 +111,52 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     from . import CLIP, ClipServeError
 
-    with CLIP(args.address, timeout=args.timeout, **_security(args)) as clip:
+    with CLIP(args.address, timeout=args.timeout, model=args.model, **_security(args)) as clip:
         try:
             info = clip.model_info()
         except ClipServeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     print(json.dumps(MessageToDict(info, always_print_fields_with_no_presence=True), indent=2))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from . import CLIP, ClipServeError
+
+    with CLIP(args.address, timeout=args.timeout, **_security(args)) as clip:
+        try:
+            models = clip.list_models()
+        except ClipServeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    print(json.dumps(MessageToDict(models, always_print_fields_with_no_presence=True), indent=2))
+    return 0
+
+
+def _cmd_embed_file(args: argparse.Namespace) -> int:
+    from . import CLIP, ClipServeError
+    from ._embedfile import EmbedJob, embed_file
+    from ._rows import RunFailed
+
+    job = EmbedJob(
+        input=Path(args.input),
+        output=Path(args.output),
+        column=args.text_column or args.image_column,
+        images=args.image_column is not None,
+        id_column=args.id_column,
+        raw=args.raw,
+    )
+    try:
+        with CLIP(args.address, timeout=args.timeout, model=args.model, **_security(args)) as clip:
+            summary = embed_file(clip, job, resume=args.resume, chunk_size=args.chunk_size, progress=not args.no_progress)
+    except (RunFailed, ClipServeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for line in summary.lines():
+        print(line, file=sys.stderr)
     return 0
 
 
@@ -134,7 +178,7 @@ def _cmd_score_file(args: argparse.Namespace) -> int:
     images = settings.pop("images", None)
     job = FileJob(qrels=qrels, output=output, images=Path(images) if images else None, **settings)
     try:
-        with CLIP(args.address, config=args.config, timeout=args.timeout, **_security(args)) as clip:
+        with CLIP(args.address, config=args.config, timeout=args.timeout, model=args.model, **_security(args)) as clip:
             if args.retry_failed:
                 summary = retry_failed(clip, job, chunk_size=args.chunk_size, progress=not args.no_progress)
             else:
@@ -157,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("query")
     score.add_argument("image", help="http(s) URL, local path or file:// URL")
     _add_address(score)
+    _add_model(score)
     score.set_defaults(func=_cmd_score)
 
     health = sub.add_parser("health", help="print the server's health (exit 0 when SERVING)")
@@ -195,11 +240,40 @@ def build_parser() -> argparse.ArgumentParser:
     score_file.add_argument("--chunk-size", type=int, default=1024, help="rows scored and written at a time")
     score_file.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_address(score_file)
+    _add_model(score_file)
     score_file.set_defaults(func=_cmd_score_file, timeout=None)
 
-    info = sub.add_parser("info", help="print the server's model and batching info as JSON")
+    embed_file = sub.add_parser(
+        "embed-file",
+        help="embed one column (texts or images) of every row of a file; write Parquet or .npy",
+        description="Reads rows (.jsonl, .csv, .parquet) and writes each row's embedding, in input order: "
+        "a .parquet output has the input columns (or --id-column alone) plus `embedding` (fixed-size list "
+        "of float32, null where the row failed) and `error`; a .npy output is the matrix (a NaN row where a "
+        "row failed) with <output>.ids.jsonl beside it. Chunks are saved as they arrive: --resume carries on "
+        "after an interruption.",
+    )
+    embed_file.add_argument("input", help="rows to embed (.jsonl, .csv, .parquet)")
+    embed_file.add_argument("-o", "--output", required=True, help="where to write the embeddings (.parquet or .npy)")
+    column = embed_file.add_mutually_exclusive_group(required=True)
+    column.add_argument("--text-column", default=None, help="the column of texts to embed")
+    column.add_argument("--image-column", default=None, help="the column of image URLs, local paths or file:// URLs to embed")
+    embed_file.add_argument("--id-column", default=None, help="the column that names each row in the output (default: every input column; row numbers for .npy)")
+    embed_file.add_argument("--raw", action="store_true", help="the model's own features instead of unit vectors")
+    embed_file.add_argument("--resume", action="store_true", help="keep the chunks an interrupted run saved and embed the rest")
+    embed_file.add_argument("--chunk-size", type=int, default=1024, help="rows embedded and saved at a time")
+    embed_file.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_address(embed_file)
+    _add_model(embed_file)
+    embed_file.set_defaults(func=_cmd_embed_file, timeout=None)
+
+    info = sub.add_parser("info", help="print a model's info, batching and cache statistics as JSON")
     _add_address(info)
+    _add_model(info)
     info.set_defaults(func=_cmd_info)
+
+    models = sub.add_parser("models", help="list the server's models as JSON")
+    _add_address(models)
+    models.set_defaults(func=_cmd_models)
     return parser
 
 

@@ -10,9 +10,9 @@ import collections
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import numpy as np
 
 from .domain import CacheStats
+from .model import Embedding
 
 
 @dataclass
@@ -31,7 +31,7 @@ class EmbeddingCache:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._entries: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[str, Embedding] = collections.OrderedDict()
         self._flights: dict[str, _Flight] = {}
         self.hits = 0
         self.misses = 0
@@ -39,7 +39,7 @@ class EmbeddingCache:
     def stats(self) -> CacheStats:
         return CacheStats(capacity=self.capacity, entries=len(self._entries), hits=self.hits, misses=self.misses)
 
-    async def get(self, key: str, compute: Callable[[], Awaitable[np.ndarray]]) -> np.ndarray:
+    async def get(self, key: str, compute: Callable[[], Awaitable[Embedding]]) -> Embedding:
         cached = self._hit(key)
         if cached is not None:
             return cached
@@ -53,7 +53,7 @@ class EmbeddingCache:
             self.hits += 1  # joined an encode already under way: no extra model work
         return await self._wait(key, flight)
 
-    async def join(self, key: str) -> np.ndarray | None:
+    async def join(self, key: str) -> Embedding | None:
         """The embedding if it is cached or being computed; None (and no work) otherwise."""
         cached = self._hit(key)
         if cached is not None:
@@ -64,14 +64,14 @@ class EmbeddingCache:
         self.hits += 1
         return await self._wait(key, flight)
 
-    def _hit(self, key: str) -> np.ndarray | None:
+    def _hit(self, key: str) -> Embedding | None:
         cached = self._entries.get(key)
         if cached is not None:
             self._entries.move_to_end(key)
             self.hits += 1
         return cached
 
-    async def _wait(self, key: str, flight: _Flight) -> np.ndarray:
+    async def _wait(self, key: str, flight: _Flight) -> Embedding:
         flight.waiters += 1
         try:
             return await asyncio.shield(flight.task)

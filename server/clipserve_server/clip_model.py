@@ -26,6 +26,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _to_numpy(features: Any) -> np.ndarray:
+    # float32 whatever the model's dtype: scores and norms are computed in float32 or more.
+    return features.float().cpu().numpy()
+
+
 def _features(output: Any) -> Any:
     """transformers < 5 returns the projected features; 5.x wraps them in ``pooler_output``."""
     import torch
@@ -135,13 +140,13 @@ class HFClipModel(EmbeddingModel):
         # Queries longer than the model's context are truncated (the reference adapter crashes).
         tokens = self._tokenizer(texts, padding=self._padding, truncation=True, max_length=self._max_tokens, return_tensors="pt")
         tokens = {k: v.to(self._device) for k, v in tokens.items()}
-        return self._normalise(_features(self._model.get_text_features(**tokens)))
+        return _to_numpy(_features(self._model.get_text_features(**tokens)))
 
     def _encode_images(self, images: list[Any]) -> np.ndarray:
         torch = self._torch
         # Preprocessed on the CPU (numpy arrays) or, with --gpu-decode, already on the device.
         pixels = self._pipeline.normalize(torch.stack([torch.as_tensor(image, device=self._device) for image in images]))
-        return self._normalise(self._image_features(pixels.to(self._dtype)))
+        return _to_numpy(self._image_features(pixels.to(self._dtype)))
 
     def _eager_image_features(self, pixels: Any) -> Any:
         return _features(self._model.get_image_features(pixel_values=pixels))
@@ -154,12 +159,6 @@ class HFClipModel(EmbeddingModel):
             image = self.preprocess_image(Image.new("RGB", (64, 64), (127, 127, 127)))
             self.forward([], [image, image])
 
-    @staticmethod
-    def _normalise(features: Any) -> np.ndarray:
-        # Normalise in float32 whatever the model's dtype, as the score is reported in float32+.
-        features = features.float()
-        features = features / features.norm(p=2, dim=-1, keepdim=True)
-        return features.cpu().numpy()
 
 
 def load_model(model_id: str, *, device: str, dtype: str, use_safetensors: bool | None, compile: bool = False) -> EmbeddingModel:

@@ -1,4 +1,5 @@
-"""The scoring pipeline: caches -> fetch -> decode/preprocess -> batched forward -> score.
+"""The pipeline of one model: caches -> fetch -> decode/preprocess -> batched forward -> a
+score or an embedding.
 
 Every stage overlaps: downloads run concurrently on the event loop, decoding and
 preprocessing on threads or worker processes sized from the cores (decode_pool), the forward
@@ -20,11 +21,11 @@ from .batcher import Batcher
 from .cache import EmbeddingCache
 from .config import ServerConfig
 from .decode_pool import build_decoder
-from .domain import CacheStats, ImageSource, ModelDescription, ScoreItem
+from .domain import CacheStats, EmbedItem, ImageSource, ModelDescription, ScoreItem
 from .errors import ErrorKind, ItemError
 from .fetch import ImageFetcher
 from .metrics import Metrics
-from .model import EmbeddingModel
+from .model import Embedding, EmbeddingModel
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +104,27 @@ class ScoringEngine:
             raise
         return self.model.score(text_embedding, image_embedding)
 
-    async def _text_embedding(self, query: str, wait: bool) -> np.ndarray:
-        return await self.text_cache.get(query, lambda: self._batcher.encode_text(query, wait=wait))
+    # -- embedding -------------------------------------------------------------------------
+    async def embed(self, item: EmbedItem, *, wait: bool) -> np.ndarray:
+        """One text's or image's vector: unit length, or the model's own features (``raw``).
+        It comes from the same caches and batches as scoring: an Embed of an image already
+        scored costs no forward pass, and the other way round."""
+        if item.text is not None:
+            embedding = await self._text_embedding(validate_query(item.text), wait)
+        else:
+            assert item.image is not None
+            validate_image(item.image, self.config.max_image_bytes)
+            embedding = await self._image_embedding(item.image, wait)
+        return embedding.raw if item.raw else embedding.unit()
 
-    async def _image_embedding(self, source: ImageSource, wait: bool) -> np.ndarray:
+    # -- both ------------------------------------------------------------------------------
+    async def _text_embedding(self, query: str, wait: bool) -> Embedding:
+        return await self.text_cache.get(query, lambda: self._encode_text(query, wait))
+
+    async def _encode_text(self, query: str, wait: bool) -> Embedding:
+        return Embedding.of(await self._batcher.encode_text(query, wait=wait))
+
+    async def _image_embedding(self, source: ImageSource, wait: bool) -> Embedding:
         if source.url is not None:
             return await self.image_cache.get("url:" + source.url, lambda: self._encode_image(source, wait))
         if source.data is None:
@@ -124,12 +142,12 @@ class ScoringEngine:
         key = "sha256:" + (claimed or await self._content_hash(source.data))
         return await self.image_cache.get(key, lambda: self._encode_image(source, wait, check_sha256=claimed))
 
-    async def _encode_image(self, source: ImageSource, wait: bool, check_sha256: str | None = None) -> np.ndarray:
+    async def _encode_image(self, source: ImageSource, wait: bool, check_sha256: str | None = None) -> Embedding:
         data = source.data if source.data is not None else await self._fetch(source.url or "")
         if check_sha256 is not None and await self._content_hash(data) != check_sha256:
             raise ItemError(ErrorKind.INVALID_INPUT, f"{source.describe()}: image_sha256 does not match the uploaded bytes")
         pixels = await self._decoder.decode(data, source.describe())
-        return await self._batcher.encode_image(pixels, wait=wait)
+        return Embedding.of(await self._batcher.encode_image(pixels, wait=wait))
 
     async def _fetch(self, url: str) -> bytes:
         try:

@@ -30,6 +30,7 @@ class FakeModel(EmbeddingModel):
             logit_scale=logit_scale,
             logit_bias=0.0,
             max_text_tokens=77,
+            backend="fake",
         )
         self.forward_delay_s = forward_delay_s
         self.fail_with: BaseException | None = None  # raised by the next forward calls while set
@@ -64,15 +65,17 @@ class FakeModel(EmbeddingModel):
             self.encoded_texts.extend(texts)
             self.encoded_images += len(images)
         dim = self.description.embedding_dim
-        text_out = np.stack([self._unit(b"t" + t.encode("utf-8"), dim) for t in texts]) if texts else np.zeros((0, dim), np.float32)
-        image_out = np.stack([self._unit(b"i" + p, dim) for p in images]) if images else np.zeros((0, dim), np.float32)
+        text_out = np.stack([self._features(b"t" + t.encode("utf-8"), dim) for t in texts]) if texts else np.zeros((0, dim), np.float32)
+        image_out = np.stack([self._features(b"i" + p, dim) for p in images]) if images else np.zeros((0, dim), np.float32)
         return text_out, image_out
 
     @staticmethod
-    def _unit(seed: bytes, dim: int) -> np.ndarray:
+    def _features(seed: bytes, dim: int) -> np.ndarray:
+        """A unit vector times a length between 1 and 3, both from the seed: like a real model,
+        its raw features are not normalised."""
         rng = np.random.default_rng(int.from_bytes(hashlib.sha256(seed).digest()[:8], "little"))
         vector = rng.standard_normal(dim).astype(np.float32)
-        return vector / np.linalg.norm(vector)
+        return vector / np.linalg.norm(vector) * np.float32(1.0 + 2.0 * rng.random())
 
 
 def _pixels(image: Image.Image) -> bytes:

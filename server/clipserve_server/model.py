@@ -2,14 +2,15 @@
 
 An implementation turns decoded images into model inputs (``preprocess_image``, run on the
 decode pool: threads, or worker processes that get it through ``image_preprocessor``) and
-encodes batches of texts and images into L2-normalised embeddings (``forward``, run on the
-single model thread). ``score`` is the model's ``logits_per_image`` for one pair, computed from
-those embeddings.
+encodes batches of texts and images into the model's own features (``forward``, run on the
+single model thread; transformers' ``get_text_features`` / ``get_image_features``). ``score``
+is the model's ``logits_per_image`` for one pair, computed from those features.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,22 @@ import numpy as np
 from PIL import Image
 
 from .domain import ModelDescription
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """A model's own (unnormalised) features for one text or image, and their length: what the
+    caches keep. Scoring and Embed's default use the unit vector; Embed ``raw`` the features."""
+
+    raw: np.ndarray  # float32, shape (dim,)
+    norm: float
+
+    @classmethod
+    def of(cls, features: np.ndarray) -> Embedding:
+        return cls(features, float(np.linalg.norm(features)))
+
+    def unit(self) -> np.ndarray:
+        return self.raw / np.float32(self.norm)
 
 
 class EmbeddingModel(ABC):
@@ -45,13 +62,13 @@ class EmbeddingModel(ABC):
     def forward(self, texts: list[str], images: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         """Encode texts and preprocessed images in one go.
 
-        Returns float32 arrays of shape (len(texts), dim) and (len(images), dim) whose rows
-        have unit length. Called from one thread at a time; may be slow.
+        Returns the model's own features, not normalised, as float32 arrays of shape
+        (len(texts), dim) and (len(images), dim). Called from one thread at a time; may be slow.
         """
 
-    def score(self, text_embedding: np.ndarray, image_embedding: np.ndarray) -> float:
+    def score(self, text: Embedding, image: Embedding) -> float:
         """``exp(logit_scale) * cos + logit_bias``: the pair's ``logits_per_image``."""
-        cosine = float(np.dot(text_embedding, image_embedding))
+        cosine = float(np.dot(text.raw, image.raw)) / (text.norm * image.norm)
         return self.description.logit_scale * cosine + self.description.logit_bias
 
     def warmup(self) -> None:

@@ -117,16 +117,18 @@ class ImageHost:
 class InProcessServer:
     """A real ClipServer on a real port, run on its own event-loop thread.
 
-    Used with the FakeModel to test the API and batching without weights.
+    Used with the FakeModel to test the API and batching without weights. ``model`` is the one
+    model, or the models by name (the config's ``model`` names them: ``("a=fake", "b=fake")``).
     """
 
-    def __init__(self, config: ServerConfig, model: EmbeddingModel) -> None:
+    def __init__(self, config: ServerConfig, model: EmbeddingModel | dict[str, EmbeddingModel]) -> None:
+        models = model if isinstance(model, dict) else None
         self.model = model
-        self.config = replace(config, host="127.0.0.1", port=0)
+        self.config = replace(config, host="127.0.0.1", port=0, model=tuple(f"{name}=fake" for name in models) if models else config.model)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.server = ClipServer(self.config, lambda _config: model)
+        self.server = ClipServer(self.config, lambda spec, _config: models[spec.name] if models else model)
         self.port = self.call(self._start())
         self.address = f"127.0.0.1:{self.port}"
 

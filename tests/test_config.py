@@ -1,14 +1,16 @@
-"""Configuration: defaults < config.toml < CLIPSERVE_* env < flags, into one frozen config."""
+"""Configuration: defaults < config files < CLIPSERVE_* env < flags, into one frozen config."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
-from clipserve_server.config import ServerConfig, load_config
+from clipserve_server.config import ModelSpec, ServerConfig, load_config
 
-TOML = """
+# The benchmark maker's config.toml, as its loader accepts it: the server takes the model from it.
+BENCHMARK_TOML = """
 column_query = "query_text"
 
 [similarity_config]
@@ -18,34 +20,76 @@ col_name = "clip_score"
 device = "cpu"
 torch_dtype = "bfloat16"
 use_safetensors = true
+"""
 
+# clipserve's own file, beside it.
+CLIPSERVE_TOML = """
 [server]
 port = 6000
 max_batch_size = 16
 """
 
 
+def write(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
 def test_defaults_are_sane():
     config = load_config([], environ={})
-    assert (config.model, config.device, config.dtype, config.port) == ("openai/clip-vit-base-patch32", "auto", "float32", 50051)
+    assert config.models == (ModelSpec("default", "openai/clip-vit-base-patch32"),)
+    assert (config.device, config.dtype, config.port) == ("auto", "float32", 50051)
     assert config.allow_private_networks is False and config.cache is True
 
 
-def test_the_adapters_config_toml_is_understood(tmp_path):
-    path = tmp_path / "config.toml"
-    path.write_text(TOML)
-    config = load_config(["--config", str(path)], environ={})
-    assert (config.model, config.device, config.dtype, config.use_safetensors) == ("apple/DFN5B-CLIP-ViT-H-14-378", "cpu", "bfloat16", True)
+def test_the_benchmark_makers_config_and_clipserves_own_file_are_read_together(tmp_path):
+    benchmark, own = write(tmp_path, "config.toml", BENCHMARK_TOML), write(tmp_path, "clipserve.toml", CLIPSERVE_TOML)
+    config = load_config(["--config", benchmark, "--config", own], environ={})
+    assert config.models == (ModelSpec("default", "apple/DFN5B-CLIP-ViT-H-14-378"),)
+    assert (config.device, config.dtype, config.use_safetensors) == ("cpu", "bfloat16", True)
     assert (config.port, config.max_batch_size) == (6000, 16)
 
 
-def test_env_wins_over_the_file_and_flags_win_over_env(tmp_path):
-    path = tmp_path / "config.toml"
-    path.write_text(TOML)
-    env = {"CLIPSERVE_CONFIG": str(path), "CLIPSERVE_PORT": "7000", "CLIPSERVE_MAX_BATCH_SIZE": "8", "CLIPSERVE_ALLOW_PRIVATE_NETWORKS": "true"}
+def test_env_wins_over_the_files_and_flags_win_over_env(tmp_path):
+    files = os.pathsep.join([write(tmp_path, "config.toml", BENCHMARK_TOML), write(tmp_path, "clipserve.toml", CLIPSERVE_TOML)])
+    env = {"CLIPSERVE_CONFIG": files, "CLIPSERVE_PORT": "7000", "CLIPSERVE_MAX_BATCH_SIZE": "8", "CLIPSERVE_ALLOW_PRIVATE_NETWORKS": "true"}
     config = load_config(["--max-batch-size", "4"], environ=env)
     assert (config.port, config.max_batch_size, config.allow_private_networks) == (7000, 4, True)
-    assert config.model == "apple/DFN5B-CLIP-ViT-H-14-378"
+    assert config.models[0].source == "apple/DFN5B-CLIP-ViT-H-14-378"
+
+
+def test_several_models_by_name_from_flags_env_or_clipserve_toml(tmp_path):
+    flags = load_config(["--model", "b32=openai/clip-vit-base-patch32", "--model", "ml=/models/clip", "--text-model", "ml=/models/mdistil"], environ={})
+    assert flags.models == (ModelSpec("b32", "openai/clip-vit-base-patch32"), ModelSpec("ml", "/models/clip", text_model="/models/mdistil"))
+    assert flags.default_model == "b32"  # the first, as none is named "default"
+    env = load_config([], environ={"CLIPSERVE_MODEL": "small=fake:dim=8;default=fake"})
+    assert [spec.name for spec in env.models] == ["small", "default"] and env.default_model == "default"
+    own = write(tmp_path, "clipserve.toml", """
+[models.h14]
+source = "apple/DFN5B-CLIP-ViT-H-14-378"
+
+[models.oc]
+source = "open_clip:ViT-B-32"
+pretrained = "/weights/b32.safetensors"
+""")
+    config = load_config(["--config", own], environ={})
+    assert config.models == (ModelSpec("h14", "apple/DFN5B-CLIP-ViT-H-14-378"), ModelSpec("oc", "open_clip:ViT-B-32", pretrained="/weights/b32.safetensors"))
+    # A stand-in model's options are not a name.
+    assert load_config(["--model", "fake:forward_ms=30"], environ={}).models == (ModelSpec("default", "fake:forward_ms=30"),)
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--model", "a", "--model", "b"], "give each a name"),
+        (["--model", "x=fake", "--model", "x=fake"], "must differ"),
+        (["--model", "x=fake", "--text-model", "y=st"], "no model is named 'y'"),
+    ],
+)
+def test_a_bad_list_of_models_is_refused(argv, words):
+    with pytest.raises(ValueError, match=words):
+        load_config(argv, environ={})
 
 
 def test_no_cache_turns_both_caches_off():
@@ -71,11 +115,11 @@ def test_bad_values_are_reported_by_name(argv, env, words):
         load_config(argv, environ=env)
 
 
-def test_unknown_server_keys_in_the_file_are_errors(tmp_path):
-    path = tmp_path / "config.toml"
-    path.write_text("[server]\nmax_bach_size = 3\n")
+def test_unknown_keys_in_clipserves_file_are_errors(tmp_path):
     with pytest.raises(ValueError, match=r"unknown key \[server\].max_bach_size"):
-        load_config(["--config", str(path)], environ={})
+        load_config(["--config", write(tmp_path, "clipserve.toml", "[server]\nmax_bach_size = 3\n")], environ={})
+    with pytest.raises(ValueError, match=r"unknown key \[models.a\].sauce"):
+        load_config(["--config", write(tmp_path, "clipserve.toml", "[models.a]\nsource = 'x'\nsauce = 'y'\n")], environ={})
 
 
 def test_bad_dtype_is_refused():

@@ -125,7 +125,7 @@ def test_a_worker_that_dies_fails_only_its_image_and_is_replaced(tmp_path, monke
 )
 def test_auto_picks_worker_processes_only_where_threads_stop_scaling(settings, kind):
     async def main():
-        return build_decoder(FakeModel(), ServerConfig(**settings))
+        return build_decoder([FakeModel()], ServerConfig(**settings))
 
     assert type(run(main())) is kind
 

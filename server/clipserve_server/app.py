@@ -7,15 +7,19 @@ import logging
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 from clipserve.v1 import scorer_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .config import ServerConfig
+from .config import ModelSpec, ServerConfig
+from .decode_pool import Decoder, build_decoder
 from .engine import ScoringEngine
+from .memory import check_fits
 from .metrics import Metrics
 from .model import EmbeddingModel
 from .security import interceptors, server_credentials
@@ -25,13 +29,31 @@ from .servicer import ScorerServicer, add_scorer_to_server
 log = logging.getLogger(__name__)
 
 SCORER_SERVICE = scorer_pb2.DESCRIPTOR.services_by_name["Scorer"].full_name
-ModelFactory = Callable[[ServerConfig], EmbeddingModel]
+ModelFactory = Callable[[ModelSpec, ServerConfig], EmbeddingModel]
 
 
-def load_configured_model(config: ServerConfig) -> EmbeddingModel:
+def load_configured_model(spec: ModelSpec, config: ServerConfig) -> EmbeddingModel:
     from .loading import load_model
 
-    return load_model(config.model, config)
+    return load_model(spec, config)
+
+
+class ModelLoadError(RuntimeError):
+    """Loading one of the configured models failed; ``__cause__`` says why."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(f"could not load the model {spec.name!r} ({spec.source})")
+        self.spec = spec
+
+
+def _one_at_a_time(forward: Callable, lock: threading.Lock) -> Callable:
+    """A model's forward that waits for the other models' on the same device."""
+
+    def locked(texts: list, images: list) -> Any:
+        with lock:
+            return forward(texts, images)
+
+    return locked
 
 
 class ClipServer:
@@ -40,7 +62,8 @@ class ClipServer:
     def __init__(self, config: ServerConfig, model_factory: ModelFactory = load_configured_model) -> None:
         self.config = config
         self._model_factory = model_factory
-        self._registry = ModelRegistry()
+        self._registry = ModelRegistry([spec.name for spec in config.models], config.default_model)
+        self._decoder: Decoder | None = None
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._loader: asyncio.Task | None = None
@@ -90,16 +113,34 @@ class ClipServer:
         await asyncio.shield(self._loader)
 
     async def _load(self) -> None:
+        """Load every model (refusing at once a set that cannot fit), then serve them all."""
         loop = asyncio.get_running_loop()
-        model = await loop.run_in_executor(None, self._model_factory, self.config)
-        await loop.run_in_executor(None, model.warmup)
-        engine = ScoringEngine(model, self.config, on_dead=self._engine_died, metrics=self.metrics, name="default")
-        await engine.start()
+        specs = self.config.models
+        if self._model_factory is load_configured_model:
+            await loop.run_in_executor(None, check_fits, specs, self.config)
+        models = []
+        for spec in specs:
+            try:
+                model = await loop.run_in_executor(None, self._model_factory, spec, self.config)
+                await loop.run_in_executor(None, model.warmup)
+            except Exception as exc:
+                raise ModelLoadError(spec) from exc
+            models.append(model)
+        # One decode pool for every model; one forward pass at a time per device.
+        self._decoder = build_decoder(models, self.config)
+        await self._decoder.start()
+        locks: dict[str, threading.Lock] = {}
+        for job, (spec, model) in enumerate(zip(specs, models)):
+            forward = model.forward if len(models) == 1 else _one_at_a_time(model.forward, locks.setdefault(model.description.device, threading.Lock()))
+            engine = ScoringEngine(
+                model, self.config, decoder=self._decoder.for_job(job), on_dead=self._engine_died, metrics=self.metrics, name=spec.name, forward=forward
+            )
+            await engine.start()
+            self._registry.add(spec.name, engine)
+            d = model.description
+            log.info("serving %s as %r on %s (%s, %s), embedding dim %d", d.model_id, spec.name, d.device, d.dtype, d.backend, d.embedding_dim)
         self.metrics.attach(self._registry.engines)
-        self._registry.add("default", engine)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        d = model.description
-        log.info("serving %s on %s (%s), embedding dim %d", d.model_id, d.device, d.dtype, d.embedding_dim)
 
     def _engine_died(self, exc: BaseException) -> None:
         # Health must never claim SERVING for a server that cannot score.
@@ -120,6 +161,8 @@ class ClipServer:
             await self._server.stop(grace)
         for _, engine in self._registry.engines():
             await engine.stop()
+        if self._decoder is not None:
+            await self._decoder.close()
 
 
 async def run(config: ServerConfig, model_factory: ModelFactory = load_configured_model) -> int:
@@ -146,7 +189,13 @@ async def run(config: ServerConfig, model_factory: ModelFactory = load_configure
 
             error = ready.exception()
             # One line that says what to do; the library traceback only for --log-level debug.
-            log.error("%s", explain(config.model, error), exc_info=error if log.isEnabledFor(logging.DEBUG) else None)
+            if isinstance(error, ModelLoadError) and error.__cause__ is not None:
+                message = explain(error.spec.source, error.__cause__)
+                if len(config.models) > 1:
+                    message = f"[{error.spec.name}] {message}"
+            else:
+                message = str(error)  # e.g. ModelsTooLarge: already says what to do
+            log.error("%s", message, exc_info=error if log.isEnabledFor(logging.DEBUG) else None)
             exit_code = 1
         else:
             if ready.done():

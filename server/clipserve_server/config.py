@@ -1,7 +1,13 @@
-"""Server configuration: defaults < config.toml < ``CLIPSERVE_*`` env < command-line flags.
+"""Server configuration: defaults < config files < ``CLIPSERVE_*`` env < command-line flags.
 
 Everything is read once, at start-up, into one frozen ``ServerConfig`` that is handed to the
 components; nothing reads the environment at import time or later.
+
+Config files (``--config``, repeatable, later ones win): clipserve's own ``clipserve.toml``
+(a ``[server]`` table taking any flag by name, and ``[models.NAME]`` tables), and the benchmark
+maker's ``config.toml``, from whose ``[similarity_config]`` the model, device, dtype and
+safetensors choice are read (nothing of clipserve's ever goes into that file: its loader
+refuses keys it does not know).
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -26,13 +33,67 @@ DECODE_POOLS = ("auto", "threads", "processes")
 
 # Keys of the adapter's [similarity_config] table that mean the same thing here.
 _SIMILARITY_KEYS = {"model": "model", "device": "device", "torch_dtype": "dtype", "use_safetensors": "use_safetensors"}
+# What a [models.NAME] table of clipserve.toml may hold: the per-model flags.
+_MODEL_TABLE_KEYS = {"source": "model", "text_model": "text_model", "pretrained": "pretrained"}
+# NAME=VALUE in --model, --text-model, --pretrained (a name has no ':' or '/', so that neither
+# a hub id nor "fake:forward_ms=30" reads as one).
+_NAMED = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.-]*)=(.+)", re.DOTALL)
+DEFAULT_MODEL_NAME = "default"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to serve: its name on this server and where it comes from."""
+
+    name: str
+    source: str  # hub id, local folder, open_clip:ARCH, or fake[:options]
+    text_model: str = ""  # a separate (sentence-transformers) text tower, paired with the image tower of `source`
+    pretrained: str = ""  # the weights file of an open_clip:ARCH source
+
+
+def _named(entry: str) -> tuple[str, str]:
+    match = _NAMED.fullmatch(entry.strip())
+    return (match[1], match[2].strip()) if match else ("", entry.strip())
+
+
+def model_specs(models: Sequence[str], text_models: Sequence[str] = (), pretrained: Sequence[str] = ()) -> tuple[ModelSpec, ...]:
+    """The models that ``--model [NAME=]SOURCE`` (repeatable), ``--text-model [NAME=]SOURCE``
+    and ``--pretrained [NAME=]PATH`` describe; the last two go with the default model unless
+    named. One unnamed model is called ``default``."""
+    entries = [_named(entry) for entry in models]
+    if not entries:
+        raise ValueError("no --model given")
+    if len(entries) > 1 and any(not name for name, _ in entries):
+        raise ValueError("with several --model, give each a name: --model NAME=SOURCE")
+    names = [name or DEFAULT_MODEL_NAME for name, _ in entries]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--model names must differ: {', '.join(repeated)} given more than once")
+    default = DEFAULT_MODEL_NAME if DEFAULT_MODEL_NAME in names else names[0]
+    extras: dict[str, dict[str, str]] = {name: {} for name in names}
+    for flag, values in (("text_model", text_models), ("pretrained", pretrained)):
+        for entry in values:
+            name, value = _named(entry)
+            name = name or default
+            if name not in extras:
+                raise ValueError(f"--{flag.replace('_', '-')} {entry}: no model is named {name!r} (models: {', '.join(names)})")
+            if flag in extras[name]:
+                raise ValueError(f"--{flag.replace('_', '-')} given twice for the model {name!r}")
+            extras[name][flag] = value
+    return tuple(ModelSpec(name, source, **extras[name]) for name, (_, source) in zip(names, entries))
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     """Every knob of a running server. Field docs double as ``--help`` text."""
 
-    model: str = dataclasses.field(default="openai/clip-vit-base-patch32", metadata={"help": "hub id or local folder (or 'fake:forward_ms=N', the stand-in model for tests and benchmarks)"})
+    model: tuple[str, ...] = dataclasses.field(
+        default=("openai/clip-vit-base-patch32",),
+        metadata={"help": "[NAME=]SOURCE, repeatable: a hub id or local folder (transformers or open_clip), open_clip:ARCH with --pretrained, or 'fake:forward_ms=N' (the stand-in model for tests and benchmarks); the model named 'default', else the first, answers requests that name none"},
+    )
+    text_model: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "[NAME=]SOURCE: a sentence-transformers text model (hub id or folder) paired with the image tower of the model NAME (default: the default model)"})
+    pretrained: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "[NAME=]PATH: the weights of an open_clip:ARCH model"})
+    memory_budget_gb: float = dataclasses.field(default=0.0, metadata={"help": "refuse to start when the models' weights need more than this many GiB (0: the device's memory)"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N (auto: CUDA when available)"})
     dtype: str = dataclasses.field(default="float32", metadata={"help": "float32 | float16 | bfloat16 | auto (auto: float16 on CUDA, float32 on CPU)", "choices": DTYPES})
     use_safetensors: bool | None = dataclasses.field(default=None, metadata={"help": "require safetensors weights (default: prefer them)"})
@@ -75,14 +136,24 @@ class ServerConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.decode_pool not in DECODE_POOLS:
             raise ValueError(f"decode_pool must be one of {', '.join(DECODE_POOLS)}, not {self.decode_pool!r}")
+        model_specs(self.model, self.text_model, self.pretrained)  # refuse a bad list of models now
         if self.gpu_decode and self.device == "cpu":
             raise ValueError("gpu_decode decodes on the model's CUDA device: it needs --device cuda (or auto on a machine with CUDA)")
         for name in ("max_batch_size", "max_queue_size", "stream_max_in_flight", "fetch_concurrency", "max_image_bytes", "max_image_pixels", "max_message_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("max_batch_delay_ms", "fetch_timeout_s", "grace_period_s", "forward_timeout_s", "text_cache_size", "image_cache_size", "max_redirects", "decode_workers", "port", "metrics_port"):
+        for name in ("max_batch_delay_ms", "fetch_timeout_s", "grace_period_s", "forward_timeout_s", "text_cache_size", "image_cache_size", "max_redirects", "decode_workers", "port", "metrics_port", "memory_budget_gb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+
+    @property
+    def models(self) -> tuple[ModelSpec, ...]:
+        return model_specs(self.model, self.text_model, self.pretrained)
+
+    @property
+    def default_model(self) -> str:
+        names = [spec.name for spec in self.models]
+        return DEFAULT_MODEL_NAME if DEFAULT_MODEL_NAME in names else names[0]
 
     @property
     def max_batch_delay_s(self) -> float:
@@ -95,6 +166,8 @@ class ServerConfig:
 
 def _field_type(field: dataclasses.Field) -> type:
     annotation = str(field.type)
+    if annotation.startswith("tuple"):
+        return tuple
     if annotation.startswith("bool"):
         return bool
     if annotation.startswith("int"):
@@ -106,6 +179,12 @@ def _field_type(field: dataclasses.Field) -> type:
 
 def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
     kind = _field_type(field)
+    if kind is tuple:
+        # A list (TOML), or one string: several entries separated by ";" (environment).
+        entries = value if isinstance(value, (list, tuple)) else str(value).split(";")
+        if not all(isinstance(entry, str) for entry in entries):
+            raise ValueError(f"{source}: expected text, got {value!r}")
+        return tuple(entry.strip() for entry in entries if entry.strip())
     if isinstance(value, str):
         text = value.strip()
         if kind is bool:
@@ -127,7 +206,8 @@ def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
 
 
 def from_toml(path: str | Path) -> dict[str, Any]:
-    """Settings from a config.toml: ``[similarity_config]`` (the adapter's keys) and ``[server]``."""
+    """Settings from a config file: the benchmark maker's ``[similarity_config]`` keys, and
+    clipserve's own ``[server]`` and ``[models.NAME]`` tables."""
     with open(path, "rb") as fh:
         data = tomllib.load(fh)
     known = {f.name: f for f in fields(ServerConfig)}
@@ -139,6 +219,17 @@ def from_toml(path: str | Path) -> dict[str, Any]:
         if key not in known:
             raise ValueError(f"{path}: unknown key [server].{key}")
         values[key] = _coerce(known[key], value, f"{path}: [server].{key}")
+    models = data.get("models", {})
+    if models:
+        per_model: dict[str, list[str]] = {name: [] for name in _MODEL_TABLE_KEYS.values()}
+        for name, table in models.items():
+            if not isinstance(table, dict) or "source" not in table:
+                raise ValueError(f"{path}: [models.{name}] needs source = \"<hub id or folder>\"")
+            for key, value in table.items():
+                if key not in _MODEL_TABLE_KEYS:
+                    raise ValueError(f"{path}: unknown key [models.{name}].{key} (it takes {', '.join(_MODEL_TABLE_KEYS)})")
+                per_model[_MODEL_TABLE_KEYS[key]].append(f"{name}={value}")
+        values.update({flag: tuple(entries) for flag, entries in per_model.items() if entries})
     return values
 
 
@@ -155,16 +246,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clipserve serve",
         description="Serve a CLIP-family model over gRPC. Every flag can also be set as "
-        f"{ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}MAX_BATCH_SIZE) or in the [server] table of --config; "
-        "flags win over the environment, which wins over the file.",
+        f"{ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}MAX_BATCH_SIZE; several models separated by ';') or in the [server] "
+        "table of a --config file; flags win over the environment, which wins over the files.",
     )
-    parser.add_argument("--config", default=None, help=f"config.toml with [similarity_config] and/or [server] (env: {ENV_PREFIX}CONFIG)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=None,
+        help="clipserve.toml ([server], [models.NAME]) or the benchmark maker's config.toml (its [similarity_config] model, "
+        f"device, torch_dtype); repeatable, later files win (env: {ENV_PREFIX}CONFIG)",
+    )
     for field in fields(ServerConfig):
         flag = "--" + field.name.replace("_", "-")
         help_text = f"{field.metadata.get('help', '')} (default: {field.default})"
         kind = _field_type(field)
         if kind is bool:
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif kind is tuple:
+            parser.add_argument(flag, dest=field.name, action="append", default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=field.name, type=kind, default=None, help=help_text, choices=field.metadata.get("choices"))
     return parser
@@ -174,12 +273,12 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     """Build the one frozen config from flags, environment and file (see module docstring)."""
     environ = os.environ if environ is None else environ
     args = build_parser().parse_args(argv)
-    config_path = args.config or environ.get(ENV_PREFIX + "CONFIG") or None
+    config_paths = args.config or [p for p in environ.get(ENV_PREFIX + "CONFIG", "").split(os.pathsep) if p]
     values: dict[str, Any] = {}
-    if config_path:
-        values.update(from_toml(config_path))
+    for path in config_paths:
+        values.update(from_toml(path))
     values.update(from_env(environ))
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    values.update({k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k != "config" and v is not None})
     # --no-cache is the documented switch; it empties both caches.
     if values.get("cache") is False:
         values["text_cache_size"] = 0

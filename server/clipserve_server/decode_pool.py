@@ -7,6 +7,9 @@ while holding it. That is fine for a few cores and stops scaling long before 16 
 README's "How it is fast"). Worker processes (``--decode-pool processes``) each have their own
 GIL; this process only copies the image bytes into memory it shares with the worker and the
 preprocessed uint8 crop out of it, on the event loop, with no thread hop.
+
+One pool serves every model of the server: each model's preprocessing is a ``DecodeJob``, and
+each request names the job (``decoder.for_job(i)`` gives a model its own view).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import os
 import pickle
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,20 +64,38 @@ class DecodeJob:
 class Decoder(Protocol):
     async def start(self) -> None: ...
 
-    async def decode(self, data: bytes, name: str) -> Any: ...
+    async def decode(self, data: bytes, name: str, job: int = 0) -> Any: ...
 
     async def close(self) -> None: ...
 
+    def for_job(self, job: int) -> JobDecoder: ...
 
-def build_decoder(model: EmbeddingModel, config: ServerConfig) -> Decoder:
-    job = DecodeJob(model.image_preprocessor(), config.max_image_pixels, model.decode_size if config.jpeg_draft else None)
+
+@dataclass(frozen=True)
+class JobDecoder:
+    """One model's view of the shared pool: its images, its preprocessing."""
+
+    pool: Decoder
+    job: int
+
+    async def decode(self, data: bytes, name: str) -> Any:
+        return await self.pool.decode(data, name, self.job)
+
+
+def build_decoder(models: Sequence[EmbeddingModel], config: ServerConfig) -> Decoder:
+    """One pool for ``models``; model i's images go through job i."""
+    jobs = [DecodeJob(m.image_preprocessor(), config.max_image_pixels, m.decode_size if config.jpeg_draft else None) for m in models]
     workers = config.resolved_decode_workers
     if config.gpu_decode:
         # nvJPEG leaves little CPU work per image, and the CUDA context lives in this process.
-        return ThreadDecoder(job, workers, on_device=model.device_jpeg_decoder())
+        return ThreadDecoder(jobs, workers, on_device=[m.device_jpeg_decoder() for m in models])
     if config.decode_pool == "processes" or (config.decode_pool == "auto" and workers > AUTO_PROCESSES_ABOVE):
-        return ProcessDecoder(job, workers, max_image_bytes=config.max_image_bytes)
-    return ThreadDecoder(job, workers)
+        return ProcessDecoder(jobs, workers, max_image_bytes=config.max_image_bytes)
+    return ThreadDecoder(jobs, workers)
+
+
+def _jobs(jobs: DecodeJob | Sequence[DecodeJob]) -> list[DecodeJob]:
+    return [jobs] if isinstance(jobs, DecodeJob) else list(jobs)
 
 
 def _single_threaded_torch() -> None:
@@ -87,29 +108,35 @@ def _single_threaded_torch() -> None:
 
 
 class ThreadDecoder:
-    def __init__(self, job: DecodeJob, workers: int, *, on_device: Callable[[bytes], Any] | None = None) -> None:
-        self._job = job
-        self._on_device = on_device
+    def __init__(
+        self, jobs: DecodeJob | Sequence[DecodeJob], workers: int, *, on_device: Callable[[bytes], Any] | Sequence[Callable[[bytes], Any]] | None = None
+    ) -> None:
+        self._jobs = _jobs(jobs)
+        self._on_device = [on_device] if callable(on_device) else list(on_device or [None] * len(self._jobs))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipserve-decode", initializer=_single_threaded_torch)
+
+    def for_job(self, job: int) -> JobDecoder:
+        return JobDecoder(self, job)
 
     async def start(self) -> None:
         pass
 
-    async def decode(self, data: bytes, name: str) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._decode, data, name)
+    async def decode(self, data: bytes, name: str, job: int = 0) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._decode, data, name, job)
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _decode(self, data: bytes, name: str) -> Any:
-        if self._on_device is not None and data.startswith(_JPEG_MAGIC):
-            header = open_image(data, max_pixels=self._job.max_pixels, name=name)  # the limits hold here too
+    def _decode(self, data: bytes, name: str, job: int) -> Any:
+        on_device = self._on_device[job]
+        if on_device is not None and data.startswith(_JPEG_MAGIC):
+            header = open_image(data, max_pixels=self._jobs[job].max_pixels, name=name)  # the limits hold here too
             if header.mode in ("RGB", "L"):  # CMYK and friends: the CPU decodes them exactly
                 try:
-                    return self._on_device(data)
+                    return on_device(data)
                 except RuntimeError as exc:  # a JPEG that nvJPEG does not take: the CPU path decodes it
                     log.debug("%s: nvJPEG refused it (%s); decoding on the CPU", name, exc)
-        return self._job(data, name)
+        return self._jobs[job](data, name)
 
 
 # -- worker processes -----------------------------------------------------------------------------
@@ -120,7 +147,7 @@ class ThreadDecoder:
 # process spends a memcpy of the image and of the result per item instead of pushing them
 # through pipes (measured: ~0.8 ms of this process's CPU per photo with pipes).
 
-_REQUEST = struct.Struct("<III")  # slot, image bytes, name bytes; then the name
+_REQUEST = struct.Struct("<IIII")  # slot, job, image bytes, name bytes; then the name
 _REPLY = struct.Struct("<II")  # pickle bytes, out-of-band buffers; then their sizes, then the pickle
 _BUFFER = struct.Struct("<Q")  # the size of each out-of-band buffer, in the slot one after another
 _IN_FLIGHT_PER_WORKER = 2  # one being decoded, the next already waiting: never idle between two
@@ -133,8 +160,8 @@ class _Requeue(Exception):
 
 
 class ProcessDecoder:
-    def __init__(self, job: DecodeJob, workers: int, *, max_image_bytes: int) -> None:
-        self._job = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+    def __init__(self, jobs: DecodeJob | Sequence[DecodeJob], workers: int, *, max_image_bytes: int) -> None:
+        self._jobs = pickle.dumps(_jobs(jobs), protocol=pickle.HIGHEST_PROTOCOL)
         self._size = workers
         self._image_slot_bytes = max_image_bytes
         self._workers: list[_Worker] = []
@@ -146,7 +173,10 @@ class ProcessDecoder:
         self._workers = list(await asyncio.gather(*(self._spawn() for _ in range(self._size))))
         log.info("decoding images in %d worker processes", self._size)
 
-    async def decode(self, data: bytes, name: str) -> Any:
+    def for_job(self, job: int) -> JobDecoder:
+        return JobDecoder(self, job)
+
+    async def decode(self, data: bytes, name: str, job: int = 0) -> Any:
         if len(data) > self._image_slot_bytes:  # the engine never sends one; a slot would not hold it
             raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: over the {self._image_slot_bytes}-byte image limit")
         async with self._room:
@@ -157,7 +187,7 @@ class ProcessDecoder:
                     raise ItemError(ErrorKind.UNAVAILABLE, "no image decoder process is running")
                 worker = min(self._workers, key=_Worker.load)
                 try:
-                    return await worker.submit(data, name)
+                    return await worker.submit(data, name, job)
                 except _Requeue:
                     continue
 
@@ -179,7 +209,7 @@ class ProcessDecoder:
             images.close_fd()  # the worker has its own copies; the mappings stay
             results.close_fd()
         assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(_BUFFER.pack(len(self._job)) + self._job)
+        proc.stdin.write(_BUFFER.pack(len(self._jobs)) + self._jobs)
         try:
             await proc.stdout.readexactly(1)  # ready
         except asyncio.IncompleteReadError:
@@ -235,7 +265,7 @@ class _Worker:
     def load(self) -> int:
         return len(self._pending)
 
-    async def submit(self, data: bytes, name: str) -> Any:
+    async def submit(self, data: bytes, name: str, job: int) -> Any:
         assert self._proc.stdin is not None
         if not self._free_slots:  # only after a requeue: wait for this worker's next reply
             raise _Requeue()
@@ -245,7 +275,7 @@ class _Worker:
         encoded_name = name.encode("utf-8", "replace")
         future = asyncio.get_running_loop().create_future()
         self._pending.append((slot, future))
-        self._proc.stdin.write(_REQUEST.pack(slot, len(data), len(encoded_name)) + encoded_name)
+        self._proc.stdin.write(_REQUEST.pack(slot, job, len(data), len(encoded_name)) + encoded_name)
         return await future  # a cancelled caller cancels the future; its reply is dropped
 
     async def _read(self) -> None:
@@ -318,18 +348,18 @@ def _serve(requests: BinaryIO, replies: BinaryIO, images: mmap.mmap, image_slot_
         replies.write(_REPLY.pack(len(payload), len(raw)) + b"".join(_BUFFER.pack(view.nbytes) for view in raw) + payload)
         replies.flush()
 
-    job: DecodeJob = pickle.loads(read(_BUFFER.unpack(read(_BUFFER.size))[0]))
+    jobs: list[DecodeJob] = pickle.loads(read(_BUFFER.unpack(read(_BUFFER.size))[0]))
     _single_threaded_torch()
     replies.write(b"R")  # ready
     replies.flush()
     try:
         while True:
-            slot, size, name_size = _REQUEST.unpack(read(_REQUEST.size))
+            slot, job, size, name_size = _REQUEST.unpack(read(_REQUEST.size))
             name = read(name_size).decode("utf-8")
             start = slot * image_slot_bytes
             data = images[start : start + size]
             try:
-                reply(slot, True, job(data, name))
+                reply(slot, True, jobs[job](data, name))
             except ItemError as exc:
                 reply(slot, False, (exc.kind.name, exc.message))
             except Exception as exc:  # a bug: this image fails, the worker goes on

@@ -14,13 +14,14 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from .batcher import Batcher
 from .cache import EmbeddingCache
 from .config import ServerConfig
-from .decode_pool import build_decoder
+from .decode_pool import JobDecoder
 from .domain import CacheStats, EmbedItem, ImageSource, ModelDescription, ScoreItem
 from .errors import ErrorKind, ItemError
 from .fetch import ImageFetcher
@@ -40,16 +41,21 @@ class ScoringEngine:
         config: ServerConfig,
         *,
         on_dead: Callable[[BaseException], None] | None = None,
+        decoder: JobDecoder,
         metrics: Metrics | None = None,
         name: str = "default",
+        forward: Callable[[list[str], list[Any]], tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> None:
+        """``decoder``: this model's view of the server's decode pool (which the server starts
+        and closes). ``forward``: the model's forward as the server runs it (one at a time per
+        device; default: ``model.forward``)."""
         self.model = model
         self._metrics = metrics
         self.config = config
         self.text_cache = EmbeddingCache(config.text_cache_size)
         self.image_cache = EmbeddingCache(config.image_cache_size)
         self._batcher = Batcher(
-            model.forward,
+            forward or model.forward,
             max_batch_size=config.max_batch_size,
             max_delay_s=config.max_batch_delay_s,
             max_queue_size=config.max_queue_size,
@@ -64,7 +70,7 @@ class ScoringEngine:
             allow_private_networks=config.allow_private_networks,
             concurrency=config.fetch_concurrency,
         )
-        self._decoder = build_decoder(model, config)
+        self._decoder = decoder
 
     @property
     def description(self) -> ModelDescription:
@@ -79,13 +85,11 @@ class ScoringEngine:
 
     async def start(self) -> None:
         await self._fetcher.start()
-        await self._decoder.start()
         self._batcher.start()
 
     async def stop(self) -> None:
         await self._batcher.stop()
         await self._fetcher.close()
-        await self._decoder.close()
 
     # -- scoring ---------------------------------------------------------------------------
     async def score(self, item: ScoreItem, *, wait: bool) -> float:

@@ -1,4 +1,4 @@
-"""Choosing the backend that loads a ``--model`` source.
+"""Choosing the backend that loads a model (one module per family, one interface).
 
 - ``fake`` or ``fake:forward_ms=30,dim=16``: the deterministic stand-in model (tests, demos,
   and benchmarks that simulate accelerator time with a forward pass that sleeps per batch);
@@ -7,13 +7,14 @@
 
 from __future__ import annotations
 
-from .config import ServerConfig
+from .config import ModelSpec, ServerConfig
 from .model import EmbeddingModel
 
 FAKE_PREFIX = "fake"
 
 
-def load_model(source: str, config: ServerConfig) -> EmbeddingModel:
+def load_model(spec: ModelSpec, config: ServerConfig) -> EmbeddingModel:
+    source = spec.source
     if source == FAKE_PREFIX or source.startswith(FAKE_PREFIX + ":"):
         return _fake(source)
     from .clip_model import load_model as load_transformers

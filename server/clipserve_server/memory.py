@@ -1,0 +1,118 @@
+"""Refusing, before loading anything, a set of models whose weights plainly cannot fit.
+
+The weights' size is read from what is on disk (a local folder, or the Hugging Face cache):
+the parameter count from safetensors headers, or the size of other weight files, at the dtype
+they will be served in. A model whose files are not on disk yet (a hub id to download) counts
+as unknown, not as zero: it does not make the check refuse, and the refusal says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+from .config import ModelSpec, ServerConfig
+
+GIB = 1 << 30
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+class ModelsTooLarge(RuntimeError):
+    """The models' weights need more memory than the device has (or the budget allows)."""
+
+
+def _folder(source: str) -> Path | None:
+    """The folder holding a source's files: a local folder, or its snapshot in the HF cache."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if source.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:
+        return None
+    snapshots = Path(HF_HUB_CACHE) / ("models--" + source.replace("/", "--")) / "snapshots"
+    found = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime) if snapshots.is_dir() else []
+    return found[-1] if found else None
+
+
+def _safetensors_parameters(path: Path) -> tuple[int, int]:
+    """(parameters, bytes as stored) from a safetensors file's header alone."""
+    with path.open("rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+    parameters = stored = 0
+    for name, tensor in header.items():
+        if name == "__metadata__":
+            continue
+        count = 1
+        for size in tensor["shape"]:
+            count *= size
+        parameters += count
+        stored += count * _SAFETENSORS_BYTES.get(tensor["dtype"], 4)
+    return parameters, stored
+
+
+def weight_bytes(source: str, dtype: str) -> int | None:
+    """Bytes the weights of ``source`` take served as ``dtype``; None when unknown."""
+    folder = _folder(source)
+    if folder is None:
+        return None
+    files = [p for p in folder.rglob("*") if p.suffix in _WEIGHT_SUFFIXES and p.is_file()]
+    if not files:
+        return None
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    per_parameter = _DTYPE_BYTES.get(dtype)
+    if safetensors:
+        counted = [_safetensors_parameters(p) for p in safetensors]
+        if per_parameter is None:  # "auto": as stored
+            return sum(stored for _, stored in counted)
+        return sum(parameters for parameters, _ in counted) * per_parameter
+    # Pickled weights: assume float32 on disk (the usual case), and that one file holds them.
+    largest = max(p.stat().st_size for p in files)
+    return largest if per_parameter is None else largest * per_parameter // 4
+
+
+def device_bytes(device: str) -> int:
+    """Memory of ``device``: the GPU's, or this machine's RAM for the CPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        index = int(device.partition(":")[2] or torch.cuda.current_device())
+        return int(torch.cuda.get_device_properties(index).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_fits(specs: tuple[ModelSpec, ...], config: ServerConfig) -> None:
+    """Raise ModelsTooLarge when the known weights of ``specs`` exceed the budget."""
+    device = resolve_device(config.device)
+    dtype = config.dtype if config.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
+    sizes: list[tuple[str, int | None]] = []
+    for spec in specs:
+        for source in filter(None, (spec.source, spec.text_model, spec.pretrained)):
+            sizes.append((f"{spec.name} ({source})", weight_bytes(source, dtype)))
+    needed = sum(size for _, size in sizes if size is not None)
+    budget = int(config.memory_budget_gb * GIB) if config.memory_budget_gb else device_bytes(device)
+    if needed <= budget:
+        return
+    known = ", ".join(f"{name}: {size / GIB:.2f} GiB" for name, size in sizes if size is not None)
+    unknown = [name for name, size in sizes if size is None]
+    where = f"the --memory-budget-gb of {config.memory_budget_gb:g} GiB" if config.memory_budget_gb else f"the {budget / GIB:.1f} GiB of {device}"
+    raise ModelsTooLarge(
+        f"the models' weights need {needed / GIB:.2f} GiB as {dtype} ({known}"
+        + (f"; not counted, not on disk yet: {', '.join(unknown)}" if unknown else "")
+        + f"), more than {where}. Serve fewer or smaller models, a smaller --dtype, or raise --memory-budget-gb"
+    )

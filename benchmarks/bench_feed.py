@@ -46,7 +46,7 @@ import psutil
 import torch
 from PIL import Image
 
-from bench_throughput import ROOT, make_corpus, make_workload, serve_corpus, start_server
+from bench_throughput import ROOT, add_workload_arguments, make_corpus, make_workload, serve_corpus, start_server  # noqa: E402
 
 
 # -- stock: decoding and preprocessing the way the reference adapter does ----------------------------
@@ -168,14 +168,8 @@ def scaling(checkpoint: Path, images: list[bytes], loop_us: float) -> list[dict]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--queries", "-Q", type=int, default=40)
-    parser.add_argument("--per-query", "-K", type=int, default=25)
-    parser.add_argument("--images", "-N", type=int, default=200)
+    add_workload_arguments(parser)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best of each measurement is reported")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
     parser.add_argument("--decode-pool", default="auto", choices=("auto", "threads", "processes"))
     parser.add_argument("--decode-workers", type=int, default=0)
     parser.add_argument("--jpeg-draft", action="store_true", help="serve the measured passes with --jpeg-draft")

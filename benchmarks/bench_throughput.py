@@ -213,17 +213,22 @@ def measure_embed(address: str, urls: list[str]) -> tuple[float, int]:
 
 # -- main --------------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The workload and serving settings every corpus benchmark shares."""
     parser.add_argument("--queries", "-Q", type=int, default=40)
     parser.add_argument("--per-query", "-K", type=int, default=25)
     parser.add_argument("--images", "-N", type=int, default=200)
-    parser.add_argument("--reference-pairs", type=int, default=100, help="pairs timed for (a); its rate is per pair")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="serve (b, c) and bound (d) with the image tower compiled")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_arguments(parser)
+    parser.add_argument("--reference-pairs", type=int, default=100, help="pairs timed for (a); its rate is per pair")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="serve (b, c) and bound (d) with the image tower compiled")
     parser.add_argument("--checkpoint", type=Path, default=None, help="reuse a vit-b-32 checkpoint folder")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--embed", action="store_true", help="also (e): embed the distinct images on a cold server, against the image bound")

@@ -181,6 +181,7 @@ def model_bound(checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[st
 def precision_drift(checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[str, str]], sample: int = 64) -> float:
     """Max |score(half) - score(float32)| over a sample of the pairs, same preprocessing."""
     from clipserve_server.clip_model import HFClipModel
+    from clipserve_server.model import Embedding
 
     chosen = pairs[:: max(1, len(pairs) // sample)][:sample]
     names = sorted({u.rsplit("/", 1)[1] for _, u in chosen})
@@ -190,7 +191,8 @@ def precision_drift(checkpoint: Path, corpus: dict[str, bytes], pairs: list[tupl
         model = HFClipModel(str(checkpoint), device=DEVICE, dtype=dtype)
         pixels = [model.preprocess_image(Image.open(_bytes_io(corpus[n])).convert("RGB")) for n in names]
         text_emb, image_emb = model.forward(texts, pixels)
-        by_name, by_text = dict(zip(names, image_emb)), dict(zip(texts, text_emb))
+        by_name = {name: Embedding.of(row) for name, row in zip(names, image_emb)}
+        by_text = {text: Embedding.of(row) for text, row in zip(texts, text_emb)}
         scores.append(np.array([model.score(by_text[q], by_name[u.rsplit("/", 1)[1]]) for q, u in chosen]))
         del model
         _free()

@@ -106,34 +106,28 @@ def _cmd_health(args: argparse.Namespace) -> int:
     return 0 if serving else 1
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
+def _print_reply(args: argparse.Namespace, ask: str) -> int:
+    """Print what ``clip.<ask>()`` answers, as JSON; one line on stderr if it fails."""
     from google.protobuf.json_format import MessageToDict
 
     from . import CLIP, ClipServeError
 
-    with CLIP(args.address, timeout=args.timeout, model=args.model, **_security(args)) as clip:
+    with CLIP(args.address, timeout=args.timeout, model=getattr(args, "model", ""), **_security(args)) as clip:
         try:
-            info = clip.model_info()
+            reply = getattr(clip, ask)()
         except ClipServeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    print(json.dumps(MessageToDict(info, always_print_fields_with_no_presence=True), indent=2))
+    print(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True), indent=2))
     return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    return _print_reply(args, "model_info")
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
-    from . import CLIP, ClipServeError
-
-    with CLIP(args.address, timeout=args.timeout, **_security(args)) as clip:
-        try:
-            models = clip.list_models()
-        except ClipServeError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    print(json.dumps(MessageToDict(models, always_print_fields_with_no_presence=True), indent=2))
-    return 0
+    return _print_reply(args, "list_models")
 
 
 def _cmd_embed_file(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ exactly once, in input order."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -166,5 +167,20 @@ def test_score_file_reports_the_pairs_each_replica_answered(image_host, tmp_path
         assert set(counts) == {r.address for r in replicas} and sum(counts.values()) == 300
         # A server may also have answered a few pairs that the other answered first (hedged).
         assert all(0 < counts[r.address] <= r.items() for r in replicas), (counts, [r.items() for r in replicas])
+    finally:
+        stop(replicas)
+
+
+def test_the_async_client_spreads_a_batch_too(image_host):
+    replicas = start_replicas(*[["--model", "fake:forward_ms=20", "--max-batch-size", "8", "--allow-private-networks"]] * 2)
+
+    async def run() -> list:
+        async with clipserve.AsyncCLIP([r.address for r in replicas], timeout=120) as clip:
+            return await clip.score_batch(pairs(300, image_host.url("img/photo4.png")))
+
+    try:
+        assert_exactly_once_in_order(asyncio.run(run()), 300)
+        shares = [r.items() / 300 for r in replicas]
+        assert min(shares) >= 0.30, shares
     finally:
         stop(replicas)

@@ -115,3 +115,41 @@ def test_a_replica_restarted_mid_run_learns_the_files_again(image_folder):
             second.terminate()
     assert_exactly_once_in_order(results, inputs)
     assert stats.upload_bytes <= 2.2 * total_size(inputs)  # the restarted replica learns each file again, once
+
+
+def test_score_file_sends_local_images_by_hash_too(make_fake_server, image_folder, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    server = make_fake_server()
+    files = sorted(image_folder.iterdir())[:20]
+    (tmp_path / "images.jsonl").write_text("".join(json.dumps({"image_id": p.name, "image_url": str(p)}) + "\n" for p in files))
+    rows = [{"query_text": f"query {q}", "image_id": p.name} for q in range(5) for p in files]
+    (tmp_path / "qrels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def score_file() -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "clipserve.cli", "score-file", str(tmp_path / "qrels.jsonl"), "--images", str(tmp_path / "images.jsonl"),
+             "-o", str(tmp_path / "out.jsonl"), "--address", server.address, "--no-progress"],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert done.returncode == 0 and "100 scored, 0 failed" in done.stderr, done.stderr
+
+    size = sum(p.stat().st_size for p in files)
+    score_file()
+    assert uploaded(server) == size  # each file once, though each is in five rows
+    score_file()
+    assert uploaded(server) == size  # the second run: hashes only
+
+
+def test_embed_images_uploads_each_file_once_too(make_fake_server, image_folder):
+    server = make_fake_server()
+    files = [str(p) for p in sorted(image_folder.iterdir())[:10]]
+    size = sum(Path(p).stat().st_size for p in files)
+    with clipserve.CLIP(server.address) as clip:
+        first = clip.embed_images(files * 3)
+        again = clip.embed_images(files, raw=True)
+        assert clip.stats().upload_bytes == size
+    assert all(r.error is None for r in first + again)
+    assert [r.input for r in first] == files * 3

@@ -180,7 +180,7 @@ def test_health_is_not_serving_until_the_model_is_loaded():
 
     release = threading.Event()
 
-    def slow_factory(_config):
+    def slow_factory(_spec, _config):
         release.wait(30)
         return FakeModel()
 
@@ -211,7 +211,7 @@ def test_a_stream_is_read_no_faster_than_it_is_answered(make_fake_server):
     the rest wait in the client (gRPC flow control), not in server memory."""
     window = 3
     server = make_fake_server(FakeModel(forward_delay_s=0.03), stream_max_in_flight=window, max_batch_size=2, max_batch_delay_ms=0)
-    engine = server.server._slot.engine
+    engine = server.server._registry.get()
     depths: list[int] = []
     requests = [scorer_pb2.ScoreRequest(request_id=str(i), query=f"q{i}", image_bytes=make_image(8, 8, seed=900 + i)) for i in range(40)]
     with grpc.insecure_channel(server.address) as channel:
@@ -230,7 +230,7 @@ def test_a_busy_port_is_an_error_not_a_shared_port(fake_server):
     from clipserve_server.config import ServerConfig
 
     async def start_second() -> None:
-        server = ClipServer(ServerConfig(host="127.0.0.1", port=fake_server.port), lambda _config: FakeModel())
+        server = ClipServer(ServerConfig(host="127.0.0.1", port=fake_server.port), lambda _spec, _config: FakeModel())
         try:
             await server.start()
         finally:

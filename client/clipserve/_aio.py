@@ -123,9 +123,11 @@ class AsyncCLIP(ClientBase):
             run.stream_ended(lane, await self._stream(run, lane, stub, signal))
 
     async def _stream(self, run: Run, lane: Lane, stub: scorer_pb2_grpc.ScorerStub, signal: _Signal) -> ClipServeError | None:
+        stream = lane.stream
+
         async def requests() -> AsyncIterator[Any]:
             while True:
-                take = run.take(lane)
+                take = run.take(lane, stream)
                 if take is STOP:
                     return
                 if take is WAIT:

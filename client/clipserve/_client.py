@@ -121,11 +121,12 @@ class CLIP(ClientBase):
     def _stream(self, run: Run, lane: Lane, stub: scorer_pb2_grpc.ScorerStub) -> ClipServeError | None:
         """One stream to the lane's replica, sending what the run hands it; returns the error
         that ended it, or None."""
+        stream = lane.stream
 
         def requests() -> Iterator[Any]:
             # Runs on a gRPC thread: blocks here, not on the server, when the window is full.
             while True:
-                take = run.take_blocking(lane, _POLL_S)
+                take = run.take_blocking(lane, stream, _POLL_S)
                 if take is STOP:
                     return
                 if take is WAIT:

@@ -86,6 +86,9 @@ class Lane:
         self.retired = False  # gone from DNS
         self.working = False  # a worker runs for it
         self.call: Any = None  # the stream in progress, cancelled when the run ends
+        # Which stream of the lane is the current one. gRPC may go on pulling requests from an
+        # ended stream's iterator for a while: what it takes then would be lost in a dead call.
+        self.stream = 0
 
     @property
     def down(self) -> bool:
@@ -205,6 +208,7 @@ class Run(Generic[R]):
         """The lane's stream is over: what it left unanswered goes back to the queue."""
         with self._cond:
             lane.call = None
+            lane.stream += 1
             unanswered = [i for i in lane.sent] + [t.index for t in lane.ready]
             lane.sent.clear()
             lane.ready.clear()
@@ -231,10 +235,10 @@ class Run(Generic[R]):
             self._changed()
 
     # -- handing out work ------------------------------------------------------------------
-    def take(self, lane: Lane) -> Take | str:
-        """The next item for ``lane`` to send, ``WAIT`` or ``STOP``."""
+    def take(self, lane: Lane, stream: int) -> Take | str:
+        """The next item for stream number ``stream`` of ``lane`` to send, ``WAIT`` or ``STOP``."""
         with self._cond:
-            if self.done or self._cancelled or lane.dead or lane.drain_error is not None:
+            if self.done or self._cancelled or lane.dead or lane.drain_error is not None or stream != lane.stream:
                 return STOP
             if len(lane.sent) >= lane.window:
                 return WAIT
@@ -255,12 +259,12 @@ class Run(Generic[R]):
                 return self._sending(lane, Take(index))
             return WAIT
 
-    def take_blocking(self, lane: Lane, timeout: float) -> Take | str:
+    def take_blocking(self, lane: Lane, stream: int, timeout: float) -> Take | str:
         with self._cond:
-            take = self.take(lane)
+            take = self.take(lane, stream)
             if take is WAIT:
                 self._cond.wait(timeout)
-                take = self.take(lane)
+                take = self.take(lane, stream)
             return take
 
     def _sending(self, lane: Lane, take: Take) -> Take:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 
 from .config import load_config
@@ -18,4 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log_level, config.log_format)
     from .app import run
 
-    return asyncio.run(run(config))
+    code = asyncio.run(run(config))
+    # Shut down already: a second SIGTERM (an orchestrator that repeats it) while the
+    # interpreter exits must not turn a clean exit into death by signal.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code

@@ -1,4 +1,11 @@
-"""The real model: any Hugging Face CLIP-family checkpoint (CLIP, SigLIP, ...)."""
+"""The transformers backend: any Hugging Face CLIP-family checkpoint (CLIP, SigLIP, SigLIP2).
+
+SigLIP and SigLIP2 were trained with a sigmoid loss: their ``logits_per_image`` add
+``logit_bias``, and their text tower pools the last position, so texts are padded to the full
+length as in training (CLIP pads to the longest text of the batch). SigLIP2's fixed-resolution
+checkpoints are ``SiglipModel``s with a Gemma tokenizer; its NaFlex ones (``Siglip2Model``) take
+each image as its own grid of patches, with a mask and the grid's shape (``NaFlexPipeline``).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ from PIL import Image
 
 from .domain import ModelDescription
 from .model import EmbeddingModel
-from .preprocess import build_pipeline
+from .preprocess import NaFlexPipeline, build_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +38,22 @@ def _to_numpy(features: Any) -> np.ndarray:
     return features.float().cpu().numpy()
 
 
+def compile_image_tower(features: Callable[..., Any]) -> Callable[..., Any]:
+    """``features`` through torch.compile, for the image tower only: it is where the time goes
+    (one forward per distinct image), and its input shape varies in the batch dimension alone.
+    dynamic=True compiles one graph for every batch size >= 2 (size 1 gets its own; warm-up
+    builds both), and freezing folds the weights in as constants so that inductor can pre-pack
+    them for the CPU GEMM kernels. On a 2-core CPU this is ~25% faster per image than eager.
+    (Inductor reads `freezing` from its global config when it compiles; passing it in
+    torch.compile(options=...) is silently not applied. This process is the server, so setting it
+    globally affects nothing else.)"""
+    import torch
+    import torch._inductor.config
+
+    torch._inductor.config.freezing = True
+    return torch.compile(features, dynamic=True)
+
+
 def _features(output: Any) -> Any:
     """transformers < 5 returns the projected features; 5.x wraps them in ``pooler_output``."""
     import torch
@@ -39,10 +62,18 @@ def _features(output: Any) -> Any:
 
 
 class HFClipModel(EmbeddingModel):
-    """Loads ``AutoModel`` + ``AutoProcessor`` from a hub id or a local folder."""
+    """Loads ``AutoModel`` + ``AutoProcessor`` from a hub id or a local folder (``name``: what
+    to call it in GetModelInfo, when the folder stands for something else)."""
 
     def __init__(
-        self, model_id: str, *, device: str = "auto", dtype: str = "float32", use_safetensors: bool | None = None, compile: bool = False
+        self,
+        model_id: str,
+        *,
+        device: str = "auto",
+        dtype: str = "float32",
+        use_safetensors: bool | None = None,
+        compile: bool = False,
+        name: str | None = None,
     ) -> None:
         import torch
         import transformers
@@ -67,24 +98,14 @@ class HFClipModel(EmbeddingModel):
         self._model = model.to(self._device).eval()
         self._image_features = self._eager_image_features
         if compile:
-            # Only the image tower: it is where the time goes (one forward per distinct image),
-            # and its input shape varies in the batch dimension alone. dynamic=True compiles one
-            # graph for every batch size >= 2 (size 1 gets its own; warmup() builds both), and
-            # freezing folds the weights in as constants so that inductor can pre-pack them for
-            # the CPU GEMM kernels. On a 2-core CPU this is ~25% faster per image than eager.
-            # (Inductor reads `freezing` from its global config when it compiles; passing it in
-            # torch.compile(options=...) is silently not applied. This process is the server, so
-            # setting it globally affects nothing else.)
-            import torch._inductor.config
-
-            torch._inductor.config.freezing = True
-            self._image_features = torch.compile(self._eager_image_features, dynamic=True)
+            self._image_features = compile_image_tower(self._eager_image_features)
         processor = AutoProcessor.from_pretrained(model_id)
         self._tokenizer = processor.tokenizer
         self._pipeline = build_pipeline(processor.image_processor)
         config = model.config
         self._max_tokens = int(getattr(config.text_config, "max_position_embeddings", 77))
-        # SigLIP was trained on texts padded to the full length; CLIP pads to the longest.
+        # SigLIP and SigLIP2 pool the last position: padded to the full length, as in training
+        # (their processors' documented call); CLIP pools the end token and pads to the longest.
         self._padding: str | bool = "max_length" if "siglip" in config.model_type else True
         with torch.inference_mode():
             self._dim = int(self._encode_texts(["probe"]).shape[1])
@@ -92,7 +113,7 @@ class HFClipModel(EmbeddingModel):
             bias = getattr(model, "logit_bias", None)
             logit_bias = float(bias.float().item()) if bias is not None else 0.0
         self.description = ModelDescription(
-            model_id=str(model_id),
+            model_id=name or str(model_id),
             device=str(self._device),
             dtype=dtype,
             embedding_dim=self._dim,
@@ -115,6 +136,8 @@ class HFClipModel(EmbeddingModel):
     def device_jpeg_decoder(self) -> Callable[[bytes], Any]:
         if self._device.type != "cuda":
             raise RuntimeError(f"--gpu-decode decodes on the model's CUDA device, but the model is on {self._device}: use --device cuda")
+        if isinstance(self._pipeline, NaFlexPipeline):
+            raise RuntimeError("--gpu-decode does not support NaFlex image processors (SigLIP2 NaFlex): leave it off for this model")
         torch = self._torch
         from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -143,13 +166,14 @@ class HFClipModel(EmbeddingModel):
         return _to_numpy(_features(self._model.get_text_features(**tokens)))
 
     def _encode_images(self, images: list[Any]) -> np.ndarray:
-        torch = self._torch
-        # Preprocessed on the CPU (numpy arrays) or, with --gpu-decode, already on the device.
-        pixels = self._pipeline.normalize(torch.stack([torch.as_tensor(image, device=self._device) for image in images]))
-        return _to_numpy(self._image_features(pixels.to(self._dtype)))
+        # Preprocessed on the CPU (numpy arrays) or, with --gpu-decode, already on the device;
+        # pixels in the model's dtype, NaFlex masks and grid shapes as they are.
+        inputs = self._pipeline.inputs(images, self._device)
+        inputs = {name: value.to(self._dtype) if value.is_floating_point() else value for name, value in inputs.items()}
+        return _to_numpy(self._image_features(**inputs))
 
-    def _eager_image_features(self, pixels: Any) -> Any:
-        return _features(self._model.get_image_features(pixel_values=pixels))
+    def _eager_image_features(self, **inputs: Any) -> Any:
+        return _features(self._model.get_image_features(**inputs))
 
     def warmup(self) -> None:
         super().warmup()
@@ -158,8 +182,3 @@ class HFClipModel(EmbeddingModel):
             # the one that every other size shares, so that no request pays for compiling.
             image = self.preprocess_image(Image.new("RGB", (64, 64), (127, 127, 127)))
             self.forward([], [image, image])
-
-
-
-def load_model(model_id: str, *, device: str, dtype: str, use_safetensors: bool | None, compile: bool = False) -> EmbeddingModel:
-    return HFClipModel(model_id, device=device, dtype=dtype, use_safetensors=use_safetensors, compile=compile)

@@ -39,8 +39,9 @@ def explain(model: str, error: BaseException) -> str:
     path = Path(model).expanduser()
     if path.is_dir():
         return (
-            f"cannot load the model in {model}: {_first_line(error).rstrip('.')}. --model needs a CLIP-family model "
-            "saved with save_pretrained: config.json, weights, tokenizer and preprocessor files"
+            f"cannot load the model in {model}: {_first_line(error).rstrip('.')}. --model needs a CLIP-family model folder: "
+            "a transformers one (config.json, weights, tokenizer and preprocessor files, as save_pretrained writes them) "
+            "or an open_clip one (open_clip_config.json and open_clip_model.safetensors)"
         )
     if path.exists():
         return f"cannot load the model {model}: it is a file. Give --model the folder that holds the model's files"

@@ -1,9 +1,12 @@
 """Refusing, before loading anything, a set of models whose weights plainly cannot fit.
 
-The weights' size is read from what is on disk (a local folder, or the Hugging Face cache):
-the parameter count from safetensors headers, or the size of other weight files, at the dtype
-they will be served in. A model whose files are not on disk yet (a hub id to download) counts
-as unknown, not as zero: it does not make the check refuse, and the refusal says so.
+The weights' size is read from what is on disk (a local folder, a weights file, or the Hugging
+Face cache): the parameter count from safetensors headers, or the size of other weight files, at
+the dtype they will be served in. A model whose files are not on disk yet (a hub id to download)
+counts as unknown, not as zero: it does not make the check refuse, and the refusal says so.
+
+Only the files the model loads from count: a repo that ships its weights for both transformers
+and open_clip (``pytorch_model.bin`` and ``open_clip_pytorch_model.bin``) holds them twice.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import struct
 from pathlib import Path
 
 from .config import ModelSpec, ServerConfig
+from .loading import FAKE_PREFIX, OPEN_CLIP_PREFIX
 
 GIB = 1 << 30
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -58,12 +62,25 @@ def _safetensors_parameters(path: Path) -> tuple[int, int]:
     return parameters, stored
 
 
-def weight_bytes(source: str, dtype: str) -> int | None:
-    """Bytes the weights of ``source`` take served as ``dtype``; None when unknown."""
-    folder = _folder(source)
-    if folder is None:
-        return None
+def _loaded_files(folder: Path) -> list[Path]:
+    """The weight files in ``folder`` that its model loads from: open_clip's own
+    (``open_clip_*``) only when there is no transformers ``config.json`` (see loading)."""
     files = [p for p in folder.rglob("*") if p.suffix in _WEIGHT_SUFFIXES and p.is_file()]
+    open_clip = [p for p in files if p.name.startswith("open_clip_")]
+    if open_clip and not (folder / "config.json").is_file():
+        return open_clip
+    return [p for p in files if p not in open_clip]
+
+
+def weight_bytes(source: str, dtype: str) -> int | None:
+    """Bytes the weights of ``source`` (a folder, hub id or weights file) take served as
+    ``dtype``; None when unknown."""
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix in _WEIGHT_SUFFIXES:
+        files = [path]
+    else:
+        folder = _folder(source)
+        files = _loaded_files(folder) if folder is not None else []
     if not files:
         return None
     safetensors = [p for p in files if p.suffix == ".safetensors"]
@@ -102,7 +119,9 @@ def check_fits(specs: tuple[ModelSpec, ...], config: ServerConfig) -> None:
     dtype = config.dtype if config.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
     sizes: list[tuple[str, int | None]] = []
     for spec in specs:
-        for source in filter(None, (spec.source, spec.text_model, spec.pretrained)):
+        # open_clip:ARCH names an architecture, whose weights are --pretrained; fake has none.
+        own = "" if spec.source.startswith((OPEN_CLIP_PREFIX, FAKE_PREFIX)) else spec.source
+        for source in filter(None, (own, spec.text_model, spec.pretrained)):
             sizes.append((f"{spec.name} ({source})", weight_bytes(source, dtype)))
     needed = sum(size for _, size in sizes if size is not None)
     budget = int(config.memory_budget_gb * GIB) if config.memory_budget_gb else device_bytes(device)

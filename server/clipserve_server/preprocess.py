@@ -14,6 +14,14 @@ That split mirrors ``TorchvisionBackend._preprocess`` (resize, crop, then rescal
 it is used only for processors that keep that method, and only once a self-check on probe
 images of awkward sizes has shown it bit-identical to the stock call; any other processor runs
 the stock way (``StockPipeline``).
+
+The same split applies to open_clip's eval transform (a torchvision ``Compose`` of PIL resize and
+crop, then ``ToTensor`` and ``Normalize``): ``build_transform_pipeline``. NaFlex processors
+(SigLIP2's ``Siglip2ImageProcessor``) resize each image to its own patch grid and hand back
+patches, their mask and the grid (``NaFlexPipeline``), run the stock way.
+
+Every pipeline turns a batch of its per-image results into the keyword arguments of the
+model's image features call (``inputs``).
 """
 
 from __future__ import annotations
@@ -50,9 +58,31 @@ class StockPipeline:
     def normalize(self, batch: Any) -> Any:
         return batch
 
+    def inputs(self, images: list[Any], device: Any) -> dict[str, Any]:
+        """A batch of this pipeline's results (numpy arrays, or tensors already on ``device``)
+        as the keyword arguments of the model's image features call."""
+        return {"pixel_values": self.normalize(_stacked(images, device))}
+
     @property
     def decode_size(self) -> tuple[int, int] | None:
         return _decode_size(self.processor)
+
+
+class NaFlexPipeline(StockPipeline):
+    """SigLIP2 NaFlex: each image resized to its own grid of at most ``max_num_patches`` patches,
+    padded to that many. Per image the processor's outputs (patches, their mask, the grid) come
+    out with the same shapes whatever the image, so a batch simply stacks them."""
+
+    def __call__(self, image: Image.Image) -> dict[str, np.ndarray]:  # type: ignore[override]
+        out = self.processor(images=[image], return_tensors="pt")
+        return {name: out[name][0].numpy() for name in self.processor.model_input_names}
+
+    def inputs(self, images: list[Any], device: Any) -> dict[str, Any]:
+        return {name: _stacked([image[name] for image in images], device) for name in images[0]}
+
+    @property
+    def decode_size(self) -> tuple[int, int] | None:
+        return None  # each image gets its own size: none is safe to decode below
 
 
 class TorchvisionPipeline(StockPipeline):
@@ -94,6 +124,8 @@ def build_pipeline(processor: Any) -> StockPipeline:
     except ImportError:  # transformers without the backend split: the stock way
         return StockPipeline(processor)
     kind = type(processor)
+    if "pixel_attention_mask" in getattr(processor, "model_input_names", ()):
+        return NaFlexPipeline(processor)
     standard = (
         isinstance(processor, TorchvisionBackend)
         and kind._preprocess is TorchvisionBackend._preprocess
@@ -114,7 +146,80 @@ def build_pipeline(processor: Any) -> StockPipeline:
     return fast
 
 
-def _first_mismatch(fast: TorchvisionPipeline, stock: StockPipeline) -> str:
+class TransformPipeline:
+    """A torchvision transform (open_clip's eval preprocessing) called the stock way: float32
+    ``pixel_values`` (C, H, W) per image. ``size``: the transform's output (height, width)."""
+
+    def __init__(self, transform: Any, size: tuple[int, int]) -> None:
+        self.transform = transform
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        return self.transform(image).numpy()
+
+    def normalize(self, batch: Any) -> Any:
+        return batch
+
+    def inputs(self, images: list[Any], device: Any) -> dict[str, Any]:
+        return {"pixel_values": self.normalize(_stacked(images, device))}
+
+    @property
+    def decode_size(self) -> tuple[int, int] | None:
+        # Resized so that the shortest (or longest) side, or both, reach the output size: an
+        # image at least that large on both sides is only ever shrunk.
+        return self.size[1], self.size[0]
+
+
+class SplitTransformPipeline(TransformPipeline):
+    """The transform's PIL steps (resize, crop) per image, giving uint8 (H, W, C); its
+    ``ToTensor`` scaling and ``Normalize`` per batch, on the model's device, with the same
+    elementwise operations in the same order (so the same float32 results)."""
+
+    def __init__(self, transform: Any, size: tuple[int, int]) -> None:
+        from torchvision.transforms import Compose
+
+        super().__init__(transform, size)
+        self.pil_steps = Compose(transform.transforms[:-2])
+        self.normalize_step = transform.transforms[-1]
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        return np.asarray(self.pil_steps(image))
+
+    def normalize(self, batch: Any) -> Any:
+        """uint8 (N, H, W, C) on any device -> float32 (N, C, H, W), as ToTensor + Normalize."""
+        import torch
+
+        return self.normalize_step(batch.permute(0, 3, 1, 2).to(torch.float32).div(255))
+
+
+def build_transform_pipeline(transform: Any, size: tuple[int, int]) -> TransformPipeline:
+    """The split pipeline for a ``Compose(PIL steps..., ToTensor, Normalize)`` that passes the
+    self-check, else the transform called the stock way."""
+    from torchvision.transforms import Compose, Normalize, ToTensor
+
+    stock = TransformPipeline(transform, size)
+    steps = getattr(transform, "transforms", None)
+    if not (isinstance(transform, Compose) and len(steps) > 2 and isinstance(steps[-2], ToTensor) and isinstance(steps[-1], Normalize)):
+        log.info("the image transform is not PIL steps + ToTensor + Normalize: using it the stock way")
+        return stock
+    fast = SplitTransformPipeline(transform, size)
+    try:
+        mismatch = _first_mismatch(fast, stock)
+    except Exception as exc:  # a PIL step that yields something other than an RGB image, say
+        mismatch = f"{type(exc).__name__}: {exc}"
+    if mismatch:
+        log.warning("the fast image pipeline differs from the stock transform (%s): using it the stock way", mismatch)
+        return stock
+    return fast
+
+
+def _stacked(arrays: list[Any], device: Any) -> Any:
+    import torch
+
+    return torch.stack([torch.as_tensor(array, device=device) for array in arrays])
+
+
+def _first_mismatch(fast: Any, stock: Any) -> str:
     import torch
 
     rng = np.random.default_rng(0)

@@ -16,7 +16,8 @@ from PIL import Image
 
 import clipserve
 from clipserve_server.config import ServerConfig
-from clipserve_server.decode_pool import DecodeJob, ProcessDecoder, ThreadDecoder, build_decoder
+from clipserve_server.batcher import Batcher
+from clipserve_server.decode_pool import DecodeJob, ProcessDecoder, ThreadDecoder, build_decoder, model_thread_setup
 from clipserve_server.errors import ErrorKind, ItemError
 from clipserve_server.fake_model import FakeModel
 
@@ -32,19 +33,30 @@ def jpeg(width: int = 64, height: int = 48, mode: str = "RGB") -> bytes:
     return make_image(width, height, seed=width, fmt="JPEG", mode=mode)
 
 
-def test_decode_threads_run_torch_on_one_thread_each_and_leave_the_callers_alone():
+def test_decode_threads_run_torch_on_one_thread_each_and_leave_the_model_thread_alone():
     job = DecodeJob(lambda image: torch.get_num_threads(), max_pixels=10**6)
     threads_before = torch.get_num_threads()
+    setup = model_thread_setup()  # as the server does, before any decode thread runs
 
     async def main():
         decoder = ThreadDecoder(job, 2)
         try:
-            return await asyncio.gather(*(decoder.decode(jpeg(), f"img{i}") for i in range(4)))
+            decoded = await asyncio.gather(*(decoder.decode(jpeg(), f"img{i}") for i in range(4)))
+            # The model thread starts only now (its first batch), after the decode threads:
+            # torch would start it with their one thread, had it not its own setup.
+            batcher = Batcher(lambda texts, images: (np.zeros((0, 1)), np.full((len(images), 1), torch.get_num_threads())),
+                              max_batch_size=1, max_delay_s=0.0, max_queue_size=1, thread_setup=setup)
+            batcher.start()
+            try:
+                return decoded, int((await batcher.encode_image(b"pixels", wait=True))[0])
+            finally:
+                await batcher.stop()
         finally:
             await decoder.close()
 
-    assert run(main()) == [1, 1, 1, 1]
-    assert torch.get_num_threads() == threads_before
+    decoded, model_threads = run(main())
+    assert decoded == [1, 1, 1, 1]
+    assert model_threads == threads_before and torch.get_num_threads() == threads_before
 
 
 def test_worker_processes_give_the_same_pixels_and_errors_as_threads(tiny_checkpoint):

@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .config import ModelSpec, ServerConfig
-from .decode_pool import Decoder, build_decoder
+from .decode_pool import Decoder, build_decoder, model_thread_setup
 from .engine import ScoringEngine
 from .memory import check_fits
 from .metrics import Metrics
@@ -127,13 +127,21 @@ class ClipServer:
                 raise ModelLoadError(spec) from exc
             models.append(model)
         # One decode pool for every model; one forward pass at a time per device.
+        setup = model_thread_setup()  # before any decode thread has run: the process's threads
         self._decoder = build_decoder(models, self.config)
         await self._decoder.start()
         locks: dict[str, threading.Lock] = {}
         for job, (spec, model) in enumerate(zip(specs, models)):
             forward = model.forward if len(models) == 1 else _one_at_a_time(model.forward, locks.setdefault(model.description.device, threading.Lock()))
             engine = ScoringEngine(
-                model, self.config, decoder=self._decoder.for_job(job), on_dead=self._engine_died, metrics=self.metrics, name=spec.name, forward=forward
+                model,
+                self.config,
+                decoder=self._decoder.for_job(job),
+                on_dead=self._engine_died,
+                metrics=self.metrics,
+                name=spec.name,
+                forward=forward,
+                thread_setup=setup,
             )
             await engine.start()
             self._registry.add(spec.name, engine)

@@ -52,7 +52,9 @@ class Batcher:
         forward_timeout_s: float | None = None,
         on_dead: Callable[[BaseException], None] | None = None,
         on_batch: Callable[[int, float], None] | None = None,
+        thread_setup: Callable[[], None] | None = None,
     ) -> None:
+        """``thread_setup`` runs first on the model thread (see decode_pool.model_thread_setup)."""
         self._forward = forward
         self._forward_timeout_s = forward_timeout_s or None
         self._max_batch_size = max_batch_size
@@ -63,7 +65,7 @@ class Batcher:
         self._queue: collections.deque[_Job] = collections.deque()
         self._work = asyncio.Event()
         self._space = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipserve-model")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipserve-model", initializer=thread_setup)
         self._task: asyncio.Task | None = None
         self._failure: ItemError | None = None  # set once the batcher can take no more work
 

@@ -45,10 +45,11 @@ class ScoringEngine:
         metrics: Metrics | None = None,
         name: str = "default",
         forward: Callable[[list[str], list[Any]], tuple[np.ndarray, np.ndarray]] | None = None,
+        thread_setup: Callable[[], None] | None = None,
     ) -> None:
         """``decoder``: this model's view of the server's decode pool (which the server starts
         and closes). ``forward``: the model's forward as the server runs it (one at a time per
-        device; default: ``model.forward``)."""
+        device; default: ``model.forward``). ``thread_setup``: run first on the model thread."""
         self.model = model
         self._metrics = metrics
         self.config = config
@@ -62,6 +63,7 @@ class ScoringEngine:
             forward_timeout_s=config.forward_timeout_s,
             on_dead=on_dead,
             on_batch=metrics.batch_observer(name) if metrics else None,
+            thread_setup=thread_setup,
         )
         self._fetcher = ImageFetcher(
             timeout_s=config.fetch_timeout_s,

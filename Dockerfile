@@ -26,7 +26,10 @@ COPY pyproject.toml README.md ./
 COPY client ./client
 COPY server ./server
 COPY protos ./protos
-RUN pip install ".[server]"
+# Every model family (open_clip, sentence-transformers text towers, SigLIP's tokenizer); build
+# with --build-arg EXTRAS=server for transformers CLIP alone.
+ARG EXTRAS=server,open_clip,multilingual,siglip
+RUN pip install ".[${EXTRAS}]"
 
 RUN useradd --create-home --uid 10001 clipserve && mkdir -p /models && chown clipserve /models
 USER clipserve

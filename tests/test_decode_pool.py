@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import clipserve
 from clipserve_server.config import ServerConfig

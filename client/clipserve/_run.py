@@ -125,7 +125,7 @@ class Run(Generic[R]):
         self._stats_lock = stats_lock
         self._cond = threading.Condition(threading.RLock())
         self._on_change = on_change
-        self._started = self._last_progress = time.monotonic()
+        self._last_progress = time.monotonic()
         self._warned = False
         self._failed = 0
         self._cancelled = False
@@ -185,6 +185,7 @@ class Run(Generic[R]):
         """Match the lanes to the replicas now known; return the lanes that need a worker."""
         with self._cond:
             current = set(replicas)
+            retiring = [lane for replica, lane in self.lanes.items() if replica not in current and not lane.retired]
             for replica, lane in self.lanes.items():
                 lane.retired = replica not in current
             for replica in replicas:
@@ -193,7 +194,8 @@ class Run(Generic[R]):
             starting = [lane for lane in self.lanes.values() if not lane.working and not lane.retired and not lane.dead]
             for lane in starting:
                 lane.working = True
-            self._changed()
+            if retiring or starting:
+                self._changed()
             return starting
 
     def before_stream(self, lane: Lane) -> float | None:

@@ -17,7 +17,10 @@ round measures, one after the other:
 
 It prints the best of the rounds and the ratios: server CPU / stock CPU (the goal is <= 0.9),
 and wall pairs/s against the stock bound (every core doing nothing but the stock decode +
-preprocess of the distinct images). With --drift it also scores the pass with each inexact
+preprocess of the distinct images), and how the pass's CPU split between the server's event loop,
+its other threads, its decode processes and the benchmark process (SDK and corpus server). With
+--profile (py-spy on PATH) it also samples the server during the first pass and prints the
+functions its event loop spent its time in. With --drift it also scores the pass with each inexact
 fast path (--jpeg-draft; --gpu-decode with --device cuda) and prints the largest score
 difference from the exact path, plus the largest pixel difference in pixel_values.
 
@@ -35,7 +38,11 @@ import io
 import json
 import os
 import platform
+import re
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +53,8 @@ import psutil
 import torch
 from PIL import Image
 
-from bench_throughput import ROOT, add_workload_arguments, make_corpus, make_workload, serve_corpus, start_server  # noqa: E402
+from bench_throughput import ROOT, add_workload_arguments, make_corpus, make_workload, start_server  # noqa: E402
+from corpus_host import serve_corpus  # noqa: E402
 
 
 # -- stock: decoding and preprocessing the way the reference adapter does ----------------------------
@@ -80,27 +88,84 @@ def tree_cpu(proc: psutil.Process) -> tuple[float, float]:
     return total, main.user_time + main.system_time
 
 
-def server_pass(checkpoint: Path, pairs: list[tuple[str, str]], args: argparse.Namespace, extra: list[str]) -> dict:
-    """One cold pass through a fresh server; its CPU, its loop's CPU, wall time and the scores."""
+def cpu_by_part(proc: psutil.Process) -> dict[str, float]:
+    """CPU seconds of each kind of thread of the server (by thread name: the event loop, the
+    model thread, gRPC's poller, ...), of its decode worker processes, and of this process
+    (the SDK and the corpus server), to see which one a cold pass waits for."""
+    parts: dict[str, float] = {}
+    for thread in proc.threads():
+        try:
+            name = "event loop" if thread.id == proc.pid else Path(f"/proc/{proc.pid}/task/{thread.id}/comm").read_text().strip()
+        except OSError:
+            continue
+        # One row per kind of thread. Python before 3.14 names no OS thread: "python" is the model
+        # thread, decode threads and gRPC's poller together.
+        name = name.rstrip("0123456789_-")
+        name = "other threads" if name.startswith("python") else name
+        parts[name] = parts.get(name, 0.0) + thread.user_time + thread.system_time
+    parts["decode processes"] = sum(p.cpu_times().user + p.cpu_times().system for p in proc.children(recursive=True))
+    me = psutil.Process().cpu_times()
+    parts["benchmark (SDK + corpus)"] = me.user + me.system
+    return parts
+
+
+def start_profile(pid: int, out: Path) -> subprocess.Popen | None:
+    """py-spy sampling every thread of the server, if py-spy is installed (``--profile``)."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        print("--profile: py-spy is not on PATH; no profile", flush=True)
+        return None
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--threads", "--format", "raw", "--rate", "100", "--nonblocking", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def print_profile(raw: Path, top: int = 25) -> None:
+    """The event-loop thread's busiest functions (inclusive share of its samples)."""
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if "MainThread" not in frames[0]:
+            continue
+        total += int(count)
+        for frame in {re.sub(r":\d+\)", ")", f) for f in frames[1:]}:
+            inclusive[frame] = inclusive.get(frame, 0) + int(count)
+    print(f"event-loop profile ({total} samples), inclusive, below the loop itself:")
+    below = [kv for kv in inclusive.items() if "_run_once" not in kv[0] and kv[1] < inclusive.get("BaseEventLoop._run_once (asyncio/base_events.py)", total)]
+    for frame, count in sorted(below, key=lambda kv: -kv[1])[:top]:
+        print(f"  {count / max(total, 1) * 100:5.1f}%  {frame}")
+
+
+def server_pass(checkpoint: Path, pairs: list[tuple[str, str]], args: argparse.Namespace, extra: list[str], *, profile: Path | None = None) -> dict:
+    """One cold pass through a fresh server; its CPU, its loop's CPU, each part's CPU, wall
+    time and the scores (and a py-spy profile of the pass into ``profile``)."""
     import clipserve
 
     proc, address = start_server(checkpoint, args, extra)
+    spy = None
     try:
         server = psutil.Process(proc.pid)
         inputs = [clipserve.SimilarityInput(q, u) for q, u in pairs]
         with clipserve.CLIP(address) as clip:
+            spy = start_profile(proc.pid, profile) if profile else None
+            parts_before = cpu_by_part(server)
             cpu_before, loop_before = tree_cpu(server)
             started = time.perf_counter()
             results = clip.score_batch(inputs)
             wall = time.perf_counter() - started
             cpu_after, loop_after = tree_cpu(server)
+            parts = {k: v - parts_before.get(k, 0.0) for k, v in cpu_by_part(server).items()}
     finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
         proc.terminate()
         proc.wait(timeout=60)
     failures = [r.error for r in results if r.error is not None]
     if failures:
         raise RuntimeError(f"{len(failures)} pairs failed, e.g. {failures[0]}")
-    return {"cpu_s": cpu_after - cpu_before, "loop_s": loop_after - loop_before, "wall_s": wall, "scores": np.array([r.score for r in results])}
+    return {"cpu_s": cpu_after - cpu_before, "loop_s": loop_after - loop_before, "wall_s": wall, "parts": parts, "scores": np.array([r.score for r in results])}
 
 
 # -- drift: how far an inexact fast path moves the scores and pixels ---------------------------------
@@ -176,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drift", action="store_true", help="also measure the fast paths' score drift against the exact path")
     parser.add_argument("--scaling", action="store_true", help="also measure the decode pools alone at 1 and 2 workers")
     parser.add_argument("--loop-us", type=float, default=300.0, help="--scaling: pure-Python loop work per image for the busy-loop rows")
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy the server during the first round's pass into this raw file, and print its event loop's busiest functions")
     parser.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint folder (default: a tiny random CLIP at 224)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "feed.json")
     parser.add_argument("--seed", type=int, default=0)
@@ -186,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)  # the stock measurement: one image at a time, one thread, like a decode worker
     checkpoint = args.checkpoint or build_checkpoint(Path(tempfile.mkdtemp(prefix="clipserve-feed-")) / "tiny-224", arch="tiny", image_size=224, seed=args.seed)
-    corpus = make_corpus(args.images, args.seed)
+    corpus = make_corpus(args.images, args.seed, workers=min(16, os.cpu_count() or 1))
     httpd, base = serve_corpus(corpus)
     pairs = make_workload(base, sorted(corpus), args.queries, args.per_query, args.seed)
     names = sorted({u.rsplit("/", 1)[1] for _, u in pairs})
@@ -196,9 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workload: {len(pairs)} pairs, {len(names)} distinct images; {cores} cores; server {' '.join(extra)}", flush=True)
 
     samples: dict[str, list[float]] = {}
+    parts_by_round: list[dict[str, float]] = []
     for round_ in range(1, args.rounds + 1):
         decode_s, stock_s = stock_cpu(checkpoint, distinct)
-        run = server_pass(checkpoint, pairs, args, extra)
+        run = server_pass(checkpoint, pairs, args, extra, profile=args.profile if round_ == 1 else None)
+        print(f"round {round_} CPU of each part during the pass ({run['wall_s']:.2f} s wall): "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(run["parts"].items(), key=lambda kv: -kv[1]) if v >= 0.01), flush=True)
+        parts_by_round.append({k: round(v, 3) for k, v in run["parts"].items()})
         for key, value in {
             "decode_cpu_ms_per_image": decode_s * 1e3,
             "stock_cpu_ms_per_image": stock_s * 1e3,
@@ -220,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server event loop (serial)   {best['loop_cpu_us_per_pair']:7.0f} us/pair, {best['loop_cpu_us_per_image']:.0f} us/distinct image"
           f"   -> at most {1e6 / best['loop_cpu_us_per_image']:.0f} images/s however many cores")
     print(f"wall                         {best['wall_pairs_per_s']:7.1f} pairs/s = {best['wall_pairs_per_s'] / stock_bound:.2f} of the stock bound ({stock_bound:.1f} pairs/s on {cores} cores)")
+    if args.profile is not None and args.profile.exists():
+        print()
+        print_profile(args.profile)
 
     report = {
         "workload": {"pairs": len(pairs), "distinct_images": len(names), "queries": args.queries, "per_query": args.per_query},
@@ -230,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_over_stock": round(ratio, 3),
         "stock_bound_pairs_per_s": round(stock_bound, 1),
         "medians": {k: round(statistics.median(v), 3) for k, v in samples.items()},
+        "cpu_by_part_s": parts_by_round,
     }
     if args.drift:
         from clipserve_server.clip_model import HFClipModel

@@ -39,16 +39,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from corpus_host import serve_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [(320, 240), (500, 500), (640, 480), (800, 600), (1024, 768), (1280, 960), (1600, 1200)]
@@ -81,26 +81,6 @@ def make_corpus(n: int, seed: int, workers: int = 1) -> dict[str, bytes]:
         return dict(make_photo(i, seed) for i in range(n))
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return dict(pool.map(make_photo, range(n), [seed] * n, chunksize=8))
-
-
-def serve_corpus(corpus: dict[str, bytes]) -> tuple[ThreadingHTTPServer, str]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as a real image host
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def do_GET(self) -> None:  # noqa: N802
-            body = corpus.get(self.path.rsplit("/", 1)[-1])
-            self.send_response(200 if body is not None else 404)
-            self.send_header("Content-Length", str(len(body or b"")))
-            self.end_headers()
-            self.wfile.write(body or b"")
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
 
 
 def make_workload(base: str, names: list[str], queries: int, per_query: int, seed: int) -> list[tuple[str, str]]:

@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_throughput import ROOT, make_corpus, make_workload, serve_corpus  # noqa: E402
+from bench_throughput import ROOT, make_corpus, make_workload  # noqa: E402
+from corpus_host import serve_corpus  # noqa: E402
 
 DEVICE = os.environ.get("GPU_CHECK_DEVICE", "cuda")
 ON_GPU = DEVICE.startswith("cuda")

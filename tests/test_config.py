@@ -125,3 +125,14 @@ def test_unknown_keys_in_clipserves_file_are_errors(tmp_path):
 def test_bad_dtype_is_refused():
     with pytest.raises(ValueError, match="dtype must be one of"):
         ServerConfig(dtype="int8")
+
+
+def test_the_fake_model_simulates_accelerator_time_per_batch_and_per_image():
+    """Benchmarks stand in for a GPU with ``fake:forward_ms=..,image_ms=..``: a batch costs a
+    fixed time plus a time per image, as an accelerator's forward pass does."""
+    from clipserve_server.loading import _fake
+
+    model = _fake("fake:forward_ms=20,image_ms=1.5,dim=8")
+    assert (model.forward_delay_s, model.image_delay_s, model.description.embedding_dim) == (0.02, 0.0015, 8)
+    with pytest.raises(ValueError, match="unknown option.*gpu_ms"):
+        _fake("fake:gpu_ms=3")

@@ -21,7 +21,7 @@ from .model import EmbeddingModel
 
 
 class FakeModel(EmbeddingModel):
-    def __init__(self, dim: int = 16, logit_scale: float = 100.0, forward_delay_s: float = 0.0) -> None:
+    def __init__(self, dim: int = 16, logit_scale: float = 100.0, forward_delay_s: float = 0.0, image_delay_s: float = 0.0) -> None:
         self.description = ModelDescription(
             model_id="fake",
             device="cpu",
@@ -33,6 +33,7 @@ class FakeModel(EmbeddingModel):
             backend="fake",
         )
         self.forward_delay_s = forward_delay_s
+        self.image_delay_s = image_delay_s  # per image of a batch: an accelerator's time grows with the batch
         self.fail_with: BaseException | None = None  # raised by the next forward calls while set
         self._lock = threading.Lock()
         self.batches: list[tuple[int, int]] = []  # (texts, images) per forward call
@@ -56,8 +57,8 @@ class FakeModel(EmbeddingModel):
         return _pixels  # a plain function: decode worker processes can be handed it
 
     def forward(self, texts: list[str], images: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-        if self.forward_delay_s:
-            time.sleep(self.forward_delay_s)
+        if self.forward_delay_s or self.image_delay_s:
+            time.sleep(self.forward_delay_s + self.image_delay_s * len(images))
         if self.fail_with is not None:
             raise self.fail_with
         with self._lock:

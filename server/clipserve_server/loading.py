@@ -1,7 +1,8 @@
 """Choosing the backend that loads a model (one module per family, one interface).
 
-- ``fake`` or ``fake:forward_ms=30,dim=16``: the deterministic stand-in model (tests, demos,
-  and benchmarks that simulate accelerator time with a forward pass that sleeps per batch);
+- ``fake`` or ``fake:forward_ms=30,image_ms=2,dim=16``: the deterministic stand-in model (tests,
+  demos, and benchmarks that simulate accelerator time: a forward pass sleeps ``forward_ms`` per
+  batch plus ``image_ms`` per image in it);
 - ``open_clip:ARCH`` with ``--pretrained PATH``: one of open_clip's built-in architectures with
   a weights file (``openclip_model``);
 - a local folder or hub id, by the files it holds:
@@ -160,11 +161,12 @@ def _fake(source: str) -> EmbeddingModel:
             options[key.strip()] = float(value)
         except ValueError:
             raise ValueError(f"--model {source}: {part!r} is not key=number") from None
-    unknown = set(options) - {"forward_ms", "dim", "logit_scale"}
+    unknown = set(options) - {"forward_ms", "image_ms", "dim", "logit_scale"}
     if unknown:
-        raise ValueError(f"--model {source}: unknown option(s) {', '.join(sorted(unknown))} (forward_ms, dim, logit_scale)")
+        raise ValueError(f"--model {source}: unknown option(s) {', '.join(sorted(unknown))} (forward_ms, image_ms, dim, logit_scale)")
     return FakeModel(
         dim=int(options.get("dim", 16)),
         logit_scale=options.get("logit_scale", 100.0),
         forward_delay_s=options.get("forward_ms", 0.0) / 1000.0,
+        image_delay_s=options.get("image_ms", 0.0) / 1000.0,
     )

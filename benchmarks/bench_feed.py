@@ -81,31 +81,29 @@ def stock_cpu(checkpoint: Path, images: list[bytes]) -> tuple[float, float]:
 
 # -- the server ---------------------------------------------------------------------------------------
 
-def tree_cpu(proc: psutil.Process) -> tuple[float, float]:
-    """(CPU seconds of the process and its children, of its main thread alone)."""
-    total = sum(p.cpu_times().user + p.cpu_times().system for p in [proc, *proc.children(recursive=True)])
-    main = next(t for t in proc.threads() if t.id == proc.pid)
-    return total, main.user_time + main.system_time
+BENCHMARK_PART = "benchmark (SDK + corpus)"
 
 
 def cpu_by_part(proc: psutil.Process) -> dict[str, float]:
-    """CPU seconds of each kind of thread of the server (by thread name: the event loop, the
-    model thread, gRPC's poller, ...), of its decode worker processes, and of this process
-    (the SDK and the corpus server), to see which one a cold pass waits for."""
-    parts: dict[str, float] = {}
+    """CPU seconds of the server's event loop, its other threads (by OS thread name where it has
+    one), its decode worker processes, and of this process (the SDK and the corpus host), to see
+    which one a cold pass waits for."""
+    times = proc.cpu_times()
+    parts = {"event loop": 0.0}
     for thread in proc.threads():
+        if thread.id == proc.pid:
+            parts["event loop"] = thread.user_time + thread.system_time
+            continue
         try:
-            name = "event loop" if thread.id == proc.pid else Path(f"/proc/{proc.pid}/task/{thread.id}/comm").read_text().strip()
+            name = Path(f"/proc/{proc.pid}/task/{thread.id}/comm").read_text().strip().rstrip("0123456789_-")
         except OSError:
             continue
-        # One row per kind of thread. Python before 3.14 names no OS thread: "python" is the model
-        # thread, decode threads and gRPC's poller together.
-        name = name.rstrip("0123456789_-")
-        name = "other threads" if name.startswith("python") else name
-        parts[name] = parts.get(name, 0.0) + thread.user_time + thread.system_time
+        if not name.startswith("python"):  # Python before 3.14 names no OS thread: those stay in "other threads"
+            parts[name] = parts.get(name, 0.0) + thread.user_time + thread.system_time
+    parts["other threads"] = times.user + times.system - sum(parts.values())  # the model thread, decode threads, gRPC's poller
     parts["decode processes"] = sum(p.cpu_times().user + p.cpu_times().system for p in proc.children(recursive=True))
     me = psutil.Process().cpu_times()
-    parts["benchmark (SDK + corpus)"] = me.user + me.system
+    parts[BENCHMARK_PART] = me.user + me.system
     return parts
 
 
@@ -150,11 +148,9 @@ def server_pass(checkpoint: Path, pairs: list[tuple[str, str]], args: argparse.N
         with clipserve.CLIP(address) as clip:
             spy = start_profile(proc.pid, profile) if profile else None
             parts_before = cpu_by_part(server)
-            cpu_before, loop_before = tree_cpu(server)
             started = time.perf_counter()
             results = clip.score_batch(inputs)
             wall = time.perf_counter() - started
-            cpu_after, loop_after = tree_cpu(server)
             parts = {k: v - parts_before.get(k, 0.0) for k, v in cpu_by_part(server).items()}
     finally:
         if spy is not None:
@@ -165,7 +161,8 @@ def server_pass(checkpoint: Path, pairs: list[tuple[str, str]], args: argparse.N
     failures = [r.error for r in results if r.error is not None]
     if failures:
         raise RuntimeError(f"{len(failures)} pairs failed, e.g. {failures[0]}")
-    return {"cpu_s": cpu_after - cpu_before, "loop_s": loop_after - loop_before, "wall_s": wall, "parts": parts, "scores": np.array([r.score for r in results])}
+    server_cpu = sum(v for k, v in parts.items() if k != BENCHMARK_PART)
+    return {"cpu_s": server_cpu, "loop_s": parts["event loop"], "wall_s": wall, "parts": parts, "scores": np.array([r.score for r in results])}
 
 
 # -- drift: how far an inexact fast path moves the scores and pixels ---------------------------------

@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -54,6 +55,41 @@ def test_decode_threads_run_torch_on_one_thread_each_and_leave_the_model_thread_
     decoded, model_threads = run(main())
     assert decoded == [1, 1, 1, 1]
     assert model_threads == threads_before and torch.get_num_threads() == threads_before
+
+
+def test_a_decode_thread_that_starts_while_the_model_thread_prepares_its_first_batch_leaves_it_its_cores():
+    """Torch gives a thread its intra-op count lazily, at its first op, from the count the
+    process set last. The model thread is set up, then tokenizes its first batch; a decode
+    thread starting just then sets one thread. The model thread keeps its own count all the
+    same (before the fix, some benchmark runs did every forward pass on one core)."""
+    threads_before = torch.get_num_threads()
+    setup = model_thread_setup()
+    set_up, decoder_ran = threading.Event(), threading.Event()
+
+    def model_thread_init() -> None:
+        setup()
+        set_up.set()
+
+    def forward(texts, images):
+        decoder_ran.wait(60)  # the first batch is still being prepared: no torch op yet
+        return np.zeros((0, 1)), np.full((len(images), 1), torch.get_num_threads())
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(forward, max_batch_size=1, max_delay_s=0.0, max_queue_size=1, thread_setup=model_thread_init)
+        decoder = ThreadDecoder(DecodeJob(lambda image: torch.get_num_threads(), max_pixels=10**6), 1)
+        batcher.start()
+        try:
+            first_batch = asyncio.ensure_future(batcher.encode_image(b"pixels", wait=True))
+            await loop.run_in_executor(None, set_up.wait, 60)
+            decoded = await decoder.decode(jpeg(), "img")  # a decode thread starts now
+            decoder_ran.set()
+            return decoded, int((await first_batch)[0])
+        finally:
+            await batcher.stop()
+            await decoder.close()
+
+    assert run(main()) == (1, threads_before)
 
 
 def test_worker_processes_give_the_same_pixels_and_errors_as_threads(tiny_checkpoint):

@@ -98,14 +98,24 @@ def _jobs(jobs: DecodeJob | Sequence[DecodeJob]) -> list[DecodeJob]:
     return [jobs] if isinstance(jobs, DecodeJob) else list(jobs)
 
 
+def _set_torch_threads(torch: Any, threads: int) -> None:
+    """This thread's intra-op threads, for good. Torch sets a thread's count lazily, at its first
+    op, from the count the process set last, unless that first look already happened: so look
+    first (``get_num_threads``), then set. Otherwise whichever thread set a count between this
+    call and this thread's first op would decide it (seen: the model thread's tokenizer running
+    while decode threads started, then every forward pass on one core, in some runs only)."""
+    torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+
 def _single_threaded_torch() -> None:
     """Torch's per-image ops in a decode worker run on one intra-op thread: N workers times the
-    default one thread per core would oversubscribe the cores. The setting is per thread
-    (OpenMP), but torch also starts every thread created afterwards with it: the model thread
-    sets its own back (``model_thread_setup``)."""
+    default one thread per core would oversubscribe the cores. Each thread keeps its own count
+    (OpenMP), but torch starts every thread created afterwards with the last one set: the model
+    thread sets its own back (``model_thread_setup``)."""
     torch = sys.modules.get("torch")
     if torch is not None:
-        torch.set_num_threads(1)
+        _set_torch_threads(torch, 1)
 
 
 def model_thread_setup() -> Callable[[], None]:
@@ -118,7 +128,7 @@ def model_thread_setup() -> Callable[[], None]:
 
     def setup() -> None:
         if torch is not None and threads:
-            torch.set_num_threads(threads)
+            _set_torch_threads(torch, threads)
 
     return setup
 

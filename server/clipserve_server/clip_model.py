@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .domain import ModelDescription
-from .model import EmbeddingModel
+from .model import PipelineModel, logit_parameters
 from .preprocess import NaFlexPipeline, build_pipeline
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def _features(output: Any) -> Any:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-class HFClipModel(EmbeddingModel):
+class HFClipModel(PipelineModel):
     """Loads ``AutoModel`` + ``AutoProcessor`` from a hub id or a local folder (``name``: what
     to call it in GetModelInfo, when the folder stands for something else)."""
 
@@ -109,9 +109,7 @@ class HFClipModel(EmbeddingModel):
         self._padding: str | bool = "max_length" if "siglip" in config.model_type else True
         with torch.inference_mode():
             self._dim = int(self._encode_texts(["probe"]).shape[1])
-            logit_scale = float(model.logit_scale.exp().float().item())
-            bias = getattr(model, "logit_bias", None)
-            logit_bias = float(bias.float().item()) if bias is not None else 0.0
+            logit_scale, logit_bias = logit_parameters(model)
         self.description = ModelDescription(
             model_id=name or str(model_id),
             device=str(self._device),
@@ -122,16 +120,6 @@ class HFClipModel(EmbeddingModel):
             max_text_tokens=self._max_tokens,
             compiled=compile,
         )
-
-    def preprocess_image(self, image: Image.Image) -> Any:
-        return self._pipeline(image)
-
-    def image_preprocessor(self) -> Callable[[Image.Image], Any]:
-        return self._pipeline
-
-    @property
-    def decode_size(self) -> tuple[int, int] | None:
-        return self._pipeline.decode_size
 
     def device_jpeg_decoder(self) -> Callable[[bytes], Any]:
         if self._device.type != "cuda":

@@ -74,3 +74,26 @@ class EmbeddingModel(ABC):
     def warmup(self) -> None:
         """Run one tiny batch so that the first real request pays no start-up cost."""
         self.forward(["warmup"], [self.preprocess_image(Image.new("RGB", (64, 64), (127, 127, 127)))])
+
+
+class PipelineModel(EmbeddingModel):
+    """A model whose images go through one preprocessing pipeline (``self._pipeline``): callable on
+    a decoded image, picklable for decode worker processes, and knowing its decode size."""
+
+    _pipeline: Any
+
+    def preprocess_image(self, image: Image.Image) -> Any:
+        return self._pipeline(image)
+
+    def image_preprocessor(self) -> Callable[[Image.Image], Any]:
+        return self._pipeline
+
+    @property
+    def decode_size(self) -> tuple[int, int] | None:
+        return self._pipeline.decode_size
+
+
+def logit_parameters(model: Any) -> tuple[float, float]:
+    """(exp(logit_scale), logit_bias or 0) of a CLIP-family torch model (transformers or open_clip)."""
+    bias = getattr(model, "logit_bias", None)
+    return float(model.logit_scale.exp().float().item()), float(bias.float().item()) if bias is not None else 0.0

@@ -15,7 +15,6 @@ The score is open_clip's own ``logits_per_image``: ``logit_scale.exp() * cos``, 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,7 @@ from PIL import Image
 
 from .clip_model import compile_image_tower, resolve_device
 from .domain import ModelDescription
-from .model import EmbeddingModel
+from .model import PipelineModel, logit_parameters
 from .preprocess import build_transform_pipeline
 
 log = logging.getLogger(__name__)
@@ -33,7 +32,7 @@ log = logging.getLogger(__name__)
 _PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
-class OpenClipModel(EmbeddingModel):
+class OpenClipModel(PipelineModel):
     def __init__(
         self, name: str, *, model_id: str, pretrained: str = "", device: str = "auto", dtype: str = "float32", compile: bool = False
     ) -> None:
@@ -58,9 +57,7 @@ class OpenClipModel(EmbeddingModel):
         self._pipeline = build_transform_pipeline(image_transform_v2(cfg, is_train=False), size)
         with torch.inference_mode():
             self._dim = int(self._encode_texts(["probe"]).shape[1])
-            logit_scale = float(model.logit_scale.exp().float().item())
-            bias = getattr(model, "logit_bias", None)
-            logit_bias = float(bias.float().item()) if bias is not None else 0.0
+            logit_scale, logit_bias = logit_parameters(model)
         self.description = ModelDescription(
             model_id=model_id,
             device=str(self._device),
@@ -72,16 +69,6 @@ class OpenClipModel(EmbeddingModel):
             compiled=compile,
             backend="open_clip",
         )
-
-    def preprocess_image(self, image: Image.Image) -> Any:
-        return self._pipeline(image)
-
-    def image_preprocessor(self) -> Callable[[Image.Image], Any]:
-        return self._pipeline
-
-    @property
-    def decode_size(self) -> tuple[int, int] | None:
-        return self._pipeline.decode_size
 
     def forward(self, texts: list[str], images: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         empty = np.zeros((0, self._dim), dtype=np.float32)

@@ -112,10 +112,11 @@ class ServerProcess:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
         return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
 
-    def items(self, rpc: str = "ScoreBatch") -> int:
-        """Items this server answered (scored or failed) on ``rpc``."""
+    def items(self, rpcs: tuple[str, ...] = ("ScoreBatch", "ScoreChunks")) -> int:
+        """Items this server answered (scored or failed) on any of ``rpcs`` (default: pairs,
+        one per message or packed)."""
         prefix = "clipserve_items_total{"
-        return int(sum(v for k, v in self.metrics().items() if k.startswith(prefix) and f'rpc="{rpc}"' in k))
+        return int(sum(v for k, v in self.metrics().items() if k.startswith(prefix) and any(f'rpc="{rpc}"' in k for rpc in rpcs)))
 
     def _collect(self) -> None:
         assert self.proc.stdout is not None

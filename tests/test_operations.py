@@ -26,9 +26,10 @@ def test_metrics_describe_traffic_batches_caches_and_failures(make_fake_server, 
         clip.score("a", str(path))
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
-    assert samples['clipserve_items_total{code="OK",model="default",rpc="ScoreBatch"}'] == 3
-    assert samples['clipserve_items_total{code="NOT_FOUND",model="default",rpc="ScoreBatch"}'] == 1
-    assert samples['clipserve_requests_total{code="OK",rpc="ScoreBatch"}'] == 1
+    # The SDK packs a batch's pairs several to a message (ScoreChunks); items are counted one by one.
+    assert samples['clipserve_items_total{code="OK",model="default",rpc="ScoreChunks"}'] == 3
+    assert samples['clipserve_items_total{code="NOT_FOUND",model="default",rpc="ScoreChunks"}'] == 1
+    assert samples['clipserve_requests_total{code="OK",rpc="ScoreChunks"}'] == 1
     assert samples['clipserve_requests_total{code="OK",rpc="Score"}'] == 1
     assert samples['clipserve_fetch_failures_total{reason="not_found"}'] == 1
     assert samples['clipserve_batch_size_count{model="default"}'] >= 1 and samples['clipserve_encode_seconds_count{model="default"}'] >= 1
@@ -40,7 +41,7 @@ def test_metrics_describe_traffic_batches_caches_and_failures(make_fake_server, 
         'clipserve_model_info{backend="fake",compiled="false",device="cpu",dtype="float32",embedding_dim="16",model="default",model_id="fake"} 1.0'
         in text
     )
-    assert 'clipserve_item_latency_seconds_count{model="default",rpc="ScoreBatch"}' in samples
+    assert 'clipserve_item_latency_seconds_count{model="default",rpc="ScoreChunks"}' in samples
 
 
 def test_json_logs_carry_request_ids():

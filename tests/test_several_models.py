@@ -102,8 +102,8 @@ def test_each_model_has_its_own_caches_and_metrics(two_models, image_host):
         second.embed_texts(["only the second"])
     assert after == (before[0] + 1, before[1])  # the first model's cache alone holds the image
     samples = two_models.metrics()
-    assert samples['clipserve_items_total{code="OK",model="first",rpc="ScoreBatch"}'] >= 3
-    assert samples['clipserve_items_total{code="OK",model="second",rpc="Embed"}'] >= 1
+    assert samples['clipserve_items_total{code="OK",model="first",rpc="ScoreChunks"}'] >= 3
+    assert samples['clipserve_items_total{code="OK",model="second",rpc="EmbedChunks"}'] >= 1
     assert 'clipserve_cache_entries{cache="text",model="second"}' in samples
 
 

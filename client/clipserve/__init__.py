@@ -15,7 +15,7 @@ from ._retry import RetryPolicy
 from ._run import ClientStats
 from ._types import EmbeddingResult, SimilarityInput, SimilarityResult, as_array
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AsyncCLIP",

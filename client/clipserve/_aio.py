@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 
 from ._base import ClientBase, UnaryAttempts
+from ._chunks import Packer, answers
 from ._errors import ClipServeError
 from ._replicas import Replicas
 from ._run import STOP, WAIT, Lane, Run
@@ -123,14 +124,17 @@ class AsyncCLIP(ClientBase):
             run.stream_ended(lane, await self._stream(run, lane, stub, signal))
 
     async def _stream(self, run: Run, lane: Lane, stub: scorer_pb2_grpc.ScorerStub, signal: _Signal) -> ClipServeError | None:
-        stream = lane.stream
+        stream, chunked = lane.stream, lane.chunked
+        packer = Packer(run.job.chunk if chunked else None)
 
         async def requests() -> AsyncIterator[Any]:
             while True:
                 take = run.take(lane, stream)
-                if take is STOP:
-                    return
-                if take is WAIT:
+                if take is STOP or take is WAIT:
+                    for message in packer.flush():  # nothing more ready: send what is packed
+                        yield message
+                    if take is STOP:
+                        return
                     await signal.wait(_POLL_S)
                     continue
                 try:
@@ -142,13 +146,14 @@ class AsyncCLIP(ClientBase):
                 except ClipServeError as exc:
                     run.fail_item(lane, take.index, exc)
                     continue
-                yield request
+                for message in packer.add(request):
+                    yield message
 
-        call = getattr(stub, run.job.rpc)(requests(), timeout=run.deadline.remaining(), metadata=self._metadata)
+        call = getattr(stub, run.rpc(lane))(requests(), timeout=run.deadline.remaining(), metadata=self._metadata)
         run.attach(lane, call)
         try:
             async for response in call:
-                run.answer(lane, response)
+                run.answer(lane, answers(response, chunked))
         except grpc.RpcError as exc:
             return ClipServeError.from_rpc_error(exc)
         finally:

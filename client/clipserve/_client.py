@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from ._base import ClientBase, UnaryAttempts
+from ._chunks import Packer, answers
 from ._errors import ClipServeError
 from ._replicas import Replicas
 from ._run import STOP, WAIT, Lane, Run
@@ -121,28 +122,31 @@ class CLIP(ClientBase):
     def _stream(self, run: Run, lane: Lane, stub: scorer_pb2_grpc.ScorerStub) -> ClipServeError | None:
         """One stream to the lane's replica, sending what the run hands it; returns the error
         that ended it, or None."""
-        stream = lane.stream
+        stream, chunked = lane.stream, lane.chunked
+        packer = Packer(run.job.chunk if chunked else None)
 
         def requests() -> Iterator[Any]:
-            # Runs on a gRPC thread: blocks here, not on the server, when the window is full.
+            # Runs on a gRPC thread: blocks here, not on the server, when the window is full,
+            # and sends what it has packed as soon as nothing more is ready.
             while True:
-                take = run.take_blocking(lane, stream, _POLL_S)
-                if take is STOP:
-                    return
-                if take is WAIT:
+                take = run.take(lane, stream) if packer else run.take_blocking(lane, stream, _POLL_S)
+                if take is STOP or take is WAIT:
+                    yield from packer.flush()
+                    if take is STOP:
+                        return
                     continue
                 try:
                     request = self._build(run, lane, take)
                 except ClipServeError as exc:
                     run.fail_item(lane, take.index, exc)
                     continue
-                yield request
+                yield from packer.add(request)
 
-        call = getattr(stub, run.job.rpc)(requests(), timeout=run.deadline.remaining(), metadata=self._metadata)
+        call = getattr(stub, run.rpc(lane))(requests(), timeout=run.deadline.remaining(), metadata=self._metadata)
         run.attach(lane, call)
         try:
             for response in call:
-                run.answer(lane, response)
+                run.answer(lane, answers(response, chunked))
         except grpc.RpcError as exc:
             return ClipServeError.from_rpc_error(exc)
         finally:

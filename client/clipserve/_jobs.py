@@ -83,6 +83,8 @@ class Job(Generic[R]):
     """One batch call: its inputs, its RPC, and the translation both ways."""
 
     rpc: str  # the stub method: "ScoreBatch" or "Embed"
+    chunk_rpc: str  # the same, several items per message: "ScoreChunks" or "EmbedChunks"
+    chunk: type  # that method's request message
 
     def __init__(self, model: str) -> None:
         self.model = model
@@ -106,6 +108,8 @@ class Job(Generic[R]):
 
 class ScoreJob(Job[SimilarityResult]):
     rpc = "ScoreBatch"
+    chunk_rpc = "ScoreChunks"
+    chunk = scorer_pb2.ScoreRequestChunk
 
     def __init__(self, items: Sequence[SimilarityInput], model: str = "") -> None:
         super().__init__(model)
@@ -152,6 +156,8 @@ def failed_score(item: SimilarityInput, code: str, message: str) -> SimilarityRe
 
 class EmbedJob(Job[EmbeddingResult]):
     rpc = "Embed"
+    chunk_rpc = "EmbedChunks"
+    chunk = scorer_pb2.EmbedRequestChunk
 
     def __init__(self, inputs: Sequence[str], *, images: bool, raw: bool, model: str = "") -> None:
         super().__init__(model)

@@ -18,7 +18,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -89,6 +89,7 @@ class Lane:
         # Which stream of the lane is the current one. gRPC may go on pulling requests from an
         # ended stream's iterator for a while: what it takes then would be lost in a dead call.
         self.stream = 0
+        self.chunked = True  # several items per message; False once the server lacks that RPC
 
     @property
     def down(self) -> bool:
@@ -206,9 +207,17 @@ class Run(Generic[R]):
                 return None
             return max(0.0, lane.retry_at - time.monotonic())
 
+    def rpc(self, lane: Lane) -> str:
+        """The method the lane's next stream calls."""
+        return self.job.chunk_rpc if lane.chunked else self.job.rpc
+
     def stream_ended(self, lane: Lane, error: ClipServeError | None) -> None:
         """The lane's stream is over: what it left unanswered goes back to the queue."""
         with self._cond:
+            if error is not None and error.code == grpc.StatusCode.UNIMPLEMENTED and lane.chunked:
+                # A server older than the chunked RPCs: the same items, one per message.
+                log.debug("clipserve: %s has no %s; using %s", lane.replica.target, self.job.chunk_rpc, self.job.rpc)
+                lane.chunked, error = False, None
             lane.call = None
             lane.stream += 1
             unanswered = [i for i in lane.sent] + [t.index for t in lane.ready]
@@ -303,41 +312,46 @@ class Run(Generic[R]):
         return None
 
     # -- answers ---------------------------------------------------------------------------
-    def answer(self, lane: Lane, response: Any) -> None:
+    def answer(self, lane: Lane, responses: Iterable[Any]) -> None:
+        """The item responses of one stream message."""
+        with self._cond:
+            for response in responses:
+                self._answer(lane, response)
+            self._changed()
+
+    def _answer(self, lane: Lane, response: Any) -> None:
         try:
             index = int(response.request_id)
         except ValueError:
             return  # not ours
-        with self._cond:
-            if index not in lane.sent:
-                return  # a duplicate or stray answer
-            sent_at, sha256 = lane.sent.pop(index)
-            self._drop_outstanding(index, lane)
-            now = time.monotonic()
-            took = now - sent_at
-            lane.latency = took if lane.latency is None else lane.latency + _LATENCY_WEIGHT * (took - lane.latency)
-            lane.last_answer = now
-            lane.window = min(self._max_in_flight, lane.window + 1)
-            error = response.error if response.HasField("error") else None
-            if error is not None and error.reason == IMAGE_BYTES_NEEDED and sha256 is not None:
-                if self.results[index] is None:
-                    lane.ready.append(Take(index, lane.images.resend_as(sha256, index)))
-                    with self._stats_lock:
-                        self._stats.resends += 1
-            elif error is not None and error.code in _RETRYABLE_NAMES:
-                # The server is stopping or overloaded: stop sending it more on this stream;
-                # this item goes to whichever lane is free.
-                lane.drain_error = ClipServeError(grpc.StatusCode[error.code], error.message)
-                if self.results[index] is None and not self._outstanding.get(index):
-                    self._queue.appendleft(index)
-            else:
-                lane.images.answered(index)
-                lane.progressed = True
-                if self._record(index, self.job.result(index, response)):
-                    with self._stats_lock:
-                        key = lane.replica.target
-                        self._stats.items_by_replica[key] = self._stats.items_by_replica.get(key, 0) + 1
-            self._changed()
+        if index not in lane.sent:
+            return  # a duplicate or stray answer
+        sent_at, sha256 = lane.sent.pop(index)
+        self._drop_outstanding(index, lane)
+        now = time.monotonic()
+        took = now - sent_at
+        lane.latency = took if lane.latency is None else lane.latency + _LATENCY_WEIGHT * (took - lane.latency)
+        lane.last_answer = now
+        lane.window = min(self._max_in_flight, lane.window + 1)
+        error = response.error if response.HasField("error") else None
+        if error is not None and error.reason == IMAGE_BYTES_NEEDED and sha256 is not None:
+            if self.results[index] is None:
+                lane.ready.append(Take(index, lane.images.resend_as(sha256, index)))
+                with self._stats_lock:
+                    self._stats.resends += 1
+        elif error is not None and error.code in _RETRYABLE_NAMES:
+            # The server is stopping or overloaded: stop sending it more on this stream;
+            # this item goes to whichever lane is free.
+            lane.drain_error = ClipServeError(grpc.StatusCode[error.code], error.message)
+            if self.results[index] is None and not self._outstanding.get(index):
+                self._queue.appendleft(index)
+        else:
+            lane.images.answered(index)
+            lane.progressed = True
+            if self._record(index, self.job.result(index, response)):
+                with self._stats_lock:
+                    key = lane.replica.target
+                    self._stats.items_by_replica[key] = self._stats.items_by_replica.get(key, 0) + 1
 
     def fail_item(self, lane: Lane, index: int, error: ClipServeError) -> None:
         """The item could not be sent (e.g. its local file is unreadable): that is its result."""

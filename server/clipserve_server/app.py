@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -148,6 +149,13 @@ class ClipServer:
             d = model.description
             log.info("serving %s as %r on %s (%s, %s), embedding dim %d", d.model_id, spec.name, d.device, d.dtype, d.backend, d.embedding_dim)
         self.metrics.attach(self._registry.engines)
+        # What is loaded by now (torch, transformers, the models: millions of objects) lives as
+        # long as the process. Frozen, it is out of the cyclic collector's sight: otherwise every
+        # full collection, triggered by the garbage of ordinary traffic, walks all of it on the
+        # event loop (measured: 0.27 s per full collection with a small model loaded, one in about eight warm
+        # passes of 1000 pairs).
+        gc.collect()
+        gc.freeze()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def _engine_died(self, exc: BaseException) -> None:

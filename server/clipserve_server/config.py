@@ -104,7 +104,7 @@ class ServerConfig:
     max_batch_size: int = dataclasses.field(default=32, metadata={"help": "most texts+images per forward pass"})
     max_batch_delay_ms: float = dataclasses.field(default=5.0, metadata={"help": "longest wait for a batch to fill, from its first item"})
     max_queue_size: int = dataclasses.field(default=1024, metadata={"help": "items waiting for the model before unary calls get RESOURCE_EXHAUSTED"})
-    stream_max_in_flight: int = dataclasses.field(default=256, metadata={"help": "items one ScoreBatch stream may have in progress before the server stops reading it"})
+    stream_max_in_flight: int = dataclasses.field(default=256, metadata={"help": "items one stream (ScoreBatch, ScoreChunks, Embed, EmbedChunks) may have in progress before the server stops reading it"})
     forward_timeout_s: float = dataclasses.field(default=300.0, metadata={"help": "a forward pass running longer means the model is wedged: fail its items and turn NOT_SERVING (0: never)"})
     cache: bool = dataclasses.field(default=True, metadata={"help": "cache text and image embeddings"})
     text_cache_size: int = dataclasses.field(default=100_000, metadata={"help": "text embeddings kept (LRU)"})

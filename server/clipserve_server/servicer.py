@@ -19,11 +19,14 @@ from .errors import ErrorKind, ItemError
 from .metrics import Metrics
 from .registry import ModelRegistry
 from .status import grpc_code, reason
-from .wire import MalformedRequest, parse_embed_request, parse_score_request
+from .wire import MalformedRequest, parse_embed_chunk, parse_embed_request, parse_score_chunk, parse_score_request
 
 log = logging.getLogger(__name__)
 
 _END_OF_INPUT = object()
+# Most answers in one ScoreResponseChunk / EmbedResponseChunk: 128 embeddings of 1024 floats
+# are ~0.5 MiB, well inside a client's default 4 MiB receive limit.
+_ANSWERS_PER_CHUNK = 128
 
 ScoreRequest = scorer_pb2.ScoreRequest | MalformedRequest
 EmbedRequest = scorer_pb2.EmbedRequest | MalformedRequest
@@ -108,13 +111,17 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         async for response in self._stream("ScoreBatch", requests, context, self._score_item):
             yield response
 
-    async def _score_item(self, request: ScoreRequest, ids: dict[str, str]) -> scorer_pb2.ScoreResponse:
+    async def ScoreChunks(self, chunks: AsyncIterator[list[ScoreRequest]], context: grpc.aio.ServicerContext) -> AsyncIterator[scorer_pb2.ScoreResponseChunk]:
+        async for chunk in self._stream("ScoreChunks", chunks, context, self._score_item, pack=scorer_pb2.ScoreResponseChunk):
+            yield chunk
+
+    async def _score_item(self, rpc: str, request: ScoreRequest, ids: dict[str, str]) -> scorer_pb2.ScoreResponse:
         response = _score_response(request)
 
         async def score(engine: ScoringEngine) -> None:
             response.score = await engine.score(to_item(request), wait=True)
 
-        await self._answer("ScoreBatch", request, ids, response, score)
+        await self._answer(rpc, request, ids, response, score)
         return response
 
     # -- embedding ---------------------------------------------------------------------------
@@ -122,13 +129,17 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         async for response in self._stream("Embed", requests, context, self._embed_item):
             yield response
 
-    async def _embed_item(self, request: EmbedRequest, ids: dict[str, str]) -> scorer_pb2.EmbedResponse:
+    async def EmbedChunks(self, chunks: AsyncIterator[list[EmbedRequest]], context: grpc.aio.ServicerContext) -> AsyncIterator[scorer_pb2.EmbedResponseChunk]:
+        async for chunk in self._stream("EmbedChunks", chunks, context, self._embed_item, pack=scorer_pb2.EmbedResponseChunk):
+            yield chunk
+
+    async def _embed_item(self, rpc: str, request: EmbedRequest, ids: dict[str, str]) -> scorer_pb2.EmbedResponse:
         response = scorer_pb2.EmbedResponse(request_id=request.request_id)
 
         async def embed(engine: ScoringEngine) -> None:
             response.embedding[:] = (await engine.embed(to_embed_item(request), wait=True)).tolist()
 
-        await self._answer("Embed", request, ids, response, embed)
+        await self._answer(rpc, request, ids, response, embed)
         return response
 
     # -- models ------------------------------------------------------------------------------
@@ -210,11 +221,15 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
     async def _stream(
         self,
         rpc: str,
-        requests: AsyncIterator[Any],
+        messages: AsyncIterator[Any],
         context: grpc.aio.ServicerContext,
-        answer_one: Callable[[Any, dict[str, str]], Awaitable[Any]],
+        answer_one: Callable[[str, Any, dict[str, str]], Awaitable[Any]],
+        *,
+        pack: Callable[..., Any] | None = None,
     ) -> AsyncIterator[Any]:
-        """Answer a stream of items, each as soon as it is done, in any order."""
+        """Answer a stream of items, each as soon as it is done, in any order. ``pack``: the
+        chunk message type of a chunked RPC, whose messages carry a list of items each way;
+        the answers ready at one moment (at most _ANSWERS_PER_CHUNK) then go in one message."""
         if self._registry.closing or not self._registry.ready:
             error = ItemError(ErrorKind.UNAVAILABLE, "the server is shutting down" if self._registry.closing else "the model is still loading; retry shortly")
             self._metrics.calls.labels(rpc=rpc, code=grpc_code(error.kind).name).inc()
@@ -231,17 +246,18 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         sent = 0
 
         async def answer(request: Any) -> None:
-            await answers.put(await answer_one(request, ids))
+            answers.put_nowait(await answer_one(rpc, request, ids))
 
         async def read() -> None:
             nonlocal sent
             try:
-                async for request in requests:
-                    await window.acquire()
-                    task = asyncio.ensure_future(answer(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                    sent += 1
+                async for message in messages:
+                    for request in message if pack is not None else (message,):
+                        await window.acquire()
+                        task = asyncio.ensure_future(answer(request))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                        sent += 1
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # reading failed (the client went away): end the stream with it
@@ -254,16 +270,28 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         input_done = False
         try:
             while not (input_done and answered == sent):
-                answer_or_signal = await answers.get()
-                if answer_or_signal is _END_OF_INPUT:
-                    input_done = True
+                ready = [await answers.get()]
+                while not answers.empty() and len(ready) < _ANSWERS_PER_CHUNK:
+                    ready.append(answers.get_nowait())
+                done = []
+                for answer_or_signal in ready:
+                    if answer_or_signal is _END_OF_INPUT:
+                        input_done = True
+                    elif isinstance(answer_or_signal, Exception):
+                        raise answer_or_signal
+                    else:
+                        done.append(answer_or_signal)
+                if not done:
                     continue
-                if isinstance(answer_or_signal, Exception):
-                    raise answer_or_signal
-                yield answer_or_signal
-                answered += 1
-                failed += answer_or_signal.HasField("error")
-                window.release()
+                if pack is not None:
+                    yield pack(items=done)
+                else:
+                    for response in done:
+                        yield response
+                answered += len(done)
+                failed += sum(response.HasField("error") for response in done)
+                for _ in done:
+                    window.release()
             final_code = grpc.StatusCode.OK
         finally:
             reader.cancel()
@@ -287,6 +315,12 @@ def add_scorer_to_server(servicer: ScorerServicer, server: grpc.aio.Server) -> N
         "ScoreBatch": grpc.stream_stream_rpc_method_handler(servicer.ScoreBatch, request_deserializer=parse_score_request, response_serializer=score_response),
         "Embed": grpc.stream_stream_rpc_method_handler(
             servicer.Embed, request_deserializer=parse_embed_request, response_serializer=scorer_pb2.EmbedResponse.SerializeToString
+        ),
+        "ScoreChunks": grpc.stream_stream_rpc_method_handler(
+            servicer.ScoreChunks, request_deserializer=parse_score_chunk, response_serializer=scorer_pb2.ScoreResponseChunk.SerializeToString
+        ),
+        "EmbedChunks": grpc.stream_stream_rpc_method_handler(
+            servicer.EmbedChunks, request_deserializer=parse_embed_chunk, response_serializer=scorer_pb2.EmbedResponseChunk.SerializeToString
         ),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
             servicer.GetModelInfo,

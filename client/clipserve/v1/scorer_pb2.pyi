@@ -96,6 +96,30 @@ class EmbedResponse(_message.Message):
     error: ItemError
     def __init__(self, request_id: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
 
+class ScoreRequestChunk(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ScoreRequest]
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoreRequest, _Mapping]]] = ...) -> None: ...
+
+class ScoreResponseChunk(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ScoreResponse]
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoreResponse, _Mapping]]] = ...) -> None: ...
+
+class EmbedRequestChunk(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[EmbedRequest]
+    def __init__(self, items: _Optional[_Iterable[_Union[EmbedRequest, _Mapping]]] = ...) -> None: ...
+
+class EmbedResponseChunk(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[EmbedResponse]
+    def __init__(self, items: _Optional[_Iterable[_Union[EmbedResponse, _Mapping]]] = ...) -> None: ...
+
 class CacheStats(_message.Message):
     __slots__ = ("capacity", "entries", "hits", "misses", "hit_rate")
     CAPACITY_FIELD_NUMBER: _ClassVar[int]

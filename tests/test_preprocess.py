@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clipserve_server.decode import decode_image
+from clipserve_server.decode import decode_image, decode_rgb_tensor
+from clipserve_server.decode_pool import DecodeJob
 from clipserve_server.preprocess import StockPipeline, TorchvisionPipeline, build_pipeline
 
 
@@ -56,6 +57,10 @@ def rgb_with_transparent_colour() -> bytes:
 RGB = photo(300, 200)
 FILES = {
     "jpeg-photo": encode(photo(640, 480), "JPEG", quality=90),
+    "progressive-jpeg": encode(photo(333, 251, seed=6), "JPEG", quality=90, progressive=True),
+    "jpeg-444": encode(photo(257, 129, seed=7), "JPEG", quality=95, subsampling=0),
+    "jpeg-422": encode(photo(129, 257, seed=8), "JPEG", quality=95, subsampling=1),
+    "grayscale-jpeg": encode(RGB.convert("L"), "JPEG"),
     "large-jpeg": encode(photo(1600, 1200, seed=3), "JPEG", quality=85),
     "png-photo": encode(photo(500, 500, seed=1), "PNG"),
     "palette-png": encode(RGB.convert("P"), "PNG"),
@@ -83,8 +88,8 @@ def stock_pixel_values(processor, data: bytes) -> torch.Tensor:
 
 
 def served_pixel_values(pipeline, data: bytes) -> torch.Tensor:
-    """The server's way: its decoder, the pipeline in a decode worker, normalize in the batch."""
-    pixels = pipeline(decode_image(data, max_pixels=10_000_000, name="test"))
+    """The server's way: a decode worker's job on the file's bytes, normalize in the batch."""
+    pixels = DecodeJob(pipeline, max_pixels=10_000_000)(data, "test")
     return pipeline.normalize(torch.from_numpy(pixels).unsqueeze(0))[0]
 
 
@@ -98,6 +103,28 @@ def test_pixel_values_are_bit_identical_to_the_stock_processor(processor, name):
     got = served_pixel_values(build_pipeline(processor), FILES[name])
     assert got.dtype == expected.dtype and got.shape == expected.shape
     assert torch.equal(got, expected)
+
+
+# Decoded by torchvision straight into a tensor (checked against PIL once per process); every
+# other file by PIL, as the reference adapter decodes it. Both give the pixel values above.
+DECODED_TO_A_TENSOR = {"jpeg-photo", "progressive-jpeg", "jpeg-444", "jpeg-422", "large-jpeg", "png-photo", "1x1-png", "very-wide-jpeg", "very-tall-png"}
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_plain_8_bit_rgb_jpegs_and_pngs_skip_pil(name):
+    chw = decode_rgb_tensor(FILES[name], max_pixels=10_000_000, name=name)
+    assert (chw is not None) == (name in DECODED_TO_A_TENSOR)
+    if chw is not None:
+        assert chw.dtype == torch.uint8 and chw.permute(1, 2, 0).is_contiguous()  # channels-last: the fast resize layout
+        assert torch.equal(chw.permute(1, 2, 0), torch.from_numpy(np.asarray(decode_image(FILES[name], max_pixels=10_000_000, name=name))))
+
+
+def test_a_truncated_file_fails_as_pil_says(processor):
+    from clipserve_server.errors import ItemError
+
+    for name in ("jpeg-photo", "png-photo"):
+        with pytest.raises(ItemError, match="corrupt or truncated"):
+            DecodeJob(build_pipeline(processor), max_pixels=10_000_000)(FILES[name][: len(FILES[name]) // 2], name)
 
 
 def test_images_travel_as_uint8_crops_a_quarter_of_the_float_size(processor):

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Protocol
 from PIL import Image
 
 from .config import ServerConfig
-from .decode import decode_image, open_image
+from .decode import decode_image, decode_rgb_tensor, open_image, torchvision_decodes_exactly
 from .errors import ErrorKind, ItemError
 from .model import EmbeddingModel
 
@@ -53,7 +53,20 @@ class DecodeJob:
     max_pixels: int
     draft_size: tuple[int, int] | None = None  # --jpeg-draft: the model's input size
 
+    @property
+    def _decodes_to_tensor(self) -> bool:
+        return hasattr(self.preprocess, "from_chw") and self.draft_size is None
+
+    def warm(self) -> None:
+        """What the first image would pay for otherwise: checking torchvision's decoders."""
+        if self._decodes_to_tensor:
+            torchvision_decodes_exactly()
+
     def __call__(self, data: bytes, name: str) -> Any:
+        if self._decodes_to_tensor:  # the exact pipeline takes a decoded tensor: skip PIL
+            chw = decode_rgb_tensor(data, max_pixels=self.max_pixels, name=name)
+            if chw is not None:
+                return self.preprocess.from_chw(chw)  # type: ignore[attr-defined]
         image = decode_image(data, max_pixels=self.max_pixels, name=name, draft_size=self.draft_size)
         try:
             return self.preprocess(image)
@@ -165,7 +178,8 @@ class ThreadDecoder:
         return JobDecoder(self, job)
 
     async def start(self) -> None:
-        pass
+        for job in self._jobs:
+            await asyncio.get_running_loop().run_in_executor(self._pool, job.warm)
 
     async def decode(self, data: bytes, name: str, job: int = 0) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._decode, data, name, job)
@@ -396,6 +410,8 @@ def _serve(requests: BinaryIO, replies: BinaryIO, images: mmap.mmap, image_slot_
 
     jobs: list[DecodeJob] = pickle.loads(read(_BUFFER.unpack(read(_BUFFER.size))[0]))
     _single_threaded_torch()
+    for job in jobs:
+        job.warm()
     replies.write(b"R")  # ready
     replies.flush()
     try:

@@ -98,6 +98,10 @@ class TorchvisionPipeline(StockPipeline):
             chw = self.processor.process_image(image, do_convert_rgb=self.processor.do_convert_rgb)
         else:
             chw = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+        return self.from_chw(chw)
+
+    def from_chw(self, chw: Any) -> np.ndarray:
+        """The same, from an RGB image already decoded into a uint8 (3, H, W) tensor."""
         return self.resize_and_crop(chw).numpy()
 
     def on_device(self, chw: Any) -> Any:

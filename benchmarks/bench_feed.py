@@ -17,8 +17,10 @@ round measures, one after the other:
 
 It prints the best of the rounds and the ratios: server CPU / stock CPU (the goal is <= 0.9),
 and wall pairs/s against the stock bound (every core doing nothing but the stock decode +
-preprocess of the distinct images), and how the pass's CPU split between the server's event loop,
-its other threads, its decode processes and the benchmark process (SDK and corpus server). With
+preprocess of the distinct images), how the pass's CPU split between the server's event loop,
+its model and decode threads, its other threads, its decode processes and the benchmark process
+(SDK and corpus server), and its forward passes: how many, their mean size, and how busy they
+kept the model thread (server_probe.py). With
 --profile (py-spy on PATH) it also samples the server during the first pass and prints the
 functions its event loop spent its time in. With --drift it also scores the pass with each inexact
 fast path (--jpeg-draft; --gpu-decode with --device cuda) and prints the largest score
@@ -41,6 +43,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -49,12 +52,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 from PIL import Image
 
 from bench_throughput import ROOT, add_workload_arguments, make_corpus, make_workload, start_server  # noqa: E402
 from corpus_host import serve_corpus  # noqa: E402
+from server_probe import BENCHMARK_PART, ServerProbe, describe  # noqa: E402
 
 
 # -- stock: decoding and preprocessing the way the reference adapter does ----------------------------
@@ -80,32 +83,6 @@ def stock_cpu(checkpoint: Path, images: list[bytes]) -> tuple[float, float]:
 
 
 # -- the server ---------------------------------------------------------------------------------------
-
-BENCHMARK_PART = "benchmark (SDK + corpus)"
-
-
-def cpu_by_part(proc: psutil.Process) -> dict[str, float]:
-    """CPU seconds of the server's event loop, its other threads (by OS thread name where it has
-    one), its decode worker processes, and of this process (the SDK and the corpus host), to see
-    which one a cold pass waits for."""
-    times = proc.cpu_times()
-    parts = {"event loop": 0.0}
-    for thread in proc.threads():
-        if thread.id == proc.pid:
-            parts["event loop"] = thread.user_time + thread.system_time
-            continue
-        try:
-            name = Path(f"/proc/{proc.pid}/task/{thread.id}/comm").read_text().strip().rstrip("0123456789_-")
-        except OSError:
-            continue
-        if not name.startswith("python"):  # Python before 3.14 names no OS thread: those stay in "other threads"
-            parts[name] = parts.get(name, 0.0) + thread.user_time + thread.system_time
-    parts["other threads"] = times.user + times.system - sum(parts.values())  # the model thread, decode threads, gRPC's poller
-    parts["decode processes"] = sum(p.cpu_times().user + p.cpu_times().system for p in proc.children(recursive=True))
-    me = psutil.Process().cpu_times()
-    parts[BENCHMARK_PART] = me.user + me.system
-    return parts
-
 
 def start_profile(pid: int, out: Path) -> subprocess.Popen | None:
     """py-spy sampling every thread of the server, if py-spy is installed (``--profile``)."""
@@ -140,18 +117,18 @@ def server_pass(checkpoint: Path, pairs: list[tuple[str, str]], args: argparse.N
     time and the scores (and a py-spy profile of the pass into ``profile``)."""
     import clipserve
 
-    proc, address = start_server(checkpoint, args, extra)
+    metrics_port = free_port()
+    proc, address = start_server(checkpoint, args, [*extra, "--metrics-port", str(metrics_port)])
     spy = None
     try:
-        server = psutil.Process(proc.pid)
         inputs = [clipserve.SimilarityInput(q, u) for q, u in pairs]
         with clipserve.CLIP(address) as clip:
             spy = start_profile(proc.pid, profile) if profile else None
-            parts_before = cpu_by_part(server)
+            probe = ServerProbe(proc.pid, metrics_port)
             started = time.perf_counter()
             results = clip.score_batch(inputs)
             wall = time.perf_counter() - started
-            parts = {k: v - parts_before.get(k, 0.0) for k, v in cpu_by_part(server).items()}
+            report = probe.report(wall)
     finally:
         if spy is not None:
             spy.send_signal(signal.SIGINT)
@@ -161,8 +138,15 @@ def server_pass(checkpoint: Path, pairs: list[tuple[str, str]], args: argparse.N
     failures = [r.error for r in results if r.error is not None]
     if failures:
         raise RuntimeError(f"{len(failures)} pairs failed, e.g. {failures[0]}")
+    parts = report["cpu_s"]
     server_cpu = sum(v for k, v in parts.items() if k != BENCHMARK_PART)
-    return {"cpu_s": server_cpu, "loop_s": parts["event loop"], "wall_s": wall, "parts": parts, "scores": np.array([r.score for r in results])}
+    return {"cpu_s": server_cpu, "loop_s": parts["event loop"], "wall_s": wall, "parts": parts, "report": report, "scores": np.array([r.score for r in results])}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # -- drift: how far an inexact fast path moves the scores and pixels ---------------------------------
@@ -263,9 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     for round_ in range(1, args.rounds + 1):
         decode_s, stock_s = stock_cpu(checkpoint, distinct)
         run = server_pass(checkpoint, pairs, args, extra, profile=args.profile if round_ == 1 else None)
-        print(f"round {round_} CPU of each part during the pass ({run['wall_s']:.2f} s wall): "
-              + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(run["parts"].items(), key=lambda kv: -kv[1]) if v >= 0.01), flush=True)
-        parts_by_round.append({k: round(v, 3) for k, v in run["parts"].items()})
+        print(f"round {round_} pass ({run['wall_s']:.2f} s wall): {describe(run['report'])}", flush=True)
+        parts_by_round.append(run["report"])
         for key, value in {
             "decode_cpu_ms_per_image": decode_s * 1e3,
             "stock_cpu_ms_per_image": stock_s * 1e3,
@@ -300,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_over_stock": round(ratio, 3),
         "stock_bound_pairs_per_s": round(stock_bound, 1),
         "medians": {k: round(statistics.median(v), 3) for k, v in samples.items()},
-        "cpu_by_part_s": parts_by_round,
+        "passes": parts_by_round,
     }
     if args.drift:
         from clipserve_server.clip_model import HFClipModel

@@ -1,6 +1,7 @@
 """The GPU run (started by benchmarks/gpu_check.sh, which sets up the imports): for each model,
-the fp16 model-only bound, clipserve cold and warm, GPU utilisation during the cold pass, the
-fp16-vs-fp32 score drift, and the fast paths' drifts; --compile on CUDA. No network needed:
+the fp16 model-only bound, clipserve cold and warm, GPU utilisation during the cold pass and
+where the server's time went in it (CPU by part, forward passes, how busy the model thread
+was), the fp16-vs-fp32 score drift, and the fast paths' drifts; --compile on CUDA. No network needed:
 random-weight checkpoints with the real architectures, a generated corpus on loopback HTTP.
 
 Settings come from the environment (gpu_check.sh documents them): GPU_CHECK_DEVICE (cuda; cpu
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_throughput import ROOT, make_corpus, make_workload  # noqa: E402
 from corpus_host import serve_corpus  # noqa: E402
+from server_probe import ServerProbe, describe  # noqa: E402
 
 DEVICE = os.environ.get("GPU_CHECK_DEVICE", "cuda")
 ON_GPU = DEVICE.startswith("cuda")
@@ -96,8 +99,10 @@ class Server:
     """`clipserve serve` in a subprocess, killed if it is not ready within ``start_timeout_s``."""
 
     def __init__(self, checkpoint: Path, dtype: str, flags: list[str], start_timeout_s: float) -> None:
+        self.metrics_port = free_port()
         command = [
             sys.executable, "-m", "clipserve.cli", "serve", "--model", str(checkpoint), "--host", "127.0.0.1", "--port", "0",
+            "--metrics-port", str(self.metrics_port),
             "--allow-private-networks", "--device", DEVICE, "--dtype", dtype, "--max-batch-size", str(BATCH),
             "--max-batch-delay-ms", "5", "--max-queue-size", str(max(1024, 4 * BATCH)), "--log-level", "WARNING", *flags,
         ]
@@ -124,19 +129,28 @@ class Server:
             self.proc.kill()
 
 
-def score_pass(address: str, pairs: list[tuple[str, str]]) -> tuple[float, np.ndarray, float | None]:
-    """(pairs/s, scores, mean GPU utilisation) of one score_batch over ``pairs``."""
+def score_pass(server: Server, pairs: list[tuple[str, str]]) -> tuple[float, np.ndarray, float | None, dict]:
+    """(pairs/s, scores, mean GPU utilisation, where the server's time went) of one
+    score_batch over ``pairs``."""
     import clipserve
 
     inputs = [clipserve.SimilarityInput(q, u) for q, u in pairs]
-    with clipserve.CLIP(address, timeout=600) as clip, UtilisationSampler() as gpu:
+    with clipserve.CLIP(server.address, timeout=600) as clip, UtilisationSampler() as gpu:
+        probe = ServerProbe(server.proc.pid, server.metrics_port)
         started = time.perf_counter()
         results = clip.score_batch(inputs)
         elapsed = time.perf_counter() - started
+        report = probe.report(elapsed)
     failed = [r.error for r in results if r.error is not None]
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(pairs)} pairs failed, e.g. {failed[0]}")
-    return len(pairs) / elapsed, np.array([r.score for r in results]), gpu.mean
+    return len(pairs) / elapsed, np.array([r.score for r in results]), gpu.mean, report
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def served(checkpoint: Path, pairs: list[tuple[str, str]], dtype: str, flags: list[str], *, warm: bool = False, start_timeout_s: float = 240) -> dict:
@@ -144,9 +158,10 @@ def served(checkpoint: Path, pairs: list[tuple[str, str]], dtype: str, flags: li
     server = Server(checkpoint, dtype, flags, start_timeout_s)
     try:
         result = {"start_s": round(time.monotonic() - started, 1)}
-        result["cold_pairs_per_s"], scores, result["gpu_util_cold_pct"] = score_pass(server.address, pairs)
+        result["cold_pairs_per_s"], scores, result["gpu_util_cold_pct"], result["cold_pass"] = score_pass(server, pairs)
+        say(f"  cold pass: {describe(result['cold_pass'])}")
         if warm:
-            result["warm_pairs_per_s"] = score_pass(server.address, pairs)[0]
+            result["warm_pairs_per_s"] = score_pass(server, pairs)[0]
         result["scores"] = scores
         return result
     finally:

@@ -53,6 +53,10 @@ class EmbeddingCache:
             self.hits += 1  # joined an encode already under way: no extra model work
         return await self._wait(key, flight)
 
+    def peek(self, key: str) -> Embedding | None:
+        """The embedding if it is cached (a hit), else None; never starts or joins work."""
+        return self._hit(key)
+
     async def join(self, key: str) -> Embedding | None:
         """The embedding if it is cached or being computed; None (and no work) otherwise."""
         cached = self._hit(key)

@@ -99,15 +99,25 @@ class ScoringEngine:
         than fail with OVERLOADED (unary calls)."""
         query = validate_query(item.query)
         validate_image(item.image, self.config.max_image_bytes)
-        text_task = asyncio.ensure_future(self._text_embedding(query, wait))
-        image_task = asyncio.ensure_future(self._image_embedding(item.image, wait))
-        try:
-            text_embedding, image_embedding = await asyncio.gather(text_task, image_task)
-        except BaseException:
-            # One half failed (or we were cancelled): the other half is of no use to us.
-            text_task.cancel()
-            image_task.cancel()
-            raise
+        # Most pairs find their query cached, many their image too: wait only for what is
+        # missing, and run the halves side by side (a task each) only when both are.
+        text_embedding = self.text_cache.peek(query)
+        image_key = _image_key(item.image)
+        image_embedding = self.image_cache.peek(image_key) if image_key is not None else None
+        if text_embedding is None and image_embedding is None:
+            text_task = asyncio.ensure_future(self._text_embedding(query, wait))
+            image_task = asyncio.ensure_future(self._image_embedding(item.image, wait))
+            try:
+                text_embedding, image_embedding = await asyncio.gather(text_task, image_task)
+            except BaseException:
+                # One half failed (or we were cancelled): the other half is of no use to us.
+                text_task.cancel()
+                image_task.cancel()
+                raise
+        elif text_embedding is None:
+            text_embedding = await self._text_embedding(query, wait)
+        elif image_embedding is None:
+            image_embedding = await self._image_embedding(item.image, wait)
         return self.model.score(text_embedding, image_embedding)
 
     # -- embedding -------------------------------------------------------------------------
@@ -132,10 +142,10 @@ class ScoringEngine:
 
     async def _image_embedding(self, source: ImageSource, wait: bool) -> Embedding:
         if source.url is not None:
-            return await self.image_cache.get("url:" + source.url, lambda: self._encode_image(source, wait))
+            return await self.image_cache.get(_image_key(source), lambda: self._encode_image(source, wait))
         if source.data is None:
             # Named by hash alone: join what is cached or being encoded, or ask for the bytes.
-            embedding = await self.image_cache.join("sha256:" + (source.sha256 or ""))
+            embedding = await self.image_cache.join(_image_key(source))
             if embedding is None:
                 raise ItemError(
                     ErrorKind.IMAGE_NEEDED,
@@ -167,6 +177,16 @@ class ScoringEngine:
         if len(data) < _HASH_OFF_LOOP_BYTES:
             return _sha256(data)
         return await asyncio.get_running_loop().run_in_executor(None, _sha256, data)  # hashlib lets go of the GIL
+
+
+def _image_key(source: ImageSource) -> str | None:
+    """The image cache's key for ``source``: its URL, or the hash it names; None for bytes sent
+    without a hash (the key is their hash, still to be computed)."""
+    if source.url is not None:
+        return "url:" + source.url
+    if source.data is None or source.sha256 is not None:
+        return "sha256:" + (source.sha256 or "")
+    return None
 
 
 def _sha256(data: bytes) -> str:

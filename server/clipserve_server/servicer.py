@@ -273,25 +273,20 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
                 ready = [await answers.get()]
                 while not answers.empty() and len(ready) < _ANSWERS_PER_CHUNK:
                     ready.append(answers.get_nowait())
-                done = []
-                for answer_or_signal in ready:
-                    if answer_or_signal is _END_OF_INPUT:
-                        input_done = True
-                    elif isinstance(answer_or_signal, Exception):
-                        raise answer_or_signal
+                done = [x for x in ready if x is not _END_OF_INPUT and not isinstance(x, Exception)]
+                input_done = input_done or any(x is _END_OF_INPUT for x in ready)
+                if done:
+                    if pack is not None:
+                        yield pack(items=done)
                     else:
-                        done.append(answer_or_signal)
-                if not done:
-                    continue
-                if pack is not None:
-                    yield pack(items=done)
-                else:
-                    for response in done:
-                        yield response
-                answered += len(done)
-                failed += sum(response.HasField("error") for response in done)
-                for _ in done:
-                    window.release()
+                        for response in done:
+                            yield response
+                    answered += len(done)
+                    failed += sum(response.HasField("error") for response in done)
+                    for _ in done:
+                        window.release()
+                for error in (x for x in ready if isinstance(x, Exception)):
+                    raise error  # reading failed: after the answers that were ready
             final_code = grpc.StatusCode.OK
         finally:
             reader.cancel()

@@ -44,7 +44,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,7 +57,7 @@ from PIL import Image
 
 from bench_throughput import ROOT, add_workload_arguments, make_corpus, make_workload, start_server  # noqa: E402
 from corpus_host import serve_corpus  # noqa: E402
-from server_probe import BENCHMARK_PART, ServerProbe, describe  # noqa: E402
+from server_probe import BENCHMARK_PART, ServerProbe, describe, free_port  # noqa: E402
 
 
 # -- stock: decoding and preprocessing the way the reference adapter does ----------------------------
@@ -150,12 +149,6 @@ def server_pass(checkpoint: Path, pairs: list[tuple[str, str]], args: argparse.N
         "cpu_s": server_cpu, "loop_s": parts["event loop"], "wall_s": wall, "parts": parts, "report": report, "scores": np.array([r.score for r in results]),
         "warm_loop_s": warm_loop_s, "warm_wall_s": warm_wall,
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- drift: how far an inexact fast path moves the scores and pixels ---------------------------------

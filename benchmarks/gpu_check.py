@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_throughput import ROOT, make_corpus, make_workload  # noqa: E402
 from corpus_host import serve_corpus  # noqa: E402
-from server_probe import ServerProbe, describe  # noqa: E402
+from server_probe import ServerProbe, describe, free_port  # noqa: E402
 
 DEVICE = os.environ.get("GPU_CHECK_DEVICE", "cuda")
 ON_GPU = DEVICE.startswith("cuda")
@@ -145,12 +144,6 @@ def score_pass(server: Server, pairs: list[tuple[str, str]]) -> tuple[float, np.
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(pairs)} pairs failed, e.g. {failed[0]}")
     return len(pairs) / elapsed, np.array([r.score for r in results]), gpu.mean, report
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def served(checkpoint: Path, pairs: list[tuple[str, str]], dtype: str, flags: list[str], *, warm: bool = False, start_timeout_s: float = 240) -> dict:

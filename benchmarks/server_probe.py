@@ -13,12 +13,20 @@ thread spent in them (near 1: the model is the bottleneck; well below: the pipel
 
 from __future__ import annotations
 
+import socket
 import urllib.request
 from pathlib import Path
 
 import psutil
 
 BENCHMARK_PART = "benchmark (SDK + corpus)"
+
+
+def free_port() -> int:
+    """A free loopback port, for the server's --metrics-port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def cpu_by_part(proc: psutil.Process) -> dict[str, float]:

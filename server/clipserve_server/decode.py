@@ -95,16 +95,18 @@ def decode_rgb_tensor(data: bytes, *, max_pixels: int, name: str) -> Any | None:
     plain_png = header.format == "PNG" and header.mode == "RGB" and "transparency" not in header.info and data[_PNG_BIT_DEPTH] == 8
     if not (plain_jpeg or plain_png) or not torchvision_decodes_exactly():
         return None
-    import torch
-    from torchvision.io import ImageReadMode, decode_jpeg, decode_png  # importable: checked above
-
-    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
-        if plain_jpeg:
-            return decode_jpeg(encoded, mode=ImageReadMode.RGB)
-        return decode_png(encoded, mode=ImageReadMode.RGB)
+        return _torchvision_rgb(data, jpeg=plain_jpeg)
     except RuntimeError:  # truncated, corrupt, or a JPEG coding torchvision's libjpeg lacks
         return None
+
+
+def _torchvision_rgb(data: bytes, *, jpeg: bool) -> Any:
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg, decode_png
+
+    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return (decode_jpeg if jpeg else decode_png)(encoded, mode=ImageReadMode.RGB)
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,9 +116,7 @@ def torchvision_decodes_exactly() -> bool:
     not PIL's own copies."""
     try:
         import numpy as np
-        import torch
-        from torchvision.io import ImageReadMode
-        from torchvision.io import decode_image as torchvision_decode
+        from torchvision.io import decode_jpeg, decode_png  # noqa: F401 (present, or PIL does it all)
     except ImportError:
         return False
     rng = np.random.default_rng(0)
@@ -127,10 +127,10 @@ def torchvision_decodes_exactly() -> bool:
                         {"format": "JPEG", "progressive": True}, {"format": "PNG"}):
             buffer = io.BytesIO()
             image.save(buffer, **options)
-            probes.append(buffer.getvalue())
-    for data in probes:
+            probes.append((buffer.getvalue(), options["format"] == "JPEG"))
+    for data, jpeg in probes:
         expected = np.asarray(decode_image(data, max_pixels=10**7, name="probe"))
-        got = torchvision_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+        got = _torchvision_rgb(data, jpeg=jpeg).permute(1, 2, 0).numpy()
         if got.shape != expected.shape or not np.array_equal(got, expected):
             log.warning("torchvision decodes images differently from PIL here: decoding every image with PIL")
             return False

@@ -154,9 +154,8 @@ class ScoringEngine:
             return embedding
         # A claimed hash keys the upload at once, so that references to it that arrive while
         # it is being hashed and encoded join it; the claim is checked before it is used.
-        claimed = source.sha256
-        key = "sha256:" + (claimed or await self._content_hash(source.data))
-        return await self.image_cache.get(key, lambda: self._encode_image(source, wait, check_sha256=claimed))
+        key = _image_key(source) or "sha256:" + await self._content_hash(source.data)
+        return await self.image_cache.get(key, lambda: self._encode_image(source, wait, check_sha256=source.sha256))
 
     async def _encode_image(self, source: ImageSource, wait: bool, check_sha256: str | None = None) -> Embedding:
         data = source.data if source.data is not None else await self._fetch(source.url or "")

@@ -75,9 +75,9 @@ def test_the_sdk_sends_a_batch_through_the_packed_rpc(make_fake_server, image_ho
 # -- a server from before the packed RPCs ------------------------------------------------------------
 
 
-class _OldScorer(scorer_pb2_grpc.ScorerServicer):
-    """A clipserve 0.1 stand-in: ScoreBatch and Embed one item per message; the generated base
-    answers ScoreChunks and EmbedChunks with UNIMPLEMENTED, as a server without them does."""
+class _OldScorer:
+    """A clipserve 0.1 stand-in: ScoreBatch and Embed, one item per message, and no ScoreChunks or
+    EmbedChunks at all (gRPC itself answers UNIMPLEMENTED, as for a server built before them)."""
 
     def __init__(self) -> None:
         self.streams: list[str] = []
@@ -97,7 +97,15 @@ class _OldScorer(scorer_pb2_grpc.ScorerServicer):
 def old_server():
     servicer = _OldScorer()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    scorer_pb2_grpc.add_ScorerServicer_to_server(servicer, server)
+    handlers = {
+        "ScoreBatch": grpc.stream_stream_rpc_method_handler(
+            servicer.ScoreBatch, request_deserializer=scorer_pb2.ScoreRequest.FromString, response_serializer=scorer_pb2.ScoreResponse.SerializeToString
+        ),
+        "Embed": grpc.stream_stream_rpc_method_handler(
+            servicer.Embed, request_deserializer=scorer_pb2.EmbedRequest.FromString, response_serializer=scorer_pb2.EmbedResponse.SerializeToString
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("clipserve.v1.Scorer", handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield f"127.0.0.1:{port}", servicer

@@ -37,6 +37,7 @@ R = TypeVar("R")
 INITIAL_WINDOW = 16
 IMAGE_BYTES_NEEDED = "IMAGE_BYTES_NEEDED"
 _RETRYABLE_NAMES = frozenset(code.name for code in RETRYABLE_CODES)
+_NO_CHUNKS_CODES = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL})
 _LATENCY_WEIGHT = 0.1  # of each new answer in a lane's moving average latency
 _HEDGE_MARGIN = 1.5  # hedge when the other lane would answer this much later than ours
 _STALLED = 4.0  # a lane silent for this many of its latencies counts as stalled
@@ -214,9 +215,12 @@ class Run(Generic[R]):
     def stream_ended(self, lane: Lane, error: ClipServeError | None) -> None:
         """The lane's stream is over: what it left unanswered goes back to the queue."""
         with self._cond:
-            if error is not None and error.code == grpc.StatusCode.UNIMPLEMENTED and lane.chunked:
-                # A server older than the chunked RPCs: the same items, one per message.
-                log.debug("clipserve: %s has no %s; using %s", lane.replica.target, self.job.chunk_rpc, self.job.rpc)
+            if error is not None and error.code in _NO_CHUNKS_CODES and lane.chunked and not lane.progressed:
+                # A server older than the chunked RPCs answers UNIMPLEMENTED, or, to the asyncio
+                # client racing its first writes against that answer, INTERNAL about half of the
+                # time (grpc/grpc#36066). Either way, before any answer: the same items, one per
+                # message. (A server that really failed fails the plain stream the same way.)
+                log.debug("clipserve: %s refused %s (%s); using %s", lane.replica.target, self.job.chunk_rpc, error.code.name, self.job.rpc)
                 lane.chunked, error = False, None
             lane.call = None
             lane.stream += 1

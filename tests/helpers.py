@@ -41,6 +41,7 @@ class ImageHost:
     /status/<code>     answers that HTTP status
     /slow              waits 5 s before answering
     /slow-img/<name>   an image, after ``slow_img_delay`` seconds
+    /gated/<name>      an image, once the test sets ``gate`` (a download as slow as the test needs)
     /redirect/<name>   302 to /img/<name>
     /loop              302 to itself forever
     /huge              declares a 1 GiB body
@@ -51,6 +52,7 @@ class ImageHost:
         self.images: dict[str, bytes] = {}
         self.redirects: dict[str, str] = {}  # path -> absolute Location
         self.slow_img_delay = 0.05
+        self.gate = threading.Event()
         self.hits: dict[str, int] = {}
         host = self
 
@@ -69,6 +71,9 @@ class ImageHost:
                     return self._send(int(parts[1]), b"")
                 if parts[0] == "slow-img" and len(parts) == 2 and parts[1] in host.images:
                     time.sleep(host.slow_img_delay)
+                    return self._send(200, host.images[parts[1]])
+                if parts[0] == "gated" and len(parts) == 2 and parts[1] in host.images:
+                    host.gate.wait(60)
                     return self._send(200, host.images[parts[1]])
                 if parts[0] == "slow":
                     time.sleep(5)

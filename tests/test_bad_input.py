@@ -15,6 +15,7 @@ from PIL import Image
 import clipserve
 from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
 
+from .conftest import ServerProcess
 from .helpers import make_image
 
 
@@ -44,13 +45,26 @@ def clip(real_server):
         yield client
 
 
+@pytest.fixture(scope="module")
+def clip_of_worker_processes(tiny_checkpoint):
+    """The same server, decoding (and so downloading) in worker processes, as on a many-core box."""
+    server = ServerProcess(["--model", str(tiny_checkpoint), "--allow-private-networks", "--fetch-timeout-s", "2", "--decode-pool", "processes", "--decode-workers", "2"])
+    try:
+        with clipserve.CLIP(server.address, timeout=120) as client:
+            yield client
+    finally:
+        assert server.terminate() == 0, "".join(server.log)
+
+
 @pytest.mark.parametrize("name", sorted(SCORABLE))
 def test_unusual_but_valid_images_score_like_the_reference_adapter(clip, image_host, reference, name):
     url = image_host.add(f"valid-{name}", SCORABLE[name])
     assert clip.score("a picture", url) == pytest.approx(reference("a picture", SCORABLE[name]), abs=reference.tolerance)
 
 
-def test_each_bad_item_in_a_stream_gets_its_own_error(clip, image_host, tmp_path):
+@pytest.mark.parametrize("pool", ["threads", "processes"])
+def test_each_bad_item_in_a_stream_gets_its_own_error(pool, request, image_host, tmp_path):
+    clip = request.getfixturevalue("clip" if pool == "threads" else "clip_of_worker_processes")
     truncated = make_image(64, 64, seed=1, fmt="JPEG")[:400]
     bomb = encode(Image.new("L", (12_000, 12_000)), "PNG")  # 144 Mpx in a small file
     good = image_host.url("img/photo0.png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -15,9 +16,11 @@ import torch
 import clipserve
 from clipserve_server.config import ServerConfig
 from clipserve_server.batcher import Batcher
-from clipserve_server.decode_pool import DecodeJob, ProcessDecoder, ThreadDecoder, build_decoder, model_thread_setup
+from clipserve_server.decode_pool import DecodeJob, ProcessDecoder, ThreadDecoder, build_decoder
 from clipserve_server.errors import ErrorKind, ItemError
 from clipserve_server.fake_model import FakeModel
+from clipserve_server.fetch import FetchError, FetchSettings
+from clipserve_server.threads import model_thread_setup
 
 from .conftest import ServerProcess
 from .helpers import make_image
@@ -154,6 +157,101 @@ def test_a_worker_that_dies_fails_only_its_image_and_is_replaced(tmp_path, monke
     assert isinstance(results[0], ItemError) and results[0].kind is ErrorKind.INTERNAL and "died" in results[0].message
     assert results[1:] == [(10, 10), (11, 10), (12, 10)]
     assert later == (10, 10)
+
+
+# -- worker processes download what they decode ------------------------------------------------------
+
+def downloads(allow_private_networks: bool = True, concurrency: int = 8) -> FetchSettings:
+    return FetchSettings(timeout_s=20, max_bytes=1 << 20, max_redirects=3, allow_private_networks=allow_private_networks, concurrency=concurrency)
+
+
+def test_worker_processes_download_urls_with_the_servers_own_fetcher(tiny_checkpoint, image_host):
+    from clipserve_server.clip_model import HFClipModel
+
+    job = DecodeJob(HFClipModel(str(tiny_checkpoint), device="cpu").image_preprocessor(), max_pixels=10**6)
+    names = ["photo0.png", "photo1.jpg", "photo2.jpg"]
+
+    async def main():
+        by_thread = ThreadDecoder(job, 1)
+        public, guarded = ProcessDecoder(job, 2, max_image_bytes=1 << 20, fetch=downloads()), ProcessDecoder(job, 1, max_image_bytes=1 << 20, fetch=downloads(False))
+        for decoder in (by_thread, public, guarded):
+            await decoder.start()
+        try:
+            expected = [await by_thread.decode(image_host.images[n], n) for n in names]
+            got = await asyncio.gather(*(public.fetch_and_decode(image_host.url(f"img/{n}"), n) for n in names))
+            redirected = await public.fetch_and_decode(image_host.url("redirect/photo1.jpg"), "redirected")
+            failures = await asyncio.gather(
+                public.fetch_and_decode(image_host.url("status/404"), "missing"),
+                public.fetch_and_decode(image_host.url("img/not-an-image.png"), "text"),
+                guarded.fetch_and_decode(image_host.url("img/photo0.png"), "loopback"),  # 127.0.0.1 is no public address
+                return_exceptions=True,
+            )
+            return expected, got, redirected, failures
+        finally:
+            for decoder in (by_thread, public, guarded):
+                await decoder.close()
+
+    expected, got, redirected, (missing, text, loopback) = run(main())
+    assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(expected, got)) and np.array_equal(redirected, expected[1])
+    assert isinstance(missing, FetchError) and missing.kind is ErrorKind.NOT_FOUND  # a download's failure, counted as one
+    assert type(text) is ItemError and text.kind is ErrorKind.INVALID_INPUT and "not a recognised image" in text.message
+    assert isinstance(loopback, FetchError) and loopback.kind is ErrorKind.FORBIDDEN and "--allow-private-networks" in loopback.message
+
+
+@contextlib.asynccontextmanager
+async def one_downloading_worker(job: DecodeJob, image_host):
+    """One worker process that downloads; the image host's /gated/ URLs hang until the gate opens."""
+    image_host.gate.clear()
+    decoder = ProcessDecoder(job, 1, max_image_bytes=1 << 20, fetch=downloads(concurrency=4))
+    await decoder.start()
+    try:
+        yield decoder
+    finally:
+        image_host.gate.set()
+        await decoder.close()
+
+
+def test_a_slow_download_holds_no_decode_slot(image_host):
+    """One worker: a download that does not finish leaves it decoding uploads and other URLs."""
+    job = DecodeJob(FakeModel().image_preprocessor(), max_pixels=10**6)
+    uploads = [make_image(10 + i, 10) for i in range(4)]
+
+    async def main():
+        async with one_downloading_worker(job, image_host) as decoder:
+            stuck = asyncio.ensure_future(decoder.fetch_and_decode(image_host.url("gated/photo3.png"), "stuck"))
+            await asyncio.sleep(0.2)
+            decoded = await asyncio.gather(*(decoder.decode(data, f"upload{i}") for i, data in enumerate(uploads)))
+            fetched = await asyncio.gather(*(decoder.fetch_and_decode(image_host.url(f"img/photo{i}.jpg"), f"url{i}") for i in range(3)))
+            waiting = not stuck.done()
+            image_host.gate.set()
+            return waiting, decoded, fetched, await stuck
+
+    waiting, decoded, fetched, stuck = run(main())
+    assert waiting
+    assert decoded == [job(data, "") for data in uploads]
+    assert fetched == [job(image_host.images[f"photo{i}.jpg"], "") for i in range(3)]
+    assert stuck == job(image_host.images["photo3.png"], "")
+
+
+def test_downloads_in_flight_when_a_worker_dies_go_to_its_replacement(tmp_path, monkeypatch, image_host):
+    (tmp_path / "crashy_preprocess.py").write_text(CRASHY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    import crashy_preprocess
+
+    job = DecodeJob(crashy_preprocess.preprocess, max_pixels=10**6)
+
+    async def main():
+        async with one_downloading_worker(job, image_host) as decoder:
+            downloading = asyncio.ensure_future(decoder.fetch_and_decode(image_host.url("gated/photo2.png"), "downloading"))
+            await asyncio.sleep(0.2)
+            hostile = await asyncio.gather(decoder.decode(make_image(1, 1), "hostile.png"), return_exceptions=True)
+            image_host.gate.set()
+            return hostile[0], await downloading
+
+    hostile, downloaded = run(main())
+    assert isinstance(hostile, ItemError) and hostile.kind is ErrorKind.INTERNAL and "died" in hostile.message
+    assert downloaded == (54, 40)  # photo2.png, fetched again by the replacement worker
 
 
 # -- which pool -------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import logging
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 import clipserve
 from clipserve_server.logs import JsonFormatter, TextFormatter
 
@@ -16,9 +18,10 @@ from .helpers import make_image
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_metrics_describe_traffic_batches_caches_and_failures(make_fake_server, image_host, tmp_path):
+@pytest.mark.parametrize("pool", ["threads", "processes"])  # processes download for themselves
+def test_metrics_describe_traffic_batches_caches_and_failures(make_fake_server, image_host, tmp_path, pool):
     port = free_port()
-    server = make_fake_server(allow_private_networks=True, metrics_port=port)
+    server = make_fake_server(allow_private_networks=True, metrics_port=port, decode_pool=pool, decode_workers=1)
     path = tmp_path / "x.png"
     path.write_bytes(make_image(seed=4))
     with clipserve.CLIP(server.address) as clip:

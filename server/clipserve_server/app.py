@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .config import ModelSpec, ServerConfig
-from .decode_pool import Decoder, build_decoder, model_thread_setup
+from .decode_pool import Decoder, build_decoder
 from .engine import ScoringEngine
 from .memory import check_fits
 from .metrics import Metrics
@@ -26,6 +26,7 @@ from .model import EmbeddingModel
 from .security import interceptors, server_credentials
 from .registry import ModelRegistry
 from .servicer import ScorerServicer, add_scorer_to_server
+from .threads import model_thread_setup
 
 log = logging.getLogger(__name__)
 

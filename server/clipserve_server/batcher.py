@@ -54,7 +54,7 @@ class Batcher:
         on_batch: Callable[[int, float], None] | None = None,
         thread_setup: Callable[[], None] | None = None,
     ) -> None:
-        """``thread_setup`` runs first on the model thread (see decode_pool.model_thread_setup)."""
+        """``thread_setup`` runs first on the model thread (see threads.model_thread_setup)."""
         self._forward = forward
         self._forward_timeout_s = forward_timeout_s or None
         self._max_batch_size = max_batch_size

@@ -116,7 +116,7 @@ class ServerConfig:
     max_redirects: int = dataclasses.field(default=5, metadata={"help": "HTTP redirects followed per image"})
     allow_private_networks: bool = dataclasses.field(default=False, metadata={"help": "allow image URLs on loopback/private/link-local addresses"})
     decode_workers: int = dataclasses.field(default=0, metadata={"help": "image decode/preprocess threads or processes (0: one per core)"})
-    decode_pool: str = dataclasses.field(default="auto", metadata={"help": "threads | processes | auto (auto: processes above 4 decode workers, where threads stop scaling on the GIL)", "choices": DECODE_POOLS})
+    decode_pool: str = dataclasses.field(default="auto", metadata={"help": "threads | processes (which also download the images) | auto (auto: processes above 4 decode workers, where threads stop scaling on the GIL)", "choices": DECODE_POOLS})
     jpeg_draft: bool = dataclasses.field(default=False, metadata={"help": "decode JPEGs at 1/2-1/8 scale (libjpeg DCT scaling, never below the model's input size): less CPU per photo, not bit-exact (scores moved by up to 0.04 on the benchmark's photos)"})
     gpu_decode: bool = dataclasses.field(default=False, metadata={"help": "decode JPEGs with nvJPEG and resize them on the model's CUDA device: least CPU per photo, not bit-exact (needs --device cuda)"})
     max_message_mb: int = dataclasses.field(default=48, metadata={"help": "largest gRPC request message in MiB"})

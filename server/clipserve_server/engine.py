@@ -1,11 +1,11 @@
 """The pipeline of one model: caches -> fetch -> decode/preprocess -> batched forward -> a
 score or an embedding.
 
-Every stage overlaps: downloads run concurrently on the event loop, decoding and
-preprocessing on threads or worker processes sized from the cores (decode_pool), the forward
-pass on the batcher's model thread. A slow download only delays its own item. Each distinct
-text and image is encoded at most once while it stays in the cache, and concurrent requests
-for one share one encode.
+Every stage overlaps: downloads run concurrently on the event loop (or in the decode worker
+processes), decoding and preprocessing on threads or worker processes sized from the cores
+(decode_pool), the forward pass on the batcher's model thread. A slow download only delays its
+own item. Each distinct text and image is encoded at most once while it stays in the cache, and
+concurrent requests for one share one encode.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .config import ServerConfig
 from .decode_pool import JobDecoder
 from .domain import CacheStats, EmbedItem, ImageSource, ModelDescription, ScoreItem
 from .errors import ErrorKind, ItemError
-from .fetch import ImageFetcher
+from .fetch import FetchError, FetchSettings
 from .metrics import Metrics
 from .model import Embedding, EmbeddingModel
 
@@ -65,13 +65,7 @@ class ScoringEngine:
             on_batch=metrics.batch_observer(name) if metrics else None,
             thread_setup=thread_setup,
         )
-        self._fetcher = ImageFetcher(
-            timeout_s=config.fetch_timeout_s,
-            max_bytes=config.max_image_bytes,
-            max_redirects=config.max_redirects,
-            allow_private_networks=config.allow_private_networks,
-            concurrency=config.fetch_concurrency,
-        )
+        self._fetcher = FetchSettings.of(config).fetcher()
         self._decoder = decoder
 
     @property
@@ -158,16 +152,20 @@ class ScoringEngine:
         return await self.image_cache.get(key, lambda: self._encode_image(source, wait, check_sha256=source.sha256))
 
     async def _encode_image(self, source: ImageSource, wait: bool, check_sha256: str | None = None) -> Embedding:
-        data = source.data if source.data is not None else await self._fetch(source.url or "")
-        if check_sha256 is not None and await self._content_hash(data) != check_sha256:
-            raise ItemError(ErrorKind.INVALID_INPUT, f"{source.describe()}: image_sha256 does not match the uploaded bytes")
-        pixels = await self._decoder.decode(data, source.describe())
+        if source.data is None:
+            pixels = await self._fetched_pixels(source.url or "", source.describe())
+        else:
+            if check_sha256 is not None and await self._content_hash(source.data) != check_sha256:
+                raise ItemError(ErrorKind.INVALID_INPUT, f"{source.describe()}: image_sha256 does not match the uploaded bytes")
+            pixels = await self._decoder.decode(source.data, source.describe())
         return Embedding.of(await self._batcher.encode_image(pixels, wait=wait))
 
-    async def _fetch(self, url: str) -> bytes:
+    async def _fetched_pixels(self, url: str, name: str) -> Any:
         try:
-            return await self._fetcher.fetch(url)
-        except ItemError as exc:
+            if self._decoder.fetches:  # worker processes download: the event loop only hands over the URL
+                return await self._decoder.fetch_and_decode(url, name)
+            return await self._decoder.decode(await self._fetcher.fetch(url), name)
+        except FetchError as exc:
             if self._metrics is not None:
                 self._metrics.fetch_failures.labels(reason=exc.kind.name.lower()).inc()
             raise

@@ -1,11 +1,15 @@
 """Downloading images over HTTP(S): pooled connections, a timeout, a size cap, a guard.
 
-Redirects are followed by hand so that every hop's scheme and address is checked.
+Redirects are followed by hand so that every hop's scheme and address is checked. The server's
+event loop fetches with it, or each decode worker process does (``decode_worker``): the same
+class and settings either way.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -13,9 +17,38 @@ import aiohttp
 from .errors import ErrorKind, ItemError
 from .netguard import ForbiddenAddressError, GuardedResolver, literal_ip
 
+if TYPE_CHECKING:
+    from .config import ServerConfig
+
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 _CHUNK = 64 * 1024
+
+
+class FetchError(ItemError):
+    """A download failed (as opposed to the image it brought): counted by reason in the metrics."""
+
+
+@dataclass(frozen=True)
+class FetchSettings:
+    """The server's download settings, as ``ImageFetcher`` takes them; picklable, for the decode
+    worker processes that fetch."""
+
+    timeout_s: float
+    max_bytes: int
+    max_redirects: int
+    allow_private_networks: bool
+    concurrency: int
+
+    @classmethod
+    def of(cls, config: ServerConfig) -> FetchSettings:
+        return cls(config.fetch_timeout_s, config.max_image_bytes, config.max_redirects, config.allow_private_networks, config.fetch_concurrency)
+
+    def fetcher(self, resolver: GuardedResolver | None = None) -> ImageFetcher:
+        return ImageFetcher(
+            timeout_s=self.timeout_s, max_bytes=self.max_bytes, max_redirects=self.max_redirects,
+            allow_private_networks=self.allow_private_networks, concurrency=self.concurrency, resolver=resolver,
+        )
 
 
 class ImageFetcher:
@@ -57,7 +90,7 @@ class ImageFetcher:
             await self._session.close()
 
     async def fetch(self, url: str) -> bytes:
-        """The body at ``url``; raises ItemError saying what went wrong."""
+        """The body at ``url``; raises FetchError saying what went wrong."""
         assert self._session is not None, "start() first"
         try:
             if _timeout is None:  # Python 3.10
@@ -77,51 +110,51 @@ class ImageFetcher:
                     if response.status in _REDIRECTS:
                         location = response.headers.get("Location")
                         if not location:
-                            raise ItemError(ErrorKind.FETCH_FAILED, f"{url}: HTTP {response.status} redirect without a Location")
+                            raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: HTTP {response.status} redirect without a Location")
                         current = urljoin(current, location)
                         continue
                     if response.status in (404, 410):
-                        raise ItemError(ErrorKind.NOT_FOUND, f"{url}: HTTP {response.status} {response.reason or ''}".rstrip())
+                        raise FetchError(ErrorKind.NOT_FOUND, f"{url}: HTTP {response.status} {response.reason or ''}".rstrip())
                     if response.status >= 400:
-                        raise ItemError(ErrorKind.FETCH_FAILED, f"{url}: HTTP {response.status} {response.reason or ''}".rstrip())
+                        raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: HTTP {response.status} {response.reason or ''}".rstrip())
                     return await self._read_capped(url, response)
-            except ItemError:
+            except FetchError:
                 raise
             except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
                 raise self._timed_out(url) from None
             except aiohttp.ClientConnectorError as exc:
                 if isinstance(exc.os_error, ForbiddenAddressError):
                     raise _forbidden(url, str(exc.os_error)) from None
-                raise ItemError(ErrorKind.FETCH_FAILED, f"{url}: cannot connect: {exc.os_error or exc}") from None
+                raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: cannot connect: {exc.os_error or exc}") from None
             except ForbiddenAddressError as exc:
                 raise _forbidden(url, str(exc)) from None
             except (aiohttp.ClientError, OSError) as exc:
-                raise ItemError(ErrorKind.FETCH_FAILED, f"{url}: {type(exc).__name__}: {exc}") from None
-        raise ItemError(ErrorKind.FETCH_FAILED, f"{url}: more than {self._max_redirects} redirects")
+                raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: {type(exc).__name__}: {exc}") from None
+        raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: more than {self._max_redirects} redirects")
 
     def _check_url(self, current: str, *, original: str) -> None:
         parts = urlsplit(current)
         where = original if current == original else f"{original} (redirected to {current})"
         if parts.scheme not in ("http", "https"):
-            raise ItemError(
+            raise FetchError(
                 ErrorKind.INVALID_INPUT,
                 f"{where}: only http and https URLs are fetched, not {parts.scheme or 'a scheme-less URL'}"
                 + ("; send local files as image_bytes" if parts.scheme in ("file", "") else ""),
             )
         if not parts.hostname:
-            raise ItemError(ErrorKind.INVALID_INPUT, f"{where}: the URL has no host")
+            raise FetchError(ErrorKind.INVALID_INPUT, f"{where}: the URL has no host")
         ip = literal_ip(parts.hostname)
         # Literal IPs never reach the resolver, so they are checked here.
         if ip is not None and not self._allow_private and self._guard.is_forbidden(ip):
             raise _forbidden(where, f"{ip} is not a public address")
 
-    def _timed_out(self, url: str) -> ItemError:
-        return ItemError(ErrorKind.TIMEOUT, f"fetching {url} took longer than {self._timeout_s:g}s")
+    def _timed_out(self, url: str) -> FetchError:
+        return FetchError(ErrorKind.TIMEOUT, f"fetching {url} took longer than {self._timeout_s:g}s")
 
     async def _read_capped(self, url: str, response: aiohttp.ClientResponse) -> bytes:
         declared = response.content_length
         if declared is not None and declared > self._max_bytes:
-            raise ItemError(ErrorKind.INVALID_INPUT, f"{url}: the image is {declared} bytes, over the {self._max_bytes}-byte limit")
+            raise FetchError(ErrorKind.INVALID_INPUT, f"{url}: the image is {declared} bytes, over the {self._max_bytes}-byte limit")
         if declared is not None:
             # aiohttp reads no more than the declared length: one read, not a loop of chunks
             # (~0.3 ms less of the event loop per 435 KB photo).
@@ -130,9 +163,9 @@ class ImageFetcher:
         async for chunk in response.content.iter_chunked(_CHUNK):
             body += chunk
             if len(body) > self._max_bytes:
-                raise ItemError(ErrorKind.INVALID_INPUT, f"{url}: the image is over the {self._max_bytes}-byte limit")
+                raise FetchError(ErrorKind.INVALID_INPUT, f"{url}: the image is over the {self._max_bytes}-byte limit")
         return bytes(body)
 
 
-def _forbidden(where: str, why: str) -> ItemError:
-    return ItemError(ErrorKind.FORBIDDEN, f"{where}: {why} (start the server with --allow-private-networks to permit this)")
+def _forbidden(where: str, why: str) -> FetchError:
+    return FetchError(ErrorKind.FORBIDDEN, f"{where}: {why} (start the server with --allow-private-networks to permit this)")

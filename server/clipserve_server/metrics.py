@@ -56,6 +56,18 @@ class Metrics:
         self.upload_bytes = Counter("clipserve_upload_bytes", "Image bytes received in requests (uploads)", registry=r)
         self.bytes_requested = Counter("clipserve_image_bytes_requested", "Items named by image_sha256 alone that were answered IMAGE_BYTES_NEEDED", registry=r)
         self.fetch_failures = Counter("clipserve_fetch_failures", "Image downloads that failed, by reason", ["reason"], registry=r)
+        # The labelled children every item updates, looked up once: prometheus_client's
+        # ``labels()`` validates and locks on each call (~4% of a cold pass's event loop).
+        self._item_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def item_answered(self, rpc: str, code: str, model: str, seconds: float) -> None:
+        """One item answered by ``rpc`` with status ``code`` after ``seconds``."""
+        key = (rpc, code, model)
+        children = self._item_children.get(key)
+        if children is None:
+            children = self._item_children[key] = (self.items.labels(rpc=rpc, code=code, model=model), self.item_seconds.labels(rpc=rpc, model=model))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def batch_observer(self, model: str) -> Callable[[int, float], None]:
         """What a model's batcher calls after each forward pass: (items, seconds)."""

@@ -97,9 +97,8 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         except Exception as exc:
             log.exception("Score failed unexpectedly", extra={"call_id": call_id(context)})
             code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
-        self._metrics.items.labels(rpc="Score", code=code.name, model=model).inc()
+        self._metrics.item_answered("Score", code.name, model, time.monotonic() - started)
         self._metrics.calls.labels(rpc="Score", code=code.name).inc()
-        self._metrics.item_seconds.labels(rpc="Score", model=model).observe(time.monotonic() - started)
         if code is not grpc.StatusCode.OK:
             log.info("Score failed", extra={"call_id": call_id(context), "request_id": request.request_id, "code": code.name, "error": message, "peer": context.peer()})
             await context.abort(code, message)
@@ -213,8 +212,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
             return
         code = response.error.code or grpc.StatusCode.OK.name
         model = model if model in self._registry.names else ""  # never a label per unknown name
-        self._metrics.items.labels(rpc=rpc, code=code, model=model).inc()
-        self._metrics.item_seconds.labels(rpc=rpc, model=model).observe(time.monotonic() - started)
+        self._metrics.item_answered(rpc, code, model, time.monotonic() - started)
         if response.HasField("error"):
             log.info("item failed", extra={**ids, "request_id": request.request_id, "code": code, "error": response.error.message})
 

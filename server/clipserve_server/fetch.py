@@ -44,10 +44,10 @@ class FetchSettings:
     def of(cls, config: ServerConfig) -> FetchSettings:
         return cls(config.fetch_timeout_s, config.max_image_bytes, config.max_redirects, config.allow_private_networks, config.fetch_concurrency)
 
-    def fetcher(self, resolver: GuardedResolver | None = None) -> ImageFetcher:
+    def fetcher(self) -> ImageFetcher:
         return ImageFetcher(
             timeout_s=self.timeout_s, max_bytes=self.max_bytes, max_redirects=self.max_redirects,
-            allow_private_networks=self.allow_private_networks, concurrency=self.concurrency, resolver=resolver,
+            allow_private_networks=self.allow_private_networks, concurrency=self.concurrency,
         )
 
 

@@ -120,7 +120,10 @@ class Batcher:
             await self._space.wait()
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_Job(is_text, payload, future, time.monotonic()))
-        self._work.set()
+        if len(self._queue) == 1 or len(self._queue) >= self._max_batch_size:
+            # The loop waits for a first item, then for a full batch or the deadline: waking
+            # it for every item in between cost a wake-up and a scan of the queue per image.
+            self._work.set()
         # A caller that is cancelled cancels `future`; the loop then skips the job, so
         # abandoned items never reach the model.
         return await future
@@ -171,11 +174,11 @@ class Batcher:
             # The delay runs from the oldest item's arrival: a batch that filled up while the
             # model was busy goes at once.
             deadline = self._queue[0].enqueued_at + self._max_delay_s
-            while self._prune() < self._max_batch_size:
+            while len(self._queue) < self._max_batch_size or self._prune() < self._max_batch_size:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                self._work.clear()
+                self._work.clear()  # set again by the item that fills the batch
                 try:
                     await asyncio.wait_for(self._work.wait(), remaining)
                 except asyncio.TimeoutError:

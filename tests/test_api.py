@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import grpc
 import pytest
@@ -152,6 +153,42 @@ def test_concurrent_requests_for_one_image_share_one_download_and_encode(make_fa
     assert model.encoded_texts == ["same query"]
     assert model.encoded_images == 1
     assert image_host.hits["/img/shared.png"] == 1
+
+
+def test_pairs_waiting_for_one_image_cost_no_task_each(make_fake_server, image_host):
+    """A benchmark file pairs each image with many queries: the pairs that wait for an image
+    being downloaded are callbacks on its future, not a task each (the event loop's CPU per
+    pair), and every one of them is answered when it lands."""
+    import asyncio
+
+    server = make_fake_server(allow_private_networks=True, stream_max_in_flight=400)
+    image_host.add("awaited.png", make_image(seed=77))
+    image_host.gate.clear()  # /gated/ downloads hang until the gate opens
+    outcome: dict[str, list] = {}
+
+    def score() -> None:  # one message of 300 pairs (the SDK would start with a window of 16)
+        requests = [scorer_pb2.ScoreRequest(request_id=str(i), query=f"query {i}", image_url=image_host.url("gated/awaited.png")) for i in range(300)]
+        channel, stub = stub_for(server)
+        with channel:
+            outcome["results"] = [r for chunk in stub.ScoreChunks(iter([scorer_pb2.ScoreRequestChunk(items=requests)]), timeout=60) for r in chunk.items]
+
+    engine = server.server._registry.get()
+    caller = threading.Thread(target=score)
+    caller.start()
+    try:
+        deadline = time.monotonic() + 60
+        while server.run_on_loop(lambda: engine.cache_stats()[1].hits) < 299:  # all but the first joined its download
+            assert time.monotonic() < deadline, "the pairs never reached the server"
+            time.sleep(0.05)
+        tasks = server.run_on_loop(lambda: len(asyncio.all_tasks()))
+    finally:
+        image_host.gate.set()
+        caller.join(60)
+    assert tasks < 50, f"{tasks} tasks on the server's loop while 300 pairs waited for one image"
+    results = outcome["results"]
+    assert sorted(int(r.request_id) for r in results) == list(range(300))
+    assert all(r.HasField("score") and not r.HasField("error") for r in results)
+    assert image_host.hits["/gated/awaited.png"] == 1
 
 
 def test_results_are_identical_with_caches_on_and_off(make_fake_server, image_host):

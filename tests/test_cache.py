@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from clipserve_server.cache import EmbeddingCache
+from clipserve_server.soon import awaited
 
 
 class Counter:
@@ -27,11 +28,16 @@ class Counter:
         return run
 
 
+async def get(cache: EmbeddingCache, key: str, compute):
+    """What a caller does: take the cached embedding, or wait for it."""
+    return await awaited(cache.lookup(key, compute))
+
+
 def test_a_hit_skips_the_computation():
     async def main():
         cache, counter = EmbeddingCache(10), Counter()
-        await cache.get("a", counter.compute("a"))
-        await cache.get("a", counter.compute("a"))
+        await get(cache, "a", counter.compute("a"))
+        await get(cache, "a", counter.compute("a"))
         return cache.stats(), counter.calls
 
     stats, calls = asyncio.run(main())
@@ -43,7 +49,7 @@ def test_least_recently_used_entries_are_evicted_first():
     async def main():
         cache, counter = EmbeddingCache(2), Counter()
         for key in ("a", "b", "a", "c", "a", "b"):
-            await cache.get(key, counter.compute(key))
+            await get(cache, key, counter.compute(key))
         return counter.calls
 
     assert asyncio.run(main()) == ["a", "b", "c", "b"]  # "b" was evicted by "c", "a" stayed warm
@@ -52,7 +58,7 @@ def test_least_recently_used_entries_are_evicted_first():
 def test_concurrent_lookups_share_one_computation_even_without_a_cache():
     async def main():
         cache, counter = EmbeddingCache(0), Counter(delay=0.05)
-        results = await asyncio.gather(*(cache.get("k", counter.compute("k")) for _ in range(10)))
+        results = await asyncio.gather(*(get(cache, "k", counter.compute("k")) for _ in range(10)))
         return cache.stats(), counter.calls, results
 
     stats, calls, results = asyncio.run(main())
@@ -62,8 +68,8 @@ def test_concurrent_lookups_share_one_computation_even_without_a_cache():
 def test_failures_reach_every_waiter_and_are_not_cached():
     async def main():
         cache, failing = EmbeddingCache(10), Counter(delay=0.01, fail=ValueError("boom"))
-        outcomes = await asyncio.gather(*(cache.get("k", failing.compute("k")) for _ in range(3)), return_exceptions=True)
-        later = await cache.get("k", Counter().compute("k"))
+        outcomes = await asyncio.gather(*(get(cache, "k", failing.compute("k")) for _ in range(3)), return_exceptions=True)
+        later = await get(cache, "k", Counter().compute("k"))
         return failing.calls, outcomes, later
 
     calls, outcomes, later = asyncio.run(main())
@@ -83,12 +89,12 @@ def test_the_computation_is_cancelled_only_when_every_waiter_has_gone():
             finished.append(True)
             return np.zeros(1, dtype=np.float32)
 
-        first = asyncio.ensure_future(cache.get("k", slow))
-        second = asyncio.ensure_future(cache.get("k", slow))
+        first = asyncio.ensure_future(get(cache, "k", slow))
+        second = asyncio.ensure_future(get(cache, "k", slow))
         await started.wait()
         first.cancel()
         await second  # the remaining waiter still gets its result
-        third = asyncio.ensure_future(cache.get("j", slow))
+        third = asyncio.ensure_future(get(cache, "j", slow))
         await asyncio.sleep(0.01)
         third.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -8,16 +8,20 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-
+from dataclasses import dataclass, field
 
 from .domain import CacheStats
+from .errors import ErrorKind, ItemError
 from .model import Embedding
+from .soon import Later, Soon
 
 
 @dataclass
 class _Flight:
+    """One computation under way, and the callers waiting for it."""
+
     task: asyncio.Task
+    followers: list[Later[Embedding]] = field(default_factory=list)
     waiters: int = 0
 
 
@@ -25,8 +29,10 @@ class EmbeddingCache:
     """Maps a key (a query string, an image URL or content hash) to its embedding.
 
     ``capacity=0`` keeps nothing between calls, but concurrent lookups of one key still share
-    one computation. When every caller waiting on a computation has gone (cancelled), the
-    computation is cancelled too, so abandoned work never reaches the model.
+    one computation. When every caller waiting on a computation has gone (cancelled its
+    ``Later``), the computation is cancelled too, so abandoned work never reaches the model.
+    A caller waits on a ``Later`` of its own (no task, no shield, no event-loop callback):
+    thousands of pairs can wait for one image at the cost of a plain call each when it lands.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -39,47 +45,40 @@ class EmbeddingCache:
     def stats(self) -> CacheStats:
         return CacheStats(capacity=self.capacity, entries=len(self._entries), hits=self.hits, misses=self.misses)
 
-    async def get(self, key: str, compute: Callable[[], Awaitable[Embedding]]) -> Embedding:
-        cached = self._hit(key)
-        if cached is not None:
-            return cached
-        flight = self._flights.get(key)
-        if flight is None:
-            self.misses += 1
-            flight = _Flight(asyncio.ensure_future(compute()))
-            self._flights[key] = flight
-            flight.task.add_done_callback(lambda task: self._landed(key, flight, task))
-        else:
-            self.hits += 1  # joined an encode already under way: no extra model work
-        return await self._wait(key, flight)
+    def lookup(self, key: str, compute: Callable[[], Awaitable[Embedding]]) -> Soon[Embedding]:
+        """The embedding if it is cached, else a ``Later`` of it: joining the computation under
+        way, or starting ``compute()``. Cancelling the ``Later`` withdraws this caller."""
+        found = self.find(key)
+        if found is not None:
+            return found
+        self.misses += 1
+        flight = _Flight(asyncio.ensure_future(compute()))
+        self._flights[key] = flight
+        flight.task.add_done_callback(lambda task: self._landed(key, flight, task))
+        return self._follow(key, flight)
 
     def peek(self, key: str) -> Embedding | None:
         """The embedding if it is cached (a hit), else None; never starts or joins work."""
-        return self._hit(key)
-
-    async def join(self, key: str) -> Embedding | None:
-        """The embedding if it is cached or being computed; None (and no work) otherwise."""
-        cached = self._hit(key)
-        if cached is not None:
-            return cached
-        flight = self._flights.get(key)
-        if flight is None:
-            return None
-        self.hits += 1
-        return await self._wait(key, flight)
-
-    def _hit(self, key: str) -> Embedding | None:
         cached = self._entries.get(key)
         if cached is not None:
             self._entries.move_to_end(key)
             self.hits += 1
         return cached
 
-    async def _wait(self, key: str, flight: _Flight) -> Embedding:
-        flight.waiters += 1
-        try:
-            return await asyncio.shield(flight.task)
-        finally:
+    def find(self, key: str) -> Soon[Embedding] | None:
+        """The embedding if it is cached, a ``Later`` of it if it is being computed, else None
+        (and no work)."""
+        cached = self.peek(key)
+        if cached is not None:
+            return cached
+        flight = self._flights.get(key)
+        if flight is None:
+            return None
+        self.hits += 1  # joined an encode already under way: no extra model work
+        return self._follow(key, flight)
+
+    def _follow(self, key: str, flight: _Flight) -> Later[Embedding]:
+        def withdrawn() -> None:
             flight.waiters -= 1
             if flight.waiters == 0 and not flight.task.done():
                 # Everyone who wanted this is gone; forget it at once so that a new caller
@@ -88,12 +87,25 @@ class EmbeddingCache:
                     del self._flights[key]
                 flight.task.cancel()
 
+        follower: Later[Embedding] = Later(on_cancel=withdrawn)
+        flight.followers.append(follower)
+        flight.waiters += 1
+        return follower
+
     def _landed(self, key: str, flight: _Flight, task: asyncio.Task) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
-        if task.cancelled() or task.exception() is not None or self.capacity == 0:
-            return  # failures are not cached: the next request tries again
-        self._entries[key] = task.result()
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        if task.cancelled():  # every follower withdrew (or the server is stopping)
+            error: BaseException | None = ItemError(ErrorKind.UNAVAILABLE, "the work for this item was cancelled; retry")
+        else:
+            error = task.exception()
+        if error is None and self.capacity > 0:  # failures are not cached: the next request tries again
+            self._entries[key] = task.result()
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        for follower in flight.followers:  # each runs its waiters' callbacks, in one go
+            if error is None:
+                follower.set_result(task.result())
+            else:
+                follower.set_error(error)

@@ -27,6 +27,7 @@ from .errors import ErrorKind, ItemError
 from .fetch import FetchError, FetchSettings
 from .metrics import Metrics
 from .model import Embedding, EmbeddingModel
+from .soon import Soon, awaited, both, from_future, then
 
 log = logging.getLogger(__name__)
 
@@ -88,68 +89,61 @@ class ScoringEngine:
         await self._fetcher.close()
 
     # -- scoring ---------------------------------------------------------------------------
-    async def score(self, item: ScoreItem, *, wait: bool) -> float:
-        """Score one pair. ``wait``: queue for room when the server is full (streams) rather
-        than fail with OVERLOADED (unary calls)."""
+    def score(self, item: ScoreItem, *, wait: bool) -> Soon[float]:
+        """Score one pair: at once when both halves are cached (most pairs of a benchmark file
+        find their query cached, many their image too), else a future that waits only for
+        what is missing. ``wait``: queue for room when the server is full (streams) rather
+        than fail with OVERLOADED (unary calls). Bad input raises ItemError here."""
         query = validate_query(item.query)
         validate_image(item.image, self.config.max_image_bytes)
-        # Most pairs find their query cached, many their image too: wait only for what is
-        # missing, and run the halves side by side (a task each) only when both are.
-        text_embedding = self.text_cache.peek(query)
-        image_key = _image_key(item.image)
-        image_embedding = self.image_cache.peek(image_key) if image_key is not None else None
-        if text_embedding is None and image_embedding is None:
-            text_task = asyncio.ensure_future(self._text_embedding(query, wait))
-            image_task = asyncio.ensure_future(self._image_embedding(item.image, wait))
-            try:
-                text_embedding, image_embedding = await asyncio.gather(text_task, image_task)
-            except BaseException:
-                # One half failed (or we were cancelled): the other half is of no use to us.
-                text_task.cancel()
-                image_task.cancel()
-                raise
-        elif text_embedding is None:
-            text_embedding = await self._text_embedding(query, wait)
-        elif image_embedding is None:
-            image_embedding = await self._image_embedding(item.image, wait)
-        return self.model.score(text_embedding, image_embedding)
+        image = self._image_embedding(item.image, wait)  # first: it may refuse at once (IMAGE_BYTES_NEEDED)
+        return both(self._text_embedding(query, wait), image, self.model.score)
 
     # -- embedding -------------------------------------------------------------------------
-    async def embed(self, item: EmbedItem, *, wait: bool) -> np.ndarray:
+    def embed(self, item: EmbedItem, *, wait: bool) -> Soon[np.ndarray]:
         """One text's or image's vector: unit length, or the model's own features (``raw``).
         It comes from the same caches and batches as scoring: an Embed of an image already
         scored costs no forward pass, and the other way round."""
         if item.text is not None:
-            embedding = await self._text_embedding(validate_query(item.text), wait)
+            embedding = self._text_embedding(validate_query(item.text), wait)
         else:
             assert item.image is not None
             validate_image(item.image, self.config.max_image_bytes)
-            embedding = await self._image_embedding(item.image, wait)
-        return embedding.raw if item.raw else embedding.unit()
+            embedding = self._image_embedding(item.image, wait)
+        return then(embedding, _raw if item.raw else Embedding.unit)
 
     # -- both ------------------------------------------------------------------------------
-    async def _text_embedding(self, query: str, wait: bool) -> Embedding:
-        return await self.text_cache.get(query, lambda: self._encode_text(query, wait))
+    def _text_embedding(self, query: str, wait: bool) -> Soon[Embedding]:
+        return self.text_cache.lookup(query, lambda: self._encode_text(query, wait))
 
     async def _encode_text(self, query: str, wait: bool) -> Embedding:
         return Embedding.of(await self._batcher.encode_text(query, wait=wait))
 
-    async def _image_embedding(self, source: ImageSource, wait: bool) -> Embedding:
+    def _image_embedding(self, source: ImageSource, wait: bool) -> Soon[Embedding]:
+        key = _image_key(source)
         if source.url is not None:
-            return await self.image_cache.get(_image_key(source), lambda: self._encode_image(source, wait))
+            return self.image_cache.lookup(key, lambda: self._encode_image(source, wait))
         if source.data is None:
             # Named by hash alone: join what is cached or being encoded, or ask for the bytes.
-            embedding = await self.image_cache.join(_image_key(source))
-            if embedding is None:
+            found = self.image_cache.find(key)
+            if found is None:
                 raise ItemError(
                     ErrorKind.IMAGE_NEEDED,
                     f"image sha256:{source.sha256} is not on this server (never uploaded here, or evicted): send image_bytes",
                 )
-            return embedding
+            return found
         # A claimed hash keys the upload at once, so that references to it that arrive while
         # it is being hashed and encoded join it; the claim is checked before it is used.
-        key = _image_key(source) or "sha256:" + await self._content_hash(source.data)
-        return await self.image_cache.get(key, lambda: self._encode_image(source, wait, check_sha256=source.sha256))
+        if key is None and len(source.data) < _HASH_OFF_LOOP_BYTES:
+            key = "sha256:" + _sha256(source.data)
+        if key is None:  # a large upload without a hash: hash it off the loop first
+            return from_future(asyncio.ensure_future(self._unnamed_upload(source, wait)))
+        return self.image_cache.lookup(key, lambda: self._encode_image(source, wait, check_sha256=source.sha256))
+
+    async def _unnamed_upload(self, source: ImageSource, wait: bool) -> Embedding:
+        assert source.data is not None
+        key = "sha256:" + await self._content_hash(source.data)
+        return await awaited(self.image_cache.lookup(key, lambda: self._encode_image(source, wait)))
 
     async def _encode_image(self, source: ImageSource, wait: bool, check_sha256: str | None = None) -> Embedding:
         if source.data is None:
@@ -174,6 +168,10 @@ class ScoringEngine:
         if len(data) < _HASH_OFF_LOOP_BYTES:
             return _sha256(data)
         return await asyncio.get_running_loop().run_in_executor(None, _sha256, data)  # hashlib lets go of the GIL
+
+
+def _raw(embedding: Embedding) -> np.ndarray:
+    return embedding.raw
 
 
 def _image_key(source: ImageSource) -> str | None:

@@ -20,10 +20,11 @@ from PIL import Image
 from .domain import ModelDescription
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Embedding:
     """A model's own (unnormalised) features for one text or image, and their length: what the
-    caches keep. Scoring and Embed's default use the unit vector; Embed ``raw`` the features."""
+    caches keep. Scoring and Embed's default use the unit vector; Embed ``raw`` the features.
+    Slotted: no ``__dict__``, so a cached embedding is one object for the collector, not two."""
 
     raw: np.ndarray  # float32, shape (dim,)
     norm: float

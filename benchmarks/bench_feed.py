@@ -27,6 +27,12 @@ functions its event loop spent its time in. With --drift it also scores the pass
 fast path (--jpeg-draft; --gpu-decode with --device cuda) and prints the largest score
 difference from the exact path, plus the largest pixel difference in pixel_values.
 
+--serial measures the serial part where it is the only cost: 2000 distinct tiny JPEGs (decoding
+costs next to nothing) for the deterministic fake model (so does its forward), decoded and
+downloaded by worker processes as on a GPU box, at 1 and at 5 pairs per image; it prints the
+event loop's CPU per image and per pair, what one loop could answer per second at that cost,
+and the split into a per-image and a per-pair part (best of --rounds fresh servers each).
+
 --scaling measures the decode pools alone, driven from an event loop as the server drives them:
 images/s with 1 and 2 threads and 1 and 2 worker processes, this process's CPU per image (the
 part that does not scale), both with an idle loop and with one that spends --loop-us of pure
@@ -55,7 +61,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench_throughput import ROOT, add_workload_arguments, make_corpus, make_workload, start_server  # noqa: E402
+from bench_throughput import ROOT, add_workload_arguments, make_corpus, make_workload, serve, start_server  # noqa: E402
 from corpus_host import serve_corpus  # noqa: E402
 from server_probe import BENCHMARK_PART, ServerProbe, describe, free_port  # noqa: E402
 
@@ -212,6 +218,67 @@ def scaling(checkpoint: Path, images: list[bytes], loop_us: float) -> list[dict]
     return rows
 
 
+# -- serial: the event loop's own cost per image and per pair ----------------------------------------
+
+def tiny_jpeg(i: int) -> tuple[str, bytes]:
+    pixels = np.random.default_rng(i).integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="JPEG")
+    return f"tiny{i:05d}.jpg", buffer.getvalue()
+
+
+def serial_pass(pairs: list[tuple[str, str]], max_in_flight: int) -> dict:
+    import clipserve
+
+    metrics_port = free_port()
+    proc, address = serve("--model", "fake", "--allow-private-networks", "--decode-pool", "processes", "--max-batch-size", "256",
+                          "--stream-max-in-flight", str(max_in_flight), "--metrics-port", str(metrics_port))
+    try:
+        with clipserve.CLIP(address, max_in_flight=max_in_flight) as clip:
+            probe = ServerProbe(proc.pid, metrics_port)
+            started = time.perf_counter()
+            results = clip.score_batch([clipserve.SimilarityInput(q, u) for q, u in pairs])
+            wall = time.perf_counter() - started
+            report = probe.report(wall)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    failures = [r.error for r in results if r.error is not None]
+    if failures:
+        raise RuntimeError(f"{len(failures)} pairs failed, e.g. {failures[0]}")
+    return {"wall_s": wall, "loop_s": report["cpu_s"]["event loop"], "report": report}
+
+
+def serial(rounds: int, images: int, max_in_flight: int, seed: int) -> dict:
+    """Loop CPU per image at 1 and 5 pairs per image (best of ``rounds`` passes, interleaved)."""
+    corpus = dict(tiny_jpeg(i) for i in range(images))
+    host, base = serve_corpus(corpus)
+    names = sorted(corpus)
+    # 1 pair per image: one query, every image once. 5: 40 queries x images/8, drawn at random,
+    # so that an image's pairs arrive spread over the pass as in a benchmark file.
+    workloads = {1: make_workload(base, names, 1, images, seed), 5: make_workload(base, names, 40, images // 8, seed)}
+    best: dict[int, dict] = {}
+    try:
+        for round_ in range(1, rounds + 1):
+            for per_image, pairs in workloads.items():
+                run = serial_pass(pairs, max_in_flight)
+                distinct = len({u for _, u in pairs})
+                row = {"pairs": len(pairs), "images": distinct, "loop_us_per_image": run["loop_s"] / distinct * 1e6, "loop_us_per_pair": run["loop_s"] / len(pairs) * 1e6,
+                       "images_per_s": distinct / run["wall_s"], "loop_busy": run["loop_s"] / run["wall_s"]}
+                print(f"  round {round_}, {per_image} pair(s)/image: {row['images']} images in {run['wall_s']:.2f} s ({row['images_per_s']:.0f} images/s), "
+                      f"event loop {row['loop_us_per_image']:.0f} us/image = {row['loop_us_per_pair']:.0f} us/pair, busy {row['loop_busy']:.0%}; {describe(run['report'])}", flush=True)
+                if per_image not in best or row["loop_us_per_image"] < best[per_image]["loop_us_per_image"]:
+                    best[per_image] = row
+    finally:
+        host.shutdown()
+    per_pair = (best[5]["loop_us_per_image"] - best[1]["loop_us_per_image"]) / (best[5]["pairs"] / best[5]["images"] - 1)
+    per_image = best[1]["loop_us_per_image"] - per_pair
+    for n, row in best.items():
+        print(f"serial part, {n} pair(s)/image: {row['loop_us_per_image']:.0f} us of event loop per image -> one loop answers at most {1e6 / row['loop_us_per_image']:.0f} images/s")
+    print(f"  split: {per_image:.0f} us per distinct image + {per_pair:.0f} us per pair")
+    return {"best": {str(k): {kk: round(vv, 3) for kk, vv in v.items()} for k, v in best.items()}, "us_per_image": round(per_image, 1), "us_per_pair": round(per_pair, 1)}
+
+
 # -- main ----------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jpeg-draft", action="store_true", help="serve the measured passes with --jpeg-draft")
     parser.add_argument("--drift", action="store_true", help="also measure the fast paths' score drift against the exact path")
     parser.add_argument("--scaling", action="store_true", help="also measure the decode pools alone at 1 and 2 workers")
+    parser.add_argument("--serial", action="store_true", help="measure only the serial part: tiny images, the fake model (see above)")
+    parser.add_argument("--serial-images", type=int, default=2000, help="--serial: distinct images")
+    parser.add_argument("--serial-in-flight", type=int, default=256, help="--serial: pairs in flight (SDK max_in_flight and --stream-max-in-flight)")
     parser.add_argument("--loop-us", type=float, default=300.0, help="--scaling: pure-Python loop work per image for the busy-loop rows")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy the server during the first round's pass into this raw file, and print its event loop's busiest functions")
     parser.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint folder (default: a tiny random CLIP at 224)")
@@ -230,6 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.compile = False
+
+    if args.serial:
+        print(f"serial part: {args.serial_images} tiny JPEGs, the fake model, decode worker processes, {args.serial_in_flight} pairs in flight; {os.cpu_count()} cores", flush=True)
+        report = {"serial": serial(args.rounds, args.serial_images, args.serial_in_flight, args.seed), "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"\nwritten to {args.out}")
+        return 0
 
     from clipserve_server.synthetic import build_checkpoint
 

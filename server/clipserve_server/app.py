@@ -160,8 +160,8 @@ class ClipServer:
         # passes of 1000 pairs).
         gc.collect()
         gc.freeze()
-        # Traffic keeps thousands of small objects alive at once (a future and a callback per
-        # pair in flight): at the default 700 the youngest generation was collected ~370 times
+        # Traffic keeps thousands of small objects alive at once (a callback and a response
+        # message per pair in flight): at the default 700 the youngest generation was collected ~370 times
         # in a cold pass of 10,000 pairs, re-scanning what was in flight each time (~12% of
         # the event loop's CPU). A young generation of 10,000 costs a few collections a pass.
         gc.set_threshold(_YOUNG_GENERATION, *gc.get_threshold()[1:])

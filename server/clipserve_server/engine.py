@@ -91,8 +91,8 @@ class ScoringEngine:
     # -- scoring ---------------------------------------------------------------------------
     def score(self, item: ScoreItem, *, wait: bool) -> Soon[float]:
         """Score one pair: at once when both halves are cached (most pairs of a benchmark file
-        find their query cached, many their image too), else a future that waits only for
-        what is missing. ``wait``: queue for room when the server is full (streams) rather
+        find their query cached, many their image too), else a ``Later`` of it that waits
+        only for what is missing. ``wait``: queue for room when the server is full (streams) rather
         than fail with OVERLOADED (unary calls). Bad input raises ItemError here."""
         query = validate_query(item.query)
         validate_image(item.image, self.config.max_image_bytes)

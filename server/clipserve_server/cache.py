@@ -57,7 +57,7 @@ class EmbeddingCache:
         flight.task.add_done_callback(lambda task: self._landed(key, flight, task))
         return self._follow(key, flight)
 
-    def peek(self, key: str) -> Embedding | None:
+    def _hit(self, key: str) -> Embedding | None:
         """The embedding if it is cached (a hit), else None; never starts or joins work."""
         cached = self._entries.get(key)
         if cached is not None:
@@ -68,7 +68,7 @@ class EmbeddingCache:
     def find(self, key: str) -> Soon[Embedding] | None:
         """The embedding if it is cached, a ``Later`` of it if it is being computed, else None
         (and no work)."""
-        cached = self.peek(key)
+        cached = self._hit(key)
         if cached is not None:
             return cached
         flight = self._flights.get(key)

@@ -157,8 +157,8 @@ def test_concurrent_requests_for_one_image_share_one_download_and_encode(make_fa
 
 def test_pairs_waiting_for_one_image_cost_no_task_each(make_fake_server, image_host):
     """A benchmark file pairs each image with many queries: the pairs that wait for an image
-    being downloaded are callbacks on its future, not a task each (the event loop's CPU per
-    pair), and every one of them is answered when it lands."""
+    being downloaded are callbacks on its computation, not a task each (the event loop's CPU
+    per pair), and every one of them is answered when it lands."""
     import asyncio
 
     server = make_fake_server(allow_private_networks=True, stream_max_in_flight=400)

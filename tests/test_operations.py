@@ -71,8 +71,9 @@ def test_kubernetes_manifests_probe_the_grpc_health_service():
 def test_what_the_server_loaded_is_out_of_the_cyclic_collectors_sight(make_fake_server):
     """A full collection walks every tracked object: with torch and a model loaded, ~0.3 s of
     the event loop (measured). Whatever exists once the server is ready is frozen instead, and
-    the youngest generation is big enough that what is in flight (a future and a callback per
-    pair) is not re-scanned hundreds of times a pass (~12% of a cold pass's loop, measured)."""
+    the youngest generation is big enough that what is in flight (a callback and a response
+    message per pair) is not re-scanned hundreds of times a pass (~12% of a cold pass's loop,
+    measured)."""
     import gc
 
     gc.unfreeze()

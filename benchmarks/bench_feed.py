@@ -118,6 +118,19 @@ def print_profile(raw: Path, top: int = 25) -> None:
         print(f"  {count / max(total, 1) * 100:5.1f}%  {frame}")
 
 
+def measured_batch(clip, pid: int, metrics_port: int | None, inputs: list) -> tuple[list, float, dict]:
+    """One ``score_batch``: its results (every pair scored, else RuntimeError), wall seconds and
+    the server's report for it (server_probe)."""
+    probe = ServerProbe(pid, metrics_port)
+    started = time.perf_counter()
+    results = clip.score_batch(inputs)
+    wall = time.perf_counter() - started
+    failures = [r.error for r in results if r.error is not None]
+    if failures:
+        raise RuntimeError(f"{len(failures)} pairs failed, e.g. {failures[0]}")
+    return results, wall, probe.report(wall)
+
+
 def server_pass(checkpoint: Path, pairs: list[tuple[str, str]], args: argparse.Namespace, extra: list[str], *, profile: Path | None = None) -> dict:
     """One cold pass through a fresh server; its CPU, its loop's CPU, each part's CPU, wall
     time and the scores (and a py-spy profile of the pass into ``profile``)."""
@@ -130,25 +143,15 @@ def server_pass(checkpoint: Path, pairs: list[tuple[str, str]], args: argparse.N
         inputs = [clipserve.SimilarityInput(q, u) for q, u in pairs]
         with clipserve.CLIP(address) as clip:
             spy = start_profile(proc.pid, profile) if profile else None
-            probe = ServerProbe(proc.pid, metrics_port)
-            started = time.perf_counter()
-            results = clip.score_batch(inputs)
-            wall = time.perf_counter() - started
-            report = probe.report(wall)
-            warm = ServerProbe(proc.pid, None)  # the same pairs again: every embedding cached
-            started = time.perf_counter()
-            clip.score_batch(inputs)
-            warm_wall = time.perf_counter() - started
-            warm_loop_s = warm.report(warm_wall)["cpu_s"]["event loop"]
+            results, wall, report = measured_batch(clip, proc.pid, metrics_port, inputs)
+            _, warm_wall, warm = measured_batch(clip, proc.pid, None, inputs)  # the same pairs again: every embedding cached
+            warm_loop_s = warm["cpu_s"]["event loop"]
     finally:
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=60)
         proc.terminate()
         proc.wait(timeout=60)
-    failures = [r.error for r in results if r.error is not None]
-    if failures:
-        raise RuntimeError(f"{len(failures)} pairs failed, e.g. {failures[0]}")
     parts = report["cpu_s"]
     server_cpu = sum(v for k, v in parts.items() if k != BENCHMARK_PART)
     return {
@@ -221,7 +224,7 @@ def scaling(checkpoint: Path, images: list[bytes], loop_us: float) -> list[dict]
 # -- serial: the event loop's own cost per image and per pair ----------------------------------------
 
 def tiny_jpeg(i: int) -> tuple[str, bytes]:
-    pixels = np.random.default_rng(i).integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    pixels = np.random.default_rng(i).integers(0, 256, (24, 32, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(buffer, format="JPEG")
     return f"tiny{i:05d}.jpg", buffer.getvalue()
@@ -235,17 +238,10 @@ def serial_pass(pairs: list[tuple[str, str]], max_in_flight: int) -> dict:
                           "--stream-max-in-flight", str(max_in_flight), "--metrics-port", str(metrics_port))
     try:
         with clipserve.CLIP(address, max_in_flight=max_in_flight) as clip:
-            probe = ServerProbe(proc.pid, metrics_port)
-            started = time.perf_counter()
-            results = clip.score_batch([clipserve.SimilarityInput(q, u) for q, u in pairs])
-            wall = time.perf_counter() - started
-            report = probe.report(wall)
+            _, wall, report = measured_batch(clip, proc.pid, metrics_port, [clipserve.SimilarityInput(q, u) for q, u in pairs])
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    failures = [r.error for r in results if r.error is not None]
-    if failures:
-        raise RuntimeError(f"{len(failures)} pairs failed, e.g. {failures[0]}")
     return {"wall_s": wall, "loop_s": report["cpu_s"]["event loop"], "report": report}
 
 

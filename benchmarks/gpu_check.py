@@ -263,8 +263,8 @@ def check(arch_spec: str, corpus: dict[str, bytes], base: str, scratch: Path, *,
         for name, flags in {"jpeg_draft": ["--jpeg-draft"], "gpu_decode": ["--gpu-decode"]}.items():
             out[name] = variant(arch_spec, name, flags, checkpoint, pairs, exact_scores, needs_s=40)
     else:
-        # A big model's forward takes long: do more pairs in flight than one batch holds
-        # (256 by default, the batch here) let decoding overlap it and batches fill up?
+        # A big model's forward takes long: with more pairs in flight than one batch holds
+        # (256 by default, the batch here), decoding can overlap it and batches fill up.
         out["in_flight_1024"] = variant(arch_spec, "in_flight_1024", [], checkpoint, pairs, exact_scores, needs_s=60, in_flight=1024)
     return out, {"arch": arch_spec, "checkpoint": checkpoint, "pairs": pairs, "exact_scores": exact_scores}
 

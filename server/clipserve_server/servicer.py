@@ -199,22 +199,12 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         started = time.monotonic()
         self._received(request)
         model = ""
-
-        def landed(outcome: Later) -> None:
-            error: BaseException | None = None
-            try:
-                fill(outcome.result())
-            except Exception as exc:
-                error = exc
-            self._finish(rpc, request, ids, response, model, started, error)
-            deliver(response)
-
         error: Exception | None = None
         try:
             model, engine = self._engine(request)
             outcome = work(engine)
             if isinstance(outcome, Later):
-                outcome.add_callback(landed)
+                outcome.add_callback(lambda later: self._landed(rpc, request, ids, response, model, started, later, fill, deliver))
                 return outcome
             fill(outcome)
         except Exception as exc:
@@ -222,6 +212,18 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         self._finish(rpc, request, ids, response, model, started, error)
         deliver(response)
         return None
+
+    def _landed(
+        self, rpc: str, request: Any, ids: dict[str, str], response: Any, model: str, started: float, outcome: Later, fill: Callable[[Any], None], deliver: Deliver
+    ) -> None:
+        """A waiting item's outcome has come: fill, count and hand over its response."""
+        error: Exception | None = None
+        try:
+            fill(outcome.result())
+        except Exception as exc:
+            error = exc
+        self._finish(rpc, request, ids, response, model, started, error)
+        deliver(response)
 
     def _finish(self, rpc: str, request: Any, ids: dict[str, str], response: Any, model: str, started: float, error: BaseException | None) -> None:
         """Put ``error`` (if any) into ``response``; count and log the item's outcome."""

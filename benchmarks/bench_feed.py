@@ -241,7 +241,7 @@ def serial_pass(pairs: list[tuple[str, str]], max_in_flight: int, model: str = "
     proc, address = serve("--model", model, "--allow-private-networks", "--decode-pool", "processes", "--max-batch-size", "256",
                           "--stream-max-in-flight", str(max_in_flight), "--metrics-port", str(metrics_port))
     try:
-        with clipserve.CLIP(address, max_in_flight=max_in_flight) as clip:
+        with clipserve.CLIP(address) as clip:  # keeps outstanding what the server reads ahead
             _, wall, report = measured_batch(clip, proc.pid, metrics_port, [clipserve.SimilarityInput(q, u) for q, u in pairs])
     finally:
         proc.terminate()
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling", action="store_true", help="also measure the decode pools alone at 1 and 2 workers")
     parser.add_argument("--serial", action="store_true", help="measure only the serial part: tiny images, the fake model (see above)")
     parser.add_argument("--serial-images", type=int, default=2000, help="--serial: distinct images")
-    parser.add_argument("--serial-in-flight", type=int, default=256, help="--serial: pairs in flight (SDK max_in_flight and --stream-max-in-flight)")
+    parser.add_argument("--serial-in-flight", type=int, default=256, help="--serial: pairs in flight (the server's --stream-max-in-flight, which the SDK follows)")
     parser.add_argument("--serial-model", default="fake", help="--serial: the model served; fake:forward_ms=20,image_ms=2.5 simulates an accelerator of ViT-H/14-378's rate")
     parser.add_argument("--loop-us", type=float, default=300.0, help="--scaling: pure-Python loop work per image for the busy-loop rows")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy the server during the first round's pass into this raw file, and print its event loop's busiest functions")

@@ -9,8 +9,8 @@
 # architecture) served in float16 with a large batch, it prints the model-only bound (batched
 # fp16 forward, images/s), clipserve cold pairs/s and its fraction of the bound, warm pairs/s,
 # GPU utilisation during the cold pass, the fp16-vs-fp32 score drift; for ViT-B/32 also the
-# drift and speed of --jpeg-draft and --gpu-decode, for ViT-H/14-378 a cold pass with 1024 pairs
-# in flight instead of 256, then the event loop's own cost per image on this many cores
+# drift and speed of --jpeg-draft and --gpu-decode, for ViT-H/14-378 a cold pass with 256 pairs
+# in flight (one batch) instead of the default 1024, then the event loop's own cost per image on this many cores
 # (bench_feed.py --serial), and whether --compile works on CUDA. The figures also go to
 # benchmarks/results/gpu_check.json.
 #

@@ -152,6 +152,7 @@ class AsyncCLIP(ClientBase):
         call = getattr(stub, run.rpc(lane))(requests(), timeout=run.deadline.remaining(), metadata=self._metadata)
         run.attach(lane, call)
         try:
+            run.stream_opened(lane, stream, await call.initial_metadata())  # sent before any answer
             async for response in call:
                 run.answer(lane, answers(response, chunked))
         except grpc.RpcError as exc:

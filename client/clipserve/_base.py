@@ -42,9 +42,12 @@ class ClientBase:
         config: Path to the benchmark maker's config.toml, for ``[similarity_config].col_name``
             (the score column of file scoring).
         timeout: Total seconds allowed for one call, retries included. None: no limit.
-        max_in_flight: Items a batch call keeps outstanding on each server: enough to keep its
-            batches full without queueing the whole input there. Each server starts with 16
-            and gets one more per answer, so that a short batch still reaches every server.
+        max_in_flight: Most items a batch call keeps outstanding on each server. By default
+            (None) as many as the server reads ahead of its answers (its
+            ``--stream-max-in-flight``, which it tells each stream; 256 for servers that do
+            not): enough to keep its batches full without queueing the whole input there.
+            Each server starts with 16 and gets one more per answer, so that a short batch
+            still reaches every server.
         retry: When to retry UNAVAILABLE / RESOURCE_EXHAUSTED, and for how long to wait for a
             server that cannot be reached (see ``RetryPolicy``; by default 30 s).
         progress: Show a tqdm progress bar in batch calls by default.
@@ -63,7 +66,7 @@ class ClientBase:
         *,
         config: str | Path | None = None,
         timeout: float | None = None,
-        max_in_flight: int = 256,
+        max_in_flight: int | None = None,
         retry: RetryPolicy | None = None,
         progress: bool = False,
         tls: bool = False,
@@ -80,7 +83,7 @@ class ClientBase:
         self.connection = Connection(self.address, tls, root_certificates, certificate_chain, private_key, auth_token)
         self.col_name = file_config.col_name if file_config else DEFAULT_COL_NAME
         self.timeout = timeout if timeout is not None else (file_config.timeout if file_config else None)
-        if max_in_flight < 1:
+        if max_in_flight is not None and max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.max_in_flight = max_in_flight
         self.retry = retry or RetryPolicy()

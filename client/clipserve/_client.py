@@ -60,10 +60,10 @@ class CLIP(ClientBase):
         """Score every pair; one result per input, in input order.
 
         Pairs are spread over every replica of the address, each taking more as it answers
-        (at most ``max_in_flight`` outstanding per replica). A pair that fails gets
-        ``score=None`` and ``error`` set; it never aborts the others. If a stream breaks
-        (server restart, overload, a replica gone), its unanswered pairs go to the others.
-        Local files cross the network once per server (see the README).
+        (as many outstanding per replica as it reads ahead, at most ``max_in_flight``). A
+        pair that fails gets ``score=None`` and ``error`` set; it never aborts the others. If a
+        stream breaks (server restart, overload, a replica gone), its unanswered pairs go to
+        the others. Local files cross the network once per server (see the README).
         """
         return self._batch(self._score_job(inputs), progress)
 
@@ -145,6 +145,7 @@ class CLIP(ClientBase):
         call = getattr(stub, run.rpc(lane))(requests(), timeout=run.deadline.remaining(), metadata=self._metadata)
         run.attach(lane, call)
         try:
+            run.stream_opened(lane, stream, call.initial_metadata())  # sent before any answer
             for response in call:
                 run.answer(lane, answers(response, chunked))
         except grpc.RpcError as exc:

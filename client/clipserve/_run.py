@@ -3,10 +3,12 @@ shared by the sync and aio clients, which only do the streaming and the waiting.
 
 Work distribution: every replica has a *lane* that pulls items from one shared queue as
 long as fewer than its window are unanswered there, so a faster replica simply takes more
-(work stealing). Windows start small and grow by one per answer (up to ``max_in_flight``),
-so that a short batch is spread over all replicas instead of filling the first one. When the
-queue runs dry, an idle lane may *hedge*: send again an item that a slower lane will answer
-much later than this one would; the first answer wins and the other is dropped.
+(work stealing). Windows start small and grow by one per answer, up to what the replica's
+stream says it reads ahead (its initial metadata ``clipserve-max-in-flight``; 256 where it says
+nothing) and to the caller's ``max_in_flight``, so that a short batch is spread over all
+replicas instead of filling the first one. When the queue runs dry, an idle lane may *hedge*:
+send again an item that a slower lane will answer much later than this one would; the first
+answer wins and the other is dropped.
 
 Exactly once, in order: each input has one result slot, filled by the first answer; an item
 a broken stream left unanswered goes back to the front of the queue.
@@ -35,6 +37,8 @@ log = logging.getLogger("clipserve")
 R = TypeVar("R")
 
 INITIAL_WINDOW = 16
+DEFAULT_MAX_IN_FLIGHT = 256  # a server that does not say how far it reads ahead
+MAX_IN_FLIGHT_KEY = "clipserve-max-in-flight"  # the stream's initial metadata (protos/: "Windows")
 IMAGE_BYTES_NEEDED = "IMAGE_BYTES_NEEDED"
 _RETRYABLE_NAMES = frozenset(code.name for code in RETRYABLE_CODES)
 _NO_CHUNKS_CODES = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL})
@@ -70,9 +74,10 @@ class ClientStats:
 class Lane:
     """One replica's part in a run."""
 
-    def __init__(self, replica: ReplicaAddress, window: int) -> None:
+    def __init__(self, replica: ReplicaAddress, limit: int) -> None:
         self.replica = replica
-        self.window = window
+        self.limit = limit  # most outstanding on the current stream
+        self.window = min(INITIAL_WINDOW, limit)
         self.sent: dict[int, tuple[float, str | None]] = {}  # index -> (sent at, sha256), in send order
         self.ready: collections.deque[Take] = collections.deque()  # resends bound to this replica
         self.images = ServerImages()
@@ -105,7 +110,7 @@ class Run(Generic[R]):
         job: Job[R],
         *,
         address: str,
-        max_in_flight: int,
+        max_in_flight: int | None,
         retry: RetryPolicy,
         timeout: float | None,
         stats: ClientStats,
@@ -192,7 +197,7 @@ class Run(Generic[R]):
                 lane.retired = replica not in current
             for replica in replicas:
                 if replica not in self.lanes:
-                    self.lanes[replica] = Lane(replica, min(INITIAL_WINDOW, self._max_in_flight))
+                    self.lanes[replica] = Lane(replica, self._limit())
             starting = [lane for lane in self.lanes.values() if not lane.working and not lane.retired and not lane.dead]
             for lane in starting:
                 lane.working = True
@@ -207,6 +212,25 @@ class Run(Generic[R]):
                 lane.working = False
                 return None
             return max(0.0, lane.retry_at - time.monotonic())
+
+    def _limit(self, server: int | None = None) -> int:
+        """Most items outstanding on one stream: what its server reads ahead, and no more than
+        the caller's ``max_in_flight``."""
+        limit = server or DEFAULT_MAX_IN_FLIGHT
+        return min(limit, self._max_in_flight) if self._max_in_flight is not None else limit
+
+    def stream_opened(self, lane: Lane, stream: int, metadata: Iterable[tuple[str, Any]] | None) -> None:
+        """The stream's initial metadata arrived: keep no more outstanding than it reads ahead."""
+        told = next((value for key, value in metadata or () if key == MAX_IN_FLIGHT_KEY), None)
+        try:
+            server = int(told) if told is not None else None
+        except ValueError:
+            server = None
+        with self._cond:
+            if stream == lane.stream and server is not None and server >= 1:
+                lane.limit = self._limit(server)
+                lane.window = min(lane.window, lane.limit)
+                self._changed()
 
     def rpc(self, lane: Lane) -> str:
         """The method the lane's next stream calls."""
@@ -232,7 +256,8 @@ class Run(Generic[R]):
                 if self.results[index] is None and not self._outstanding.get(index):
                     self._queue.appendleft(index)
             lane.images.reset()  # the server may be a new process: it holds nothing we sent
-            lane.window = min(INITIAL_WINDOW, self._max_in_flight)
+            lane.limit = self._limit()  # the next stream may reach a server with other settings
+            lane.window = min(INITIAL_WINDOW, lane.limit)
             error = error or lane.drain_error
             lane.drain_error = None
             if error is None or self.done:
@@ -336,7 +361,7 @@ class Run(Generic[R]):
         took = now - sent_at
         lane.latency = took if lane.latency is None else lane.latency + _LATENCY_WEIGHT * (took - lane.latency)
         lane.last_answer = now
-        lane.window = min(self._max_in_flight, lane.window + 1)
+        lane.window = min(lane.limit, lane.window + 1)
         error = response.error if response.HasField("error") else None
         if error is not None and error.reason == IMAGE_BYTES_NEEDED and sha256 is not None:
             if self.results[index] is None:

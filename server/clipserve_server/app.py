@@ -90,7 +90,7 @@ class ClipServer:
             ]
         )
         add_scorer_to_server(
-            ScorerServicer(self._registry, stream_max_in_flight=self.config.stream_max_in_flight, metrics=self.metrics), self._server
+            ScorerServicer(self._registry, stream_max_in_flight=self.config.resolved_stream_max_in_flight, metrics=self.metrics), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(

@@ -29,6 +29,8 @@ _END_OF_INPUT = object()
 # Most answers in one ScoreResponseChunk / EmbedResponseChunk: 128 embeddings of 1024 floats
 # are ~0.5 MiB, well inside a client's default 4 MiB receive limit.
 _ANSWERS_PER_CHUNK = 128
+# Initial metadata of every stream (protos/: "Windows"): how many items the server reads ahead.
+MAX_IN_FLIGHT_KEY = "clipserve-max-in-flight"
 
 ScoreRequest = scorer_pb2.ScoreRequest | MalformedRequest
 EmbedRequest = scorer_pb2.EmbedRequest | MalformedRequest
@@ -268,6 +270,9 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         # At most `limit` items are read but not yet answered: when that many are out we stop
         # reading, and gRPC flow control slows the client down.
         limit = self._stream_max_in_flight
+        # Told to the client up front: the SDK keeps that many outstanding, so that a server
+        # set up for a big model on a GPU is fed as deep as it reads, with no setting per client.
+        await context.send_initial_metadata(((MAX_IN_FLIGHT_KEY, str(limit)),))
         room = asyncio.Event()
         # Answers in completion order, then the reader's end (or its failure); a deque and an
         # event rather than an asyncio.Queue: two cheap calls per item instead of coroutines.

@@ -173,11 +173,18 @@ def test_pairs_waiting_for_one_image_cost_no_task_each(make_fake_server, image_h
             outcome["results"] = [r for chunk in stub.ScoreChunks(iter([scorer_pb2.ScoreRequestChunk(items=requests)]), timeout=60) for r in chunk.items]
 
     engine = server.server._registry.get()
+    def arrived() -> bool:
+        """All but the first pair joined the image's download, and the 300 queries are encoded
+        (each distinct text is one computation, a task, until the model has it: on a busy
+        machine it may not have them yet)."""
+        texts, images = engine.cache_stats()
+        return images.hits >= 299 and texts.entries >= 300
+
     caller = threading.Thread(target=score)
     caller.start()
     try:
         deadline = time.monotonic() + 60
-        while server.run_on_loop(lambda: engine.cache_stats()[1].hits) < 299:  # all but the first joined its download
+        while not server.run_on_loop(arrived):
             assert time.monotonic() < deadline, "the pairs never reached the server"
             time.sleep(0.05)
         tasks = server.run_on_loop(lambda: len(asyncio.all_tasks()))

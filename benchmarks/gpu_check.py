@@ -105,7 +105,7 @@ class Server:
             sys.executable, "-m", "clipserve.cli", "serve", "--model", str(checkpoint), "--host", "127.0.0.1", "--port", "0",
             "--metrics-port", str(self.metrics_port),
             "--allow-private-networks", "--device", DEVICE, "--dtype", dtype, "--max-batch-size", str(BATCH),
-            "--max-batch-delay-ms", "5", "--max-queue-size", str(max(1024, 4 * BATCH)), "--log-level", "WARNING", *flags,
+            "--max-batch-delay-ms", "5", "--log-level", "WARNING", *flags,
         ]
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         timer = threading.Timer(start_timeout_s, self.proc.kill)

@@ -97,6 +97,18 @@ def test_no_cache_turns_both_caches_off():
     assert (config.text_cache_size, config.image_cache_size) == (0, 0)
 
 
+@pytest.mark.parametrize(
+    ("argv", "window", "queue"),
+    [([], 256, 1024), (["--max-batch-size", "256"], 1024, 2048), (["--max-batch-size", "256", "--stream-max-in-flight", "300", "--max-queue-size", "500"], 300, 500)],
+    ids=["cpu-batch", "gpu-batch", "set"],
+)
+def test_a_streams_window_and_the_queue_grow_with_the_batch(argv, window, queue):
+    """A stream is read four batches ahead (a forward pass overlaps the decoding of the next
+    ones), and the queue has room for two such windows before unary calls are refused."""
+    config = load_config(argv, environ={})
+    assert (config.resolved_stream_max_in_flight, config.resolved_max_queue_size) == (window, queue)
+
+
 def test_the_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         load_config([], environ={}).port = 1  # type: ignore[misc]
@@ -106,6 +118,7 @@ def test_the_config_is_frozen():
     ("argv", "env", "words"),
     [
         (["--max-batch-size", "0"], {}, "max_batch_size must be at least 1"),
+        (["--stream-max-in-flight", "-1"], {}, "stream_max_in_flight must not be negative"),
         ([], {"CLIPSERVE_PORT": "many"}, "CLIPSERVE_PORT: expected int"),
         ([], {"CLIPSERVE_CACHE": "maybe"}, "CLIPSERVE_CACHE: expected true/false"),
     ],

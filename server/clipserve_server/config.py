@@ -33,6 +33,9 @@ DECODE_POOLS = ("auto", "threads", "processes")
 # --stream-max-in-flight 0: this many batches of --max-batch-size per stream, at least MIN_STREAM_WINDOW.
 STREAM_WINDOW_BATCHES = 4
 MIN_STREAM_WINDOW = 256
+# --max-queue-size 0: room for two streams' windows, at least MIN_QUEUE_SIZE.
+QUEUE_WINDOWS = 2
+MIN_QUEUE_SIZE = 1024
 
 # Keys of the adapter's [similarity_config] table that mean the same thing here.
 _SIMILARITY_KEYS = {"model": "model", "device": "device", "torch_dtype": "dtype", "use_safetensors": "use_safetensors"}
@@ -106,7 +109,7 @@ class ServerConfig:
     replica_name: str = dataclasses.field(default="", metadata={"help": "this server's name in GetModelInfo, to tell replicas apart (default: hostname:port)"})
     max_batch_size: int = dataclasses.field(default=32, metadata={"help": "most texts+images per forward pass"})
     max_batch_delay_ms: float = dataclasses.field(default=5.0, metadata={"help": "longest wait for a batch to fill, from its first item"})
-    max_queue_size: int = dataclasses.field(default=1024, metadata={"help": "items waiting for the model before unary calls get RESOURCE_EXHAUSTED"})
+    max_queue_size: int = dataclasses.field(default=0, metadata={"help": "items waiting for the model before unary calls get RESOURCE_EXHAUSTED (0: 8 x --max-batch-size, at least 1024)"})
     stream_max_in_flight: int = dataclasses.field(default=0, metadata={"help": "items one stream (ScoreBatch, ScoreChunks, Embed, EmbedChunks) may have in progress before the server stops reading it; the SDK keeps that many outstanding (0: 4 x --max-batch-size, at least 256)"})
     forward_timeout_s: float = dataclasses.field(default=300.0, metadata={"help": "a forward pass running longer means the model is wedged: fail its items and turn NOT_SERVING (0: never)"})
     cache: bool = dataclasses.field(default=True, metadata={"help": "cache text and image embeddings"})
@@ -142,10 +145,10 @@ class ServerConfig:
         model_specs(self.model, self.text_model, self.pretrained)  # refuse a bad list of models now
         if self.gpu_decode and self.device == "cpu":
             raise ValueError("gpu_decode decodes on the model's CUDA device: it needs --device cuda (or auto on a machine with CUDA)")
-        for name in ("max_batch_size", "max_queue_size", "fetch_concurrency", "max_image_bytes", "max_image_pixels", "max_message_mb"):
+        for name in ("max_batch_size", "fetch_concurrency", "max_image_bytes", "max_image_pixels", "max_message_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("max_batch_delay_ms", "fetch_timeout_s", "grace_period_s", "forward_timeout_s", "text_cache_size", "image_cache_size", "max_redirects", "decode_workers", "stream_max_in_flight", "port", "metrics_port", "memory_budget_gb"):
+        for name in ("max_batch_delay_ms", "fetch_timeout_s", "grace_period_s", "forward_timeout_s", "text_cache_size", "image_cache_size", "max_redirects", "decode_workers", "stream_max_in_flight", "max_queue_size", "port", "metrics_port", "memory_budget_gb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
 
@@ -167,6 +170,12 @@ class ServerConfig:
         # More than one batch in flight per stream, so that a forward pass overlaps the
         # downloading and decoding of the next batches (a big model on a GPU waits for nothing).
         return self.stream_max_in_flight or max(MIN_STREAM_WINDOW, STREAM_WINDOW_BATCHES * self.max_batch_size)
+
+    @property
+    def resolved_max_queue_size(self) -> int:
+        # A stream waits for room in the queue, a unary call is refused: one stream's cold
+        # window (each of its images queued while the model is busy) must leave room for others.
+        return self.max_queue_size or max(MIN_QUEUE_SIZE, QUEUE_WINDOWS * STREAM_WINDOW_BATCHES * self.max_batch_size)
 
     @property
     def resolved_decode_workers(self) -> int:

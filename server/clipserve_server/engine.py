@@ -60,7 +60,7 @@ class ScoringEngine:
             forward or model.forward,
             max_batch_size=config.max_batch_size,
             max_delay_s=config.max_batch_delay_s,
-            max_queue_size=config.max_queue_size,
+            max_queue_size=config.resolved_max_queue_size,
             forward_timeout_s=config.forward_timeout_s,
             on_dead=on_dead,
             on_batch=metrics.batch_observer(name) if metrics else None,

@@ -234,12 +234,12 @@ def tiny_jpeg(i: int) -> tuple[str, bytes]:
     return f"tiny{i:05d}.jpg", buffer.getvalue()
 
 
-def serial_pass(pairs: list[tuple[str, str]], max_in_flight: int, model: str = "fake") -> dict:
+def serial_pass(pairs: list[tuple[str, str]], window: int, model: str = "fake") -> dict:
     import clipserve
 
     metrics_port = free_port()
     proc, address = serve("--model", model, "--allow-private-networks", "--decode-pool", "processes", "--max-batch-size", "256",
-                          "--stream-max-in-flight", str(max_in_flight), "--metrics-port", str(metrics_port))
+                          "--stream-max-in-flight", str(window), "--metrics-port", str(metrics_port))
     try:
         with clipserve.CLIP(address) as clip:  # keeps outstanding what the server reads ahead
             _, wall, report = measured_batch(clip, proc.pid, metrics_port, [clipserve.SimilarityInput(q, u) for q, u in pairs])
@@ -249,8 +249,9 @@ def serial_pass(pairs: list[tuple[str, str]], max_in_flight: int, model: str = "
     return {"wall_s": wall, "loop_s": report["cpu_s"]["event loop"], "report": report}
 
 
-def serial(rounds: int, images: int, max_in_flight: int, seed: int, model: str = "fake") -> dict:
+def serial(rounds: int, images: int, window: int, seed: int, model: str = "fake") -> dict:
     """Loop CPU per image at 1 and 5 pairs per image (best of ``rounds`` passes, interleaved).
+    ``window``: the server's --stream-max-in-flight (0: its default), which the SDK follows.
     ``model``: the fake model as it is, or with simulated accelerator time (``fake:forward_ms=…``)."""
     corpus = dict(tiny_jpeg(i) for i in range(images))
     host, base = serve_corpus(corpus)
@@ -262,7 +263,7 @@ def serial(rounds: int, images: int, max_in_flight: int, seed: int, model: str =
     try:
         for round_ in range(1, rounds + 1):
             for per_image, pairs in workloads.items():
-                run = serial_pass(pairs, max_in_flight, model)
+                run = serial_pass(pairs, window, model)
                 distinct = len({u for _, u in pairs})
                 row = {"pairs": len(pairs), "images": distinct, "loop_us_per_image": run["loop_s"] / distinct * 1e6, "loop_us_per_pair": run["loop_s"] / len(pairs) * 1e6,
                        "images_per_s": distinct / run["wall_s"], "loop_busy": run["loop_s"] / run["wall_s"]}

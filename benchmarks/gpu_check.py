@@ -297,7 +297,7 @@ def serial_part(needs_s: float = 40) -> dict:
     from bench_feed import serial
 
     say("serial part (bench_feed.py --serial --rounds 1):")
-    return serial(rounds=1, images=2000 if ON_GPU else 200, max_in_flight=256, seed=0)
+    return serial(rounds=1, images=2000 if ON_GPU else 200, window=256, seed=0)
 
 
 def main() -> int:

@@ -173,6 +173,7 @@ def test_pairs_waiting_for_one_image_cost_no_task_each(make_fake_server, image_h
             outcome["results"] = [r for chunk in stub.ScoreChunks(iter([scorer_pb2.ScoreRequestChunk(items=requests)]), timeout=60) for r in chunk.items]
 
     engine = server.server._registry.get()
+
     def arrived() -> bool:
         """All but the first pair joined the image's download, and the 300 queries are encoded
         (each distinct text is one computation, a task, until the model has it: on a busy

@@ -11,9 +11,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .domain import CacheStats
-from .errors import ErrorKind, ItemError
 from .model import Embedding
-from .soon import Later, Soon
+from .soon import Later, Soon, outcome
 
 
 @dataclass
@@ -95,17 +94,14 @@ class EmbeddingCache:
     def _landed(self, key: str, flight: _Flight, task: asyncio.Task) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
-        if task.cancelled():  # every follower withdrew (or the server is stopping)
-            error: BaseException | None = ItemError(ErrorKind.UNAVAILABLE, "the work for this item was cancelled; retry")
-        else:
-            error = task.exception()
+        value, error = outcome(task)  # cancelled: every follower withdrew, or the server is stopping
         if error is None and self.capacity > 0:  # failures are not cached: the next request tries again
-            self._entries[key] = task.result()
+            self._entries[key] = value
             self._entries.move_to_end(key)
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
         for follower in flight.followers:  # each runs its waiters' callbacks, in one go
             if error is None:
-                follower.set_result(task.result())
+                follower.set_result(value)
             else:
                 follower.set_error(error)

@@ -143,17 +143,26 @@ def _derived(sources: list[Later], compute: Callable[[], Any]) -> Later:
     return out
 
 
+def outcome(future: asyncio.Future) -> tuple[Any, BaseException | None]:
+    """A finished future's (value, error). Cancelled, it is UNAVAILABLE to its waiters (the SDK
+    retries): the work was dropped by someone else (every other waiter left, or a shutdown),
+    which must not leave them without an answer."""
+    if future.cancelled():
+        return None, ItemError(ErrorKind.UNAVAILABLE, "the work for this item was cancelled; retry")
+    error = future.exception()
+    return (None, error) if error is not None else (future.result(), None)
+
+
 def from_future(future: asyncio.Future) -> Later:
     """A ``Later`` of an asyncio future (a task): cancelling it cancels the future."""
     later: Later = Later(on_cancel=future.cancel)
 
     def landed(done: asyncio.Future) -> None:
-        if done.cancelled():
-            later.set_error(ItemError(ErrorKind.UNAVAILABLE, "the work for this item was cancelled; retry"))
-        elif done.exception() is not None:
-            later.set_error(done.exception())  # type: ignore[arg-type]
+        value, error = outcome(done)
+        if error is None:
+            later.set_result(value)
         else:
-            later.set_result(done.result())
+            later.set_error(error)
 
     future.add_done_callback(landed)
     return later

@@ -170,8 +170,8 @@ def pixel_drift(checkpoint: Path, images: list[bytes], draft_size: tuple[int, in
     """Largest |pixel_values difference| between the exact decode and --jpeg-draft's."""
     from transformers import AutoProcessor
 
-    from clipserve_server.decode import decode_image
-    from clipserve_server.preprocess import build_pipeline
+    from clipserve_server.images.decode import decode_image
+    from clipserve_server.images.preprocess import build_pipeline
 
     pipeline = build_pipeline(AutoProcessor.from_pretrained(checkpoint).image_processor)
     worst = 0.0
@@ -189,8 +189,8 @@ def pixel_drift(checkpoint: Path, images: list[bytes], draft_size: tuple[int, in
 def scaling(checkpoint: Path, images: list[bytes], loop_us: float) -> list[dict]:
     from transformers import AutoProcessor
 
-    from clipserve_server.decode_pool import DecodeJob, ProcessDecoder, ThreadDecoder
-    from clipserve_server.preprocess import build_pipeline
+    from clipserve_server.images.decode_pool import DecodeJob, ProcessDecoder, ThreadDecoder
+    from clipserve_server.images.preprocess import build_pipeline
 
     job = DecodeJob(build_pipeline(AutoProcessor.from_pretrained(checkpoint).image_processor), max_pixels=10**9)
 
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nwritten to {args.out}")
         return 0
 
-    from clipserve_server.synthetic import build_checkpoint
+    from clipserve_server.models.synthetic import build_checkpoint
 
     torch.set_num_threads(1)  # the stock measurement: one image at a time, one thread, like a decode worker
     checkpoint = args.checkpoint or build_checkpoint(Path(tempfile.mkdtemp(prefix="clipserve-feed-")) / "tiny-224", arch="tiny", image_size=224, seed=args.seed)
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         "passes": parts_by_round,
     }
     if args.drift:
-        from clipserve_server.clip_model import HFClipModel
+        from clipserve_server.models.clip_model import HFClipModel
 
         draft_size = HFClipModel(str(checkpoint), device="cpu").decode_size
         exact = server_pass(checkpoint, pairs, args, ["--decode-pool", args.decode_pool])["scores"]

@@ -126,7 +126,7 @@ def measure_reference(checkpoint: Path, pairs: list[tuple[str, str]]) -> float:
 def measure_bound(checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[str, str]], args: argparse.Namespace) -> tuple[float, float]:
     """(d) Batched forwards over the distinct texts and images; preprocessing done beforehand.
     Returns pairs/s, and images/s of the image forwards alone (the bound of (e))."""
-    from clipserve_server.clip_model import HFClipModel
+    from clipserve_server.models.clip_model import HFClipModel
 
     # The server's model class: the same (eager or compiled) towers, dtype and device. Its
     # forward returns numpy arrays, so the timing includes waiting for the GPU.
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from clipserve_server.synthetic import build_checkpoint
+    from clipserve_server.models.synthetic import build_checkpoint
 
     scratch = Path(tempfile.mkdtemp(prefix="clipserve-bench-"))
     checkpoint = args.checkpoint or build_checkpoint(scratch / "clip-vit-b-32-random", arch="vit-b-32", seed=args.seed)

@@ -171,7 +171,7 @@ def served(
 def model_bound(checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[str, str]]) -> dict:
     """Batched fp16 forwards over the distinct images (and texts) through the server's model
     class, preprocessing done beforehand: the most any server could get out of this GPU."""
-    from clipserve_server.clip_model import HFClipModel
+    from clipserve_server.models.clip_model import HFClipModel
 
     model = HFClipModel(str(checkpoint), device=DEVICE, dtype=HALF)
     model.warmup()
@@ -194,8 +194,8 @@ def model_bound(checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[st
 
 def precision_drift(checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[str, str]], sample: int = 64) -> float:
     """Max |score(half) - score(float32)| over a sample of the pairs, same preprocessing."""
-    from clipserve_server.clip_model import HFClipModel
-    from clipserve_server.model import Embedding
+    from clipserve_server.models.clip_model import HFClipModel
+    from clipserve_server.models.model import Embedding
 
     chosen = pairs[:: max(1, len(pairs) // sample)][:sample]
     names = sorted({u.rsplit("/", 1)[1] for _, u in chosen})
@@ -230,7 +230,7 @@ def _free() -> None:
 # -- one architecture ------------------------------------------------------------------------------------
 
 def check(arch_spec: str, corpus: dict[str, bytes], base: str, scratch: Path, *, fast_paths: bool) -> tuple[dict, dict]:
-    from clipserve_server.synthetic import build_checkpoint
+    from clipserve_server.models.synthetic import build_checkpoint
 
     arch, _, size = arch_spec.partition(":")
     out: dict = {}

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from clipserve_server.config import ServerConfig
-from clipserve_server.fake_model import FakeModel
+from clipserve_server.utils.config import ServerConfig
+from clipserve_server.models.fake_model import FakeModel
 
 from .helpers import ImageHost, InProcessServer, make_image
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from clipserve_server.synthetic import build_checkpoint
+    from clipserve_server.models.synthetic import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp("tiny-clip"), arch="tiny", seed=1234)
 

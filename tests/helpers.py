@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 
 from clipserve_server.app import ClipServer
-from clipserve_server.config import ServerConfig
-from clipserve_server.model import EmbeddingModel
+from clipserve_server.utils.config import ServerConfig
+from clipserve_server.models.model import EmbeddingModel
 
 
 def make_image(width: int = 48, height: int = 40, *, seed: int = 0, fmt: str = "PNG", mode: str = "RGB") -> bytes:

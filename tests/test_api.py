@@ -11,7 +11,7 @@ import pytest
 
 import clipserve
 from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
-from clipserve_server.fake_model import FakeModel
+from clipserve_server.models.fake_model import FakeModel
 
 from .helpers import make_image
 

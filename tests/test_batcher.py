@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from clipserve_server.batcher import Batcher
-from clipserve_server.errors import ErrorKind, ItemError
+from clipserve_server.inference.batcher import Batcher
+from clipserve_server.utils.errors import ErrorKind, ItemError
 
 
 class Recorder:

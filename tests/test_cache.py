@@ -7,8 +7,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from clipserve_server.cache import EmbeddingCache
-from clipserve_server.soon import awaited
+from clipserve_server.inference.cache import EmbeddingCache
+from clipserve_server.inference.soon import awaited
 
 
 class Counter:

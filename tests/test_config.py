@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from clipserve_server.config import ModelSpec, ServerConfig, load_config
+from clipserve_server.utils.config import ModelSpec, ServerConfig, load_config
 
 # The benchmark maker's config.toml, as its loader accepts it: the server takes the model from it.
 BENCHMARK_TOML = """
@@ -143,7 +143,7 @@ def test_bad_dtype_is_refused():
 def test_the_fake_model_simulates_accelerator_time_per_batch_and_per_image():
     """Benchmarks stand in for a GPU with ``fake:forward_ms=..,image_ms=..``: a batch costs a
     fixed time plus a time per image, as an accelerator's forward pass does."""
-    from clipserve_server.loading import _fake
+    from clipserve_server.models.loading import _fake
 
     model = _fake("fake:forward_ms=20,image_ms=1.5,dim=8")
     assert (model.forward_delay_s, model.image_delay_s, model.description.embedding_dim) == (0.02, 0.0015, 8)

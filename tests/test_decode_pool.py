@@ -14,13 +14,13 @@ import pytest
 import torch
 
 import clipserve
-from clipserve_server.config import ServerConfig
-from clipserve_server.batcher import Batcher
-from clipserve_server.decode_pool import DecodeJob, ProcessDecoder, ThreadDecoder, build_decoder
-from clipserve_server.errors import ErrorKind, ItemError
-from clipserve_server.fake_model import FakeModel
-from clipserve_server.fetch import FetchError, FetchSettings
-from clipserve_server.threads import model_thread_setup
+from clipserve_server.utils.config import ServerConfig
+from clipserve_server.inference.batcher import Batcher
+from clipserve_server.images.decode_pool import DecodeJob, ProcessDecoder, ThreadDecoder, build_decoder
+from clipserve_server.utils.errors import ErrorKind, ItemError
+from clipserve_server.models.fake_model import FakeModel
+from clipserve_server.images.fetch import FetchError, FetchSettings
+from clipserve_server.utils.threads import model_thread_setup
 
 from .conftest import ServerProcess
 from .helpers import make_image
@@ -96,7 +96,7 @@ def test_a_decode_thread_that_starts_while_the_model_thread_prepares_its_first_b
 
 
 def test_worker_processes_give_the_same_pixels_and_errors_as_threads(tiny_checkpoint):
-    from clipserve_server.clip_model import HFClipModel
+    from clipserve_server.models.clip_model import HFClipModel
 
     model = HFClipModel(str(tiny_checkpoint), device="cpu")
     job = DecodeJob(model.image_preprocessor(), max_pixels=10**6)
@@ -166,7 +166,7 @@ def downloads(allow_private_networks: bool = True, concurrency: int = 8) -> Fetc
 
 
 def test_worker_processes_download_urls_with_the_servers_own_fetcher(tiny_checkpoint, image_host):
-    from clipserve_server.clip_model import HFClipModel
+    from clipserve_server.models.clip_model import HFClipModel
 
     job = DecodeJob(HFClipModel(str(tiny_checkpoint), device="cpu").image_preprocessor(), max_pixels=10**6)
     names = ["photo0.png", "photo1.jpg", "photo2.jpg"]
@@ -329,7 +329,7 @@ def test_the_pixel_limit_holds_before_the_gpu_sees_the_file():
 
 
 def test_gpu_decode_refuses_clearly_without_cuda(tiny_checkpoint):
-    from clipserve_server.clip_model import HFClipModel
+    from clipserve_server.models.clip_model import HFClipModel
 
     with pytest.raises(ValueError, match="needs --device cuda"):
         ServerConfig(gpu_decode=True, device="cpu")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import clipserve
-from clipserve_server.fake_model import FakeModel
+from clipserve_server.models.fake_model import FakeModel
 
 from .conftest import ServerProcess, free_port
 from .helpers import grpcurl, json_objects, make_image

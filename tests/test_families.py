@@ -22,7 +22,7 @@ from PIL import Image
 
 import clipserve
 from clipserve_server import synthetic
-from clipserve_server.preprocess import SplitTransformPipeline, build_transform_pipeline
+from clipserve_server.images.preprocess import SplitTransformPipeline, build_transform_pipeline
 
 from .conftest import ServerProcess
 from .helpers import make_image
@@ -202,8 +202,8 @@ def test_siglip_scores_are_logits_per_image_with_the_bias(servers, checkpoints, 
 def test_the_memory_check_counts_the_weights_each_backend_loads(checkpoints, tiny_checkpoint, tmp_path):
     from safetensors import safe_open
 
-    from clipserve_server.config import ServerConfig, model_specs
-    from clipserve_server.memory import ModelsTooLarge, check_fits, weight_bytes
+    from clipserve_server.utils.config import ServerConfig, model_specs
+    from clipserve_server.models.memory import ModelsTooLarge, check_fits, weight_bytes
 
     def parameters(path: Path) -> int:
         with safe_open(str(path), "pt") as weights:

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import clipserve
 from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
-from clipserve_server.fake_model import FakeModel
+from clipserve_server.models.fake_model import FakeModel
 
 from .conftest import ServerProcess, free_port
 from .helpers import make_image
@@ -176,7 +176,7 @@ def test_health_is_not_serving_until_the_model_is_loaded():
     import asyncio
 
     from clipserve_server.app import ClipServer
-    from clipserve_server.config import ServerConfig
+    from clipserve_server.utils.config import ServerConfig
 
     release = threading.Event()
 
@@ -227,7 +227,7 @@ def test_a_busy_port_is_an_error_not_a_shared_port(fake_server):
     import asyncio
 
     from clipserve_server.app import ClipServer
-    from clipserve_server.config import ServerConfig
+    from clipserve_server.utils.config import ServerConfig
 
     async def start_second() -> None:
         server = ClipServer(ServerConfig(host="127.0.0.1", port=fake_server.port), lambda _spec, _config: FakeModel())

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipserve_server.decode import decode_image
-from clipserve_server.errors import ErrorKind, ItemError
-from clipserve_server.netguard import is_forbidden, literal_ip
+from clipserve_server.images.decode import decode_image
+from clipserve_server.utils.errors import ErrorKind, ItemError
+from clipserve_server.images.netguard import is_forbidden, literal_ip
 
 from .helpers import make_image
 

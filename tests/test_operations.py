@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import clipserve
-from clipserve_server.logs import JsonFormatter, TextFormatter
+from clipserve_server.utils.logs import JsonFormatter, TextFormatter
 
 from .conftest import free_port
 from .helpers import make_image

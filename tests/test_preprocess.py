@@ -10,15 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from clipserve_server.decode import decode_image, decode_rgb_tensor
-from clipserve_server.decode_pool import DecodeJob
-from clipserve_server.preprocess import StockPipeline, TorchvisionPipeline, build_pipeline
+from clipserve_server.images.decode import decode_image, decode_rgb_tensor
+from clipserve_server.images.decode_pool import DecodeJob
+from clipserve_server.images.preprocess import StockPipeline, TorchvisionPipeline, build_pipeline
 
 
 @pytest.fixture(scope="module")
 def checkpoint_224(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model at CLIP's real input size, so that photos are really resized and cropped."""
-    from clipserve_server.synthetic import build_checkpoint
+    from clipserve_server.models.synthetic import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp("tiny-224"), arch="tiny", image_size=224)
 
@@ -120,7 +120,7 @@ def test_plain_8_bit_rgb_jpegs_and_pngs_skip_pil(name):
 
 
 def test_a_truncated_file_fails_as_pil_says(processor):
-    from clipserve_server.errors import ItemError
+    from clipserve_server.utils.errors import ItemError
 
     for name in ("jpeg-photo", "png-photo"):
         with pytest.raises(ItemError, match="corrupt or truncated"):

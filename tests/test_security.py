@@ -10,9 +10,9 @@ import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import clipserve
-from clipserve_server.errors import ErrorKind, ItemError
-from clipserve_server.fetch import ImageFetcher
-from clipserve_server.netguard import ForbiddenAddressError, GuardedResolver
+from clipserve_server.utils.errors import ErrorKind, ItemError
+from clipserve_server.images.fetch import ImageFetcher
+from clipserve_server.images.netguard import ForbiddenAddressError, GuardedResolver
 
 from .helpers import make_image
 

@@ -21,7 +21,7 @@ from .helpers import make_image
 @pytest.fixture(scope="module")
 def other_checkpoint(tmp_path_factory) -> Path:
     """A second tiny random-weight CLIP, different from ``tiny_checkpoint`` (other seed)."""
-    from clipserve_server.synthetic import build_checkpoint
+    from clipserve_server.models.synthetic import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp("other-clip"), arch="tiny", seed=99)
 

@@ -146,7 +146,7 @@ def test_the_async_client_follows_the_servers_window_too(probe_server):
 def test_a_small_server_window_still_answers_everything(make_fake_server, image_host):
     """The real server with a slow model and a window of 3: the SDK's default client sends no
     more than it reads, and every pair is scored."""
-    from clipserve_server.fake_model import FakeModel
+    from clipserve_server.models.fake_model import FakeModel
 
     server = make_fake_server(FakeModel(forward_delay_s=0.01), allow_private_networks=True, stream_max_in_flight=3, max_batch_size=2)
     image_host.add("window.png", make_image(seed=31))

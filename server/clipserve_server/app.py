@@ -17,16 +17,16 @@ from clipserve.v1 import scorer_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .config import ModelSpec, ServerConfig
-from .decode_pool import Decoder, build_decoder
-from .engine import ScoringEngine
-from .memory import check_fits
-from .metrics import Metrics
-from .model import EmbeddingModel
-from .security import interceptors, server_credentials
-from .registry import ModelRegistry
-from .servicer import ScorerServicer, add_scorer_to_server
-from .threads import model_thread_setup
+from .images.decode_pool import Decoder, build_decoder
+from .inference.engine import ScoringEngine
+from .models.memory import check_fits
+from .models.model import EmbeddingModel
+from .serving.registry import ModelRegistry
+from .serving.security import interceptors, server_credentials
+from .serving.servicer import ScorerServicer, add_scorer_to_server
+from .utils.config import ModelSpec, ServerConfig
+from .utils.metrics import Metrics
+from .utils.threads import model_thread_setup
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ ModelFactory = Callable[[ModelSpec, ServerConfig], EmbeddingModel]
 
 
 def load_configured_model(spec: ModelSpec, config: ServerConfig) -> EmbeddingModel:
-    from .loading import load_model
+    from .models.loading import load_model
 
     return load_model(spec, config)
 
@@ -210,7 +210,7 @@ async def run(config: ServerConfig, model_factory: ModelFactory = load_configure
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if ready.done() and ready.exception() is not None:
-            from .load_errors import explain
+            from .models.load_errors import explain
 
             error = ready.exception()
             # One line that says what to do; the library traceback only for --log-level debug.

@@ -6,8 +6,8 @@ import asyncio
 import signal
 import sys
 
-from .config import load_config
-from .logs import setup_logging
+from .utils.config import load_config
+from .utils.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, Union
 
-from .errors import ErrorKind, ItemError
+from ..utils.errors import ErrorKind, ItemError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import os
 import struct
 from pathlib import Path
 
-from .config import ModelSpec, ServerConfig
+from ..utils.config import ModelSpec, ServerConfig
 from .loading import FAKE_PREFIX, OPEN_CLIP_PREFIX
 
 GIB = 1 << 30

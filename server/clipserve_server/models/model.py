@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .domain import ModelDescription
+from ..utils.domain import ModelDescription
 
 
 @dataclass(frozen=True, slots=True)

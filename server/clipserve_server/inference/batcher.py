@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ErrorKind, ItemError
+from ..utils.errors import ErrorKind, ItemError
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 
-from .config import ServerConfig
+from ..utils.config import ServerConfig
 
 # Health stays open so that load balancers and orchestrators can probe without a secret.
 _OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)

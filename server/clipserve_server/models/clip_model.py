@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .domain import ModelDescription
+from ..images.preprocess import NaFlexPipeline, build_pipeline
+from ..utils.domain import ModelDescription
 from .model import PipelineModel, logit_parameters
-from .preprocess import NaFlexPipeline, build_pipeline
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
-from .errors import ErrorKind, ItemError
+from ..utils.errors import ErrorKind, ItemError
 from .netguard import ForbiddenAddressError, GuardedResolver, literal_ip
 
 if TYPE_CHECKING:
-    from .config import ServerConfig
+    from ..utils.config import ServerConfig
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _timeout = getattr(asyncio, "timeout", None)  # Python 3.11+

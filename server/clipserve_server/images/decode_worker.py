@@ -1,6 +1,6 @@
 """A decode worker process: downloads images (when handed a URL), decodes and preprocesses them.
 
-``python -m clipserve_server.decode_worker IMAGES_FD RESULTS_FD IMAGE_SLOT_BYTES SLOTS``, started by
+``python -m clipserve_server.images.decode_worker IMAGES_FD RESULTS_FD IMAGE_SLOT_BYTES SLOTS``, started by
 ``decode_pool.ProcessDecoder``, which owns the other side of everything defined here.
 
 Each worker shares two memory files with the server (memfd: no /dev/shm, whose 64 MiB in a
@@ -28,9 +28,9 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ErrorKind, ItemError
+from ..utils.errors import ErrorKind, ItemError
+from ..utils.threads import single_threaded_torch
 from .fetch import FetchError, FetchSettings
-from .threads import single_threaded_torch
 
 if TYPE_CHECKING:
     from .decode_pool import DecodeJob

@@ -19,7 +19,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ErrorKind, ItemError
+from ..utils.errors import ErrorKind, ItemError
 
 # Our own pixel limit applies (checked from the header); PIL's global one would only warn. Set
 # once here: warnings.catch_warnings() per image would be slower and is not thread-safe.

@@ -10,8 +10,8 @@ import collections
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from .domain import CacheStats
-from .model import Embedding
+from ..models.model import Embedding
+from ..utils.domain import CacheStats
 from .soon import Later, Soon, outcome
 
 

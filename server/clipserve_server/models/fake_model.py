@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .domain import ModelDescription
+from ..utils.domain import ModelDescription
 from .model import EmbeddingModel
 
 

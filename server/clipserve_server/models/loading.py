@@ -37,7 +37,7 @@ import json
 import logging
 from pathlib import Path
 
-from .config import ModelSpec, ServerConfig
+from ..utils.config import ModelSpec, ServerConfig
 from .model import EmbeddingModel
 
 log = logging.getLogger(__name__)

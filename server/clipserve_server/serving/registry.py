@@ -7,8 +7,8 @@ share the decode pool and their device (one forward pass at a time per device).
 
 from __future__ import annotations
 
-from .engine import ScoringEngine
-from .errors import ErrorKind, ItemError
+from ..inference.engine import ScoringEngine
+from ..utils.errors import ErrorKind, ItemError
 
 
 class ModelRegistry:

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..images.preprocess import build_transform_pipeline
+from ..utils.domain import ModelDescription
 from .clip_model import compile_image_tower, resolve_device
-from .domain import ModelDescription
 from .model import PipelineModel, logit_parameters
-from .preprocess import build_transform_pipeline
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,13 @@ from typing import Any
 import grpc
 from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
 
-from . import __version__
-from .domain import CacheStats, EmbedItem, ImageSource, ScoreItem
-from .engine import ScoringEngine
-from .errors import ErrorKind, ItemError
-from .metrics import Metrics
+from clipserve import __version__
+from ..inference.engine import ScoringEngine
+from ..inference.soon import Later, Soon, awaited
+from ..utils.domain import CacheStats, EmbedItem, ImageSource, ScoreItem
+from ..utils.errors import ErrorKind, ItemError
+from ..utils.metrics import Metrics
 from .registry import ModelRegistry
-from .soon import Later, Soon, awaited
 from .status import grpc_code, reason
 from .wire import MalformedRequest, parse_embed_chunk, parse_embed_request, parse_score_chunk, parse_score_request
 

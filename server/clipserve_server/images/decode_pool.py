@@ -29,13 +29,12 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from .config import ServerConfig
+from ..utils.config import ServerConfig
+from ..utils.errors import ErrorKind, ItemError
+from ..utils.threads import decode_thread_setup
 from .decode import decode_image, decode_rgb_tensor, open_image, torchvision_decodes_exactly
 from .decode_worker import READY, REPLY, REQUEST, RESULT_SLOT_BYTES, SIZE, STATUS, UPLOAD_SLOTS, results_size
-from .errors import ErrorKind, ItemError
 from .fetch import FetchError, FetchSettings
-from .model import EmbeddingModel
-from .threads import decode_thread_setup
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,19 @@ class JobDecoder:
         return await self.pool.fetch_and_decode(url, name, self.job)
 
 
-def build_decoder(models: Sequence[EmbeddingModel], config: ServerConfig) -> Decoder:
+class ImageModel(Protocol):
+    """What the pool needs of a model: the model interface (``models.model.EmbeddingModel``)
+    provides it, so decoding reads no model code and ``images/`` stays below ``models/``."""
+
+    def image_preprocessor(self) -> Callable[[Image.Image], Any]: ...
+
+    @property
+    def decode_size(self) -> tuple[int, int] | None: ...
+
+    def device_jpeg_decoder(self) -> Callable[[bytes], Any]: ...
+
+
+def build_decoder(models: Sequence[ImageModel], config: ServerConfig) -> Decoder:
     """One pool for ``models``; model i's images go through job i."""
     jobs = [DecodeJob(m.image_preprocessor(), config.max_image_pixels, m.decode_size if config.jpeg_draft else None) for m in models]
     workers = config.resolved_decode_workers
@@ -241,7 +252,7 @@ class ProcessDecoder:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, (_SERVER_ROOT, os.environ.get("PYTHONPATH"))))}
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "clipserve_server.decode_worker", str(images.fd), str(results.fd), str(self._image_slot_bytes), str(slots),
+                sys.executable, "-m", "clipserve_server.images.decode_worker", str(images.fd), str(results.fd), str(self._image_slot_bytes), str(slots),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, pass_fds=(images.fd, results.fd),
             )
         finally:

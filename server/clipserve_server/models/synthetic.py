@@ -12,9 +12,9 @@ checkpoint (``open_clip_config.json`` + ``open_clip_model.safetensors``), SigLIP
 fixed resolution and SigLIP2 NaFlex (transformers), and a sentence-transformers text tower for a
 CLIP model's embedding space (``build_text_tower``).
 
-    python -m clipserve_server.synthetic /tmp/tiny-clip --arch tiny
-    python -m clipserve_server.synthetic /tmp/vit-h --arch vit-h-14-378 --device cuda --dtype float16
-    python -m clipserve_server.synthetic /tmp/tiny-siglip2 --family siglip2-naflex
+    python -m clipserve_server.models.synthetic /tmp/tiny-clip --arch tiny
+    python -m clipserve_server.models.synthetic /tmp/vit-h --arch vit-h-14-378 --device cuda --dtype float16
+    python -m clipserve_server.models.synthetic /tmp/tiny-siglip2 --family siglip2-naflex
 """
 
 from __future__ import annotations

@@ -18,15 +18,15 @@ from typing import Any
 
 import numpy as np
 
+from ..images.decode_pool import JobDecoder
+from ..images.fetch import FetchError, FetchSettings
+from ..models.model import Embedding, EmbeddingModel
+from ..utils.config import ServerConfig
+from ..utils.domain import CacheStats, EmbedItem, ImageSource, ModelDescription, ScoreItem
+from ..utils.errors import ErrorKind, ItemError
+from ..utils.metrics import Metrics
 from .batcher import Batcher
 from .cache import EmbeddingCache
-from .config import ServerConfig
-from .decode_pool import JobDecoder
-from .domain import CacheStats, EmbedItem, ImageSource, ModelDescription, ScoreItem
-from .errors import ErrorKind, ItemError
-from .fetch import FetchError, FetchSettings
-from .metrics import Metrics
-from .model import Embedding, EmbeddingModel
 from .soon import Soon, awaited, both, from_future, then
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from .errors import ErrorKind
+from ..utils.errors import ErrorKind
 
 _CODES: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INVALID_INPUT: grpc.StatusCode.INVALID_ARGUMENT,

@@ -1,0 +1,1 @@
+"""Images from URL or upload to model input: fetching, decoding, preprocessing."""

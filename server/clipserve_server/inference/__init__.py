@@ -1,0 +1,1 @@
+"""One model's serving core: the engine, its dynamic batcher and embedding caches."""

@@ -1,0 +1,1 @@
+"""The model interface, one module per model family, loading and memory checks."""

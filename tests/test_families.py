@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 import clipserve
-from clipserve_server import synthetic
+from clipserve_server.models import synthetic
 from clipserve_server.images.preprocess import SplitTransformPipeline, build_transform_pipeline
 
 from .conftest import ServerProcess

@@ -15,12 +15,14 @@ from typing import Any
 import grpc
 from clipserve.v1 import scorer_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from .images.decode_pool import Decoder, build_decoder
 from .inference.engine import ScoringEngine
 from .models.memory import check_fits
 from .models.model import EmbeddingModel
+from .serving import oip_messages
+from .serving.open_inference import OpenInferenceServicer, add_open_inference_to_server
 from .serving.registry import ModelRegistry
 from .serving.security import interceptors, server_credentials
 from .serving.servicer import ScorerServicer, add_scorer_to_server
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 _YOUNG_GENERATION = 10_000
 
 SCORER_SERVICE = scorer_pb2.DESCRIPTOR.services_by_name["Scorer"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# Health answers for the whole server ("") and for each service that scores.
+_SCORING_SERVICES = ("", SCORER_SERVICE, oip_messages.SERVICE)
 ModelFactory = Callable[[ModelSpec, ServerConfig], EmbeddingModel]
 
 
@@ -92,11 +97,12 @@ class ClipServer:
         add_scorer_to_server(
             ScorerServicer(self._registry, stream_max_in_flight=self.config.resolved_stream_max_in_flight, metrics=self.metrics), self._server
         )
+        add_open_inference_to_server(OpenInferenceServicer(self._registry, alias=self.config.v2_alias, metrics=self.metrics), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            (SCORER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._server,
-        )
+        # From one pool that holds every service's schema, the protocol's private one included
+        # (oip_messages: it cannot be in the default pool).
+        schemas = oip_messages.pool(*(module.DESCRIPTOR.serialized_pb for module in (scorer_pb2, health_pb2, reflection_pb2)))
+        reflection.enable_server_reflection((SCORER_SERVICE, oip_messages.SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server, pool=schemas)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.config.host}:{self.config.port}"
         if credentials is None:
@@ -172,7 +178,7 @@ class ClipServer:
         asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
 
     async def _set_health(self, status: int) -> None:
-        for service in ("", SCORER_SERVICE):
+        for service in _SCORING_SERVICES:
             await self._health.set(service, status)
 
     async def stop(self, grace: float | None = None) -> None:

@@ -95,7 +95,7 @@ class ScoringEngine:
         only for what is missing. ``wait``: queue for room when the server is full (streams) rather
         than fail with OVERLOADED (unary calls). Bad input raises ItemError here."""
         query = validate_query(item.query)
-        validate_image(item.image, self.config.max_image_bytes)
+        validate_image(item.image, self.config.max_image_bytes, self.config.max_image_pixels)
         image = self._image_embedding(item.image, wait)  # first: it may refuse at once (IMAGE_BYTES_NEEDED)
         return both(self._text_embedding(query, wait), image, self.model.score)
 
@@ -108,7 +108,7 @@ class ScoringEngine:
             embedding = self._text_embedding(validate_query(item.text), wait)
         else:
             assert item.image is not None
-            validate_image(item.image, self.config.max_image_bytes)
+            validate_image(item.image, self.config.max_image_bytes, self.config.max_image_pixels)
             embedding = self._image_embedding(item.image, wait)
         return then(embedding, _raw if item.raw else Embedding.unit)
 
@@ -120,6 +120,8 @@ class ScoringEngine:
         return Embedding.of(await self._batcher.encode_text(query, wait=wait))
 
     def _image_embedding(self, source: ImageSource, wait: bool) -> Soon[Embedding]:
+        if source.pixels is not None:
+            return from_future(asyncio.ensure_future(self._pixels_embedding(source.pixels, wait)))
         key = _image_key(source)
         if source.url is not None:
             return self.image_cache.lookup(key, lambda: self._encode_image(source, wait))
@@ -144,6 +146,16 @@ class ScoringEngine:
         assert source.data is not None
         key = "sha256:" + await self._content_hash(source.data)
         return await awaited(self.image_cache.lookup(key, lambda: self._encode_image(source, wait)))
+
+    async def _pixels_embedding(self, pixels: np.ndarray, wait: bool) -> Embedding:
+        """Decoded pixels are cached by their content (shape and values), like uploads."""
+        key = "pixels:" + await self._content_hash(str(pixels.shape).encode() + pixels.tobytes())
+        return await awaited(self.image_cache.lookup(key, lambda: self._encode_pixels(pixels, wait)))
+
+    async def _encode_pixels(self, pixels: np.ndarray, wait: bool) -> Embedding:
+        # Resizing a float array costs about what decoding a photo does: off the event loop.
+        preprocessed = await asyncio.get_running_loop().run_in_executor(None, self.model.preprocess_array, pixels)
+        return Embedding.of(await self._batcher.encode_image(preprocessed, wait=wait))
 
     async def _encode_image(self, source: ImageSource, wait: bool, check_sha256: str | None = None) -> Embedding:
         if source.data is None:
@@ -199,7 +211,12 @@ def validate_query(query: str) -> str:
 _SHA256_HEX = frozenset("0123456789abcdef")
 
 
-def validate_image(source: ImageSource, max_bytes: int) -> None:
+def validate_image(source: ImageSource, max_bytes: int, max_pixels: int = 0) -> None:
+    if source.pixels is not None:
+        height, width = source.pixels.shape[:2]
+        if max_pixels and height * width > max_pixels:
+            raise ItemError(ErrorKind.INVALID_INPUT, f"{source.describe()}: over the {max_pixels}-pixel image limit")
+        return
     if source.url is None and source.data is None and source.sha256 is None:
         raise ItemError(ErrorKind.INVALID_INPUT, "the request has no image_url, image_bytes or image_sha256")
     if source.sha256 is not None and (len(source.sha256) != 64 or not _SHA256_HEX.issuperset(source.sha256)):

@@ -125,6 +125,7 @@ class ServerConfig:
     decode_pool: str = dataclasses.field(default="auto", metadata={"help": "threads | processes (which also download the images) | auto (auto: processes above 4 decode workers, where threads stop scaling on the GIL)", "choices": DECODE_POOLS})
     jpeg_draft: bool = dataclasses.field(default=False, metadata={"help": "decode JPEGs at 1/2-1/8 scale (libjpeg DCT scaling, never below the model's input size): less CPU per photo, not bit-exact (scores moved by up to 0.04 on the benchmark's photos)"})
     gpu_decode: bool = dataclasses.field(default=False, metadata={"help": "decode JPEGs with nvJPEG and resize them on the model's CUDA device: least CPU per photo, not bit-exact (needs --device cuda)"})
+    v2_alias: str = dataclasses.field(default="clip", metadata={"help": "the Open Inference Protocol (KServe v2, Triton's gRPC API) serves the default model under this name too, with a Triton CLIP model's signature: text BYTES [1] + image FP32 [H, W, 3] -> text_embedding, image_embedding FP32 [1, D] ('': no alias; every model is also served under its own name with a batch scoring signature)"})
     max_message_mb: int = dataclasses.field(default=48, metadata={"help": "largest gRPC request message in MiB"})
     grace_period_s: float = dataclasses.field(default=10.0, metadata={"help": "seconds in-flight calls get to finish on shutdown"})
     auth_token_file: str = dataclasses.field(default="", metadata={"help": "require 'authorization: Bearer <token>' with the token in this file (health stays open)"})
@@ -142,7 +143,9 @@ class ServerConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.decode_pool not in DECODE_POOLS:
             raise ValueError(f"decode_pool must be one of {', '.join(DECODE_POOLS)}, not {self.decode_pool!r}")
-        model_specs(self.model, self.text_model, self.pretrained)  # refuse a bad list of models now
+        specs = model_specs(self.model, self.text_model, self.pretrained)  # refuse a bad list of models now
+        if self.v2_alias in {spec.name for spec in specs}:
+            raise ValueError(f"v2_alias {self.v2_alias!r} is also the name of a model: give the alias another name, or '' for none")
         if self.gpu_decode and self.device == "cpu":
             raise ValueError("gpu_decode decodes on the model's CUDA device: it needs --device cuda (or auto on a machine with CUDA)")
         for name in ("max_batch_size", "fetch_concurrency", "max_image_bytes", "max_image_pixels", "max_message_mb"):

@@ -287,14 +287,23 @@ def test_the_bearer_token_and_tls_guard_the_protocol_as_the_rest_of_the_port(mak
         assert text.any()
 
 
-def test_the_alias_is_configurable_and_may_not_hide_a_model():
+def test_the_alias_is_configurable_and_may_not_hide_a_model(make_fake_server):
     """--v2-alias names the alias ('' turns it off); a model of that name is refused."""
     from clipserve_server.utils.config import load_config
 
     assert load_config(["--model", "fake", "--v2-alias", "openai-clip"]).v2_alias == "openai-clip"
+    assert load_config(["--model", "fake", "--v2-alias", ""]).v2_alias == ""
     assert load_config(["--model", "fake"]).v2_alias == "clip"
     with pytest.raises(ValueError, match="v2_alias 'clip' is also the name of a model"):
         load_config(["--model", "clip=fake", "--model", "other=fake"])
+    renamed, off = make_fake_server(v2_alias="openai-clip"), make_fake_server(v2_alias="")
+    with triton.InferenceServerClient(url=renamed.address) as c:
+        assert c.is_model_ready("openai-clip")
+        with pytest.raises(InferenceServerException, match="no model named 'clip'"):
+            c.get_model_metadata("clip")
+    with triton.InferenceServerClient(url=off.address) as c:
+        with pytest.raises(InferenceServerException, match="no model named 'clip'"):
+            clip_embeddings(c, "a cat")
 
 
 def test_the_batch_model_accepts_uploads_of_real_images(client):

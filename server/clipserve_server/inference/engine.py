@@ -149,7 +149,8 @@ class ScoringEngine:
 
     async def _pixels_embedding(self, pixels: np.ndarray, wait: bool) -> Embedding:
         """Decoded pixels are cached by their content (shape and values), like uploads."""
-        key = "pixels:" + await self._content_hash(str(pixels.shape).encode() + pixels.tobytes())
+        values = memoryview(np.ascontiguousarray(pixels)).cast("B")  # hashed where they lie: no copy
+        key = f"pixels:{'x'.join(map(str, pixels.shape))}:" + await self._content_hash(values)
         return await awaited(self.image_cache.lookup(key, lambda: self._encode_pixels(pixels, wait)))
 
     async def _encode_pixels(self, pixels: np.ndarray, wait: bool) -> Embedding:
@@ -176,7 +177,7 @@ class ScoringEngine:
                 self._metrics.fetch_failures.labels(reason=exc.kind.name.lower()).inc()
             raise
 
-    async def _content_hash(self, data: bytes) -> str:
+    async def _content_hash(self, data: bytes | memoryview) -> str:
         if len(data) < _HASH_OFF_LOOP_BYTES:
             return _sha256(data)
         return await asyncio.get_running_loop().run_in_executor(None, _sha256, data)  # hashlib lets go of the GIL
@@ -196,7 +197,7 @@ def _image_key(source: ImageSource) -> str | None:
     return None
 
 
-def _sha256(data: bytes) -> str:
+def _sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 

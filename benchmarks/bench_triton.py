@@ -96,13 +96,13 @@ def measure_clipserve(address: str, items: list[tuple[str, np.ndarray]], threads
     return len(items) / elapsed
 
 
-def measure_triton_model(checkpoint: str, items: list[tuple[str, np.ndarray]]) -> float:
+def measure_triton_model(checkpoint: str, items: list[tuple[str, np.ndarray]], device: str) -> float:
     """images/s of the Triton model's per-request work, one request after another."""
     import torch
     from transformers import CLIPModel, CLIPProcessor
 
     processor = CLIPProcessor.from_pretrained(checkpoint)
-    model = CLIPModel.from_pretrained(checkpoint).eval()
+    model = CLIPModel.from_pretrained(checkpoint).to(device).eval()
     dim = model.config.projection_dim
 
     def execute(text: str, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -110,15 +110,15 @@ def measure_triton_model(checkpoint: str, items: list[tuple[str, np.ndarray]]) -
         image_out = np.zeros((1, dim), dtype=np.float32)
         texts = [text.strip()]
         if any(texts):
-            tokens = processor(text=texts, padding=True, truncation=True, return_tensors="pt")
+            tokens = processor(text=texts, padding=True, truncation=True, return_tensors="pt").to(device)
             with torch.no_grad():
                 features = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-            text_out = getattr(features, "pooler_output", features).numpy().astype(np.float32)
+            text_out = getattr(features, "pooler_output", features).cpu().numpy().astype(np.float32)
         if np.any(pixels != 0):
-            inputs = processor(images=pixels, return_tensors="pt")
+            inputs = processor(images=pixels, return_tensors="pt").to(device)
             with torch.no_grad():
                 features = model.get_image_features(pixel_values=inputs["pixel_values"])
-            image_out = getattr(features, "pooler_output", features).numpy().astype(np.float32)
+            image_out = getattr(features, "pooler_output", features).cpu().numpy().astype(np.float32)
         return text_out, image_out
 
     execute(*items[0])  # warm-up, as the server's
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                     proc.wait()
             else:
                 before = load()
-                rate = in_fresh_process(measure_triton_model, checkpoint, items)
+                rate = in_fresh_process(measure_triton_model, checkpoint, items, args.device)
             runs.append({"round": round_, "pass": name, "images_per_s": rate, "load_before": before})
             print(f"round {round_}  {name:18s} {rate:8.1f} images/s   (load before: {before})", flush=True)
     summary = {

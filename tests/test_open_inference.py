@@ -243,6 +243,27 @@ def test_malformed_tensors_are_refused_naming_the_input_and_the_server_serves_on
     assert text.any()
 
 
+def test_typed_contents_are_read_like_raw_ones(client, real_server):
+    """A client that sends its tensors in ``contents`` (typed fields) rather than raw bytes, as
+    some v2 clients do, gets the answer tritonclient's raw request gets. (The request is built
+    with the server's own message classes: tritonclient's would not send it this way.)"""
+    import grpc
+
+    from clipserve_server.serving import oip_messages as pb
+
+    image = photo(12, 10, seed=5)
+    expected = clip_embeddings(client, "a kingfisher", image)
+    request = pb.ModelInferRequest(model_name="clip")
+    request.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"a kingfisher")
+    request.inputs.add(name="image", datatype="FP32", shape=list(image.shape)).contents.fp32_contents.extend(image.astype(np.float32).ravel().tolist())
+    with grpc.insecure_channel(real_server.address) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=pb.ModelInferRequest.SerializeToString, response_deserializer=pb.ModelInferResponse.FromString)
+        response = call(request, timeout=60)
+    assert [o.name for o in response.outputs] == ["text_embedding", "image_embedding"]
+    for raw, want in zip(response.raw_output_contents, expected):
+        np.testing.assert_array_equal(np.frombuffer(raw, dtype="<f4").reshape(1, -1), want)
+
+
 def test_optional_methods_answer_unimplemented(client):
     """Model configuration and the repository are not served: UNIMPLEMENTED, not a crash."""
     for call in (lambda: client.get_model_config("clip"), lambda: client.get_model_repository_index()):

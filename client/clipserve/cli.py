@@ -11,6 +11,8 @@ from pathlib import Path
 
 import grpc
 
+from ._pipes import quiet_on_closed_pipe
+
 _SERVER_MODULES = ("torch", "transformers", "PIL", "aiohttp", "grpc_reflection")
 
 
@@ -271,12 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def _run(argv: list[str]) -> int:
     if argv and argv[0] == "serve":
         return _cmd_serve(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    return quiet_on_closed_pipe(lambda: _run(argv))
 
 
 if __name__ == "__main__":

@@ -107,13 +107,13 @@ class ClientBase:
         return stats
 
     # -- building requests -----------------------------------------------------------------
-    def _score_job(self, inputs: Iterable[SimilarityInput | tuple[str, str] | dict]) -> ScoreJob:
+    def _score_job(self, inputs: Iterable[SimilarityInput | tuple[str, str] | dict[str, Any]]) -> ScoreJob:
         return ScoreJob([coerce_input(x) for x in inputs], model=self.model)
 
     def _embed_job(self, inputs: Iterable[str], *, images: bool, raw: bool) -> EmbedJob:
         return EmbedJob(list(inputs), images=images, raw=raw, model=self.model)
 
-    def _run(self, job: Job, progress: bool | None, on_change: Any = None) -> Run:
+    def _run(self, job: Job[Any], progress: bool | None, on_change: Any = None) -> Run[Any]:
         return Run(
             job,
             address=self.address,
@@ -126,7 +126,7 @@ class ClientBase:
             on_change=on_change,
         )
 
-    def _build(self, run: Run, lane: Lane, take: Take) -> Any:
+    def _build(self, run: Run[Any], lane: Lane, take: Take) -> Any:
         """The wire request for ``take`` on ``lane``. May block (hashing or reading a local
         file): the sync client calls it on its stream threads, the aio one in a thread."""
         ref = run.job.image_ref(take.index)
@@ -139,7 +139,7 @@ class ClientBase:
         run.sending_file(lane, take.index, file.sha256, send, file.size)
         return request
 
-    def _needs_thread(self, run: Run, take: Take) -> bool:
+    def _needs_thread(self, run: Run[Any], take: Take) -> bool:
         ref = run.job.image_ref(take.index)
         return ref is not None and local_path(ref) is not None
 

@@ -170,9 +170,10 @@ def _cmd_score_file(args: argparse.Namespace) -> int:
         return 2
     # --retry-failed re-scores the output: with -o (or qrels_with_score_jsonl), no qrels file is read.
     default_output = qrels.with_name(qrels.stem + "_with_score" + qrels.suffix) if qrels is not None else None
-    output = Path(settings.pop("output", None) or default_output)
+    output = settings.pop("output", None) or default_output
+    assert output is not None  # checked above: without a qrels file, --retry-failed names the output
     images = settings.pop("images", None)
-    job = FileJob(qrels=qrels, output=output, images=Path(images) if images else None, **settings)
+    job = FileJob(qrels=qrels, output=Path(output), images=Path(images) if images else None, **settings)
     try:
         with CLIP(args.address, config=args.config, timeout=args.timeout, model=args.model, **_security(args)) as clip:
             if args.retry_failed:

@@ -45,3 +45,11 @@ def test_a_closed_pipe_leaves_real_errors_reported(tmp_path):
     done = _run_into_closed_pipe("score", "a photo", str(tmp_path / "x.png"), "--address", "127.0.0.1:1", "--timeout", "5")
     assert done.returncode == 1
     assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+
+
+def test_serve_with_a_closed_stdout_ends_quietly_too():
+    """The server announces where it listens on stdout; with no reader there it stops, as a
+    Unix daemon in a broken pipeline would: status 141, its log (stderr) without a traceback."""
+    done = _run_into_closed_pipe("serve", "--model", "fake", "--host", "127.0.0.1", "--port", "0")
+    assert done.returncode == CLOSED_PIPE_EXIT
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr

@@ -1,0 +1,70 @@
+"""The documentation site builds with `mkdocs build --strict` (no broken link, no page missing
+from the nav, no warning), and its reference pages are generated from the code: every flag,
+environment variable and RPC there is, and nothing that is not."""
+
+from __future__ import annotations
+
+import html
+import re
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from clipserve.cli import build_parser as client_parser
+from clipserve_server.utils.config import ENV_PREFIX, ServerConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("site")
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml"), "--site-dir", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
+
+
+def page_text(site: Path, page: str) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", "", (site / page / "index.html").read_text(encoding="utf-8")))
+
+
+def test_the_configuration_page_names_every_setting_three_ways(site):
+    text = page_text(site, "configuration")
+    for field in fields(ServerConfig):
+        assert "--" + field.name.replace("_", "-") in text, field.name
+        assert ENV_PREFIX + field.name.upper() in text, field.name
+
+
+def test_the_cli_page_has_every_command_and_flag_of_the_parsers(site):
+    text = page_text(site, "cli")
+    parser = client_parser()
+    commands = next(action for action in parser._actions if action.dest == "command").choices
+    for name, sub in commands.items():
+        assert f"clipserve {name}" in text
+        for action in sub._actions:
+            for option in action.option_strings:
+                assert option in text, f"clipserve {name} {option}"
+    assert "--stream-max-in-flight" in text  # serve's flags come from the server's parser
+
+
+def test_the_wire_api_page_has_every_rpc_and_message_of_the_proto(site):
+    text = page_text(site, "wire-api")
+    proto = (ROOT / "protos" / "clipserve" / "v1" / "scorer.proto").read_text(encoding="utf-8")
+    for name in re.findall(r"^\s*rpc (\w+)", proto, re.M) + re.findall(r"^message (\w+)", proto, re.M):
+        assert name in text, name
+    assert "IMAGE_BYTES_NEEDED" in text  # the comments come along
+
+
+def test_the_sdk_reference_comes_from_the_docstrings(site):
+    text = page_text(site, "sdk")
+    assert "dns:///name:port" in text  # CLIP's docstring, Args: address
+    assert "clipserve.CLIP" in text and "score_batch" in text

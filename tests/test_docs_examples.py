@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -175,3 +176,16 @@ def test_the_kubernetes_manifest_tells_users_what_runs():
     runnable = [e for e in examples_of(manifest) if e.runs]
     assert {e.language for e in runnable} >= {"python", "bash"}
     assert all(f"dns:///{DNS_NAME}:50051" in e.code for e in runnable)
+
+
+@pytest.mark.parametrize("manifest", [p for p in DOCUMENTS if p.suffix in (".yaml", ".yml")], ids=lambda p: p.name)
+def test_no_usage_line_of_a_manifest_escapes_the_examples(manifest):
+    """A comment line that calls the SDK or a `clipserve` command is inside an example block,
+    where the test above runs it: usage written as plain comments would drift unseen."""
+    commands = "|".join(re.escape(name) for name in ("serve", "score", "score-file", "embed-file", "health", "info", "models"))
+    usage = re.compile(rf"clipserve\.[A-Z]\w*\(|(?:^|\s)clipserve\s+(?:{commands})\b")
+    in_examples = {line.strip() for example in examples_of(manifest) for line in example.code.splitlines()}
+    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        text = re.sub(r"^\s*# ?", "", line) if line.lstrip().startswith("#") else ""
+        if usage.search(text):
+            assert text.strip() in in_examples, f"{manifest.name}:{number}: usage outside an example block: {text.strip()}"

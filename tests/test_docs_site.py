@@ -68,3 +68,16 @@ def test_the_sdk_reference_comes_from_the_docstrings(site):
     text = page_text(site, "sdk")
     assert "dns:///name:port" in text  # CLIP's docstring, Args: address
     assert "clipserve.CLIP" in text and "score_batch" in text
+
+
+def test_the_readme_is_a_short_page_that_opens_with_the_two_commands():
+    """At most 200 lines; its first block is the run command and, verbatim, the install-and-test
+    command that CI (.ci/run) runs."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 200
+    first_block = re.search(r"^```bash\n(.*?)^```", readme, re.S | re.M)
+    assert first_block is not None
+    run, test = first_block[1].splitlines()
+    assert run.startswith("pip install '.[server]' && clipserve serve --model openai/clip-vit-base-patch32")
+    ci_command = (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()[-1]
+    assert test.split("   #")[0].strip() == ci_command

@@ -14,6 +14,7 @@ In a manifest, the examples live in its comment lines (``# `` stripped), in the 
 
 from __future__ import annotations
 
+import argparse
 import re
 import shlex
 from dataclasses import dataclass
@@ -121,6 +122,16 @@ def examples_of(path: Path) -> list[Example]:
     if path.suffix in (".yaml", ".yml"):
         return examples_in_manifest(path)
     return examples_in_markdown(path.read_text(encoding="utf-8"), path)
+
+
+def cli_commands() -> dict[str, argparse.ArgumentParser]:
+    """Each ``clipserve`` command and its parser (``serve``'s flags are the server's own)."""
+    from clipserve.cli import build_parser
+    from clipserve_server.utils.config import build_parser as serve_parser
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices
+    return {**commands, "serve": serve_parser()}
 
 
 def clipserve_commands(shell: str) -> list[tuple[str, list[str]]]:

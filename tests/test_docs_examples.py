@@ -3,12 +3,12 @@ against real servers on the synthetic checkpoint, or says why it cannot (``no-ru
 
 The substitutions, which docs/development.md documents for authors of examples:
 ``localhost:50051`` (and ``$CLIPSERVE_ADDRESS``) is the test's first server, ``localhost:50052``
-its second; ``https://example.com/NAME``
-an image on the loopback image host, and any URL under ``https://example.com/missing/`` a 404; ``dns:///clipserve.default.svc.cluster.local:50051`` the
-test's two replicas (a stand-in for the system resolver answers that name); ``dog.jpg`` and
-``cat.png``, and ``qrels.jsonl`` with ``images.jsonl`` (three pairs over those two images at
-example.com), are in each page's working directory; ``clipserve serve ...`` lines are checked
-against the server's flags and the test's server stands in for the one they would start.
+its second; ``https://example.com/NAME`` an image on the loopback image host, and any URL under
+``https://example.com/missing/`` a 404; ``dns:///clipserve.default.svc.cluster.local:50051``
+both servers (a stand-in for the system resolver answers that name); ``dog.jpg``, ``cat.png``,
+and ``qrels.jsonl`` with ``images.jsonl`` (three pairs over those two images) are in each
+page's working directory; ``clipserve serve ...`` lines are checked against the server's flags
+and the test's server stands in for the one they would start.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from clipserve.cli import build_parser as client_parser
 from clipserve_server.utils.config import load_config
 
 from .conftest import ServerProcess
@@ -34,6 +33,7 @@ from .docs_examples import (
     ROOT,
     RUNNABLE,
     Example,
+    cli_commands,
     clipserve_commands,
     documents,
     examples_of,
@@ -78,7 +78,7 @@ def replicas(tiny_checkpoint: Path) -> Iterator[list[ServerProcess]]:
     """Two replicas of the synthetic checkpoint, started together; the first is also the
     server of ``localhost:50051``."""
     args = ["--model", str(tiny_checkpoint), "--allow-private-networks", "--fetch-timeout-s", "5"]
-    started = [ServerProcess(args, metrics=True, wait=False) for _ in range(2)]
+    started = [ServerProcess(args, wait=False) for _ in range(2)]
     servers = [server.wait_ready() for server in started]
     yield servers
     for server in servers:
@@ -126,7 +126,7 @@ def check_commands(example: Example) -> None:
                 pytest.fail(f"{example.where}: `clipserve serve {' '.join(args)}` is refused: {exc!r}")
             continue
         try:
-            client_parser().parse_args([command, *args])
+            cli_commands()[command].parse_args(args)
         except SystemExit:
             pytest.fail(f"{example.where}: `clipserve {command} {' '.join(args)}` is refused by the CLI (see its stderr above)")
 
@@ -182,7 +182,7 @@ def test_the_kubernetes_manifest_tells_users_what_runs():
 def test_no_usage_line_of_a_manifest_escapes_the_examples(manifest):
     """A comment line that calls the SDK or a `clipserve` command is inside an example block,
     where the test above runs it: usage written as plain comments would drift unseen."""
-    commands = "|".join(re.escape(name) for name in ("serve", "score", "score-file", "embed-file", "health", "info", "models"))
+    commands = "|".join(re.escape(name) for name in cli_commands())
     usage = re.compile(rf"clipserve\.[A-Z]\w*\(|(?:^|\s)clipserve\s+(?:{commands})\b")
     in_examples = {line.strip() for example in examples_of(manifest) for line in example.code.splitlines()}
     for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):

@@ -5,6 +5,7 @@ environment variable and RPC there is, and nothing that is not."""
 from __future__ import annotations
 
 import html
+import os
 import re
 import subprocess
 import sys
@@ -27,6 +28,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},  # material's banner about its successor: noise here
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return out

@@ -57,8 +57,10 @@ def test_the_cli_page_has_every_command_and_flag_of_the_parsers(site):
 def test_the_wire_api_page_has_every_rpc_and_message_of_the_proto(site):
     text = page_text(site, "wire-api")
     proto = (ROOT / "protos" / "clipserve" / "v1" / "scorer.proto").read_text(encoding="utf-8")
-    for name in re.findall(r"^\s*rpc (\w+)", proto, re.M) + re.findall(r"^message (\w+)", proto, re.M):
-        assert name in text, name
+    for rpc in re.findall(r"^\s*rpc (\w+)", proto, re.M):
+        assert f"rpc {rpc}(" in text, rpc
+    for message in re.findall(r"^message (\w+)", proto, re.M):
+        assert f"message {message}" in text, message  # its own section, not only a mention
     assert "IMAGE_BYTES_NEEDED" in text  # the comments come along
 
 

@@ -51,8 +51,13 @@ class ClientBase:
         retry: When to retry UNAVAILABLE / RESOURCE_EXHAUSTED, and for how long to wait for a
             server that cannot be reached (see ``RetryPolicy``; by default 30 s).
         progress: Show a tqdm progress bar in batch calls by default.
-        tls, root_certificates, certificate_chain, private_key, auth_token: how to reach a
-            server that uses TLS, mutual TLS or a bearer token (see ``Connection``).
+        tls: Use TLS (implied by any of the PEM arguments).
+        root_certificates: CA bundle that signed the server's certificate (PEM bytes or
+            path); None with ``tls=True`` uses the system roots.
+        certificate_chain: The client certificate, for mutual TLS (PEM bytes or path).
+        private_key: The client certificate's key, for mutual TLS (PEM bytes or path).
+        auth_token: Sent as ``authorization: Bearer <token>``; defaults to
+            ``CLIPSERVE_AUTH_TOKEN``.
         max_upload_bytes: local files larger than this fail locally with INVALID_ARGUMENT
             instead of being sent (match the server's ``--max-image-bytes``).
         model: which of the server's models to use (``list_models()``); "" is its default.

@@ -63,7 +63,8 @@ class CLIP(ClientBase):
         (as many outstanding per replica as it reads ahead, at most ``max_in_flight``). A
         pair that fails gets ``score=None`` and ``error`` set; it never aborts the others. If a
         stream breaks (server restart, overload, a replica gone), its unanswered pairs go to
-        the others. Local files cross the network once per server (see the README).
+        the others. Local files cross the network once per server (docs/sdk.md, "What
+        crosses the wire for local files").
         """
         return self._batch(self._score_job(inputs), progress)
 

@@ -182,7 +182,7 @@ class ThreadDecoder:
 
 # -- worker processes -----------------------------------------------------------------------------
 
-_SERVER_ROOT = str(Path(__file__).resolve().parent.parent)  # so that a worker imports this very package
+_SERVER_ROOT = str(Path(__file__).resolve().parents[2])  # so that a worker imports this very package
 _NO_ROOM_WAIT_S = 0.05  # a worker could not be replaced: the others' slots free up soon
 
 

@@ -10,8 +10,9 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-# The first request to /<mode>/<name> fails like this; later ones get the image.
-MODES = ("503", "429", "reset")
+# The first request to /<mode>/<name> fails like this; later ones get the image. "reset": the
+# connection is reset before any answer; "cut": reset halfway through the image.
+MODES = ("503", "429", "reset", "cut")
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class _Server(ThreadingHTTPServer):
 
 
 class FlakyHost:
-    """/<mode>/<name>  mode 503, 429 (with Retry-After: 1) or reset: the first request fails so,
+    """/<mode>/<name>  mode 503, 429 (with Retry-After: 1), reset or cut: the first request fails so,
                        the next ones serve the image; mode ok: always served
     /always503/<name>  503 every time
     /status/<code>     that status, every time
@@ -77,7 +78,14 @@ class FlakyHost:
                     return self._send(503)
                 if first and mode == "429":
                     return self._send(429, headers={"Retry-After": "1"})
-                if first and mode == "reset":
+                if first and mode in ("reset", "cut"):
+                    if mode == "cut":
+                        body = host.images[name]
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        self.wfile.write(body[: len(body) // 2])
+                        self.wfile.flush()
                     # SO_LINGER 0: close() sends a RST, as an overwhelmed server or proxy does.
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.close_connection = True

@@ -1,0 +1,124 @@
+"""A real server, a fresh SDK client, and image hosts that misbehave as real ones do: busy (503,
+429 with Retry-After, dropped connections), down for good, or protected by a header."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import clipserve
+
+from .conftest import ServerProcess
+from .flaky_host import MODES, FlakyHost
+from .helpers import make_image
+
+# Both ways the server can download: on its event loop (threads decode) or in the decode worker
+# processes, which each hold a share of each host's connections.
+POOLS = {"threads": ["--decode-pool", "threads"], "processes": ["--decode-pool", "processes", "--decode-workers", "2"]}
+DEFAULT_HOST_CONNECTIONS = 32
+
+
+@pytest.fixture()
+def flaky() -> Iterator[FlakyHost]:
+    host = FlakyHost("127.0.0.1")
+    yield host
+    host.close()
+
+
+@pytest.fixture()
+def other_host() -> Iterator[FlakyHost]:
+    host = FlakyHost("127.0.0.2")  # another address: another host to the server
+    yield host
+    host.close()
+
+
+def serve(*args: str, metrics: bool = False) -> ServerProcess:
+    return ServerProcess(["--model", "fake", "--allow-private-networks", *args], metrics=metrics)
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_a_fresh_client_scores_every_pair_whose_image_exists_on_a_flaky_host(flaky, pool):
+    """600 pairs over 200 URLs whose first request fails (503, 429 with Retry-After: 1, a reset,
+    a body cut short), server at its defaults: every pair scores, each URL is requested twice,
+    the one 404 once, and the host never sees more than the per-host cap at once."""
+    flaky.hold_s = 0.02  # answers overlap, so that the cap is what bounds them
+    urls = [flaky.add(f"p{i}.png", make_image(16, 16, seed=i), MODES[i % len(MODES)]) for i in range(200)]
+    missing = flaky.url("status/404")
+    pairs = [clipserve.SimilarityInput(f"query {q}", url) for q in range(3) for url in urls] + [clipserve.SimilarityInput("gone", missing)]
+    server = serve(*POOLS[pool], metrics=True)
+    try:
+        with clipserve.CLIP(server.address) as clip:
+            results = clip.score_batch(pairs)
+        metrics = server.metrics()
+    finally:
+        assert server.terminate() == 0, "".join(server.log)
+    failed = [r.error for r in results[:-1] if r.error is not None]
+    assert failed == [] and all(r.score is not None for r in results[:-1])
+    assert results[-1].error_code == "NOT_FOUND"
+    assert len(flaky.times(missing)) == 1
+    assert {len(flaky.times(url)) for url in urls} == {2}
+    assert flaky.most_active <= DEFAULT_HOST_CONNECTIONS
+    assert metrics['clipserve_fetch_attempts_total{host="127.0.0.1",outcome="ok"}'] == 200
+    assert metrics['clipserve_fetch_retries_total{host="127.0.0.1"}'] >= 150  # the resets before any answer aiohttp may retry itself
+    assert metrics['clipserve_fetch_retry_after_seconds_total{host="127.0.0.1"}'] >= 50  # 50 URLs answered Retry-After: 1
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.3", 0))
+        return sock.getsockname()[1]  # nothing listens there once the socket closes
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_a_host_down_for_good_fails_its_items_within_the_budget_and_spares_the_others(other_host, pool):
+    """A port that refuses connections and one that accepts them but never answers: their
+    items fail, naming the attempts, within the 3 s fetch budget; a good host's items all score."""
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.4", 0))
+    blackhole.listen(256)  # connections complete in the kernel; nothing ever reads them
+    refused = [f"http://127.0.0.3:{_closed_port()}/x{i}.png" for i in range(10)]
+    silent = [f"http://127.0.0.4:{blackhole.getsockname()[1]}/x{i}.png" for i in range(10)]
+    good = [other_host.add(f"g{i}.png", make_image(16, 16, seed=i)) for i in range(30)]
+    budget = 3.0
+    server = serve(*POOLS[pool], "--fetch-timeout-s", str(budget), "--fetch-attempt-timeout-s", "1", "--fetch-backoff-s", "0.2")
+    try:
+        with clipserve.CLIP(server.address, timeout=60) as clip:
+            started = time.monotonic()
+            results = clip.score_batch([("q", url) for url in refused + silent + good])
+            took = time.monotonic() - started
+    finally:
+        blackhole.close()
+        assert server.terminate() == 0, "".join(server.log)
+    by_url = {r.image_url: r for r in results}
+    assert all(by_url[url].score is not None for url in good)
+    for url in refused:
+        assert by_url[url].error_code == "FAILED_PRECONDITION" and "cannot connect" in by_url[url].error and "after 4 attempts" in by_url[url].error
+    for url in silent:
+        assert by_url[url].error_code == "DEADLINE_EXCEEDED" and "attempts" in by_url[url].error
+    # Not a speed check: a retry loop that ignored the budget would take several budgets.
+    assert took < 3 * budget
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_a_fetch_header_goes_to_its_host_only_and_never_into_the_log(flaky, other_host, pool):
+    """--fetch-header for 127.0.0.1: its requests carry it; a redirect from it to 127.0.0.2, and
+    127.0.0.2's own URLs, go without; the secret is nowhere in the server's (debug) log."""
+    secret = "Bearer s3cret-token-42"
+    own = flaky.add("own.png", make_image(16, 16, seed=1))
+    elsewhere = other_host.add("elsewhere.png", make_image(16, 16, seed=2))
+    flaky.redirects["away"] = elsewhere
+    hop = flaky.url("to/away")
+    direct = other_host.add("direct.png", make_image(16, 16, seed=3))
+    server = serve(*POOLS[pool], "--fetch-header", f"127.0.0.1=Authorization: {secret}", "--log-level", "DEBUG")
+    try:
+        with clipserve.CLIP(server.address) as clip:
+            results = clip.score_batch([("q", own), ("q", hop), ("q", direct)])
+    finally:
+        assert server.terminate() == 0, "".join(server.log)
+    assert all(r.score is not None for r in results), [r.error for r in results]
+    assert [a.headers.get("Authorization") for a in flaky.requests_for(own) + flaky.requests_for(hop)] == [secret, secret]
+    assert [a.headers.get("Authorization") for a in other_host.requests_for(elsewhere) + other_host.requests_for(direct)] == [None, None]
+    assert "s3cret" not in "".join(server.log)

@@ -107,12 +107,14 @@ def fetch_headers(entries: Sequence[str]) -> tuple[FetchHeader, ...]:
     """``--fetch-header HOST_PATTERN=Name: value`` entries, read."""
     headers = []
     for entry in entries:
-        pattern, sep, header = entry.partition("=")
-        name, colon, value = header.partition(":")
-        # The value is never quoted back: it may be a secret.
-        if not sep or not colon or not pattern.strip() or ":" in pattern or " " in pattern.strip() or not _HEADER_NAME.fullmatch(name.strip()):
-            raise ValueError(f"--fetch-header wants HOST_PATTERN=Name: value (e.g. 'images.example.org=Authorization: Bearer ...'), got {entry.partition(':')[0][:60]!r}...")
-        headers.append(FetchHeader(pattern.strip(), name.strip(), value.strip()))
+        pattern, sep, header = (part.strip() for part in entry.partition("="))
+        name, colon, value = (part.strip() for part in header.partition(":"))
+        pattern_ok = bool(sep and pattern) and not any(c in pattern for c in ": \t")
+        if not (pattern_ok and colon and _HEADER_NAME.fullmatch(name)):
+            # Nothing past a well-formed pattern is quoted back: it may be a secret.
+            which = f"the entry for {pattern!r}" if pattern_ok else "an entry without a HOST_PATTERN="
+            raise ValueError(f"--fetch-header wants HOST_PATTERN=Name: value (e.g. 'images.example.org=Authorization: Bearer ...'): {which} is not")
+        headers.append(FetchHeader(pattern, name, value))
     return tuple(headers)
 
 

@@ -260,7 +260,7 @@ class ImageFetcher:
             raise _forbidden(where, f"{ip} is not a public address")
 
     def _timed_out(self, url: str, attempts: int) -> FetchError:
-        tried = f" ({attempts} attempts)" if attempts > 1 else ""
+        tried = f" after {attempts} attempts" if attempts > 1 else ""
         return FetchError(ErrorKind.TIMEOUT, f"fetching {url} took longer than {self._timeout_s:g}s{tried}", outcome="timeout")
 
     async def _read_capped(self, url: str, response: aiohttp.ClientResponse) -> bytes:

@@ -66,6 +66,22 @@ def test_a_fresh_client_scores_every_pair_whose_image_exists_on_a_flaky_host(fla
     assert metrics['clipserve_fetch_retry_after_seconds_total{host="127.0.0.1"}'] >= 50  # 50 URLs answered Retry-After: 1
 
 
+@pytest.mark.parametrize("pool", POOLS)
+def test_the_per_host_cap_holds_across_the_whole_server(flaky, pool):
+    """--fetch-host-connections 4: the host never answers more than 4 of the server's requests
+    at once, worker processes included (each holds a share of the cap)."""
+    flaky.hold_s = 0.05
+    urls = [flaky.add(f"c{i}.png", make_image(16, 16, seed=i)) for i in range(60)]
+    server = serve(*POOLS[pool], "--fetch-host-connections", "4")
+    try:
+        with clipserve.CLIP(server.address) as clip:
+            results = clip.score_batch([("q", url) for url in urls])
+    finally:
+        assert server.terminate() == 0, "".join(server.log)
+    assert all(r.score is not None for r in results), [r.error for r in results if r.error]
+    assert flaky.most_active <= 4
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.3", 0))

@@ -9,6 +9,7 @@ import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 # The first request to /<mode>/<name> fails like this; later ones get the image. "reset": the
 # connection is reset before any answer; "cut": reset halfway through the image.
@@ -117,14 +118,15 @@ class FlakyHost:
 
     def times(self, url: str) -> list[float]:
         """When requests for ``url`` arrived, by the host's clock."""
-        path = url[len(self.base):]
+        path = urlsplit(url).path
         with self._lock:
             return [a.at for a in self.arrivals if a.path == path]
 
-    def requests_for(self, url: str) -> list[Arrival]:
-        path = url[len(self.base):]
+    def header_sent(self, url: str, name: str) -> list[str | None]:
+        """The ``name`` header of each request for ``url``'s path (whatever host name it used)."""
+        path = urlsplit(url).path
         with self._lock:
-            return [a for a in self.arrivals if a.path == path]
+            return [a.headers.get(name) for a in self.arrivals if a.path == path]
 
     def close(self) -> None:
         self._httpd.shutdown()

@@ -145,7 +145,7 @@ class ServerConfig:
     text_cache_size: int = dataclasses.field(default=100_000, metadata={"help": "text embeddings kept (LRU)"})
     image_cache_size: int = dataclasses.field(default=50_000, metadata={"help": "image embeddings kept (LRU)"})
     fetch_timeout_s: float = dataclasses.field(default=15.0, metadata={"help": "total seconds allowed to download one image"})
-    fetch_attempt_timeout_s: float = dataclasses.field(default=10.0, metadata={"help": "longest one HTTP request of a download may take, connect to last byte; a request that runs out is retried while --fetch-timeout-s, the total, allows"})
+    fetch_attempt_timeout_s: float = dataclasses.field(default=10.0, metadata={"help": "longest one HTTP request of a download may take, connect to last byte; a request that runs out is retried while --fetch-timeout-s, the total, allows (0: no limit but the total)"})
     fetch_attempts: int = dataclasses.field(default=4, metadata={"help": "tries per image, the first included, after a transient failure (connect error, timeout, reset, HTTP 408/429/500/502/503/504); all within --fetch-timeout-s (1: never retry)"})
     fetch_backoff_s: float = dataclasses.field(default=0.5, metadata={"help": "wait before the first retry, doubling for each next one (jittered, at most 8 s); a Retry-After header from the host replaces it"})
     fetch_host_connections: int = dataclasses.field(default=32, metadata={"help": "most simultaneous downloads from one host, across the server (decode worker processes each get an equal share); a host answering 429 gets fewer"})

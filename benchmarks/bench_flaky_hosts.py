@@ -6,7 +6,7 @@
 flaky: 600 pairs over 200 loopback URLs whose first request fails (503; 429 with Retry-After: 1;
        a reset before any answer; a reset halfway through the body), scored by a fresh SDK client
        against a fresh `clipserve serve --model fake`: pairs failed, wall seconds, and the most
-       requests the host was answering at once.
+       requests the host held at once (from arrival to the start of its answer).
 dead:  20 items each on a port that refuses connections and on one that accepts them and never
        answers, scored one per thread with unary Score calls beside 20 items of a good host: how
        long each dead item took to fail (min/median/max), against --fetch-timeout-s, and whether

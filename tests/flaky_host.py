@@ -42,7 +42,7 @@ class FlakyHost:
         self.hold_s = 0.0
         self.arrivals: list[Arrival] = []
         self.active = 0
-        self.most_active = 0  # the most requests it was ever answering at once
+        self.most_active = 0  # the most requests it ever held at once, between arrival and answer
         self._lock = threading.Lock()
         host = self
 
@@ -59,10 +59,13 @@ class FlakyHost:
                 try:
                     if host.hold_s:
                         time.sleep(host.hold_s)
-                    self._answer(earlier == 0)
                 finally:
+                    # Counted until the answer starts, not until this thread is done with it: a
+                    # client may read the answer and send its next request before this thread
+                    # runs again, and that is one request at a time, not two.
                     with host._lock:
                         host.active -= 1
+                self._answer(earlier == 0)
 
             def _answer(self, first: bool) -> None:
                 parts = self.path.strip("/").split("/")

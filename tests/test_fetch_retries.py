@@ -30,8 +30,7 @@ def host() -> Iterator[FlakyHost]:
 
 def fetch_all(urls: list[str], **settings) -> list[bytes | FetchError]:
     """Fetch ``urls`` at once with a fresh fetcher; each result is the body or the error."""
-    options = dict(timeout_s=10.0, max_bytes=1 << 20, max_redirects=3, allow_private_networks=True, concurrency=64, retry=RetryPolicy(4, 0.05))
-    options.update(settings)
+    options = {"timeout_s": 10.0, "max_bytes": 1 << 20, "max_redirects": 3, "allow_private_networks": True, "concurrency": 64, "retry": RetryPolicy(4, 0.05), **settings}
 
     async def main() -> list:
         fetcher = ImageFetcher(**options)

@@ -23,7 +23,7 @@ from ..utils.errors import ErrorKind, ItemError
 from .fetch_events import FetchEvents
 from .hosts import HostGate
 from .netguard import ForbiddenAddressError, GuardedResolver, literal_ip
-from .retry import RETRY_STATUSES, RetryPolicy, parse_retry_after
+from .retry import DEFAULT_RETRY, RETRY_STATUSES, RetryPolicy, parse_retry_after
 
 if TYPE_CHECKING:
     from ..utils.config import ServerConfig
@@ -58,7 +58,7 @@ class FetchSettings:
     allow_private_networks: bool
     concurrency: int
     attempt_timeout_s: float = 10.0
-    retry: RetryPolicy = RetryPolicy()
+    retry: RetryPolicy = DEFAULT_RETRY
     host_connections: int = 32
     headers: tuple[FetchHeader, ...] = ()
 
@@ -102,7 +102,7 @@ class ImageFetcher:
         allow_private_networks: bool,
         concurrency: int,
         attempt_timeout_s: float | None = None,
-        retry: RetryPolicy = RetryPolicy(),
+        retry: RetryPolicy = DEFAULT_RETRY,
         host_connections: int = 32,
         headers: Sequence[FetchHeader] = (),
         events: FetchEvents | None = None,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 
 # Statuses that say "not now" rather than "no": a later attempt may well succeed.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -32,6 +32,9 @@ class RetryPolicy:
     def backoff(self, retry: int, rng: random.Random | None = None) -> float:
         ceiling = min(self.backoff_s * 2 ** (retry - 1), BACKOFF_CAP_S)
         return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+
+
+DEFAULT_RETRY = RetryPolicy()
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:

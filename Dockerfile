@@ -42,7 +42,7 @@ USER 10001
 WORKDIR /home/clipserve
 
 # Every flag of `clipserve serve` can be set as CLIPSERVE_<FLAG>. (CLIPSERVE_COMPILE=1 would
-# need a C++ compiler at run time, which this image leaves out; see the README.)
+# need a C++ compiler at run time, which this image leaves out; see docs/configuration.md.)
 ENV CLIPSERVE_HOST=0.0.0.0 \
     CLIPSERVE_PORT=50051 \
     CLIPSERVE_DEVICE=auto \

@@ -4,7 +4,7 @@ Threads start at once and hand their result over without a copy, but they share 
 GIL with the event loop: every time PIL or torch gives the GIL back and wants it again, a busy
 loop can keep it for up to the 5 ms switch interval, and numpy's view of a PIL image is built
 while holding it. That is fine for a few cores and stops scaling long before 16 (see the
-README's "How it is fast"). Worker processes (``--decode-pool processes``, ``decode_worker``)
+docs/performance/how-it-is-fast.md). Worker processes (``--decode-pool processes``, ``decode_worker``)
 each have their own GIL and download URLs themselves: this process hands over a URL, or copies an
 upload's bytes into memory it shares with the worker, and copies the preprocessed crop out of it,
 on the event loop, with no thread hop.
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 # Above this many decode workers, "auto" picks processes. Threads hold the GIL for ~1.9 ms of
 # each photo and stall behind a busy event loop: as good as processes on 2 cores (measured),
-# a ceiling of a few hundred images/s on many (README, "Decoding on every core").
+# a ceiling of a few hundred images/s on many (docs/performance/how-it-is-fast.md, "Decoding on every core").
 AUTO_PROCESSES_ABOVE = 4
 
 _JPEG_MAGIC = b"\xff\xd8\xff"

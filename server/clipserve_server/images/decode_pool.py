@@ -5,9 +5,9 @@ GIL with the event loop: every time PIL or torch gives the GIL back and wants it
 loop can keep it for up to the 5 ms switch interval, and numpy's view of a PIL image is built
 while holding it. That is fine for a few cores and stops scaling long before 16 (see
 docs/performance/how-it-is-fast.md). Worker processes (``--decode-pool processes``,
-``decode_worker``) each have their own GIL and download URLs themselves: this process hands over a URL, or copies an
-upload's bytes into memory it shares with the worker, and copies the preprocessed crop out of it,
-on the event loop, with no thread hop.
+``decode_worker``) each have their own GIL and download URLs themselves: this process hands
+over a URL, or copies an upload's bytes into memory it shares with the worker, and copies the
+preprocessed crop out of it, on the event loop, with no thread hop.
 
 One pool serves every model of the server: each model's preprocessing is a ``DecodeJob``, and
 each request names the job (``decoder.for_job(i)`` gives a model its own view).

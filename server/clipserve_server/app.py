@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from .images.decode_pool import Decoder, build_decoder
+from .images.fetch import FetchSettings, ImageFetcher
 from .inference.engine import ScoringEngine
 from .models.memory import check_fits
 from .models.model import EmbeddingModel
@@ -74,6 +75,7 @@ class ClipServer:
         self._model_factory = model_factory
         self._registry = ModelRegistry([spec.name for spec in config.models], config.default_model)
         self._decoder: Decoder | None = None
+        self._fetcher: ImageFetcher | None = None
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._loader: asyncio.Task | None = None
@@ -139,8 +141,11 @@ class ClipServer:
             models.append(model)
         # One decode pool for every model; one forward pass at a time per device.
         setup = model_thread_setup()  # before any decode thread has run: the process's threads
-        self._decoder = build_decoder(models, self.config)
+        self._decoder = build_decoder(models, self.config, self.metrics)
         await self._decoder.start()
+        # One fetcher for every model: one count of each host's connections.
+        self._fetcher = FetchSettings.of(self.config).fetcher(self.metrics)
+        await self._fetcher.start()
         locks: dict[str, threading.Lock] = {}
         for job, (spec, model) in enumerate(zip(specs, models)):
             forward = model.forward if len(models) == 1 else _one_at_a_time(model.forward, locks.setdefault(model.description.device, threading.Lock()))
@@ -153,6 +158,7 @@ class ClipServer:
                 name=spec.name,
                 forward=forward,
                 thread_setup=setup,
+                fetcher=self._fetcher,
             )
             await engine.start()
             self._registry.add(spec.name, engine)
@@ -192,6 +198,8 @@ class ClipServer:
             await self._server.stop(grace)
         for _, engine in self._registry.engines():
             await engine.stop()
+        if self._fetcher is not None:
+            await self._fetcher.close()
         if self._decoder is not None:
             await self._decoder.close()
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..images.decode_pool import JobDecoder
-from ..images.fetch import FetchError, FetchSettings
+from ..images.fetch import FetchError, FetchSettings, ImageFetcher
 from ..models.model import Embedding, EmbeddingModel
 from ..utils.config import ServerConfig
 from ..utils.domain import CacheStats, EmbedItem, ImageSource, ModelDescription, ScoreItem
@@ -47,10 +47,13 @@ class ScoringEngine:
         name: str = "default",
         forward: Callable[[list[str], list[Any]], tuple[np.ndarray, np.ndarray]] | None = None,
         thread_setup: Callable[[], None] | None = None,
+        fetcher: ImageFetcher | None = None,
     ) -> None:
         """``decoder``: this model's view of the server's decode pool (which the server starts
         and closes). ``forward``: the model's forward as the server runs it (one at a time per
-        device; default: ``model.forward``). ``thread_setup``: run first on the model thread."""
+        device; default: ``model.forward``). ``thread_setup``: run first on the model thread.
+        ``fetcher``: the server's, shared by its models so that its per-host cap holds for them
+        all (the server starts and closes it; default: one of the engine's own)."""
         self.model = model
         self._metrics = metrics
         self.config = config
@@ -66,7 +69,8 @@ class ScoringEngine:
             on_batch=metrics.batch_observer(name) if metrics else None,
             thread_setup=thread_setup,
         )
-        self._fetcher = FetchSettings.of(config).fetcher()
+        self._owns_fetcher = fetcher is None
+        self._fetcher = fetcher or FetchSettings.of(config).fetcher(metrics)
         self._decoder = decoder
 
     @property
@@ -81,12 +85,14 @@ class ScoringEngine:
         return self.text_cache.stats(), self.image_cache.stats()
 
     async def start(self) -> None:
-        await self._fetcher.start()
+        if self._owns_fetcher:
+            await self._fetcher.start()
         self._batcher.start()
 
     async def stop(self) -> None:
         await self._batcher.stop()
-        await self._fetcher.close()
+        if self._owns_fetcher:
+            await self._fetcher.close()
 
     # -- scoring ---------------------------------------------------------------------------
     def score(self, item: ScoreItem, *, wait: bool) -> Soon[float]:

@@ -98,7 +98,7 @@ class Batcher:
 
     @property
     def alive(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._task is not None and not self._task.done() and not self._dead
 
     @property
     def instances(self) -> InstancePool:

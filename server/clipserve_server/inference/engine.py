@@ -3,9 +3,10 @@ score or an embedding.
 
 Every stage overlaps: downloads run concurrently on the event loop (or in the decode worker
 processes), decoding and preprocessing on threads or worker processes sized from the cores
-(decode_pool), forward passes on the model's instances (one thread each) that the batcher feeds. A slow download only delays its
-own item. Each distinct text and image is encoded at most once while it stays in the cache, and
-concurrent requests for one share one encode.
+(decode_pool), forward passes on the model's instances (instances.py, a thread each) that the
+batcher feeds. A slow download only delays its own item. Each distinct text and image is
+encoded at most once while it stays in the cache, and concurrent requests for one share one
+encode.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from clipserve_server.models.memory import GIB, ModelsTooLarge, check_fits, weig
 from clipserve_server.utils.config import ServerConfig, load_config, model_specs
 from clipserve_server.utils.errors import ErrorKind, ItemError
 
+from .conftest import ServerProcess
 from .helpers import InProcessServer, make_image
 from .test_faults import health, wait_until
 
@@ -249,3 +250,23 @@ def test_instances_on_the_cpu_split_its_threads_between_them():
     finally:
         torch.set_num_threads(before)
     assert counts == {1: 4, 2: 2, 4: 1, 8: 1}
+
+
+def test_a_real_model_on_two_cpu_devices_with_two_instances_each_scores_as_the_reference(tiny_checkpoint, reference, image_host):
+    """`clipserve serve --device cpu,cpu --instances 2` on the tiny checkpoint: loaded twice,
+    four model threads with a core share each, and every score is the model's own
+    logits_per_image (within 1e-4 x exp(logit_scale)), each pair encoded once."""
+    server = ServerProcess(["--model", str(tiny_checkpoint), "--device", "cpu,cpu", "--instances", "2", "--allow-private-networks", "--max-batch-size", "4"])
+    try:
+        names = [f"photo{i}.{ext}" for i in range(6) for ext in ("png", "jpg")]
+        pairs = [clipserve.SimilarityInput(f"query {i} about a photo", f"{image_host.base}/img/{name}") for i, name in enumerate(names)]
+        with clipserve.CLIP(server.address) as clip:
+            results = clip.score_batch(pairs)
+            info = clip.model_info()
+        for pair, result in zip(pairs, results):
+            expected = reference(pair.query, image_host.images[pair.image_url.rsplit("/", 1)[1]])
+            assert result.score == pytest.approx(expected, abs=reference.tolerance)
+        assert info.device == "cpu,cpu#2" and len(info.instances) == 4
+        assert sum(i.items for i in info.instances) == 2 * len(pairs)
+    finally:
+        assert server.terminate() == 0, "".join(server.log)

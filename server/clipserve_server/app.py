@@ -16,14 +16,17 @@ from typing import Any
 import grpc
 from clipserve.v1 import scorer_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from .images.decode_pool import Decoder, build_decoder
+from .images.fetch import FetchSettings, ImageFetcher
 from .inference.engine import ScoringEngine
 from .inference.instances import Instance, InstancePool
 from .models.devices import Device, resolve_devices
 from .models.memory import check_fits
 from .models.model import EmbeddingModel
+from .serving import oip_messages
+from .serving.open_inference import OpenInferenceServicer, add_open_inference_to_server
 from .serving.registry import ModelRegistry
 from .serving.security import interceptors, server_credentials
 from .serving.servicer import ScorerServicer, add_scorer_to_server
@@ -37,6 +40,9 @@ log = logging.getLogger(__name__)
 _YOUNG_GENERATION = 10_000
 
 SCORER_SERVICE = scorer_pb2.DESCRIPTOR.services_by_name["Scorer"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# Health answers for the whole server ("") and for each service that scores.
+_SCORING_SERVICES = ("", SCORER_SERVICE, oip_messages.SERVICE)
 ModelFactory = Callable[[ModelSpec, ServerConfig], EmbeddingModel]
 
 
@@ -73,6 +79,7 @@ class ClipServer:
         self._model_factory = model_factory
         self._registry = ModelRegistry([spec.name for spec in config.models], config.default_model)
         self._decoder: Decoder | None = None
+        self._fetcher: ImageFetcher | None = None
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._loader: asyncio.Task | None = None
@@ -96,11 +103,12 @@ class ClipServer:
         add_scorer_to_server(
             ScorerServicer(self._registry, stream_max_in_flight=self.config.resolved_stream_max_in_flight, metrics=self.metrics), self._server
         )
+        add_open_inference_to_server(OpenInferenceServicer(self._registry, alias=self.config.v2_alias, metrics=self.metrics), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            (SCORER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._server,
-        )
+        # From one pool that holds every service's schema, the protocol's private one included
+        # (oip_messages: it cannot be in the default pool).
+        schemas = oip_messages.pool(*(module.DESCRIPTOR.serialized_pb for module in (scorer_pb2, health_pb2, reflection_pb2)))
+        reflection.enable_server_reflection((SCORER_SERVICE, oip_messages.SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server, pool=schemas)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.config.host}:{self.config.port}"
         if credentials is None:
@@ -136,8 +144,11 @@ class ClipServer:
         instances = self.config.instances
         cpu_threads = model_thread_setup(share=instances * sum(device.is_cpu for device in devices))
         gpu_threads = model_thread_setup()  # both before any decode thread has run: the process's threads
-        self._decoder = build_decoder([models[0] for models in loaded], self.config)
+        self._decoder = build_decoder([models[0] for models in loaded], self.config, self.metrics)
         await self._decoder.start()
+        # One fetcher for every model: one count of each host's connections.
+        self._fetcher = FetchSettings.of(self.config).fetcher(self.metrics)
+        await self._fetcher.start()
         slots = {device.name: threading.BoundedSemaphore(instances) for device in devices}
         for job, (spec, models) in enumerate(zip(specs, loaded)):
             pool = InstancePool([
@@ -158,6 +169,7 @@ class ClipServer:
                 metrics=self.metrics,
                 name=spec.name,
                 instances=pool,
+                fetcher=self._fetcher,
             )
             await engine.start()
             self._registry.add(spec.name, engine)
@@ -195,7 +207,7 @@ class ClipServer:
         asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
 
     async def _set_health(self, status: int) -> None:
-        for service in ("", SCORER_SERVICE):
+        for service in _SCORING_SERVICES:
             await self._health.set(service, status)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -209,6 +221,8 @@ class ClipServer:
             await self._server.stop(grace)
         for _, engine in self._registry.engines():
             await engine.stop()
+        if self._fetcher is not None:
+            await self._fetcher.close()
         if self._decoder is not None:
             await self._decoder.close()
 

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ..images.device_decode import BatchDecodeFn
+from ..images.preprocess import pil_image
 from ..utils.domain import ModelDescription
 
 
@@ -48,6 +49,13 @@ class EmbeddingModel(ABC):
     def image_preprocessor(self) -> Callable[[Image.Image], Any]:
         """``preprocess_image`` as a picklable callable, for decode worker processes."""
         return self.preprocess_image
+
+    def preprocess_array(self, pixels: np.ndarray) -> Any:
+        """``preprocess_image`` of a float32 (H, W, 3) array of RGB values 0..255 (what a
+        Triton CLIP model is sent). By default the values are rounded into an 8-bit image;
+        models whose processor takes float arrays override this to give exactly what their
+        processor gives on the array itself. Thread-safe."""
+        return self.preprocess_image(pil_image(pixels))
 
     @property
     def decode_size(self) -> tuple[int, int] | None:
@@ -90,6 +98,9 @@ class PipelineModel(EmbeddingModel):
 
     def image_preprocessor(self) -> Callable[[Image.Image], Any]:
         return self._pipeline
+
+    def preprocess_array(self, pixels: np.ndarray) -> Any:
+        return self._pipeline.from_array(pixels)
 
     @property
     def decode_size(self) -> tuple[int, int] | None:

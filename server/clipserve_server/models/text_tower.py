@@ -54,6 +54,9 @@ class TextTowerModel(EmbeddingModel):
     def image_preprocessor(self) -> Callable[[Image.Image], Any]:
         return self._images.image_preprocessor()
 
+    def preprocess_array(self, pixels: np.ndarray) -> Any:
+        return self._images.preprocess_array(pixels)
+
     @property
     def decode_size(self) -> tuple[int, int] | None:
         return self._images.decode_size

@@ -56,8 +56,8 @@ def test_images_that_arrive_while_a_batch_decodes_make_up_the_next_batches_each_
             first = asyncio.ensure_future(batches.decode(b"x"))
             await asyncio.get_running_loop().run_in_executor(None, device.started.wait, 20)
             rest = [asyncio.ensure_future(batches.decode(b"y" * n)) for n in range(2, 11)]
-            while len(batches._waiting) < len(rest):
-                await asyncio.sleep(0)
+            await asyncio.sleep(0)  # one turn of the loop: each new task queues its file
+            assert len(batches._waiting) == len(rest)
             device.release.set()
             return await first, await asyncio.gather(*rest), batches.batches
 

@@ -270,3 +270,17 @@ def test_a_real_model_on_two_cpu_devices_with_two_instances_each_scores_as_the_r
         assert sum(i.items for i in info.instances) == 2 * len(pairs)
     finally:
         assert server.terminate() == 0, "".join(server.log)
+
+
+def test_a_device_list_names_each_device_once_and_cuda_all_needs_cuda():
+    """Each entry is a device of its own; one listed again is told apart by #2, #3; ``cuda:all``
+    on a machine without CUDA is refused with a reason, not read as no device at all."""
+    import torch
+
+    from clipserve_server.models.devices import resolve_devices
+
+    assert [(d.name, d.torch) for d in resolve_devices("cpu, cpu,cpu")] == [("cpu", "cpu"), ("cpu#2", "cpu"), ("cpu#3", "cpu")]
+    assert [d.name for d in resolve_devices("cuda:0,cuda:1")] == ["cuda:0", "cuda:1"]
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cuda:all .* CUDA is not available"):
+            resolve_devices("cuda:all")

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import replace
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -123,17 +124,19 @@ class InProcessServer:
     """A real ClipServer on a real port, run on its own event-loop thread.
 
     Used with the FakeModel to test the API and batching without weights. ``model`` is the one
-    model, or the models by name (the config's ``model`` names them: ``("a=fake", "b=fake")``).
+    model, or the models by name (the config's ``model`` names them: ``("a=fake", "b=fake")``),
+    or the model factory itself (called with each spec and its config, once per device).
     """
 
-    def __init__(self, config: ServerConfig, model: EmbeddingModel | dict[str, EmbeddingModel]) -> None:
+    def __init__(self, config: ServerConfig, model: EmbeddingModel | dict[str, EmbeddingModel] | Callable[[Any, ServerConfig], EmbeddingModel]) -> None:
         models = model if isinstance(model, dict) else None
         self.model = model
         self.config = replace(config, host="127.0.0.1", port=0, model=tuple(f"{name}=fake" for name in models) if models else config.model)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.server = ClipServer(self.config, lambda spec, _config: models[spec.name] if models else model)
+        factory = model if callable(model) and not isinstance(model, EmbeddingModel) else lambda spec, _config: models[spec.name] if models else model
+        self.server = ClipServer(self.config, factory)
         self.port = self.call(self._start())
         self.address = f"127.0.0.1:{self.port}"
 

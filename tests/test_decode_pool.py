@@ -276,17 +276,15 @@ def test_auto_picks_worker_processes_only_where_threads_stop_scaling(settings, k
 # -- the GPU path, as far as a CPU can tell -------------------------------------------------------------
 
 class FakeDevice:
-    """Stands in for nvJPEG: records what it was given; can refuse."""
+    """Stands in for nvJPEG's batched decode: records what it was given; can refuse."""
 
     def __init__(self, refuse: bool = False) -> None:
         self.seen: list[bytes] = []
         self.refuse = refuse
 
-    def __call__(self, data: bytes) -> str:
-        self.seen.append(data)
-        if self.refuse:
-            raise RuntimeError("nvjpeg: unsupported JPEG")
-        return "decoded on the device"
+    def __call__(self, files: list[bytes]) -> list[object]:
+        self.seen.extend(files)
+        return [RuntimeError("nvjpeg: unsupported JPEG") if self.refuse else "decoded on the device" for _ in files]
 
 
 def decode_with(device: FakeDevice, data: bytes, max_pixels: int = 10**6):

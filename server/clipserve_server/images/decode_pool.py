@@ -33,6 +33,7 @@ from ..utils.config import ServerConfig
 from ..utils.errors import ErrorKind, ItemError
 from ..utils.threads import decode_thread_setup
 from .decode import decode_image, decode_rgb_tensor, open_image, torchvision_decodes_exactly
+from .device_decode import BatchDecodeFn, DeviceBatches
 from .decode_worker import READY, REPLY, REQUEST, RESULT_SLOT_BYTES, SIZE, STATUS, UPLOAD_SLOTS, results_size
 from .fetch import FetchError, FetchSettings
 from .fetch_events import FetchEvents, replay
@@ -120,7 +121,7 @@ class ImageModel(Protocol):
     @property
     def decode_size(self) -> tuple[int, int] | None: ...
 
-    def device_jpeg_decoder(self) -> Callable[[bytes], Any]: ...
+    def device_jpeg_decoder(self) -> BatchDecodeFn: ...
 
 
 def build_decoder(models: Sequence[ImageModel], config: ServerConfig, events: FetchEvents | None = None) -> Decoder:
@@ -130,7 +131,7 @@ def build_decoder(models: Sequence[ImageModel], config: ServerConfig, events: Fe
     workers = config.resolved_decode_workers
     if config.gpu_decode:
         # nvJPEG leaves little CPU work per image, and the CUDA context lives in this process.
-        return ThreadDecoder(jobs, workers, on_device=[m.device_jpeg_decoder() for m in models])
+        return ThreadDecoder(jobs, workers, on_device=[m.device_jpeg_decoder() for m in models], max_device_batch=config.max_batch_size)
     if config.decode_pool == "processes" or (config.decode_pool == "auto" and workers > AUTO_PROCESSES_ABOVE):
         return ProcessDecoder(jobs, workers, max_image_bytes=config.max_image_bytes, fetch=FetchSettings.of(config), events=events)
     return ThreadDecoder(jobs, workers)
@@ -141,16 +142,19 @@ def _jobs(jobs: DecodeJob | Sequence[DecodeJob]) -> list[DecodeJob]:
 
 
 class ThreadDecoder:
-    """Threads of this process; the event loop downloads what they decode."""
+    """Threads of this process; the event loop downloads what they decode. With ``on_device``
+    (``--gpu-decode``: a batch decoder per job), JPEGs go to the model's device in batches
+    (device_decode) and everything else, or what the device refuses, to the threads."""
 
     fetches = False
 
     def __init__(
-        self, jobs: DecodeJob | Sequence[DecodeJob], workers: int, *, on_device: Callable[[bytes], Any] | Sequence[Callable[[bytes], Any]] | None = None
+        self, jobs: DecodeJob | Sequence[DecodeJob], workers: int, *, on_device: BatchDecodeFn | Sequence[BatchDecodeFn] | None = None, max_device_batch: int = 64
     ) -> None:
         self._jobs = _jobs(jobs)
-        self._on_device = [on_device] if callable(on_device) else list(on_device or [None] * len(self._jobs))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipserve-decode", initializer=decode_thread_setup)
+        decoders = [on_device] if callable(on_device) else list(on_device or [None] * len(self._jobs))
+        self._on_device = [DeviceBatches(d, self._pool, max_device_batch) if d is not None else None for d in decoders]
 
     def for_job(self, job: int) -> JobDecoder:
         return JobDecoder(self, job)
@@ -160,24 +164,25 @@ class ThreadDecoder:
             await asyncio.get_running_loop().run_in_executor(self._pool, job.warm)
 
     async def decode(self, data: bytes, name: str, job: int = 0) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._decode, data, name, job)
+        on_device = self._on_device[job]
+        if on_device is not None and data.startswith(_JPEG_MAGIC):
+            # The header only (no pixels decoded): the limits hold before the device sees it.
+            header = open_image(data, max_pixels=self._jobs[job].max_pixels, name=name)
+            if header.mode in ("RGB", "L"):  # CMYK and friends: the CPU decodes them exactly
+                try:
+                    return await on_device.decode(data)
+                except RuntimeError as exc:  # a JPEG that nvJPEG does not take: the CPU path decodes it
+                    log.debug("%s: nvJPEG refused it (%s); decoding on the CPU", name, exc)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._jobs[job], data, name)
 
     async def fetch_and_decode(self, url: str, name: str, job: int = 0) -> Any:
         raise NotImplementedError("the event loop downloads for decode threads")
 
     async def close(self) -> None:
+        for batches in self._on_device:
+            if batches is not None:
+                batches.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def _decode(self, data: bytes, name: str, job: int) -> Any:
-        on_device = self._on_device[job]
-        if on_device is not None and data.startswith(_JPEG_MAGIC):
-            header = open_image(data, max_pixels=self._jobs[job].max_pixels, name=name)  # the limits hold here too
-            if header.mode in ("RGB", "L"):  # CMYK and friends: the CPU decodes them exactly
-                try:
-                    return on_device(data)
-                except RuntimeError as exc:  # a JPEG that nvJPEG does not take: the CPU path decodes it
-                    log.debug("%s: nvJPEG refused it (%s); decoding on the CPU", name, exc)
-        return self._jobs[job](data, name)
 
 
 # -- worker processes -----------------------------------------------------------------------------

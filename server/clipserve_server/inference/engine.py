@@ -3,9 +3,10 @@ score or an embedding.
 
 Every stage overlaps: downloads run concurrently on the event loop (or in the decode worker
 processes), decoding and preprocessing on threads or worker processes sized from the cores
-(decode_pool), the forward pass on the batcher's model thread. A slow download only delays its
-own item. Each distinct text and image is encoded at most once while it stays in the cache, and
-concurrent requests for one share one encode.
+(decode_pool), forward passes on the model's instances (instances.py, a thread each) that the
+batcher feeds. A slow download only delays its own item. Each distinct text and image is
+encoded at most once while it stays in the cache, and concurrent requests for one share one
+encode.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..utils.errors import ErrorKind, ItemError
 from ..utils.metrics import Metrics
 from .batcher import Batcher
 from .cache import EmbeddingCache
+from .instances import InstancePool, InstanceStats
 from .soon import Soon, awaited, both, from_future, then
 
 log = logging.getLogger(__name__)
@@ -45,29 +47,27 @@ class ScoringEngine:
         decoder: JobDecoder,
         metrics: Metrics | None = None,
         name: str = "default",
-        forward: Callable[[list[str], list[Any]], tuple[np.ndarray, np.ndarray]] | None = None,
-        thread_setup: Callable[[], None] | None = None,
+        instances: InstancePool | None = None,
         fetcher: ImageFetcher | None = None,
     ) -> None:
         """``decoder``: this model's view of the server's decode pool (which the server starts
-        and closes). ``forward``: the model's forward as the server runs it (one at a time per
-        device; default: ``model.forward``). ``thread_setup``: run first on the model thread.
-        ``fetcher``: the server's, shared by its models so that its per-host cap holds for them
-        all (the server starts and closes it; default: one of the engine's own)."""
+        and closes). ``instances``: the model's forward workers, one or more per device
+        (default: one running ``model.forward``). ``fetcher``: the server's, shared by its
+        models so that its per-host cap holds for them all (the server starts and closes it;
+        default: one of the engine's own)."""
         self.model = model
         self._metrics = metrics
         self.config = config
         self.text_cache = EmbeddingCache(config.text_cache_size)
         self.image_cache = EmbeddingCache(config.image_cache_size)
         self._batcher = Batcher(
-            forward or model.forward,
+            instances or InstancePool.single(model.forward, device=model.description.device),
             max_batch_size=config.max_batch_size,
             max_delay_s=config.max_batch_delay_s,
             max_queue_size=config.resolved_max_queue_size,
             forward_timeout_s=config.forward_timeout_s,
             on_dead=on_dead,
             on_batch=metrics.batch_observer(name) if metrics else None,
-            thread_setup=thread_setup,
         )
         self._owns_fetcher = fetcher is None
         self._fetcher = fetcher or FetchSettings.of(config).fetcher(metrics)
@@ -80,6 +80,14 @@ class ScoringEngine:
     @property
     def queue_depth(self) -> int:
         return self._batcher.queue_depth
+
+    @property
+    def device(self) -> str:
+        """The devices this model runs on, as ``--device`` lists them ("cuda:0,cuda:1")."""
+        return ",".join(self._batcher.instances.devices) or self.model.description.device
+
+    def instance_stats(self) -> list[InstanceStats]:
+        return self._batcher.instances.stats()
 
     def cache_stats(self) -> tuple[CacheStats, CacheStats]:
         return self.text_cache.stats(), self.image_cache.stats()

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..images.device_decode import BatchDecodeFn
 from ..images.preprocess import pil_image
 from ..utils.domain import ModelDescription
 
@@ -62,9 +63,10 @@ class EmbeddingModel(ABC):
         JPEG may be decoded (``--jpeg-draft``). None: unknown, decode at full size."""
         return None
 
-    def device_jpeg_decoder(self) -> Callable[[bytes], Any]:
-        """A function that decodes JPEG bytes and preprocesses them on the model's accelerator
-        (``--gpu-decode``); raises RuntimeError, saying why, where that is not possible."""
+    def device_jpeg_decoder(self) -> BatchDecodeFn:
+        """A function that decodes a list of JPEG files and preprocesses them on the model's
+        accelerator in one go (``--gpu-decode``; images/device_decode.py); raises RuntimeError,
+        saying why, where that is not possible."""
         raise RuntimeError(f"{type(self).__name__} cannot decode images on an accelerator")
 
     @abstractmethod

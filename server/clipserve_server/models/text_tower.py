@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..images.device_decode import BatchDecodeFn
 from .model import EmbeddingModel
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class TextTowerModel(EmbeddingModel):
     def decode_size(self) -> tuple[int, int] | None:
         return self._images.decode_size
 
-    def device_jpeg_decoder(self) -> Callable[[bytes], Any]:
+    def device_jpeg_decoder(self) -> BatchDecodeFn:
         return self._images.device_jpeg_decoder()
 
     def forward(self, texts: list[str], images: list[Any]) -> tuple[np.ndarray, np.ndarray]:

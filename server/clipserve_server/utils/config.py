@@ -129,7 +129,8 @@ class ServerConfig:
     text_model: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "[NAME=]SOURCE: a sentence-transformers text model (hub id or folder) paired with the image tower of the model NAME (default: the default model)"})
     pretrained: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "[NAME=]PATH: the weights of an open_clip:ARCH model"})
     memory_budget_gb: float = dataclasses.field(default=0.0, metadata={"help": "refuse to start when the models' weights need more than this many GiB (0: the device's memory)"})
-    device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N (auto: CUDA when available)"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | cuda:all, or a comma-separated list (cuda:0,cuda:1): every model on each device, weights loaded once per device (auto: CUDA when available)"})
+    instances: int = dataclasses.field(default=1, metadata={"help": "forward workers per model per device, each on its own thread, fed by the model's one batcher: a batch goes to whichever is free, so forwards overlap (on CPU they share the cores)"})
     dtype: str = dataclasses.field(default="float32", metadata={"help": "float32 | float16 | bfloat16 | auto (auto: float16 on CUDA, float32 on CPU)", "choices": DTYPES})
     use_safetensors: bool | None = dataclasses.field(default=None, metadata={"help": "require safetensors weights (default: prefer them)"})
     compile: bool = dataclasses.field(default=False, metadata={"help": "run the image tower through torch.compile: about a quarter faster per image on CPU; start-up takes 20-60 s longer and needs a C++ compiler"})
@@ -184,10 +185,11 @@ class ServerConfig:
         specs = model_specs(self.model, self.text_model, self.pretrained)  # refuse a bad list of models now
         if self.v2_alias in {spec.name for spec in specs}:
             raise ValueError(f"v2_alias {self.v2_alias!r} is also the name of a model: give the alias another name, or '' for none")
-        if self.gpu_decode and self.device == "cpu":
+        devices = device_entries(self.device)  # refuse an empty entry now
+        if self.gpu_decode and "cpu" in devices:
             raise ValueError("gpu_decode decodes on the model's CUDA device: it needs --device cuda (or auto on a machine with CUDA)")
         fetch_headers(self.fetch_header)  # refuse a malformed header now, not at the first download
-        for name in ("max_batch_size", "fetch_concurrency", "fetch_attempts", "fetch_host_connections", "max_image_bytes", "max_image_pixels", "max_message_mb"):
+        for name in ("max_batch_size", "instances", "fetch_concurrency", "fetch_attempts", "fetch_host_connections", "max_image_bytes", "max_image_pixels", "max_message_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("max_batch_delay_ms", "fetch_timeout_s", "fetch_attempt_timeout_s", "fetch_backoff_s", "grace_period_s", "forward_timeout_s", "text_cache_size", "image_cache_size", "max_redirects", "decode_workers", "stream_max_in_flight", "max_queue_size", "port", "metrics_port", "memory_budget_gb"):
@@ -222,6 +224,14 @@ class ServerConfig:
     @property
     def resolved_decode_workers(self) -> int:
         return self.decode_workers or max(1, os.cpu_count() or 1)
+
+
+def device_entries(device: str) -> list[str]:
+    """The entries of a ``--device`` list as given (``models.devices`` resolves them)."""
+    entries = [entry.strip() for entry in device.split(",")]
+    if not all(entries):
+        raise ValueError(f"device {device!r}: an empty entry in the list")
+    return entries
 
 
 def _field_type(field: dataclasses.Field) -> type:

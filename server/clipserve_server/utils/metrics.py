@@ -33,6 +33,10 @@ class _EngineCollector(Collector):
         entries = GaugeMetricFamily("clipserve_cache_entries", "Embeddings held", labels=["model", "cache"])
         hits = CounterMetricFamily("clipserve_cache_hits", "Lookups served without a new encode", labels=["model", "cache"])
         misses = CounterMetricFamily("clipserve_cache_misses", "Lookups that needed an encode", labels=["model", "cache"])
+        forwards = CounterMetricFamily("clipserve_instance_forwards", "Forward passes run, per model instance", labels=["model", "device", "instance"])
+        items = CounterMetricFamily("clipserve_instance_items", "Texts plus images encoded, per model instance", labels=["model", "device", "instance"])
+        busy = CounterMetricFamily("clipserve_instance_busy_seconds", "Seconds spent in forward passes, per model instance", labels=["model", "device", "instance"])
+        up = GaugeMetricFamily("clipserve_instance_up", "1 while a model instance can run forward passes", labels=["model", "device", "instance"])
         info = GaugeMetricFamily(
             "clipserve_model_info", "The loaded models", labels=["model", "model_id", "backend", "device", "dtype", "embedding_dim", "compiled"]
         )
@@ -42,9 +46,15 @@ class _EngineCollector(Collector):
                 entries.add_metric([model, cache], stats.entries)
                 hits.add_metric([model, cache], stats.hits)
                 misses.add_metric([model, cache], stats.misses)
+            for instance in engine.instance_stats():
+                labels = [model, instance.device, str(instance.index)]
+                forwards.add_metric(labels, instance.forwards)
+                items.add_metric(labels, instance.items)
+                busy.add_metric(labels, instance.busy_s)
+                up.add_metric(labels, int(instance.alive))
             d = engine.description
-            info.add_metric([model, d.model_id, d.backend, d.device, d.dtype, str(d.embedding_dim), str(d.compiled).lower()], 1)
-        yield from (depth, entries, hits, misses, info)
+            info.add_metric([model, d.model_id, d.backend, engine.device, d.dtype, str(d.embedding_dim), str(d.compiled).lower()], 1)
+        yield from (depth, entries, hits, misses, forwards, items, busy, up, info)
 
 
 class Metrics:

@@ -308,15 +308,17 @@ def test_the_bearer_token_and_tls_guard_the_protocol_as_the_rest_of_the_port(mak
         assert text.any()
 
 
-def test_the_alias_is_configurable_and_may_not_hide_a_model(make_fake_server):
-    """--v2-alias names the alias ('' turns it off); a model of that name is refused."""
+def test_the_alias_is_configurable_and_never_hides_a_model(make_fake_server):
+    """--v2-alias names the alias ('' turns it off); where a model has that name, the model's own
+    name wins and the alias is off (a configuration that names a model "clip" still starts)."""
     from clipserve_server.utils.config import load_config
 
     assert load_config(["--model", "fake", "--v2-alias", "openai-clip"]).v2_alias == "openai-clip"
     assert load_config(["--model", "fake", "--v2-alias", ""]).v2_alias == ""
     assert load_config(["--model", "fake"]).v2_alias == "clip"
-    with pytest.raises(ValueError, match="v2_alias 'clip' is also the name of a model"):
-        load_config(["--model", "clip=fake", "--model", "other=fake"])
+    named_clip = load_config(["--model", "clip=fake", "--model", "other=fake"])
+    assert named_clip.v2_alias == "clip" and named_clip.resolved_v2_alias == ""
+    assert load_config(["--model", "fake"]).resolved_v2_alias == "clip"
     renamed, off = make_fake_server(v2_alias="openai-clip"), make_fake_server(v2_alias="")
     with triton.InferenceServerClient(url=renamed.address) as c:
         assert c.is_model_ready("openai-clip")

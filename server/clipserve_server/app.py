@@ -103,7 +103,11 @@ class ClipServer:
         add_scorer_to_server(
             ScorerServicer(self._registry, stream_max_in_flight=self.config.resolved_stream_max_in_flight, metrics=self.metrics), self._server
         )
-        add_open_inference_to_server(OpenInferenceServicer(self._registry, alias=self.config.v2_alias, metrics=self.metrics), self._server)
+        alias = self.config.resolved_v2_alias
+        if self.config.v2_alias and not alias:
+            log.warning("a model is named %r, so the Open Inference Protocol serves it under that name with the batch signature; "
+                        "set --v2-alias to another name for the Triton CLIP signature", self.config.v2_alias)
+        add_open_inference_to_server(OpenInferenceServicer(self._registry, alias=alias, metrics=self.metrics), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         # From one pool that holds every service's schema, the protocol's private one included
         # (oip_messages: it cannot be in the default pool).

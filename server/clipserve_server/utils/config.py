@@ -175,6 +175,13 @@ class ServerConfig:
     log_level: str = dataclasses.field(default="INFO", metadata={"help": "DEBUG | INFO | WARNING | ERROR"})
     log_format: str = dataclasses.field(default="text", metadata={"help": "text | json (one JSON object per line)", "choices": ("text", "json")})
 
+    @property
+    def resolved_v2_alias(self) -> str:
+        """The alias the Open Inference Protocol serves, or '' where a model already has that name:
+        a model's own name wins, so a configuration that names a model "clip" keeps working."""
+        names = {spec.name for spec in model_specs(self.model, self.text_model, self.pretrained)}
+        return "" if self.v2_alias in names else self.v2_alias
+
     def __post_init__(self) -> None:
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
@@ -182,9 +189,7 @@ class ServerConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.decode_pool not in DECODE_POOLS:
             raise ValueError(f"decode_pool must be one of {', '.join(DECODE_POOLS)}, not {self.decode_pool!r}")
-        specs = model_specs(self.model, self.text_model, self.pretrained)  # refuse a bad list of models now
-        if self.v2_alias in {spec.name for spec in specs}:
-            raise ValueError(f"v2_alias {self.v2_alias!r} is also the name of a model: give the alias another name, or '' for none")
+        model_specs(self.model, self.text_model, self.pretrained)  # refuse a bad list of models now
         devices = device_entries(self.device)  # refuse an empty entry now
         if self.gpu_decode and "cpu" in devices:
             raise ValueError("gpu_decode decodes on the model's CUDA device: it needs --device cuda (or auto on a machine with CUDA)")

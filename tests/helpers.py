@@ -20,6 +20,7 @@ from PIL import Image
 
 from clipserve_server.app import ClipServer
 from clipserve_server.utils.config import ServerConfig
+from clipserve_server.models.fake_model import FakeModel
 from clipserve_server.models.model import EmbeddingModel
 
 
@@ -117,6 +118,29 @@ class ImageHost:
     def close(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+class GatedModel(FakeModel):
+    """A FakeModel whose forward passes wait at a gate once ``hold()`` is called: a replica as
+    slow as the test needs, released by an event instead of a clock (warm-up passes first)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.held = threading.Event()  # a forward pass is waiting at the gate
+
+    def hold(self) -> None:
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    def forward(self, texts, images):
+        if not self.gate.is_set():
+            self.held.set()
+            self.gate.wait(300)
+        return super().forward(texts, images)
 
 
 class InProcessServer:

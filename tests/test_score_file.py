@@ -13,6 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import clipserve
+
 from .helpers import make_image
 
 QUERIES = ["a dog", "a red car", "snow on a mountain"]
@@ -39,6 +41,13 @@ def benchmark_files(tmp_path, image_host):
     write_jsonl(tmp_path / "images.jsonl", images)
     write_jsonl(tmp_path / "qrels.jsonl", qrels)
     return tmp_path, qrels
+
+
+def expected_scores(address: str, pairs: list[tuple[str, str]]) -> list[float]:
+    """Each pair's score by another path (one unary `score` call per pair), so that a row/score
+    mix-up in a file format's writer cannot also be in what the test expects."""
+    with clipserve.CLIP(address) as clip:
+        return [clip.score(query, url) for query, url in pairs]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -103,6 +112,7 @@ def test_resume_keeps_what_is_done_and_scores_the_rest(fake_server, benchmark_fi
 
 
 def test_csv_and_parquet_by_extension(fake_server, benchmark_files):
+    """CSV and Parquet files are scored too: each row gets its own pair's score."""
     folder, qrels = benchmark_files
     with (folder / "qrels.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(qrels[0]))
@@ -119,6 +129,11 @@ def test_csv_and_parquet_by_extension(fake_server, benchmark_files):
     csv_scores = [float(r["clip_score"]) if r["clip_score"] else None for r in csv_rows]
     parquet_scores = [r["clip_score"] for r in parquet_rows]
     assert csv_scores == pytest.approx(parquet_scores) and csv_scores.count(None) == 4
+    urls = {row["image_id"]: row["image_url"] for row in read_jsonl(folder / "images.jsonl")}
+    scored = [i for i, score in enumerate(csv_scores) if score is not None]
+    expected = expected_scores(fake_server.address, [(qrels[i]["query_text"], urls[qrels[i]["image_id"]]) for i in scored])
+    assert [csv_scores[i] for i in scored] == pytest.approx(expected, abs=1e-4)
+    assert [parquet_scores[i] for i in scored] == pytest.approx(expected, abs=1e-4)
 
 
 # -- image URLs from image_base_url -------------------------------------------------------------------
@@ -206,9 +221,11 @@ def test_retry_failed_rescores_only_the_rows_without_a_score(fake_server, tmp_pa
     assert len(after) == len(lines)
     for i in (0, 2, 5):
         assert after[i] == lines[i]  # byte for byte
+    queries = {1: "a cat", 3: "snow", 4: "a bird"}
+    expected = dict(zip(queries, expected_scores(fake_server.address, [(q, late_url) for q in queries.values()])))
     for i in (1, 3, 4):
         before, now = json.loads(lines[i]), json.loads(after[i])
-        assert isinstance(now["clip_score"], float)
+        assert now["clip_score"] == pytest.approx(expected[i], abs=1e-4)  # this row's own pair
         assert list(now) == [*before, *(["clip_score"] if "clip_score" not in before else [])]  # same columns, same order
         assert {k: v for k, v in now.items() if k != "clip_score"} == {k: v for k, v in before.items() if k != "clip_score"}
 
@@ -230,7 +247,7 @@ def test_retry_failed_keeps_other_csv_rows_byte_for_byte(fake_server, tmp_path, 
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     score = rows[1]["clip_score"]
-    float(score)  # a number now
+    assert float(score) == pytest.approx(expected_scores(fake_server.address, [("a cat", late_url)])[0], abs=1e-4)
     assert path.read_bytes() == before.replace(f"a cat,{late_url},x,\n", f"a cat,{late_url},x,{score}\n").encode()
 
 
@@ -254,7 +271,8 @@ def test_retry_failed_keeps_other_parquet_values_and_types(fake_server, tmp_path
     for name in ("query_text", "image_url", "relevance_label"):
         assert after.column(name).equals(table.column(name))
     scores = after.column("clip_score").to_pylist()
-    assert scores[0] == 1.25 and scores[2] == -0.5 and isinstance(scores[1], float)
+    assert scores[0] == 1.25 and scores[2] == -0.5
+    assert scores[1] == pytest.approx(expected_scores(fake_server.address, [("a cat", late_url)])[0], abs=1e-4)
 
 
 def test_retry_failed_can_add_an_error_column_to_a_csv(fake_server, tmp_path, image_host, late_image):
@@ -267,6 +285,7 @@ def test_retry_failed_can_add_an_error_column_to_a_csv(fake_server, tmp_path, im
     assert done.returncode == 0, done.stderr
     with path.open(newline="") as fh:
         score = list(csv.DictReader(fh))[1]["clip_score"]
+    assert float(score) == pytest.approx(expected_scores(fake_server.address, [("a cat", late_url)])[0], abs=1e-4)
     expected = f"query_text,image_url,clip_score,why\r\na dog,{image_host.url('img/photo0.png')},1.25,\r\na cat,{late_url},{score},\r\n"
     assert path.read_bytes() == expected.encode()  # a kept row only gains the empty cell
 

@@ -181,6 +181,16 @@ class InProcessServer:
         self._thread.join(timeout=10)
 
 
+def hub_cache(root: Path, repo_id: str, files: Path) -> Path:
+    """A Hugging Face cache (HF_HUB_CACHE) holding ``files`` as the snapshot of ``repo_id``."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    shutil.copytree(files, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return root
+
+
 def grpcurl(*args: str) -> subprocess.CompletedProcess:
     # The PyPI wrapper installs `grpcurl` next to this interpreter (the venv's bin/).
     beside = Path(sys.executable).parent / "grpcurl"

@@ -239,3 +239,15 @@ def test_batches_never_exceed_the_limit_and_do_fill_up(make_fake_server):
     assert max(sizes) <= 8
     assert max(sizes) == 8  # with 128 items waiting, batches fill to the limit
     assert sum(sizes) == 128  # 64 texts + 64 images, each encoded once
+
+
+def test_progress_true_shows_a_bar_and_changes_nothing_else(fake_server, image_host, capsys):
+    """README: score_batch(..., progress=True) shows a tqdm bar (on stderr), counting every pair."""
+    inputs = [(f"query {i}", image_host.url(f"img/photo{i % 6}.png")) for i in range(30)]
+    with clipserve.CLIP(fake_server.address) as clip:
+        quiet = clip.score_batch(inputs)
+        capsys.readouterr()
+        shown = clip.score_batch(inputs, progress=True)
+    err = capsys.readouterr().err
+    assert "30/30" in err, err
+    assert [r.score for r in shown] == [r.score for r in quiet]

@@ -111,6 +111,36 @@ def test_resume_keeps_what_is_done_and_scores_the_rest(fake_server, benchmark_fi
     assert refused.returncode == 1 and "cannot resume" in refused.stderr
 
 
+def test_the_column_flags_name_the_query_image_id_and_url_columns(fake_server, tmp_path, image_host):
+    """score-file's --column-query, --column-image-id and --image-url-column read other column
+    names, in the rows and in the images file; --col-name names the score column."""
+    images = [{"img": f"im{i}", "link": image_host.url(f"img/photo{i}.png")} for i in range(3)]
+    rows = [{"text": query, "img": f"im{i}"} for query in QUERIES for i in range(3)]
+    write_jsonl(tmp_path / "images.jsonl", images)
+    write_jsonl(tmp_path / "qrels.jsonl", rows)
+    done = run_cli(
+        str(tmp_path / "qrels.jsonl"), "--images", str(tmp_path / "images.jsonl"), "-o", str(tmp_path / "out.jsonl"),
+        "--column-query", "text", "--column-image-id", "img", "--image-url-column", "link", "--col-name", "s", "--address", fake_server.address,
+    )
+    assert done.returncode == 0, done.stderr
+    out = read_jsonl(tmp_path / "out.jsonl")
+    links = {image["img"]: image["link"] for image in images}
+    expected = expected_scores(fake_server.address, [(row["text"], links[row["img"]]) for row in rows])
+    assert [row["s"] for row in out] == pytest.approx(expected, abs=1e-4)
+
+
+def test_clip_config_reads_col_name_from_the_benchmark_makers_file(tmp_path):
+    """README: CLIP(config="config.toml") reads col_name from its [similarity_config]: the score
+    column for file scoring, clip_score when it has none."""
+    named, unnamed = tmp_path / "named.toml", tmp_path / "unnamed.toml"
+    named.write_text('[similarity_config]\nadapter = "local_clip"\ncol_name = "dfn_score"\n')
+    unnamed.write_text('[similarity_config]\nadapter = "local_clip"\n')
+    with clipserve.CLIP("127.0.0.1:1", config=str(named)) as clip:
+        assert clip.col_name == "dfn_score"
+    with clipserve.CLIP("127.0.0.1:1", config=str(unnamed)) as clip:
+        assert clip.col_name == "clip_score"
+
+
 def test_csv_and_parquet_by_extension(fake_server, benchmark_files):
     """CSV and Parquet files are scored too: each row gets its own pair's score."""
     folder, qrels = benchmark_files

@@ -153,3 +153,20 @@ def test_embed_images_uploads_each_file_once_too(make_fake_server, image_folder)
         assert clip.stats().upload_bytes == size
     assert all(r.error is None for r in first + again)
     assert [r.input for r in first] == files * 3
+
+
+def test_max_image_bytes_holds_for_uploads_too(make_fake_server, tmp_path):
+    """README: --max-image-bytes caps each image, downloaded or uploaded: a local file over it
+    fails as INVALID_ARGUMENT naming the limit; one of exactly that size is scored."""
+    small, big = make_image(20, 20, seed=1), make_image(90, 90, seed=2)
+    assert len(small) < len(big)
+    (tmp_path / "small.png").write_bytes(small)
+    (tmp_path / "big.png").write_bytes(big)
+    server = make_fake_server(max_image_bytes=len(small))
+    with clipserve.CLIP(server.address) as clip:
+        at_limit, over = clip.score_batch([("q", str(tmp_path / "small.png")), ("q", str(tmp_path / "big.png"))])
+        with pytest.raises(clipserve.ClipServeError) as info:
+            clip.score("q", str(tmp_path / "big.png"))
+    assert at_limit.error is None and at_limit.score is not None
+    assert over.score is None and over.error_code == "INVALID_ARGUMENT" and f"over the {len(small)}-byte image limit" in over.error, over.error
+    assert info.value.code.name == "INVALID_ARGUMENT"

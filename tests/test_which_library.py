@@ -84,6 +84,9 @@ def test_bfloat16_runs_on_the_cpu(servers, reference, tmp_path):
     expected = [reference(query, data) for query, data in pairs]
     scale = reference.tolerance / 1e-4  # exp(logit_scale)
     assert served == pytest.approx(expected, abs=0.05 * scale)
+    # ...and not float32's: the weights really run in bfloat16 (deterministic: same weights,
+    # same images; float32 would agree within the parity tolerance).
+    assert max(abs(s - e) for s, e in zip(served, expected)) > reference.tolerance
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,9 @@ from .helpers import make_image
 
 
 def run(coroutine):
-    return asyncio.run(asyncio.wait_for(coroutine, 120))
+    # A safety net against a hang, not a speed claim: starting three decoder processes took
+    # over 120 s with two copies of the suite on this busy 2-core machine.
+    return asyncio.run(asyncio.wait_for(coroutine, 280))
 
 
 def jpeg(width: int = 64, height: int = 48, mode: str = "RGB") -> bytes:

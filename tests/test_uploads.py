@@ -97,7 +97,7 @@ def test_a_replica_restarted_mid_run_learns_the_files_again(image_folder):
     inputs = workload(image_folder)[:400]
     first = ServerProcess(args, port=port)
     results: list = []
-    retry = clipserve.RetryPolicy(max_backoff=0.5)
+    retry = clipserve.RetryPolicy(max_backoff=0.5, max_wait=120)  # a restart on a loaded machine may take over 30 s
     with clipserve.CLIP(first.address, timeout=120, retry=retry) as clip:
         runner = threading.Thread(target=lambda: results.extend(clip.score_batch(inputs)))
         runner.start()

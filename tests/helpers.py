@@ -21,6 +21,7 @@ from PIL import Image
 
 from clipserve_server.app import ClipServer
 from clipserve_server.utils.config import ServerConfig
+from clipserve_server.models.fake_model import FakeModel
 from clipserve_server.models.model import EmbeddingModel
 
 
@@ -120,6 +121,29 @@ class ImageHost:
         self._httpd.server_close()
 
 
+class GatedModel(FakeModel):
+    """A FakeModel whose forward passes wait at a gate once ``hold()`` is called: a replica as
+    slow as the test needs, released by an event instead of a clock (warm-up passes first)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.held = threading.Event()  # a forward pass is waiting at the gate
+
+    def hold(self) -> None:
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    def forward(self, texts, images):
+        if not self.gate.is_set():
+            self.held.set()
+            self.gate.wait(300)
+        return super().forward(texts, images)
+
+
 class InProcessServer:
     """A real ClipServer on a real port, run on its own event-loop thread.
 
@@ -158,6 +182,16 @@ class InProcessServer:
         self.call(self.server.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+
+
+def hub_cache(root: Path, repo_id: str, files: Path) -> Path:
+    """A Hugging Face cache (HF_HUB_CACHE) holding ``files`` as the snapshot of ``repo_id``."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    shutil.copytree(files, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return root
 
 
 def grpcurl(*args: str) -> subprocess.CompletedProcess:

@@ -180,6 +180,8 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
             name=name,
             backend=d.backend,
             text_model_id=d.text_model_id,
+            image_runtime=d.image_runtime,
+            text_runtime=d.text_runtime,
         )
 
     # -- what every call shares --------------------------------------------------------------

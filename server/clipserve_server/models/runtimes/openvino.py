@@ -43,13 +43,27 @@ def version() -> str:
     return openvino.get_version()
 
 
+def _without_telemetry() -> None:
+    """OpenVINO's converter (ovc) sends usage events to Google Analytics unless the user opted out
+    (it writes ~/intel/openvino_ga_cid on first use). A server must not phone home, and where the
+    network is closed each event costs the conversion a wait (measured: 6 s of a tiny model's
+    20). ovc falls back to its own no-op stub when openvino-telemetry is missing: route it there."""
+    from openvino.tools.ovc import convert_impl, telemetry_stub, telemetry_utils
+
+    convert_impl.tm = telemetry_utils.tm = telemetry_stub
+
+
 def _convert(tower: Tower) -> Any:
     import openvino
     import torch
 
+    _without_telemetry()
     example = tuple(tower.probes[0].values())
     with torch.no_grad():
-        return openvino.convert_model(traceable(tower), example_input=example)
+        # Traced here, without torch's check_trace (a second and third forward, about half the
+        # time of a tiny model's conversion): the parity check runs more probes than it would.
+        traced = torch.jit.trace(traceable(tower), example, check_trace=False, strict=False)
+        return openvino.convert_model(traced, example_input=example)
 
 
 def _load_or_convert(tower: Tower, cached: Path | None) -> tuple[Any, bool]:

@@ -11,7 +11,9 @@
 # GPU utilisation during the cold pass, the fp16-vs-fp32 score drift; for ViT-B/32 also the
 # drift and speed of --jpeg-draft and --gpu-decode, for ViT-H/14-378 a cold pass with 256 pairs
 # in flight (one batch) instead of the default 1024, then the event loop's own cost per image on this many cores
-# (bench_feed.py --serial), and whether --compile works on CUDA. The figures also go to
+# (bench_feed.py --serial), the --runtime step (CUDA graphs, and TensorRT where torch-tensorrt is
+# installed, against eager on the fp16 towers: parity and speed; OpenVINO on a dry run), and
+# whether --compile works on CUDA. The figures also go to
 # benchmarks/results/gpu_check.json.
 #
 # The project runs from the checkout (PYTHONPATH=client:server): the machine's own torch,

@@ -137,7 +137,10 @@ class ServerProcess:
         for line in self.proc.stdout:
             self.log.append(line)
 
-    def _wait_for(self, prefix: str, timeout: float = 180.0) -> str:
+    # Generous: a server converts each new model's towers at start-up (--runtime auto; tens of
+    # seconds per model on 2 busy cores, several servers of a module starting side by side).
+    # This is a guard against a hung start, not a speed claim.
+    def _wait_for(self, prefix: str, timeout: float = 600.0) -> str:
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
         while time.monotonic() < deadline:

@@ -149,3 +149,20 @@ def test_the_fake_model_simulates_accelerator_time_per_batch_and_per_image():
     assert (model.forward_delay_s, model.image_delay_s, model.description.embedding_dim) == (0.02, 0.0015, 8)
     with pytest.raises(ValueError, match="unknown option.*gpu_ms"):
         _fake("fake:gpu_ms=3")
+
+
+def test_the_runtime_is_auto_by_default_and_set_by_flag_env_or_file(tmp_path):
+    assert (load_config([], environ={}).runtime, load_config([], environ={}).runtime_cache) == ("auto", "")
+    own = write(tmp_path, "clipserve.toml", '[server]\nruntime = "torch"\nruntime_cache = "/srv/conversions"\n')
+    assert (load_config(["--config", own], environ={}).runtime, load_config(["--config", own], environ={}).runtime_cache) == ("torch", "/srv/conversions")
+    assert load_config(["--config", own], environ={"CLIPSERVE_RUNTIME": "openvino"}).runtime == "openvino"
+    assert load_config(["--runtime", "cuda-graphs"], environ={"CLIPSERVE_RUNTIME": "openvino"}).runtime == "cuda-graphs"
+
+
+def test_compile_is_the_torch_runtimes_and_unknown_runtimes_are_refused():
+    assert load_config(["--compile"], environ={}).runtime == "auto"  # auto then means torch
+    assert load_config(["--compile", "--runtime", "torch"], environ={}).compile
+    with pytest.raises(ValueError, match="--compile is torch.compile of the torch runtime's image tower"):
+        load_config(["--compile", "--runtime", "openvino"], environ={})
+    with pytest.raises(ValueError, match="runtime must be one of auto, torch, openvino"):
+        load_config([], environ={"CLIPSERVE_RUNTIME": "tvm"})

@@ -173,7 +173,6 @@ class HFClipModel(TorchTowersModel):
     def _eager_text_features(self, **tokens: Any) -> Any:
         return _features(self._model.get_text_features(**tokens))
 
-
     def warmup(self) -> None:
         super().warmup()
         if self.description.compiled:

@@ -102,7 +102,6 @@ class OpenClipModel(TorchTowersModel):
     def _eager_text_features(self, tokens: Any) -> Any:
         return self._model.encode_text(tokens)
 
-
     def warmup(self) -> None:
         super().warmup()
         if self.description.compiled:

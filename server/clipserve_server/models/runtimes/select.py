@@ -20,6 +20,7 @@ from ...utils.config import ServerConfig
 from . import openvino, torch_cuda
 from .cache import cache_folder, entry_key, weights_fingerprint
 from .parity import TOLERANCES, relative_error
+from .towers import IMAGE, TEXT
 
 if TYPE_CHECKING:
     from ..model import EmbeddingModel
@@ -57,13 +58,14 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
     chosen = {}
     for tower in towers.values():
         started = time.monotonic()
-        owner = described.text_model_id if tower.name == "text" and described.text_model_id else described.model_id
+        owner = described.text_model_id if tower.name == TEXT and described.text_model_id else described.model_id
         try:
             if runtime == openvino.NAME:
                 cached = None
                 if folder is not None:
-                    weights = fingerprints.setdefault(id(tower.module), weights_fingerprint(tower.module))
-                    cached = folder / entry_key(tower, runtime, openvino.version(), weights)
+                    if id(tower.module) not in fingerprints:
+                        fingerprints[id(tower.module)] = weights_fingerprint(tower.module)
+                    cached = folder / entry_key(tower, runtime, openvino.version(), fingerprints[id(tower.module)])
                 # As many threads as torch's forward would use (see openvino.py).
                 runner, from_cache = openvino.build(tower, cached, torch.get_num_threads())
                 how = "from the cache" if from_cache else ("converted, cached" if cached is not None else "converted")
@@ -85,8 +87,8 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
         log.info("%s tower of %s runs in %s (%s, %.1f s; features within %.1g of torch's)", tower.name, owner, runtime, how, time.monotonic() - started, error)
     model.description = dataclasses.replace(
         model.description,
-        image_runtime=chosen.get("image", model.description.image_runtime),
-        text_runtime=chosen.get("text", model.description.text_runtime),
+        image_runtime=chosen.get(IMAGE, model.description.image_runtime),
+        text_runtime=chosen.get(TEXT, model.description.text_runtime),
     )
 
 

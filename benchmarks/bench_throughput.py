@@ -181,17 +181,6 @@ def server_rss_mb(proc: subprocess.Popen) -> float:
     return sum(p.memory_info().rss for p in [server, *server.children(recursive=True)]) / 1e6
 
 
-def measure_texts(address: str, texts: list[str]) -> tuple[float, int]:
-    """(f) Embed: every distinct query once, on a cold server (texts/s)."""
-    import clipserve
-
-    with clipserve.CLIP(address) as clip:
-        started = time.perf_counter()
-        results = clip.embed_texts(texts)
-        elapsed = time.perf_counter() - started
-    return len(texts) / elapsed, sum(1 for r in results if r.error is not None)
-
-
 def load_average() -> float:
     return os.getloadavg()[0]
 
@@ -222,15 +211,16 @@ def measure_clipserve(address: str, pairs: list[tuple[str, str]]) -> tuple[float
     return len(pairs) / elapsed, failures
 
 
-def measure_embed(address: str, urls: list[str]) -> tuple[float, int]:
-    """(e) Embed: every distinct image once, on a cold server (images/s)."""
+def measure_embed(address: str, items: list[str], kind: str = "images") -> tuple[float, int]:
+    """(e) Embed every distinct image once, or (f, kind "texts") every distinct query, on a cold
+    server (items/s)."""
     import clipserve
 
     with clipserve.CLIP(address) as clip:
         started = time.perf_counter()
-        results = clip.embed_images(urls)
+        results = getattr(clip, f"embed_{kind}")(items)
         elapsed = time.perf_counter() - started
-    return len(urls) / elapsed, sum(1 for r in results if r.error is not None)
+    return len(items) / elapsed, sum(1 for r in results if r.error is not None)
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -315,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             record(f"startup_warm_cache_s[{runtime}]", time.perf_counter() - started)
             try:
                 if many_texts:
-                    texts_rate, text_failures = measure_texts(address, many_texts)
+                    texts_rate, text_failures = measure_embed(address, many_texts, "texts")
                     record(f"f_texts[{runtime}]", texts_rate)
                     failures[runtime] += text_failures
                 if args.embed:

@@ -139,6 +139,7 @@ def test_a_restart_reuses_the_conversion_and_changed_weights_convert_again(tmp_p
 def test_runtime_cache_off_converts_and_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # where the default cache would be
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)  # and a folder named "off"
     model = HFClipModel(str(tiny_checkpoint), device="cpu")
     apply_runtime(model, ServerConfig(model=(str(tiny_checkpoint),), runtime_cache="off"))
     assert (model.description.image_runtime, model.description.text_runtime) == ("openvino", "openvino")

@@ -1,8 +1,9 @@
 """OpenVINO on CPU: a tower traced once (``openvino.convert_model``), compiled for the CPU in
 float32 and run from any thread.
 
-Why: on a 2-core CPU it runs a ViT-B/32 image tower 2-3x faster than torch eager with features
-within ~1e-6 relative (docs/runtimes.md), and needs no C++ compiler at run time.
+Why: on the 2-core development CPU it ran a ViT-B/32 image tower 1.3-1.6x faster than torch eager
+(one-off measurements on a busy machine; the issue's quieter run saw 2.3-2.9x) with features
+within ~2e-6 relative (docs/runtimes.md), and it needs no C++ compiler at run time.
 
 - The converted model keeps every input's dimensions dynamic (batch, sequence length), so one
   conversion serves every batch the batcher forms.
@@ -18,15 +19,12 @@ within ~1e-6 relative (docs/runtimes.md), and needs no C++ compiler at run time.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from pathlib import Path
 from typing import Any
 
 from .towers import Runner, Tower, traceable
-
-log = logging.getLogger(__name__)
 
 NAME = "openvino"
 

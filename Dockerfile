@@ -15,6 +15,9 @@ ENV DEBIAN_FRONTEND=noninteractive \
     HF_HOME=/models \
     PATH=/opt/venv/bin:$PATH
 
+# The base image's distribution decides these versions; pinning them breaks the build on its
+# next security update.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
@@ -29,14 +32,17 @@ COPY protos ./protos
 # Every model family (open_clip, sentence-transformers text towers, SigLIP's tokenizer); build
 # with --build-arg EXTRAS=server for transformers CLIP alone.
 ARG EXTRAS=server,open_clip,multilingual,siglip
+# The package in this directory; its pyproject.toml sets the version floors.
+# hadolint ignore=DL3013
 RUN pip install ".[${EXTRAS}]"
 
 RUN useradd --create-home --uid 10001 clipserve && mkdir -p /models && chown clipserve /models
-USER clipserve
+# Numeric, so that runAsNonRoot (Kubernetes) can tell it is not root.
+USER 10001
 WORKDIR /home/clipserve
 
 # Every flag of `clipserve serve` can be set as CLIPSERVE_<FLAG>. (CLIPSERVE_COMPILE=1 would
-# need a C++ compiler at run time, which this image leaves out; see the README.)
+# need a C++ compiler at run time, which this image leaves out; see docs/configuration.md.)
 ENV CLIPSERVE_HOST=0.0.0.0 \
     CLIPSERVE_PORT=50051 \
     CLIPSERVE_DEVICE=auto \
@@ -44,7 +50,9 @@ ENV CLIPSERVE_HOST=0.0.0.0 \
 EXPOSE 50051
 VOLUME ["/models"]
 
-# The standard gRPC health service: SERVING once the model is loaded and warm.
+# The standard gRPC health service: SERVING once the model is loaded and warm. (Shell form:
+# the port comes from the environment.)
+# hadolint ignore=DL3025
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
     CMD clipserve health --address "127.0.0.1:${CLIPSERVE_PORT}" --timeout 4 || exit 1
 

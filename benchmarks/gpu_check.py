@@ -355,6 +355,31 @@ def runtime_step(first: dict, corpus: dict[str, bytes], scratch: Path, needs_s: 
     return out
 
 
+def instances_and_devices(kept: dict) -> dict:
+    """On the first (small) model, what issue 23 added: --instances 2 against the default one
+    (forwards side by side on one GPU), the batched nvJPEG decode (--gpu-decode) with one and
+    two instances, and a device list (cuda:all with several GPUs; else cuda:0 listed twice,
+    two copies of the weights on one GPU). Each: cold pairs/s, distinct images/s, GPU busy %,
+    the score drift from the exact path."""
+    arch, pairs, exact = kept["arch"], kept["pairs"], kept["exact_scores"]
+    several = ON_GPU and torch.cuda.device_count() > 1
+    devices = "cuda:all" if several else (f"{DEVICE},{DEVICE}" if ON_GPU else "cpu,cpu")
+    steps = {
+        "instances_2": ["--instances", "2"],
+        "gpu_decode_batched": ["--gpu-decode"],
+        "gpu_decode_instances_2": ["--gpu-decode", "--instances", "2"],
+        "devices": ["--device", devices],
+    }
+    distinct = len({u for _, u in pairs})
+    out: dict = {"devices_flag": devices}
+    for name, flags in steps.items():
+        out[name] = variant(arch, name, flags, kept["checkpoint"], pairs, exact, needs_s=40)
+        if "cold_pairs_per_s" in out[name]:
+            out[name]["cold_images_per_s"] = round(out[name]["cold_pairs_per_s"] * distinct / len(pairs), 1)
+            say(f"{arch}: {name}: {out[name]['cold_images_per_s']:.0f} distinct images/s cold")
+    return out
+
+
 def serial_part(needs_s: float = 40) -> dict:
     """The event loop's CPU per image and per pair where nothing else costs anything (tiny
     JPEGs, the fake model; bench_feed.py --serial, one round): on this many cores the loop has
@@ -388,6 +413,8 @@ def main() -> int:
             # The fast paths on the first (cheap) model; the big one gets the time.
             REPORT["archs"][arch], kept = check(arch, corpus, base, scratch, fast_paths=i == 0)
             first = first or kept
+        if first is not None:
+            REPORT["instances"] = instances_and_devices(first)
         REPORT["serial"] = serial_part()
         if first is not None:
             REPORT["archs"][first["arch"]]["runtimes"] = runtime_step(first, corpus, scratch)

@@ -8,7 +8,8 @@ CPU: the event loop (the main thread), each named thread kind (the server names 
 decode threads; gRPC names its own), the rest, the decode worker processes, and the calling
 process (the SDK, and the corpus host when it runs there). Batches, from the server's
 Prometheus metrics: forward passes, their mean size, and the share of the wall time the model
-thread spent in them (near 1: the model is the bottleneck; well below: the pipeline feeding it).
+threads spent in them (near 1 per instance, --instances: the model is the bottleneck; well
+below: the pipeline feeding it).
 """
 
 from __future__ import annotations
@@ -81,5 +82,5 @@ class ServerProbe:
 def describe(report: dict) -> str:
     """One line: the CPU of each part in cores over the pass, and the batches."""
     parts = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in sorted(report["cpu_s"].items(), key=lambda kv: -kv[1]) if seconds >= 0.005)
-    batches = f"; {report['forwards']} forwards, mean batch {report['mean_batch']}, model thread busy {report['model_busy']:.0%} of the wall" if "forwards" in report else ""
+    batches = f"; {report['forwards']} forwards, mean batch {report['mean_batch']}, model threads busy {report['model_busy']:.0%} of the wall" if "forwards" in report else ""
     return f"CPU {parts}{batches}"

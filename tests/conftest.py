@@ -177,7 +177,9 @@ def real_server(tiny_checkpoint: Path) -> Iterator[ServerProcess]:
 @pytest.fixture(scope="session")
 def fake_server() -> Iterator[InProcessServer]:
     """A server on the deterministic FakeModel that may fetch from the loopback image host."""
-    server = InProcessServer(ServerConfig(max_batch_delay_ms=2.0, allow_private_networks=True, fetch_timeout_s=1.0), FakeModel())
+    # A loopback download took over 1 s with two copies of the suite on the busy 2-core box: no
+    # test of this server needs a short fetch timeout (the fetch-timeout tests use their own).
+    server = InProcessServer(ServerConfig(max_batch_delay_ms=2.0, allow_private_networks=True, fetch_timeout_s=30.0), FakeModel())
     yield server
     server.stop()
 

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import replace
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,6 +21,7 @@ from PIL import Image
 
 from clipserve_server.app import ClipServer
 from clipserve_server.utils.config import ServerConfig
+from clipserve_server.models.fake_model import FakeModel
 from clipserve_server.models.model import EmbeddingModel
 
 
@@ -119,21 +121,46 @@ class ImageHost:
         self._httpd.server_close()
 
 
+class GatedModel(FakeModel):
+    """A FakeModel whose forward passes wait at a gate once ``hold()`` is called: a replica as
+    slow as the test needs, released by an event instead of a clock (warm-up passes first)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.held = threading.Event()  # a forward pass is waiting at the gate
+
+    def hold(self) -> None:
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    def forward(self, texts, images):
+        if not self.gate.is_set():
+            self.held.set()
+            self.gate.wait(300)
+        return super().forward(texts, images)
+
+
 class InProcessServer:
     """A real ClipServer on a real port, run on its own event-loop thread.
 
     Used with the FakeModel to test the API and batching without weights. ``model`` is the one
-    model, or the models by name (the config's ``model`` names them: ``("a=fake", "b=fake")``).
+    model, or the models by name (the config's ``model`` names them: ``("a=fake", "b=fake")``),
+    or the model factory itself (called with each spec and its config, once per device).
     """
 
-    def __init__(self, config: ServerConfig, model: EmbeddingModel | dict[str, EmbeddingModel]) -> None:
+    def __init__(self, config: ServerConfig, model: EmbeddingModel | dict[str, EmbeddingModel] | Callable[[Any, ServerConfig], EmbeddingModel]) -> None:
         models = model if isinstance(model, dict) else None
         self.model = model
         self.config = replace(config, host="127.0.0.1", port=0, model=tuple(f"{name}=fake" for name in models) if models else config.model)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.server = ClipServer(self.config, lambda spec, _config: models[spec.name] if models else model)
+        factory = model if callable(model) and not isinstance(model, EmbeddingModel) else lambda spec, _config: models[spec.name] if models else model
+        self.server = ClipServer(self.config, factory)
         self.port = self.call(self._start())
         self.address = f"127.0.0.1:{self.port}"
 
@@ -155,6 +182,16 @@ class InProcessServer:
         self.call(self.server.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+
+
+def hub_cache(root: Path, repo_id: str, files: Path) -> Path:
+    """A Hugging Face cache (HF_HUB_CACHE) holding ``files`` as the snapshot of ``repo_id``."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    shutil.copytree(files, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return root
 
 
 def grpcurl(*args: str) -> subprocess.CompletedProcess:

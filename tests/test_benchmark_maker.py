@@ -104,14 +104,16 @@ def test_the_rules_refuse_what_the_real_loader_refuses(table, key, value, refusa
         assert (loader_refusal(config) or "").startswith(refusal)
 
 
-# -- the README -------------------------------------------------------------------------------------
+# -- the README and docs/ -----------------------------------------------------------------------------
 
 BENCHMARK_MAKERS_FILE = "# the benchmark maker's config.toml"
 CLIPSERVES_FILE = "# clipserve.toml"
 
 
 def readme_toml_blocks() -> list[str]:
-    return re.findall(r"^```toml\n(.*?)^```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S | re.M)
+    """The toml blocks of the README and of every page in docs/."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    return [block for page in pages for block in re.findall(r"^```toml\n(.*?)^```", page.read_text(encoding="utf-8"), re.S | re.M)]
 
 
 def test_every_toml_block_in_the_readme_says_which_file_it_belongs_in():
@@ -123,7 +125,7 @@ def test_every_toml_block_in_the_readme_says_which_file_it_belongs_in():
 
 def test_what_the_readme_puts_in_the_benchmark_makers_config_is_what_its_loader_accepts():
     blocks = [b for b in readme_toml_blocks() if b.startswith(BENCHMARK_MAKERS_FILE)]
-    assert blocks, "the README shows the benchmark maker's config.toml in 'Scoring a benchmark file'"
+    assert blocks, "the docs show the benchmark maker's config.toml (docs/benchmark-maker.md)"
     for block in blocks:
         assert loader_refusal(tomllib.loads(block)) is None, block
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from clipserve_server.utils.config import ModelSpec, ServerConfig, load_config
+from clipserve_server.utils.config import ModelSpec, ServerConfig, fetch_headers, load_config
 
 # The benchmark maker's config.toml, as its loader accepts it: the server takes the model from it.
 BENCHMARK_TOML = """
@@ -166,3 +166,24 @@ def test_compile_is_the_torch_runtimes_and_unknown_runtimes_are_refused():
         load_config(["--compile", "--runtime", "openvino"], environ={})
     with pytest.raises(ValueError, match="runtime must be one of auto, torch, openvino"):
         load_config([], environ={"CLIPSERVE_RUNTIME": "tvm"})
+
+
+def test_the_fetch_retries_and_politeness_come_from_flags_env_or_clipserve_toml(tmp_path):
+    defaults = load_config([], environ={})
+    assert (defaults.fetch_timeout_s, defaults.fetch_attempt_timeout_s, defaults.fetch_attempts, defaults.fetch_backoff_s, defaults.fetch_host_connections) == (15.0, 10.0, 4, 0.5, 32)
+    own = write(tmp_path, "clipserve.toml", "[server]\nfetch_attempts = 6\nfetch_header = ['*.example.org=Authorization: Bearer t']\n")
+    env = {"CLIPSERVE_FETCH_HOST_CONNECTIONS": "8", "CLIPSERVE_FETCH_BACKOFF_S": "0.25"}
+    config = load_config(["--config", own, "--fetch-attempt-timeout-s", "4"], environ=env)
+    assert (config.fetch_attempts, config.fetch_host_connections, config.fetch_backoff_s, config.fetch_attempt_timeout_s) == (6, 8, 0.25, 4.0)
+    [header] = fetch_headers(config.fetch_header)
+    assert (header.name, header.value) == ("Authorization", "Bearer t")
+    assert header.matches("images.EXAMPLE.org") and not header.matches("example.org.evil.net")
+
+
+def test_a_fetch_header_is_never_printed_not_even_when_refused():
+    config = load_config(["--fetch-header", "cdn.example=X-Key: hunter2"], environ={})
+    assert "hunter2" not in repr(config) and "hunter2" not in repr(fetch_headers(config.fetch_header))
+    for entry in ("X-Key: hunter2", "cdn.example=hunter2", "cdn.example=Bad Name: hunter2"):
+        with pytest.raises(ValueError, match="HOST_PATTERN=Name: value") as refused:
+            load_config(["--fetch-header", entry], environ={})
+        assert "hunter2" not in str(refused.value)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -27,7 +28,9 @@ from .helpers import make_image
 
 
 def run(coroutine):
-    return asyncio.run(asyncio.wait_for(coroutine, 120))
+    # A safety net against a hang, not a speed claim: starting three decoder processes took
+    # over 120 s with two copies of the suite on this busy 2-core machine.
+    return asyncio.run(asyncio.wait_for(coroutine, 280))
 
 
 def jpeg(width: int = 64, height: int = 48, mode: str = "RGB") -> bytes:
@@ -211,6 +214,14 @@ async def one_downloading_worker(job: DecodeJob, image_host):
         await decoder.close()
 
 
+async def until_requested(image_host, path: str, before: int) -> None:
+    """Until the image host has been asked for ``path`` again: the download is in flight."""
+    deadline = time.monotonic() + 60  # a safety net only
+    while image_host.hits.get(path, 0) <= before:
+        assert time.monotonic() < deadline, f"{path} was never requested"
+        await asyncio.sleep(0.01)
+
+
 def test_a_slow_download_holds_no_decode_slot(image_host):
     """One worker: a download that does not finish leaves it decoding uploads and other URLs."""
     job = DecodeJob(FakeModel().image_preprocessor(), max_pixels=10**6)
@@ -218,8 +229,9 @@ def test_a_slow_download_holds_no_decode_slot(image_host):
 
     async def main():
         async with one_downloading_worker(job, image_host) as decoder:
+            before = image_host.hits.get("/gated/photo3.png", 0)
             stuck = asyncio.ensure_future(decoder.fetch_and_decode(image_host.url("gated/photo3.png"), "stuck"))
-            await asyncio.sleep(0.2)
+            await until_requested(image_host, "/gated/photo3.png", before)
             decoded = await asyncio.gather(*(decoder.decode(data, f"upload{i}") for i, data in enumerate(uploads)))
             fetched = await asyncio.gather(*(decoder.fetch_and_decode(image_host.url(f"img/photo{i}.jpg"), f"url{i}") for i in range(3)))
             waiting = not stuck.done()
@@ -243,8 +255,9 @@ def test_downloads_in_flight_when_a_worker_dies_go_to_its_replacement(tmp_path, 
 
     async def main():
         async with one_downloading_worker(job, image_host) as decoder:
+            before = image_host.hits.get("/gated/photo2.png", 0)
             downloading = asyncio.ensure_future(decoder.fetch_and_decode(image_host.url("gated/photo2.png"), "downloading"))
-            await asyncio.sleep(0.2)
+            await until_requested(image_host, "/gated/photo2.png", before)
             hostile = await asyncio.gather(decoder.decode(make_image(1, 1), "hostile.png"), return_exceptions=True)
             image_host.gate.set()
             return hostile[0], await downloading
@@ -276,17 +289,15 @@ def test_auto_picks_worker_processes_only_where_threads_stop_scaling(settings, k
 # -- the GPU path, as far as a CPU can tell -------------------------------------------------------------
 
 class FakeDevice:
-    """Stands in for nvJPEG: records what it was given; can refuse."""
+    """Stands in for nvJPEG's batched decode: records what it was given; can refuse."""
 
     def __init__(self, refuse: bool = False) -> None:
         self.seen: list[bytes] = []
         self.refuse = refuse
 
-    def __call__(self, data: bytes) -> str:
-        self.seen.append(data)
-        if self.refuse:
-            raise RuntimeError("nvjpeg: unsupported JPEG")
-        return "decoded on the device"
+    def __call__(self, files: list[bytes]) -> list[object]:
+        self.seen.extend(files)
+        return [RuntimeError("nvjpeg: unsupported JPEG") if self.refuse else "decoded on the device" for _ in files]
 
 
 def decode_with(device: FakeDevice, data: bytes, max_pixels: int = 10**6):

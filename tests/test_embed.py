@@ -72,18 +72,23 @@ def test_embeddings_match_an_in_process_forward_pass(real_server, image_host, re
         assert cosine(unit.embedding, text_features(text)) >= 1 - 1e-6
         assert relative(raw.embedding, text_features(text)) <= 1e-4
     for data, unit, raw in zip(expected_images, unit_images, raw_images):
+        assert np.linalg.norm(unit.embedding) == pytest.approx(1.0, abs=1e-6)
         assert cosine(unit.embedding, image_features(data)) >= 1 - 1e-6
         assert relative(raw.embedding, image_features(data)) <= 1e-4
 
 
 def test_a_score_is_the_scaled_dot_product_of_the_two_embeddings(real_server, image_host):
+    """README: by default the vectors have unit length, what scoring uses:
+    score == exp(logit_scale) * dot(text, image) + logit_bias."""
     url = image_host.url("img/photo4.png")
     with clipserve.CLIP(real_server.address, timeout=120) as clip:
         info = clip.model_info()
         score = clip.score("a small boat", url)
         [text] = clip.embed_texts(["a small boat"])
         [image] = clip.embed_images([url])
-    assert info.normalized
+    # The vectors themselves, not the reply's `normalized` flag (which the servicer sets).
+    assert np.linalg.norm(text.embedding) == pytest.approx(1.0, abs=1e-6)
+    assert np.linalg.norm(image.embedding) == pytest.approx(1.0, abs=1e-6)
     assert score == pytest.approx(info.logit_scale * float(np.dot(text.embedding, image.embedding)) + info.logit_bias, abs=1e-5 * info.logit_scale)
 
 

@@ -25,7 +25,7 @@ from clipserve_server.models import synthetic
 from clipserve_server.images.preprocess import SplitTransformPipeline, build_transform_pipeline
 
 from .conftest import ServerProcess
-from .helpers import make_image
+from .helpers import hub_cache, make_image
 
 QUERIES = ["a dog on the beach", "A small red car", "photo of a boat, in the sun", "ünïcode and 🚗"]
 # The issue asks for a random-weight ViT-B-32. Measured here, it added ~23 s to this module (it is
@@ -50,16 +50,6 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 def rgb(path: Path) -> Image.Image:
     return Image.open(io.BytesIO(path.read_bytes())).convert("RGB")
-
-
-def hub_cache(root: Path, repo_id: str, files: Path) -> Path:
-    """A Hugging Face cache (HF_HUB_CACHE) holding ``files`` as the snapshot of ``repo_id``."""
-    repo = root / ("models--" + repo_id.replace("/", "--"))
-    commit = "0" * 40
-    shutil.copytree(files, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    return root
 
 
 def st_clip_folder(out: Path, clip_checkpoint: Path) -> Path:

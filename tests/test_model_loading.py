@@ -17,6 +17,20 @@ HUB_ID = "openai/clip-vit-base-patch32"
 _LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")
 
 
+NO_BACKOFF = """\
+# Loaded at the start of the test's server process only (tests/test_model_loading.py).
+try:
+    import time as _time
+    import types as _types
+
+    import huggingface_hub.utils._http as _http
+
+    _http.time = _types.SimpleNamespace(**{**vars(_time), "sleep": lambda seconds: None})
+except Exception:  # another huggingface_hub: the test is only slower
+    pass
+"""
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str]]:
     """Each case's exit code and output; the servers start side by side to save time."""
@@ -29,7 +43,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str]]
     BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)).save_pretrained(bert)
     offline = {"HF_HOME": str(empty_cache), "HF_HUB_OFFLINE": "1"}
     # The user's case: no network. Connection refused at once, retried by huggingface_hub.
-    no_network = {"HF_HOME": str(empty_cache), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    # Its waits between the attempts (23-63 s in all) are skipped: the attempts and their
+    # refusals stay, so the error is the one a user sees, without the wait.
+    hook = root / "no-backoff"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(NO_BACKOFF)
+    no_network = {
+        "HF_HOME": str(empty_cache), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])),
+    }
     cases = {
         "hub id, no network": ([HUB_ID], no_network),
         "a folder that is not there": ([str(root / "models" / "clip")], offline),

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("gen_protos", ROOT / "tools" / "gen_protos.py")
+gen_protos = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gen_protos)
 
 
 def test_generated_stubs_match_the_proto_schema(tmp_path):
     """Fails when someone edits protos/ without rerunning `python tools/gen_protos.py`."""
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_protos.py"), "--out", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*_pb2*.py*"))
-    committed = sorted(p.relative_to(ROOT / "client") for p in (ROOT / "client").rglob("*_pb2*.py*"))
+    generated = sorted(p.relative_to(tmp_path) for p in gen_protos.generated_files(tmp_path))
+    committed = sorted(p.relative_to(ROOT / "client") for p in gen_protos.generated_files(ROOT / "client"))
     assert generated == committed
     for rel in generated:
-        assert (tmp_path / rel).read_text() == (ROOT / "client" / rel).read_text(), f"{rel} is stale: run python tools/gen_protos.py"
+        assert (tmp_path / rel).read_bytes() == (ROOT / "client" / rel).read_bytes(), f"{rel} is stale: run python tools/gen_protos.py"
 
 
 BLOCK_TORCH = """

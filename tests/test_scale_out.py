@@ -19,7 +19,7 @@ import clipserve._replicas
 from clipserve._replicas import Discovery, ReplicaAddress, split_address
 
 from .conftest import ServerProcess
-from .helpers import make_image
+from .helpers import GatedModel, make_image
 
 
 def start_replicas(*args_per_replica: list[str]) -> list[ServerProcess]:
@@ -80,17 +80,35 @@ def test_a_faster_replica_takes_more_and_a_slow_one_does_not_hold_the_run_back(i
     fast, slow = start_replicas(["--model", "fake:forward_ms=60", *batching], ["--model", "fake:forward_ms=180", *batching])
     try:
         with clipserve.CLIP([fast.address, slow.address], timeout=120) as clip:
-            started = time.monotonic()
             results = clip.score_batch(pairs(400, image_host.url("img/photo1.png")))
-            elapsed = time.monotonic() - started
         assert_exactly_once_in_order(results, 400)
         fast_items, slow_items = fast.items(), slow.items()
         assert fast_items / (fast_items + slow_items) >= 0.60, (fast_items, slow_items)
-        # Alone, the fast replica needs 50 forwards of 8 (3 s); an even split would leave the
-        # slow one 25 forwards (4.5 s). Together, at their own speeds: ~2.3 s.
-        print(f"400 pairs in {elapsed:.2f}s: fast {fast_items}, slow {slow_items}")
     finally:
         stop([fast, slow])
+
+
+def test_an_idle_replica_takes_over_the_last_pairs_of_a_stalled_one(make_fake_server, image_host):
+    """README: at the end of a batch, an idle replica also takes over pairs that a much slower
+    one would answer last (the first answer wins); `clip.stats()` counts the hedges.
+
+    The slow replica never answers until the batch is over (its model waits at a gate), so
+    the batch can only complete through hedging: no clock decides the outcome."""
+    stalled_model = GatedModel()
+    fast = make_fake_server(allow_private_networks=True)
+    stalled = make_fake_server(stalled_model, allow_private_networks=True)
+    stalled_model.hold()
+    try:
+        # Without hedging the stalled replica's pairs would run out this timeout instead.
+        with clipserve.CLIP([fast.address, stalled.address], timeout=60) as clip:
+            results = clip.score_batch(pairs(200, image_host.url("img/photo1.png")))
+            stats = clip.stats()
+    finally:
+        stalled_model.release()
+    assert_exactly_once_in_order(results, 200)
+    assert stalled_model.held.is_set()  # the stalled replica did get pairs...
+    assert stats.items_by_replica.get(stalled.address, 0) == 0  # ...and answered none of them
+    assert stats.hedges >= 1, stats
 
 
 def test_a_replica_that_dies_mid_run_costs_nothing(tiny_checkpoint, image_host):
@@ -115,30 +133,40 @@ def test_a_replica_that_dies_mid_run_costs_nothing(tiny_checkpoint, image_host):
         stop(replicas)
 
 
-def test_a_replica_that_appears_in_dns_mid_run_gets_work_within_seconds(image_host, monkeypatch):
+def test_a_replica_that_appears_in_dns_mid_run_gets_work(make_fake_server, image_host, monkeypatch):
+    """README: `dns:///` names are resolved again every 2 s while calls run: a replica that
+    appears gets work.
+
+    The first replica holds every pair until the new one has answered some (its model waits
+    at a gate), so the run cannot end before the new replica joins, however busy the machine."""
+    assert clipserve._replicas.DNS_REFRESH_S == 2.0
     # This machine has no DNS server to change: the name's answers come from a stand-in for
     # the system resolver, which the SDK asks again every DNS_REFRESH_S seconds.
-    batching = ["--max-batch-size", "8", "--max-batch-delay-ms", "2", "--allow-private-networks"]
-    first, second = start_replicas(["--model", "fake:forward_ms=100", *batching], ["--model", "fake:forward_ms=100", *batching])
+    first_model = GatedModel()
+    first = make_fake_server(first_model, allow_private_networks=True)
+    second = make_fake_server(allow_private_networks=True)
     answers = {"clipserve.test": [first.address]}
     monkeypatch.setattr(clipserve._replicas, "resolve_ips", lambda host, port: list(answers[host]))
+    first_model.hold()
+    results: list = []
     try:
         with clipserve.CLIP(f"dns:///clipserve.test:{first.port}", timeout=120) as clip:
-            results: list = []
             runner = threading.Thread(target=lambda: results.extend(clip.score_batch(pairs(600, image_host.url("img/photo2.png")))))
             runner.start()
-            time.sleep(1.0)
-            assert second.items() == 0
+            assert first_model.held.wait(60), "the run never reached the first replica"
+            assert second.address not in clip.stats().items_by_replica
             answers["clipserve.test"] = [first.address, second.address]  # a new pod is ready
-            joined = time.monotonic()
-            while second.items() == 0:
-                assert time.monotonic() - joined < clipserve._replicas.DNS_REFRESH_S + 3, "the new replica got no work"
+            deadline = time.monotonic() + 60  # a safety net only: the gate decides the order
+            while clip.stats().items_by_replica.get(second.address, 0) == 0:
+                assert time.monotonic() < deadline, "the new replica got no work"
                 time.sleep(0.05)
+            first_model.release()
             runner.join(120)
-        assert_exactly_once_in_order(results, 600)
-        assert second.items() >= 100, (first.items(), second.items())
+            stats = clip.stats()
     finally:
-        stop([first, second])
+        first_model.release()
+    assert_exactly_once_in_order(results, 600)
+    assert stats.items_by_replica[second.address] >= 100, stats.items_by_replica
 
 
 def test_info_says_which_replica_answered():

@@ -13,6 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import clipserve
+
 from .helpers import make_image
 
 QUERIES = ["a dog", "a red car", "snow on a mountain"]
@@ -39,6 +41,13 @@ def benchmark_files(tmp_path, image_host):
     write_jsonl(tmp_path / "images.jsonl", images)
     write_jsonl(tmp_path / "qrels.jsonl", qrels)
     return tmp_path, qrels
+
+
+def expected_scores(address: str, pairs: list[tuple[str, str]]) -> list[float]:
+    """Each pair's score by another path (one unary `score` call per pair), so that a row/score
+    mix-up in a file format's writer cannot also be in what the test expects."""
+    with clipserve.CLIP(address) as clip:
+        return [clip.score(query, url) for query, url in pairs]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -102,7 +111,38 @@ def test_resume_keeps_what_is_done_and_scores_the_rest(fake_server, benchmark_fi
     assert refused.returncode == 1 and "cannot resume" in refused.stderr
 
 
+def test_the_column_flags_name_the_query_image_id_and_url_columns(fake_server, tmp_path, image_host):
+    """score-file's --column-query, --column-image-id and --image-url-column read other column
+    names, in the rows and in the images file; --col-name names the score column."""
+    images = [{"img": f"im{i}", "link": image_host.url(f"img/photo{i}.png")} for i in range(3)]
+    rows = [{"text": query, "img": f"im{i}"} for query in QUERIES for i in range(3)]
+    write_jsonl(tmp_path / "images.jsonl", images)
+    write_jsonl(tmp_path / "qrels.jsonl", rows)
+    done = run_cli(
+        str(tmp_path / "qrels.jsonl"), "--images", str(tmp_path / "images.jsonl"), "-o", str(tmp_path / "out.jsonl"),
+        "--column-query", "text", "--column-image-id", "img", "--image-url-column", "link", "--col-name", "s", "--address", fake_server.address,
+    )
+    assert done.returncode == 0, done.stderr
+    out = read_jsonl(tmp_path / "out.jsonl")
+    links = {image["img"]: image["link"] for image in images}
+    expected = expected_scores(fake_server.address, [(row["text"], links[row["img"]]) for row in rows])
+    assert [row["s"] for row in out] == pytest.approx(expected, abs=1e-4)
+
+
+def test_clip_config_reads_col_name_from_the_benchmark_makers_file(tmp_path):
+    """README: CLIP(config="config.toml") reads col_name from its [similarity_config]: the score
+    column for file scoring, clip_score when it has none."""
+    named, unnamed = tmp_path / "named.toml", tmp_path / "unnamed.toml"
+    named.write_text('[similarity_config]\nadapter = "local_clip"\ncol_name = "dfn_score"\n')
+    unnamed.write_text('[similarity_config]\nadapter = "local_clip"\n')
+    with clipserve.CLIP("127.0.0.1:1", config=str(named)) as clip:
+        assert clip.col_name == "dfn_score"
+    with clipserve.CLIP("127.0.0.1:1", config=str(unnamed)) as clip:
+        assert clip.col_name == "clip_score"
+
+
 def test_csv_and_parquet_by_extension(fake_server, benchmark_files):
+    """CSV and Parquet files are scored too: each row gets its own pair's score."""
     folder, qrels = benchmark_files
     with (folder / "qrels.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(qrels[0]))
@@ -119,6 +159,11 @@ def test_csv_and_parquet_by_extension(fake_server, benchmark_files):
     csv_scores = [float(r["clip_score"]) if r["clip_score"] else None for r in csv_rows]
     parquet_scores = [r["clip_score"] for r in parquet_rows]
     assert csv_scores == pytest.approx(parquet_scores) and csv_scores.count(None) == 4
+    urls = {row["image_id"]: row["image_url"] for row in read_jsonl(folder / "images.jsonl")}
+    scored = [i for i, row in enumerate(qrels) if row["image_id"] not in ("broken", "nowhere")]
+    expected = expected_scores(fake_server.address, [(qrels[i]["query_text"], urls[qrels[i]["image_id"]]) for i in scored])
+    assert [csv_scores[i] for i in scored] == pytest.approx(expected, abs=1e-4)
+    assert [parquet_scores[i] for i in scored] == pytest.approx(expected, abs=1e-4)
 
 
 # -- image URLs from image_base_url -------------------------------------------------------------------
@@ -206,9 +251,11 @@ def test_retry_failed_rescores_only_the_rows_without_a_score(fake_server, tmp_pa
     assert len(after) == len(lines)
     for i in (0, 2, 5):
         assert after[i] == lines[i]  # byte for byte
+    queries = {1: "a cat", 3: "snow", 4: "a bird"}
+    expected = dict(zip(queries, expected_scores(fake_server.address, [(q, late_url) for q in queries.values()])))
     for i in (1, 3, 4):
         before, now = json.loads(lines[i]), json.loads(after[i])
-        assert isinstance(now["clip_score"], float)
+        assert now["clip_score"] == pytest.approx(expected[i], abs=1e-4)  # this row's own pair
         assert list(now) == [*before, *(["clip_score"] if "clip_score" not in before else [])]  # same columns, same order
         assert {k: v for k, v in now.items() if k != "clip_score"} == {k: v for k, v in before.items() if k != "clip_score"}
 
@@ -230,7 +277,7 @@ def test_retry_failed_keeps_other_csv_rows_byte_for_byte(fake_server, tmp_path, 
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     score = rows[1]["clip_score"]
-    float(score)  # a number now
+    assert float(score) == pytest.approx(expected_scores(fake_server.address, [("a cat", late_url)])[0], abs=1e-4)
     assert path.read_bytes() == before.replace(f"a cat,{late_url},x,\n", f"a cat,{late_url},x,{score}\n").encode()
 
 
@@ -254,7 +301,8 @@ def test_retry_failed_keeps_other_parquet_values_and_types(fake_server, tmp_path
     for name in ("query_text", "image_url", "relevance_label"):
         assert after.column(name).equals(table.column(name))
     scores = after.column("clip_score").to_pylist()
-    assert scores[0] == 1.25 and scores[2] == -0.5 and isinstance(scores[1], float)
+    assert scores[0] == 1.25 and scores[2] == -0.5
+    assert scores[1] == pytest.approx(expected_scores(fake_server.address, [("a cat", late_url)])[0], abs=1e-4)
 
 
 def test_retry_failed_can_add_an_error_column_to_a_csv(fake_server, tmp_path, image_host, late_image):
@@ -267,6 +315,7 @@ def test_retry_failed_can_add_an_error_column_to_a_csv(fake_server, tmp_path, im
     assert done.returncode == 0, done.stderr
     with path.open(newline="") as fh:
         score = list(csv.DictReader(fh))[1]["clip_score"]
+    assert float(score) == pytest.approx(expected_scores(fake_server.address, [("a cat", late_url)])[0], abs=1e-4)
     expected = f"query_text,image_url,clip_score,why\r\na dog,{image_host.url('img/photo0.png')},1.25,\r\na cat,{late_url},{score},\r\n"
     assert path.read_bytes() == expected.encode()  # a kept row only gains the empty cell
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -14,7 +17,8 @@ from clipserve_server.utils.errors import ErrorKind, ItemError
 from clipserve_server.images.fetch import ImageFetcher
 from clipserve_server.images.netguard import ForbiddenAddressError, GuardedResolver
 
-from .helpers import make_image
+from .conftest import ServerProcess
+from .helpers import ImageHost, make_image
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +97,40 @@ def test_mutual_tls_requires_a_client_certificate(make_fake_server, pem_files, t
         assert isinstance(clip.score("q", str(path)), float)
 
 
+def test_the_client_commands_take_tls_and_token_flags_or_the_token_from_the_environment(make_fake_server, pem_files, tmp_path):
+    """README: the client commands take --tls, --tls-ca, --tls-cert, --tls-key and
+    --auth-token-file; the token may come from CLIPSERVE_AUTH_TOKEN instead."""
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    server = make_fake_server(
+        tls_cert=pem_files["server_chain"], tls_key=pem_files["server_key"], tls_client_ca=pem_files["ca"], auth_token_file=str(token_file)
+    )
+    path = tmp_path / "x.png"
+    path.write_bytes(make_image(seed=4))
+    client_cert = ["--tls-cert", pem_files["client_chain"], "--tls-key", pem_files["client_key"]]
+    # --tls alone trusts the system roots: gRPC reads them from this variable, here our CA.
+    system_roots = {"GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": pem_files["ca"]}
+
+    def score(*flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        environment = {k: v for k, v in os.environ.items() if k != "CLIPSERVE_AUTH_TOKEN"}
+        return subprocess.run(
+            [sys.executable, "-m", "clipserve.cli", "score", "q", str(path), "--address", server.address, "--timeout", "20", *flags],
+            capture_output=True, text=True, timeout=60, env={**environment, **(env or {})},
+        )
+
+    for done in (
+        score("--tls-ca", pem_files["ca"], *client_cert, "--auth-token-file", str(token_file)),
+        score("--tls", *client_cert, "--auth-token-file", str(token_file), env=system_roots),
+        score("--tls-ca", pem_files["ca"], *client_cert, env={"CLIPSERVE_AUTH_TOKEN": "s3cret-token"}),
+    ):
+        assert done.returncode == 0, done.stderr
+        float(done.stdout.strip())
+    refused = score("--tls-ca", pem_files["ca"], *client_cert)  # no token at all
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
+    wrong = score("--tls-ca", pem_files["ca"], *client_cert, env={"CLIPSERVE_AUTH_TOKEN": "wrong"})
+    assert wrong.returncode == 1 and "UNAUTHENTICATED" in wrong.stderr, wrong.stderr
+
+
 # -- the private-network guard, beyond literal addresses -------------------------------------------
 
 class FixedResolver:
@@ -137,6 +175,55 @@ def test_the_connection_goes_to_the_checked_address(image_host):
     port = image_host.base.rsplit(":", 1)[1]
     body = fetch_with(GuardedResolver(FixedResolver("127.0.0.1"), forbidden=_only_127_0_0_2), f"http://rebind.test:{port}/img/photo0.png")
     assert body == image_host.images["photo0.png"]
+
+
+class RebindingResolver(FixedResolver):
+    """A hostile DNS server: the first answer is public, every later one private."""
+
+    def __init__(self) -> None:
+        super().__init__("127.0.0.1")
+        self.calls = 0
+
+    async def resolve(self, host, port=0, family=0):
+        self.calls += 1
+        self.address = "127.0.0.1" if self.calls == 1 else "127.0.0.2"
+        return await super().resolve(host, port, family)
+
+
+def test_dns_rebinding_does_not_get_around_the_guard(image_host):
+    """README: the address guard is checked on the address actually connected to, so DNS
+    rebinding does not get around it: the name is looked up once, and that checked answer is
+    the one connected to (a second lookup would get the private address, where nothing listens)."""
+    port = image_host.base.rsplit(":", 1)[1]
+    resolver = RebindingResolver()
+    body = fetch_with(GuardedResolver(resolver, forbidden=_only_127_0_0_2), f"http://rebind.test:{port}/img/photo0.png")
+    assert body == image_host.images["photo0.png"]
+    assert resolver.calls == 1
+
+
+def test_the_real_guard_refuses_a_name_that_resolves_to_cloud_metadata():
+    """The guard as the server runs it (the real is_forbidden): a public-looking name that
+    resolves to the link-local metadata address is refused before any connection."""
+    with pytest.raises(ItemError) as info:
+        fetch_with(GuardedResolver(FixedResolver("169.254.169.254")), "http://metadata.test/latest/meta-data/")
+    assert info.value.kind is ErrorKind.FORBIDDEN and "169.254.169.254" in info.value.message
+
+
+def test_the_server_ignores_proxies_from_its_environment():
+    """README/fetch.py: the server's fetcher ignores HTTP_PROXY and the like, which would
+    otherwise route downloads around the private-network guard (the proxy, not the server,
+    would resolve and connect)."""
+    proxy = ImageHost()  # answers (404) and counts whatever a proxy would be asked
+    variables = {name: proxy.base for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")}
+    server = ServerProcess(["--model", "fake"], env={**variables, "NO_PROXY": "", "no_proxy": ""})
+    try:
+        with clipserve.CLIP(server.address, timeout=60) as clip:
+            [result] = clip.score_batch([("a dog", "http://images.example.test/img/dog.png")])
+        assert result.score is None  # the name does not resolve here: the server tried itself
+        assert proxy.hits == {}, proxy.hits
+    finally:
+        server.terminate()
+        proxy.close()
 
 
 def test_every_redirect_hop_is_checked(image_host):

@@ -56,11 +56,17 @@ def test_every_stream_tells_how_far_the_server_reads_ahead(make_fake_server, set
 
 class WindowProbe(scorer_pb2_grpc.ScorerServicer):
     """A stand-in server that tells each stream ``window`` (or nothing, like servers before the
-    metadata) and answers only once the client has sent nothing for ``quiet_s``: a client then
-    puts out all its window allows. Records the most items it ever had unanswered."""
+    metadata) and holds its answers until ``answer_at`` items are unanswered (the most a test
+    expects the client to put out), or the client has sent nothing for ``quiet_s`` (while its
+    window is still small). Records the most items it ever had unanswered.
 
-    def __init__(self, window: int | None, quiet_s: float = 0.1) -> None:
+    A pause of the client on a busy machine can only bring an answer early in a round; the
+    window keeps growing, so a later round still reaches ``answer_at``: the lower bound does
+    not depend on the machine keeping up with a clock."""
+
+    def __init__(self, window: int | None, answer_at: int, quiet_s: float = 0.5) -> None:
         self.window = window
+        self.answer_at = answer_at
         self.quiet_s = quiet_s
         self.most_outstanding = 0
         self._lock = threading.Lock()
@@ -83,7 +89,7 @@ class WindowProbe(scorer_pb2_grpc.ScorerServicer):
         while True:
             time.sleep(0.005)
             with self._lock:
-                quiet = state["done"] or time.monotonic() - state["last"] > self.quiet_s
+                quiet = state["done"] or len(unanswered) >= self.answer_at or time.monotonic() - state["last"] > self.quiet_s
                 if not (quiet and unanswered):
                     if state["done"]:
                         return
@@ -97,8 +103,8 @@ def probe_server():
     """Start a WindowProbe on a real port: ``start(window)`` -> (probe, address)."""
     servers: list[grpc.Server] = []
 
-    def start(window: int | None) -> tuple[WindowProbe, str]:
-        probe = WindowProbe(window)
+    def start(window: int | None, answer_at: int) -> tuple[WindowProbe, str]:
+        probe = WindowProbe(window, answer_at)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         scorer_pb2_grpc.add_ScorerServicer_to_server(probe, server)
         port = server.add_insecure_port("127.0.0.1:0")
@@ -123,7 +129,7 @@ def pairs(n: int) -> list[clipserve.SimilarityInput]:
     ids=["small-window", "gpu-window", "server-says-nothing", "caller-caps-it"],
 )
 def test_a_fresh_client_keeps_outstanding_what_the_server_reads_ahead(probe_server, told, max_in_flight, at_most, at_least, n):
-    probe, address = probe_server(told)
+    probe, address = probe_server(told, answer_at=at_least)
     with clipserve.CLIP(address, max_in_flight=max_in_flight) as clip:
         results = clip.score_batch(pairs(n))
     assert [r.score for r in results] == [1.0] * n
@@ -132,7 +138,7 @@ def test_a_fresh_client_keeps_outstanding_what_the_server_reads_ahead(probe_serv
 
 
 def test_the_async_client_follows_the_servers_window_too(probe_server):
-    probe, address = probe_server(1000)
+    probe, address = probe_server(1000, answer_at=257)
 
     async def main() -> list:
         async with clipserve.AsyncCLIP(address) as clip:

@@ -12,7 +12,7 @@ from ._base import ClientBase, UnaryAttempts
 from ._chunks import Packer, answers
 from ._errors import ClipServeError
 from ._replicas import Replicas
-from ._run import STOP, WAIT, Lane, Run
+from ._run import STOP, Lane, Run, Take
 from ._types import EmbeddingResult, SimilarityInput, SimilarityResult
 from .v1 import scorer_pb2, scorer_pb2_grpc
 
@@ -24,7 +24,7 @@ class _Signal:
     """Wakes every coroutine waiting for the run to change (set from the event loop only)."""
 
     def __init__(self) -> None:
-        self._waiters: list[asyncio.Future] = []
+        self._waiters: list[asyncio.Future[None]] = []
 
     def notify(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -71,7 +71,7 @@ class AsyncCLIP(ClientBase):
         return await self._unary(lambda stub: stub.ListModels, scorer_pb2.ListModelsRequest())
 
     async def score_batch(
-        self, inputs: Iterable[SimilarityInput | tuple[str, str] | dict], *, progress: bool | None = None
+        self, inputs: Iterable[SimilarityInput | tuple[str, str] | dict[str, Any]], *, progress: bool | None = None
     ) -> list[SimilarityResult]:
         """Like ``CLIP.score_batch``: one result per input, in input order, never lost or doubled."""
         return await self._batch(self._score_job(inputs), progress)
@@ -83,7 +83,7 @@ class AsyncCLIP(ClientBase):
         return await self._batch(self._embed_job(images, images=True, raw=raw), progress)
 
     # -- internals -------------------------------------------------------------------------
-    async def _current_replicas(self) -> list:
+    async def _current_replicas(self) -> list[Any]:
         # Resolving a DNS name blocks: off the event loop.
         return await asyncio.to_thread(self._replicas.current) if self.discovery.dynamic else self._replicas.current()
 
@@ -96,10 +96,10 @@ class AsyncCLIP(ClientBase):
             except grpc.RpcError as exc:
                 await asyncio.sleep(attempts.failed(ClipServeError.from_rpc_error(exc)))
 
-    async def _batch(self, job: Any, progress: bool | None) -> list:
+    async def _batch(self, job: Any, progress: bool | None) -> list[Any]:
         signal = _Signal()
         run = self._run(job, progress, on_change=signal.notify)
-        workers: list[asyncio.Task] = []
+        workers: list[asyncio.Task[None]] = []
         try:
             while not run.done:
                 replicas = await self._current_replicas()
@@ -115,7 +115,7 @@ class AsyncCLIP(ClientBase):
             await asyncio.gather(*workers, return_exceptions=True)
         return run.in_order()
 
-    async def _work(self, run: Run, lane: Lane, signal: _Signal) -> None:
+    async def _work(self, run: Run[Any], lane: Lane, signal: _Signal) -> None:
         stub = self._replicas.stub(lane.replica)
         while (pause := run.before_stream(lane)) is not None:
             if pause > 0:
@@ -123,14 +123,14 @@ class AsyncCLIP(ClientBase):
                 continue
             run.stream_ended(lane, await self._stream(run, lane, stub, signal))
 
-    async def _stream(self, run: Run, lane: Lane, stub: scorer_pb2_grpc.ScorerStub, signal: _Signal) -> ClipServeError | None:
+    async def _stream(self, run: Run[Any], lane: Lane, stub: scorer_pb2_grpc.ScorerStub, signal: _Signal) -> ClipServeError | None:
         stream, chunked = lane.stream, lane.chunked
         packer = Packer(run.job.chunk if chunked else None)
 
         async def requests() -> AsyncIterator[Any]:
             while True:
                 take = run.take(lane, stream)
-                if take is STOP or take is WAIT:
+                if not isinstance(take, Take):  # STOP or WAIT
                     for message in packer.flush():  # nothing more ready: send what is packed
                         yield message
                     if take is STOP:

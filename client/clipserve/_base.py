@@ -51,8 +51,13 @@ class ClientBase:
         retry: When to retry UNAVAILABLE / RESOURCE_EXHAUSTED, and for how long to wait for a
             server that cannot be reached (see ``RetryPolicy``; by default 30 s).
         progress: Show a tqdm progress bar in batch calls by default.
-        tls, root_certificates, certificate_chain, private_key, auth_token: how to reach a
-            server that uses TLS, mutual TLS or a bearer token (see ``Connection``).
+        tls: Use TLS (implied by any of the PEM arguments).
+        root_certificates: CA bundle that signed the server's certificate (PEM bytes or
+            path); None with ``tls=True`` uses the system roots.
+        certificate_chain: The client certificate, for mutual TLS (PEM bytes or path).
+        private_key: The client certificate's key, for mutual TLS (PEM bytes or path).
+        auth_token: Sent as ``authorization: Bearer <token>``; defaults to
+            ``CLIPSERVE_AUTH_TOKEN``.
         max_upload_bytes: local files larger than this fail locally with INVALID_ARGUMENT
             instead of being sent (match the server's ``--max-image-bytes``).
         model: which of the server's models to use (``list_models()``); "" is its default.
@@ -107,13 +112,13 @@ class ClientBase:
         return stats
 
     # -- building requests -----------------------------------------------------------------
-    def _score_job(self, inputs: Iterable[SimilarityInput | tuple[str, str] | dict]) -> ScoreJob:
+    def _score_job(self, inputs: Iterable[SimilarityInput | tuple[str, str] | dict[str, Any]]) -> ScoreJob:
         return ScoreJob([coerce_input(x) for x in inputs], model=self.model)
 
     def _embed_job(self, inputs: Iterable[str], *, images: bool, raw: bool) -> EmbedJob:
         return EmbedJob(list(inputs), images=images, raw=raw, model=self.model)
 
-    def _run(self, job: Job, progress: bool | None, on_change: Any = None) -> Run:
+    def _run(self, job: Job[Any], progress: bool | None, on_change: Any = None) -> Run[Any]:
         return Run(
             job,
             address=self.address,
@@ -126,7 +131,7 @@ class ClientBase:
             on_change=on_change,
         )
 
-    def _build(self, run: Run, lane: Lane, take: Take) -> Any:
+    def _build(self, run: Run[Any], lane: Lane, take: Take) -> Any:
         """The wire request for ``take`` on ``lane``. May block (hashing or reading a local
         file): the sync client calls it on its stream threads, the aio one in a thread."""
         ref = run.job.image_ref(take.index)
@@ -139,7 +144,7 @@ class ClientBase:
         run.sending_file(lane, take.index, file.sha256, send, file.size)
         return request
 
-    def _needs_thread(self, run: Run, take: Take) -> bool:
+    def _needs_thread(self, run: Run[Any], take: Take) -> bool:
         ref = run.job.image_ref(take.index)
         return ref is not None and local_path(ref) is not None
 

@@ -14,7 +14,7 @@ from ._base import ClientBase, UnaryAttempts
 from ._chunks import Packer, answers
 from ._errors import ClipServeError
 from ._replicas import Replicas
-from ._run import STOP, WAIT, Lane, Run
+from ._run import STOP, Lane, Run, Take
 from ._types import EmbeddingResult, SimilarityInput, SimilarityResult
 from .v1 import scorer_pb2, scorer_pb2_grpc
 
@@ -55,7 +55,7 @@ class CLIP(ClientBase):
         return self._unary(lambda stub: stub.ListModels, scorer_pb2.ListModelsRequest())
 
     def score_batch(
-        self, inputs: Iterable[SimilarityInput | tuple[str, str] | dict], *, progress: bool | None = None
+        self, inputs: Iterable[SimilarityInput | tuple[str, str] | dict[str, Any]], *, progress: bool | None = None
     ) -> list[SimilarityResult]:
         """Score every pair; one result per input, in input order.
 
@@ -63,7 +63,8 @@ class CLIP(ClientBase):
         (as many outstanding per replica as it reads ahead, at most ``max_in_flight``). A
         pair that fails gets ``score=None`` and ``error`` set; it never aborts the others. If a
         stream breaks (server restart, overload, a replica gone), its unanswered pairs go to
-        the others. Local files cross the network once per server (see the README).
+        the others. Local files cross the network once per server (docs/sdk.md, "What
+        crosses the wire for local files").
         """
         return self._batch(self._score_job(inputs), progress)
 
@@ -87,7 +88,7 @@ class CLIP(ClientBase):
             except grpc.RpcError as exc:
                 time.sleep(attempts.failed(ClipServeError.from_rpc_error(exc)))
 
-    def _batch(self, job: Any, progress: bool | None) -> list:
+    def _batch(self, job: Any, progress: bool | None) -> list[Any]:
         run = self._run(job, progress)
         workers: list[threading.Thread] = []
         try:
@@ -110,7 +111,7 @@ class CLIP(ClientBase):
                 worker.join(timeout=10)
         return run.in_order()
 
-    def _work(self, run: Run, lane: Lane) -> None:
+    def _work(self, run: Run[Any], lane: Lane) -> None:
         """One replica's worker: a stream at a time, pausing between failed ones."""
         stub = self._replicas.stub(lane.replica)
         while (pause := run.before_stream(lane)) is not None:
@@ -119,7 +120,7 @@ class CLIP(ClientBase):
                 continue
             run.stream_ended(lane, self._stream(run, lane, stub))
 
-    def _stream(self, run: Run, lane: Lane, stub: scorer_pb2_grpc.ScorerStub) -> ClipServeError | None:
+    def _stream(self, run: Run[Any], lane: Lane, stub: scorer_pb2_grpc.ScorerStub) -> ClipServeError | None:
         """One stream to the lane's replica, sending what the run hands it; returns the error
         that ended it, or None."""
         stream, chunked = lane.stream, lane.chunked
@@ -130,7 +131,7 @@ class CLIP(ClientBase):
             # and sends what it has packed as soon as nothing more is ready.
             while True:
                 take = run.take(lane, stream) if packer else run.take_blocking(lane, stream, _POLL_S)
-                if take is STOP or take is WAIT:
+                if not isinstance(take, Take):  # STOP or WAIT
                     yield from packer.flush()
                     if take is STOP:
                         return

@@ -150,7 +150,8 @@ def _write_npz(path: Path, matrix: Any, errors: Any) -> None:
 
 def _load_parts(parts: Path) -> tuple[Any, list[str | None]]:
     np = _numpy()
-    matrices, errors = [], []
+    matrices: list[Any] = []
+    errors: list[str | None] = []
     for part in sorted(parts.glob("*.npz")):
         with np.load(part) as data:
             matrices.append(data["embedding"])

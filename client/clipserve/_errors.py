@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 
@@ -22,7 +24,7 @@ class ClipServeError(Exception):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
-        self.results: list | None = None
+        self.results: list[Any] | None = None
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> "ClipServeError":

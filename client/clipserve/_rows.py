@@ -72,7 +72,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [parse_jsonl_line(path, number, line) for number, line in enumerate(split_lines(text), 1) if line.strip()]
 
 
-def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """Write ``path`` as a temporary file in the same folder, then rename it into place: a
     crash half way leaves the old file whole, never a truncated one."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -292,11 +292,11 @@ class Run(Generic[R]):
                 index = self._queue.popleft()
                 if self.results[index] is None:
                     return self._sending(lane, Take(index))
-            index = self._hedge(lane)
-            if index is not None:
+            hedged = self._hedge(lane)
+            if hedged is not None:
                 with self._stats_lock:
                     self._stats.hedges += 1
-                return self._sending(lane, Take(index))
+                return self._sending(lane, Take(hedged))
             return WAIT
 
     def take_blocking(self, lane: Lane, stream: int, timeout: float) -> Take | str:

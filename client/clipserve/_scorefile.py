@@ -9,7 +9,6 @@ re-score, in place, the rows of a scored file whose score is null or missing.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -253,7 +252,8 @@ def score_file(clip: Any, job: FileJob, *, resume: bool = False, chunk_size: int
             results, error = _score_rows(clip, [rows[i] for i in chunk], job, urls)
             if error is not None:
                 # Keep the output a prefix of the input that --resume can carry on from.
-                results = list(itertools.takewhile(lambda r: r.error_code != error.code.name, results))
+                stop = next((n for n, r in enumerate(results) if r.error_code == error.code.name), len(results))
+                results = results[:stop]
             writer.write([{**rows[i], **job.result_columns(result)} for i, result in zip(chunk, results)])
             tally.add(results)
             bar.update(len(results))

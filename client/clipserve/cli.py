@@ -11,6 +11,8 @@ from pathlib import Path
 
 import grpc
 
+from ._pipes import quiet_on_closed_pipe
+
 _SERVER_MODULES = ("torch", "transformers", "PIL", "aiohttp", "grpc_reflection")
 
 
@@ -130,11 +132,23 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return _print_reply(args, "list_models")
 
 
+def _cannot_plot(args: argparse.Namespace) -> bool:
+    """--plot without matplotlib: said at once (exit status 2), not after an hour's run."""
+    from ._plot import missing
+
+    problem = missing() if args.plot else None
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+    return problem is not None
+
+
 def _cmd_embed_file(args: argparse.Namespace) -> int:
     from . import CLIP, ClipServeError
     from ._embedfile import EmbedJob, embed_file
     from ._rows import RunFailed
 
+    if _cannot_plot(args):
+        return 2
     job = EmbedJob(
         input=Path(args.input),
         output=Path(args.output),
@@ -146,11 +160,17 @@ def _cmd_embed_file(args: argparse.Namespace) -> int:
     try:
         with CLIP(args.address, timeout=args.timeout, model=args.model, **_security(args)) as clip:
             summary = embed_file(clip, job, resume=args.resume, chunk_size=args.chunk_size, progress=not args.no_progress)
+        if args.plot:
+            from ._plot import plot_embed_file
+
+            plot_embed_file(Path(args.plot), job)
     except (RunFailed, ClipServeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for line in summary.lines():
         print(line, file=sys.stderr)
+    if args.plot:
+        print(f"chart: {args.plot}", file=sys.stderr)
     return 0
 
 
@@ -158,6 +178,8 @@ def _cmd_score_file(args: argparse.Namespace) -> int:
     from . import CLIP, ClipServeError
     from ._scorefile import FileJob, RunFailed, job_settings_from_config, retry_failed, score_file
 
+    if _cannot_plot(args):
+        return 2
     settings = job_settings_from_config(args.config) if args.config else {}
     for field in ("qrels", "images", "output", "column_query", "column_image_id", "image_url_column", "image_base_url", "col_name", "error_column"):
         if getattr(args, field) is not None:
@@ -168,20 +190,27 @@ def _cmd_score_file(args: argparse.Namespace) -> int:
         return 2
     # --retry-failed re-scores the output: with -o (or qrels_with_score_jsonl), no qrels file is read.
     default_output = qrels.with_name(qrels.stem + "_with_score" + qrels.suffix) if qrels is not None else None
-    output = Path(settings.pop("output", None) or default_output)
+    output = settings.pop("output", None) or default_output
+    assert output is not None  # checked above: without a qrels file, --retry-failed names the output
     images = settings.pop("images", None)
-    job = FileJob(qrels=qrels, output=output, images=Path(images) if images else None, **settings)
+    job = FileJob(qrels=qrels, output=Path(output), images=Path(images) if images else None, **settings)
     try:
         with CLIP(args.address, config=args.config, timeout=args.timeout, model=args.model, **_security(args)) as clip:
             if args.retry_failed:
                 summary = retry_failed(clip, job, chunk_size=args.chunk_size, progress=not args.no_progress)
             else:
                 summary = score_file(clip, job, resume=args.resume, chunk_size=args.chunk_size, progress=not args.no_progress)
+        if args.plot:
+            from ._plot import plot_score_file
+
+            plot_score_file(Path(args.plot), job, summary.tally.codes)
     except (RunFailed, ClipServeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for line in summary.lines():
         print(line, file=sys.stderr)
+    if args.plot:
+        print(f"chart: {args.plot}", file=sys.stderr)
     return 0
 
 
@@ -232,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-score, in the output file, the rows whose score is null or missing; every other row stays byte for byte",
     )
     score_file.add_argument("--chunk-size", type=int, default=1024, help="rows scored and written at a time")
+    score_file.add_argument(
+        "--plot", default=None, metavar="PNG", help="also chart the output: scores overall and per query, failures by code (needs clipserve[plot])"
+    )
     score_file.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_address(score_file)
     _add_model(score_file)
@@ -255,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed_file.add_argument("--raw", action="store_true", help="the model's own features instead of unit vectors")
     embed_file.add_argument("--resume", action="store_true", help="keep the chunks an interrupted run saved and embed the rest")
     embed_file.add_argument("--chunk-size", type=int, default=1024, help="rows embedded and saved at a time")
+    embed_file.add_argument(
+        "--plot", default=None, metavar="PNG", help="also chart the output: how alike the vectors are, their lengths, failures by code (needs clipserve[plot])"
+    )
     embed_file.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_address(embed_file)
     _add_model(embed_file)
@@ -271,12 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def _run(argv: list[str]) -> int:
     if argv and argv[0] == "serve":
         return _cmd_serve(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    return quiet_on_closed_pipe(lambda: _run(argv))
 
 
 if __name__ == "__main__":

@@ -10,17 +10,23 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
 from clipserve.v1 import scorer_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from .images.decode_pool import Decoder, build_decoder
+from .images.fetch import FetchSettings, ImageFetcher
 from .inference.engine import ScoringEngine
+from .inference.instances import Instance, InstancePool
+from .models.devices import Device, resolve_devices
 from .models.memory import check_fits
 from .models.model import EmbeddingModel
+from .serving import oip_messages
+from .serving.open_inference import OpenInferenceServicer, add_open_inference_to_server
 from .serving.registry import ModelRegistry
 from .serving.security import interceptors, server_credentials
 from .serving.servicer import ScorerServicer, add_scorer_to_server
@@ -34,6 +40,9 @@ log = logging.getLogger(__name__)
 _YOUNG_GENERATION = 10_000
 
 SCORER_SERVICE = scorer_pb2.DESCRIPTOR.services_by_name["Scorer"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# Health answers for the whole server ("") and for each service that scores.
+_SCORING_SERVICES = ("", SCORER_SERVICE, oip_messages.SERVICE)
 ModelFactory = Callable[[ModelSpec, ServerConfig], EmbeddingModel]
 
 
@@ -46,19 +55,20 @@ def load_configured_model(spec: ModelSpec, config: ServerConfig) -> EmbeddingMod
 class ModelLoadError(RuntimeError):
     """Loading one of the configured models failed; ``__cause__`` says why."""
 
-    def __init__(self, spec: ModelSpec) -> None:
-        super().__init__(f"could not load the model {spec.name!r} ({spec.source})")
+    def __init__(self, spec: ModelSpec, device: str = "") -> None:
+        super().__init__(f"could not load the model {spec.name!r} ({spec.source})" + (f" on {device}" if device else ""))
         self.spec = spec
 
 
-def _one_at_a_time(forward: Callable, lock: threading.Lock) -> Callable:
-    """A model's forward that waits for the other models' on the same device."""
+def _sharing_the_device(forward: Callable, slots: threading.Semaphore) -> Callable:
+    """A model's forward that waits for a free slot of its device: with several models, a
+    device runs as many forwards at once as ``--instances``, whichever models they are for."""
 
-    def locked(texts: list, images: list) -> Any:
-        with lock:
+    def shared(texts: list, images: list) -> Any:
+        with slots:
             return forward(texts, images)
 
-    return locked
+    return shared
 
 
 class ClipServer:
@@ -69,6 +79,7 @@ class ClipServer:
         self._model_factory = model_factory
         self._registry = ModelRegistry([spec.name for spec in config.models], config.default_model)
         self._decoder: Decoder | None = None
+        self._fetcher: ImageFetcher | None = None
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._loader: asyncio.Task | None = None
@@ -92,11 +103,16 @@ class ClipServer:
         add_scorer_to_server(
             ScorerServicer(self._registry, stream_max_in_flight=self.config.resolved_stream_max_in_flight, metrics=self.metrics), self._server
         )
+        alias = self.config.resolved_v2_alias
+        if self.config.v2_alias and not alias:
+            log.warning("a model is named %r, so the Open Inference Protocol serves it under that name with the batch signature; "
+                        "set --v2-alias to another name for the Triton CLIP signature", self.config.v2_alias)
+        add_open_inference_to_server(OpenInferenceServicer(self._registry, alias=alias, metrics=self.metrics), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            (SCORER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._server,
-        )
+        # From one pool that holds every service's schema, the protocol's private one included
+        # (oip_messages: it cannot be in the default pool).
+        schemas = oip_messages.pool(*(module.DESCRIPTOR.serialized_pb for module in (scorer_pb2, health_pb2, reflection_pb2)))
+        reflection.enable_server_reflection((SCORER_SERVICE, oip_messages.SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server, pool=schemas)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.config.host}:{self.config.port}"
         if credentials is None:
@@ -118,40 +134,54 @@ class ClipServer:
         await asyncio.shield(self._loader)
 
     async def _load(self) -> None:
-        """Load every model (refusing at once a set that cannot fit), then serve them all."""
-        loop = asyncio.get_running_loop()
+        """Load every model on every device (refusing at once a set that cannot fit), then serve
+        them all."""
         specs = self.config.models
         if self._model_factory is load_configured_model:
-            await loop.run_in_executor(None, check_fits, specs, self.config)
-        models = []
+            await asyncio.get_running_loop().run_in_executor(None, check_fits, specs, self.config)
+        devices = resolve_devices(self.config.device)
+        loaded: list[list[EmbeddingModel]] = []  # per model, one per device: weights once per device
         for spec in specs:
-            try:
-                model = await loop.run_in_executor(None, self._model_factory, spec, self.config)
-                await loop.run_in_executor(None, model.warmup)
-            except Exception as exc:
-                raise ModelLoadError(spec) from exc
-            models.append(model)
-        # One decode pool for every model; one forward pass at a time per device.
-        setup = model_thread_setup()  # before any decode thread has run: the process's threads
-        self._decoder = build_decoder(models, self.config)
+            loaded.append([await self._load_one(spec, device, len(devices) > 1) for device in devices])
+        # One decode pool for every model (preprocessing does not depend on the device; with
+        # --gpu-decode, images land on the first device and move with their batch).
+        instances = self.config.instances
+        cpu_threads = model_thread_setup(share=instances * sum(device.is_cpu for device in devices))
+        gpu_threads = model_thread_setup()  # both before any decode thread has run: the process's threads
+        self._decoder = build_decoder([models[0] for models in loaded], self.config, self.metrics)
         await self._decoder.start()
-        locks: dict[str, threading.Lock] = {}
-        for job, (spec, model) in enumerate(zip(specs, models)):
-            forward = model.forward if len(models) == 1 else _one_at_a_time(model.forward, locks.setdefault(model.description.device, threading.Lock()))
+        # One fetcher for every model: one count of each host's connections.
+        self._fetcher = FetchSettings.of(self.config).fetcher(self.metrics)
+        await self._fetcher.start()
+        slots = {device.name: threading.BoundedSemaphore(instances) for device in devices}
+        for job, (spec, models) in enumerate(zip(specs, loaded)):
+            pool = InstancePool([
+                Instance(
+                    device.name,
+                    index,
+                    model.forward if len(specs) == 1 else _sharing_the_device(model.forward, slots[device.name]),
+                    cpu_threads if device.is_cpu else gpu_threads,
+                )
+                for device, model in zip(devices, models)
+                for index in range(instances)
+            ])
             engine = ScoringEngine(
-                model,
+                models[0],
                 self.config,
                 decoder=self._decoder.for_job(job),
                 on_dead=self._engine_died,
                 metrics=self.metrics,
                 name=spec.name,
-                forward=forward,
-                thread_setup=setup,
+                instances=pool,
+                fetcher=self._fetcher,
             )
             await engine.start()
             self._registry.add(spec.name, engine)
-            d = model.description
-            log.info("serving %s as %r on %s (%s, %s), embedding dim %d", d.model_id, spec.name, d.device, d.dtype, d.backend, d.embedding_dim)
+            d = models[0].description
+            log.info(
+                "serving %s as %r on %s (%s, %s), embedding dim %d, %d instance(s) per device",
+                d.model_id, spec.name, engine.device, d.dtype, d.backend, d.embedding_dim, instances,
+            )
         self.metrics.attach(self._registry.engines)
         # What is loaded by now (torch, transformers, the models: millions of objects) lives as
         # long as the process. Frozen, it is out of the cyclic collector's sight: otherwise every
@@ -167,12 +197,21 @@ class ClipServer:
         gc.set_threshold(_YOUNG_GENERATION, *gc.get_threshold()[1:])
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
+    async def _load_one(self, spec: ModelSpec, device: Device, several: bool) -> EmbeddingModel:
+        loop = asyncio.get_running_loop()
+        try:
+            model = await loop.run_in_executor(None, self._model_factory, spec, replace(self.config, device=device.torch))
+            await loop.run_in_executor(None, model.warmup)
+        except Exception as exc:
+            raise ModelLoadError(spec, device.name if several else "") from exc
+        return model
+
     def _engine_died(self, exc: BaseException) -> None:
         # Health must never claim SERVING for a server that cannot score.
         asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
 
     async def _set_health(self, status: int) -> None:
-        for service in ("", SCORER_SERVICE):
+        for service in _SCORING_SERVICES:
             await self._health.set(service, status)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -186,6 +225,8 @@ class ClipServer:
             await self._server.stop(grace)
         for _, engine in self._registry.engines():
             await engine.stop()
+        if self._fetcher is not None:
+            await self._fetcher.close()
         if self._decoder is not None:
             await self._decoder.close()
 

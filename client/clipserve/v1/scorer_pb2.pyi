@@ -135,7 +135,7 @@ class CacheStats(_message.Message):
     def __init__(self, capacity: _Optional[int] = ..., entries: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., hit_rate: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "device", "dtype", "embedding_dim", "logit_scale", "logit_bias", "max_text_tokens", "max_batch_size", "max_batch_delay_ms", "text_cache", "image_cache", "server_version", "compiled", "normalized", "replica", "name", "backend", "text_model_id", "image_runtime", "text_runtime")
+    __slots__ = ("model_id", "device", "dtype", "embedding_dim", "logit_scale", "logit_bias", "max_text_tokens", "max_batch_size", "max_batch_delay_ms", "text_cache", "image_cache", "server_version", "compiled", "normalized", "replica", "name", "backend", "text_model_id", "instances", "image_runtime", "text_runtime")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class ModelInfo(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     TEXT_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
     IMAGE_RUNTIME_FIELD_NUMBER: _ClassVar[int]
     TEXT_RUNTIME_FIELD_NUMBER: _ClassVar[int]
     model_id: str
@@ -174,6 +175,23 @@ class ModelInfo(_message.Message):
     name: str
     backend: str
     text_model_id: str
+    instances: _containers.RepeatedCompositeFieldContainer[InstanceInfo]
     image_runtime: str
     text_runtime: str
-    def __init__(self, model_id: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., logit_scale: _Optional[float] = ..., logit_bias: _Optional[float] = ..., max_text_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_batch_delay_ms: _Optional[float] = ..., text_cache: _Optional[_Union[CacheStats, _Mapping]] = ..., image_cache: _Optional[_Union[CacheStats, _Mapping]] = ..., server_version: _Optional[str] = ..., compiled: _Optional[bool] = ..., normalized: _Optional[bool] = ..., replica: _Optional[str] = ..., name: _Optional[str] = ..., backend: _Optional[str] = ..., text_model_id: _Optional[str] = ..., image_runtime: _Optional[str] = ..., text_runtime: _Optional[str] = ...) -> None: ...
+    def __init__(self, model_id: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., logit_scale: _Optional[float] = ..., logit_bias: _Optional[float] = ..., max_text_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_batch_delay_ms: _Optional[float] = ..., text_cache: _Optional[_Union[CacheStats, _Mapping]] = ..., image_cache: _Optional[_Union[CacheStats, _Mapping]] = ..., server_version: _Optional[str] = ..., compiled: _Optional[bool] = ..., normalized: _Optional[bool] = ..., replica: _Optional[str] = ..., name: _Optional[str] = ..., backend: _Optional[str] = ..., text_model_id: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ..., image_runtime: _Optional[str] = ..., text_runtime: _Optional[str] = ...) -> None: ...
+
+class InstanceInfo(_message.Message):
+    __slots__ = ("device", "index", "forwards", "items", "busy_seconds", "alive")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    FORWARDS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    index: int
+    forwards: int
+    items: int
+    busy_seconds: float
+    alive: bool
+    def __init__(self, device: _Optional[str] = ..., index: _Optional[int] = ..., forwards: _Optional[int] = ..., items: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., alive: _Optional[bool] = ...) -> None: ...

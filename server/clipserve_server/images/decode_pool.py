@@ -3,11 +3,11 @@
 Threads start at once and hand their result over without a copy, but they share this process's
 GIL with the event loop: every time PIL or torch gives the GIL back and wants it again, a busy
 loop can keep it for up to the 5 ms switch interval, and numpy's view of a PIL image is built
-while holding it. That is fine for a few cores and stops scaling long before 16 (see the
-README's "How it is fast"). Worker processes (``--decode-pool processes``, ``decode_worker``)
-each have their own GIL and download URLs themselves: this process hands over a URL, or copies an
-upload's bytes into memory it shares with the worker, and copies the preprocessed crop out of it,
-on the event loop, with no thread hop.
+while holding it. That is fine for a few cores and stops scaling long before 16 (see
+docs/performance/how-it-is-fast.md). Worker processes (``--decode-pool processes``,
+``decode_worker``) each have their own GIL and download URLs themselves: this process hands
+over a URL, or copies an upload's bytes into memory it shares with the worker, and copies the
+preprocessed crop out of it, on the event loop, with no thread hop.
 
 One pool serves every model of the server: each model's preprocessing is a ``DecodeJob``, and
 each request names the job (``decoder.for_job(i)`` gives a model its own view).
@@ -33,14 +33,16 @@ from ..utils.config import ServerConfig
 from ..utils.errors import ErrorKind, ItemError
 from ..utils.threads import decode_thread_setup
 from .decode import decode_image, decode_rgb_tensor, open_image, torchvision_decodes_exactly
+from .device_decode import BatchDecodeFn, DeviceBatches
 from .decode_worker import READY, REPLY, REQUEST, RESULT_SLOT_BYTES, SIZE, STATUS, UPLOAD_SLOTS, results_size
 from .fetch import FetchError, FetchSettings
+from .fetch_events import FetchEvents, replay
 
 log = logging.getLogger(__name__)
 
 # Above this many decode workers, "auto" picks processes. Threads hold the GIL for ~1.9 ms of
 # each photo and stall behind a busy event loop: as good as processes on 2 cores (measured),
-# a ceiling of a few hundred images/s on many (README, "Decoding on every core").
+# a ceiling of a few hundred images/s on many (docs/performance/how-it-is-fast.md, "Decoding on every core").
 AUTO_PROCESSES_ABOVE = 4
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -119,18 +121,19 @@ class ImageModel(Protocol):
     @property
     def decode_size(self) -> tuple[int, int] | None: ...
 
-    def device_jpeg_decoder(self) -> Callable[[bytes], Any]: ...
+    def device_jpeg_decoder(self) -> BatchDecodeFn: ...
 
 
-def build_decoder(models: Sequence[ImageModel], config: ServerConfig) -> Decoder:
-    """One pool for ``models``; model i's images go through job i."""
+def build_decoder(models: Sequence[ImageModel], config: ServerConfig, events: FetchEvents | None = None) -> Decoder:
+    """One pool for ``models``; model i's images go through job i. ``events``: where worker
+    processes' downloads are reported."""
     jobs = [DecodeJob(m.image_preprocessor(), config.max_image_pixels, m.decode_size if config.jpeg_draft else None) for m in models]
     workers = config.resolved_decode_workers
     if config.gpu_decode:
         # nvJPEG leaves little CPU work per image, and the CUDA context lives in this process.
-        return ThreadDecoder(jobs, workers, on_device=[m.device_jpeg_decoder() for m in models])
+        return ThreadDecoder(jobs, workers, on_device=[m.device_jpeg_decoder() for m in models], max_device_batch=config.max_batch_size)
     if config.decode_pool == "processes" or (config.decode_pool == "auto" and workers > AUTO_PROCESSES_ABOVE):
-        return ProcessDecoder(jobs, workers, max_image_bytes=config.max_image_bytes, fetch=FetchSettings.of(config))
+        return ProcessDecoder(jobs, workers, max_image_bytes=config.max_image_bytes, fetch=FetchSettings.of(config), events=events)
     return ThreadDecoder(jobs, workers)
 
 
@@ -139,16 +142,19 @@ def _jobs(jobs: DecodeJob | Sequence[DecodeJob]) -> list[DecodeJob]:
 
 
 class ThreadDecoder:
-    """Threads of this process; the event loop downloads what they decode."""
+    """Threads of this process; the event loop downloads what they decode. With ``on_device``
+    (``--gpu-decode``: a batch decoder per job), JPEGs go to the model's device in batches
+    (device_decode) and everything else, or what the device refuses, to the threads."""
 
     fetches = False
 
     def __init__(
-        self, jobs: DecodeJob | Sequence[DecodeJob], workers: int, *, on_device: Callable[[bytes], Any] | Sequence[Callable[[bytes], Any]] | None = None
+        self, jobs: DecodeJob | Sequence[DecodeJob], workers: int, *, on_device: BatchDecodeFn | Sequence[BatchDecodeFn] | None = None, max_device_batch: int = 64
     ) -> None:
         self._jobs = _jobs(jobs)
-        self._on_device = [on_device] if callable(on_device) else list(on_device or [None] * len(self._jobs))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipserve-decode", initializer=decode_thread_setup)
+        decoders = [on_device] if callable(on_device) else list(on_device or [None] * len(self._jobs))
+        self._on_device = [DeviceBatches(d, self._pool, max_device_batch) if d is not None else None for d in decoders]
 
     def for_job(self, job: int) -> JobDecoder:
         return JobDecoder(self, job)
@@ -158,29 +164,30 @@ class ThreadDecoder:
             await asyncio.get_running_loop().run_in_executor(self._pool, job.warm)
 
     async def decode(self, data: bytes, name: str, job: int = 0) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._decode, data, name, job)
+        on_device = self._on_device[job]
+        if on_device is not None and data.startswith(_JPEG_MAGIC):
+            # The header only (no pixels decoded): the limits hold before the device sees it.
+            header = open_image(data, max_pixels=self._jobs[job].max_pixels, name=name)
+            if header.mode in ("RGB", "L"):  # CMYK and friends: the CPU decodes them exactly
+                try:
+                    return await on_device.decode(data)
+                except RuntimeError as exc:  # a JPEG that nvJPEG does not take: the CPU path decodes it
+                    log.debug("%s: nvJPEG refused it (%s); decoding on the CPU", name, exc)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._jobs[job], data, name)
 
     async def fetch_and_decode(self, url: str, name: str, job: int = 0) -> Any:
         raise NotImplementedError("the event loop downloads for decode threads")
 
     async def close(self) -> None:
+        for batches in self._on_device:
+            if batches is not None:
+                batches.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def _decode(self, data: bytes, name: str, job: int) -> Any:
-        on_device = self._on_device[job]
-        if on_device is not None and data.startswith(_JPEG_MAGIC):
-            header = open_image(data, max_pixels=self._jobs[job].max_pixels, name=name)  # the limits hold here too
-            if header.mode in ("RGB", "L"):  # CMYK and friends: the CPU decodes them exactly
-                try:
-                    return on_device(data)
-                except RuntimeError as exc:  # a JPEG that nvJPEG does not take: the CPU path decodes it
-                    log.debug("%s: nvJPEG refused it (%s); decoding on the CPU", name, exc)
-        return self._jobs[job](data, name)
 
 
 # -- worker processes -----------------------------------------------------------------------------
 
-_SERVER_ROOT = str(Path(__file__).resolve().parent.parent)  # so that a worker imports this very package
+_SERVER_ROOT = str(Path(__file__).resolve().parents[2])  # so that a worker imports this very package
 _NO_ROOM_WAIT_S = 0.05  # a worker could not be replaced: the others' slots free up soon
 
 
@@ -192,8 +199,12 @@ class ProcessDecoder:
     """Worker processes (``decode_worker``), each sent at most two uploads at a time and, with
     ``fetch``, a share of the downloads: they fetch the URLs themselves."""
 
-    def __init__(self, jobs: DecodeJob | Sequence[DecodeJob], workers: int, *, max_image_bytes: int, fetch: FetchSettings | None = None) -> None:
-        self._setup = pickle.dumps((_jobs(jobs), fetch), protocol=pickle.HIGHEST_PROTOCOL)
+    def __init__(
+        self, jobs: DecodeJob | Sequence[DecodeJob], workers: int, *, max_image_bytes: int, fetch: FetchSettings | None = None, events: FetchEvents | None = None
+    ) -> None:
+        # Each worker fetches with its share of each host's connections: together, within the cap.
+        self._setup = pickle.dumps((_jobs(jobs), fetch.share(workers) if fetch is not None else None), protocol=pickle.HIGHEST_PROTOCOL)
+        self._events = events
         self._size = workers
         self._image_slot_bytes = max_image_bytes
         self._download_slots = -(-fetch.concurrency // workers) if fetch is not None else 0
@@ -264,7 +275,7 @@ class ProcessDecoder:
             await proc.stdout.readexactly(len(READY))
         except asyncio.IncompleteReadError:
             raise RuntimeError(f"an image decoder process failed to start (exit code {await proc.wait()}); its error is above") from None
-        return _Worker(proc, images.map, self._image_slot_bytes, results.map, slots, self._lost)
+        return _Worker(proc, images.map, self._image_slot_bytes, results.map, slots, self._lost, self._events)
 
     def _lost(self, worker: _Worker, code: int | None) -> None:
         if worker in self._workers:
@@ -305,7 +316,9 @@ class _Worker:
         results: mmap.mmap,
         slots: int,
         on_exit: Callable[[_Worker, int | None], None],
+        events: FetchEvents | None = None,
     ) -> None:
+        self._events = events
         self._proc = proc
         self._images = images
         self._image_slot_bytes = image_slot_bytes
@@ -352,9 +365,11 @@ class _Worker:
                         buffers.append(bytearray(results[offset : offset + length]))
                         offset += length
                 self._free[slot >= UPLOAD_SLOTS].append(slot)
+                ok, value, fetched = pickle.loads(payload, buffers=buffers)
+                if self._events is not None:
+                    replay(fetched, self._events)
                 if future.done():
                     continue
-                ok, value = pickle.loads(payload, buffers=buffers)
                 if ok:
                     future.set_result(value)
                 else:

@@ -10,8 +10,8 @@ the worker's stdin and stdout, so the server spends a memcpy of an upload and of
 instead of pushing them through pipes (measured: ~0.8 ms of its CPU per photo with pipes).
 
 A URL comes alone: the worker downloads it itself, with the server's own ``ImageFetcher``
-(address guard, redirects, size cap, timeout), so the server's event loop spends nothing on
-the download. Downloads run concurrently on the worker's event loop; decoding runs on it one image
+(address guard, redirects, size cap, budget, retries, its share of each host's connections), so
+the server's event loop spends nothing on the download. Downloads run concurrently on the worker's event loop; decoding runs on it one image
 at a time, so a slow download holds only its own slot, never the decoder.
 """
 
@@ -31,6 +31,7 @@ import numpy as np
 from ..utils.errors import ErrorKind, ItemError
 from ..utils.threads import single_threaded_torch
 from .fetch import FetchError, FetchSettings
+from .fetch_events import FetchTally
 
 if TYPE_CHECKING:
     from .decode_pool import DecodeJob
@@ -40,7 +41,9 @@ if TYPE_CHECKING:
 # name bytes; then the URL and the name.
 REQUEST = struct.Struct("<IIIII")
 # worker -> server, per item: slot, pickle bytes, out-of-band buffers; then their sizes, then the
-# pickle of (ok, value). value: the result, or (ErrorKind name, message, whether a download failed).
+# pickle of (ok, value, fetch events). value: the result, or (ErrorKind name, message, whether a
+# download failed); fetch events: what the worker's downloads did since its last reply
+# (``FetchTally.drain``), for the server's metrics.
 REPLY = struct.Struct("<III")
 SIZE = struct.Struct("<Q")
 STATUS = struct.Struct("<I")  # 1 + the slot being decoded, 0 while none is: who is to blame for a crash
@@ -57,7 +60,8 @@ def results_size(slots: int) -> int:
 class _Worker:
     def __init__(self, jobs: Sequence[DecodeJob], fetch: FetchSettings | None, replies: IO[bytes], images: mmap.mmap, image_slot_bytes: int, results: mmap.mmap, slots: int) -> None:
         self._jobs = jobs
-        self._fetcher = fetch.fetcher() if fetch is not None else None
+        self._tally = FetchTally()
+        self._fetcher = fetch.fetcher(self._tally) if fetch is not None else None
         self._replies = replies
         self._images = images
         self._image_slot_bytes = image_slot_bytes
@@ -120,10 +124,11 @@ class _Worker:
         if isinstance(value, np.ndarray):
             value = np.ascontiguousarray(value)  # a strided view would be pickled in-band
         buffers: list[pickle.PickleBuffer] = []
-        payload = pickle.dumps((ok, value), protocol=5, buffer_callback=buffers.append)
+        reply = (ok, value, self._tally.drain())
+        payload = pickle.dumps(reply, protocol=5, buffer_callback=buffers.append)
         raw = [buffer.raw() for buffer in buffers]
         if sum(view.nbytes for view in raw) > RESULT_SLOT_BYTES:
-            payload, raw = pickle.dumps((ok, value), protocol=5), []
+            payload, raw = pickle.dumps(reply, protocol=5), []
         offset = slot * RESULT_SLOT_BYTES
         for view in raw:
             self._results[offset : offset + view.nbytes] = view

@@ -1,21 +1,29 @@
-"""Downloading images over HTTP(S): pooled connections, a timeout, a size cap, a guard.
+"""Downloading images over HTTP(S): pooled connections, a size cap, a guard, retries, politeness.
 
-Redirects are followed by hand so that every hop's scheme and address is checked. The server's
-event loop fetches with it, or each decode worker process does (``decode_worker``): the same
-class and settings either way.
+Redirects are followed by hand so that every hop's scheme and address is checked, and so that a
+``--fetch-header`` reaches only the host it was meant for. A transient failure is tried again
+(``retry``) within the item's one budget, ``--fetch-timeout-s``; each request holds one of its
+host's slots (``hosts``). The server's event loop fetches with it, or each decode worker process
+does (``decode_worker``): the same class and settings either way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
+from ..utils.config import FetchHeader, fetch_headers
 from ..utils.errors import ErrorKind, ItemError
+from .fetch_events import FetchEvents
+from .hosts import HostGate
 from .netguard import ForbiddenAddressError, GuardedResolver, literal_ip
+from .retry import DEFAULT_RETRY, RETRY_STATUSES, RetryPolicy, parse_retry_after
 
 if TYPE_CHECKING:
     from ..utils.config import ServerConfig
@@ -23,10 +31,20 @@ if TYPE_CHECKING:
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 _CHUNK = 64 * 1024
+T = TypeVar("T")
 
 
 class FetchError(ItemError):
-    """A download failed (as opposed to the image it brought): counted by reason in the metrics."""
+    """A download failed (as opposed to the image it brought): counted by reason in the metrics.
+
+    ``outcome`` names the failure for the attempt metrics; ``retry``: whether another attempt
+    may succeed; ``retry_after``: the seconds the host asked us to wait first, if it did."""
+
+    def __init__(self, kind: ErrorKind, message: str, *, outcome: str = "error", retry: bool = False, retry_after: float | None = None) -> None:
+        super().__init__(kind, message)
+        self.outcome = outcome
+        self.retry = retry
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -39,16 +57,39 @@ class FetchSettings:
     max_redirects: int
     allow_private_networks: bool
     concurrency: int
+    attempt_timeout_s: float = 10.0
+    retry: RetryPolicy = DEFAULT_RETRY
+    host_connections: int = 32
+    headers: tuple[FetchHeader, ...] = ()
 
     @classmethod
     def of(cls, config: ServerConfig) -> FetchSettings:
-        return cls(config.fetch_timeout_s, config.max_image_bytes, config.max_redirects, config.allow_private_networks, config.fetch_concurrency)
+        return cls(
+            config.fetch_timeout_s, config.max_image_bytes, config.max_redirects, config.allow_private_networks, config.fetch_concurrency,
+            attempt_timeout_s=config.fetch_attempt_timeout_s, retry=RetryPolicy(config.fetch_attempts, config.fetch_backoff_s),
+            host_connections=config.fetch_host_connections, headers=fetch_headers(config.fetch_header),
+        )
 
-    def fetcher(self) -> ImageFetcher:
+    def share(self, processes: int) -> FetchSettings:
+        """One of ``processes`` fetchers' settings: an equal share of each host's connections,
+        so that together they keep within the cap (at least one each)."""
+        return dataclasses.replace(self, host_connections=max(1, self.host_connections // processes))
+
+    def fetcher(self, events: FetchEvents | None = None) -> ImageFetcher:
         return ImageFetcher(
             timeout_s=self.timeout_s, max_bytes=self.max_bytes, max_redirects=self.max_redirects,
             allow_private_networks=self.allow_private_networks, concurrency=self.concurrency,
+            attempt_timeout_s=self.attempt_timeout_s, retry=self.retry, host_connections=self.host_connections,
+            headers=self.headers, events=events,
         )
+
+
+class _NoEvents:
+    def fetch_attempt(self, host: str, outcome: str) -> None:
+        pass
+
+    def fetch_retry(self, host: str, wait_s: float, retry_after: bool) -> None:
+        pass
 
 
 class ImageFetcher:
@@ -60,15 +101,26 @@ class ImageFetcher:
         max_redirects: int,
         allow_private_networks: bool,
         concurrency: int,
+        attempt_timeout_s: float | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        host_connections: int = 32,
+        headers: Sequence[FetchHeader] = (),
+        events: FetchEvents | None = None,
         resolver: GuardedResolver | None = None,
     ) -> None:
-        """``resolver`` replaces the default guarded resolver (tests use it to decide which
-        addresses count as forbidden)."""
+        """``timeout_s``: one image's whole budget, every attempt and wait included;
+        ``attempt_timeout_s``: one request's (default: the whole budget). ``resolver`` replaces
+        the default guarded resolver (tests use it to decide which addresses count as forbidden)."""
         self._timeout_s = timeout_s
+        self._attempt_timeout_s = attempt_timeout_s or timeout_s
         self._max_bytes = max_bytes
         self._max_redirects = max_redirects
         self._allow_private = allow_private_networks
         self._concurrency = concurrency
+        self._retry = retry
+        self._hosts = HostGate(host_connections)
+        self._headers = tuple(headers)
+        self._events: FetchEvents = events or _NoEvents()
         self._guard = resolver or GuardedResolver()
         self._session: aiohttp.ClientSession | None = None
 
@@ -90,47 +142,105 @@ class ImageFetcher:
             await self._session.close()
 
     async def fetch(self, url: str) -> bytes:
-        """The body at ``url``; raises FetchError saying what went wrong."""
+        """The body at ``url``; raises FetchError saying what went wrong (and after how many
+        attempts, when there were several)."""
         assert self._session is not None, "start() first"
-        try:
-            if _timeout is None:  # Python 3.10
-                return await asyncio.wait_for(self._follow(url), self._timeout_s)
-            async with _timeout(self._timeout_s):  # unlike wait_for, no task per fetch
-                return await self._follow(url)
+        failed: list[FetchError] = []
+        deadline = asyncio.get_running_loop().time() + self._timeout_s
+        try:  # a backstop: the attempts keep within the deadline themselves, bar waiting for a host's slot
+            return await _within(self._timeout_s, self._attempts(url, deadline, failed))
         except asyncio.TimeoutError:
-            raise self._timed_out(url) from None
+            raise self._timed_out(url, len(failed) + 1) from None
 
-    async def _follow(self, url: str) -> bytes:
+    async def _attempts(self, url: str, deadline: float, failed: list[FetchError]) -> bytes:
+        loop = asyncio.get_running_loop()
+        host = urlsplit(url).hostname or ""
+        while True:
+            try:
+                data = await self._follow(url, deadline)
+            except FetchError as exc:
+                failed.append(exc)
+                self._events.fetch_attempt(host, exc.outcome)
+                tries = len(failed)
+                if not exc.retry or tries >= self._retry.attempts:
+                    raise _after(exc, tries) from None
+                wait = exc.retry_after if exc.retry_after is not None else self._retry.backoff(tries)
+                if loop.time() + wait >= deadline:
+                    why = f"a Retry-After of {wait:g}s" if exc.retry_after is not None else "another attempt"
+                    raise _after(exc, tries, f"; {why} would not fit in the {self._timeout_s:g}s fetch budget") from None
+                self._events.fetch_retry(host, wait, exc.retry_after is not None)
+                await asyncio.sleep(wait)
+            else:
+                self._events.fetch_attempt(host, "ok")
+                return data
+
+    async def _follow(self, url: str, deadline: float) -> bytes:
+        """One attempt: the request, and those its redirects lead to."""
         assert self._session is not None
+        loop = asyncio.get_running_loop()
         current = url
         for _ in range(self._max_redirects + 1):
             self._check_url(current, original=url)
-            try:
-                async with self._session.get(current, allow_redirects=False) as response:
-                    if response.status in _REDIRECTS:
-                        location = response.headers.get("Location")
-                        if not location:
-                            raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: HTTP {response.status} redirect without a Location")
-                        current = urljoin(current, location)
-                        continue
-                    if response.status in (404, 410):
-                        raise FetchError(ErrorKind.NOT_FOUND, f"{url}: HTTP {response.status} {response.reason or ''}".rstrip())
-                    if response.status >= 400:
-                        raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: HTTP {response.status} {response.reason or ''}".rstrip())
-                    return await self._read_capped(url, response)
-            except FetchError:
-                raise
-            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-                raise self._timed_out(url) from None
-            except aiohttp.ClientConnectorError as exc:
-                if isinstance(exc.os_error, ForbiddenAddressError):
-                    raise _forbidden(url, str(exc.os_error)) from None
-                raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: cannot connect: {exc.os_error or exc}") from None
-            except ForbiddenAddressError as exc:
-                raise _forbidden(url, str(exc)) from None
-            except (aiohttp.ClientError, OSError) as exc:
-                raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: {type(exc).__name__}: {exc}") from None
-        raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: more than {self._max_redirects} redirects")
+            hop_host = urlsplit(current).hostname or ""
+            async with self._hosts.slot(hop_host):
+                left = deadline - loop.time()
+                try:
+                    answer = await _within(min(self._attempt_timeout_s, left), self._request(url, current, hop_host))
+                except asyncio.TimeoutError:
+                    if left <= self._attempt_timeout_s:  # the budget ran out, not just this request's time
+                        raise self._timed_out(url, 0) from None
+                    raise FetchError(ErrorKind.TIMEOUT, f"{url}: no answer within {self._attempt_timeout_s:g}s", outcome="timeout", retry=True) from None
+            if isinstance(answer, bytes):
+                return answer
+            current = urljoin(current, answer)
+        raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: more than {self._max_redirects} redirects", outcome="redirects")
+
+    async def _request(self, url: str, current: str, hop_host: str) -> bytes | str:
+        """The body at ``current`` (one hop of ``url``), or where it redirects to."""
+        assert self._session is not None
+        try:
+            async with self._session.get(current, allow_redirects=False, headers=self._headers_for(url, current)) as response:
+                status = response.status
+                if status in _REDIRECTS:
+                    location = response.headers.get("Location")
+                    if not location:
+                        raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: HTTP {status} redirect without a Location", outcome="redirects")
+                    return location
+                if status >= 400:
+                    if status == 429:
+                        self._hosts.slow_down(hop_host)
+                    reason = f"{url}: HTTP {status} {response.reason or ''}".rstrip()
+                    kind = ErrorKind.NOT_FOUND if status in (404, 410) else ErrorKind.FETCH_FAILED
+                    retry = status in RETRY_STATUSES
+                    after = parse_retry_after(response.headers.get("Retry-After")) if retry else None
+                    raise FetchError(kind, reason, outcome=f"http_{status}", retry=retry, retry_after=after)
+                self._hosts.succeeded(hop_host)
+                return await self._read_capped(url, response)
+        except FetchError:
+            raise
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, ForbiddenAddressError):
+                raise _forbidden(url, str(exc.os_error)) from None
+            raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: cannot connect: {exc.os_error or exc}", outcome="connect_error", retry=True) from None
+        except ForbiddenAddressError as exc:
+            raise _forbidden(url, str(exc)) from None
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            raise  # _follow tells the budget from this request's time
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError) as exc:
+            # The connection dropped (reset, closed early, a body cut short): worth another try.
+            raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: {type(exc).__name__}: {exc}", outcome="reset", retry=True) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: {type(exc).__name__}: {exc}") from None
+
+    def _headers_for(self, original: str, current: str) -> dict[str, str] | None:
+        """The ``--fetch-header`` headers for this hop: only on the URL's own origin, whose host
+        the pattern names; a redirect elsewhere goes without them."""
+        if not self._headers:
+            return None
+        first, now = urlsplit(original), urlsplit(current)
+        if (first.scheme, first.hostname, first.port) != (now.scheme, now.hostname, now.port):
+            return None
+        return {header.name: header.value for header in self._headers if header.matches(now.hostname or "")} or None
 
     def _check_url(self, current: str, *, original: str) -> None:
         parts = urlsplit(current)
@@ -140,21 +250,23 @@ class ImageFetcher:
                 ErrorKind.INVALID_INPUT,
                 f"{where}: only http and https URLs are fetched, not {parts.scheme or 'a scheme-less URL'}"
                 + ("; send local files as image_bytes" if parts.scheme in ("file", "") else ""),
+                outcome="invalid",
             )
         if not parts.hostname:
-            raise FetchError(ErrorKind.INVALID_INPUT, f"{where}: the URL has no host")
+            raise FetchError(ErrorKind.INVALID_INPUT, f"{where}: the URL has no host", outcome="invalid")
         ip = literal_ip(parts.hostname)
         # Literal IPs never reach the resolver, so they are checked here.
         if ip is not None and not self._allow_private and self._guard.is_forbidden(ip):
             raise _forbidden(where, f"{ip} is not a public address")
 
-    def _timed_out(self, url: str) -> FetchError:
-        return FetchError(ErrorKind.TIMEOUT, f"fetching {url} took longer than {self._timeout_s:g}s")
+    def _timed_out(self, url: str, attempts: int) -> FetchError:
+        tried = f" after {attempts} attempts" if attempts > 1 else ""
+        return FetchError(ErrorKind.TIMEOUT, f"fetching {url} took longer than {self._timeout_s:g}s{tried}", outcome="timeout")
 
     async def _read_capped(self, url: str, response: aiohttp.ClientResponse) -> bytes:
         declared = response.content_length
         if declared is not None and declared > self._max_bytes:
-            raise FetchError(ErrorKind.INVALID_INPUT, f"{url}: the image is {declared} bytes, over the {self._max_bytes}-byte limit")
+            raise FetchError(ErrorKind.INVALID_INPUT, f"{url}: the image is {declared} bytes, over the {self._max_bytes}-byte limit", outcome="too_large")
         if declared is not None:
             # aiohttp reads no more than the declared length: one read, not a loop of chunks
             # (~0.3 ms less of the event loop per 435 KB photo).
@@ -163,9 +275,23 @@ class ImageFetcher:
         async for chunk in response.content.iter_chunked(_CHUNK):
             body += chunk
             if len(body) > self._max_bytes:
-                raise FetchError(ErrorKind.INVALID_INPUT, f"{url}: the image is over the {self._max_bytes}-byte limit")
+                raise FetchError(ErrorKind.INVALID_INPUT, f"{url}: the image is over the {self._max_bytes}-byte limit", outcome="too_large")
         return bytes(body)
 
 
+async def _within(seconds: float, awaitable: Awaitable[T]) -> T:
+    if _timeout is None:  # Python 3.10
+        return await asyncio.wait_for(awaitable, seconds)
+    async with _timeout(seconds):  # unlike wait_for, no task per fetch
+        return await awaitable
+
+
+def _after(last: FetchError, attempts: int, note: str = "") -> FetchError:
+    """The item's error: the last attempt's reason, and how many attempts were made."""
+    if attempts < 2 and not note:
+        return last
+    return FetchError(last.kind, f"{last.message} after {attempts} attempt{'s' if attempts > 1 else ''}{note}", outcome=last.outcome)
+
+
 def _forbidden(where: str, why: str) -> FetchError:
-    return FetchError(ErrorKind.FORBIDDEN, f"{where}: {why} (start the server with --allow-private-networks to permit this)")
+    return FetchError(ErrorKind.FORBIDDEN, f"{where}: {why} (start the server with --allow-private-networks to permit this)", outcome="forbidden")

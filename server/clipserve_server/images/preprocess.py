@@ -52,6 +52,13 @@ class StockPipeline:
     def __call__(self, image: Image.Image) -> np.ndarray:
         return self.processor(images=[image], return_tensors="pt")["pixel_values"][0].numpy()
 
+    def from_array(self, pixels: np.ndarray) -> Any:
+        """The processor on a float32 (H, W, 3) array of values 0..255, as it is (the processor
+        rescales and resizes floats as floats: not the same as on the rounded 8-bit image).
+        Channels last, always: the processor would guess channels first for an image 1 or 3
+        pixels high."""
+        return self.processor(images=[pixels], return_tensors="pt", input_data_format="channels_last")["pixel_values"][0].numpy()
+
     def on_device(self, chw: Any) -> Any:
         return self.processor(images=[chw], return_tensors="pt", device=chw.device)["pixel_values"][0]
 
@@ -74,7 +81,12 @@ class NaFlexPipeline(StockPipeline):
     out with the same shapes whatever the image, so a batch simply stacks them."""
 
     def __call__(self, image: Image.Image) -> dict[str, np.ndarray]:  # type: ignore[override]
-        out = self.processor(images=[image], return_tensors="pt")
+        return self._outputs(self.processor(images=[image], return_tensors="pt"))
+
+    def from_array(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        return self._outputs(self.processor(images=[pixels], return_tensors="pt", input_data_format="channels_last"))
+
+    def _outputs(self, out: Any) -> dict[str, np.ndarray]:
         return {name: out[name][0].numpy() for name in self.processor.model_input_names}
 
     def inputs(self, images: list[Any], device: Any) -> dict[str, Any]:
@@ -103,6 +115,14 @@ class TorchvisionPipeline(StockPipeline):
     def from_chw(self, chw: Any) -> np.ndarray:
         """The same, from an RGB image already decoded into a uint8 (3, H, W) tensor."""
         return self.resize_and_crop(chw).numpy()
+
+    def from_array(self, pixels: np.ndarray) -> np.ndarray:
+        """A float32 (H, W, 3) array resized and cropped as floats, which is what the processor
+        does with one; the result is float32, and ``normalize`` treats a batch that mixes it
+        with uint8 crops (stacked as float32) exactly as it treats each alone."""
+        import torch
+
+        return self.from_chw(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).permute(2, 0, 1))
 
     def on_device(self, chw: Any) -> Any:
         return self.resize_and_crop(chw)
@@ -161,6 +181,10 @@ class TransformPipeline:
     def __call__(self, image: Image.Image) -> np.ndarray:
         return self.transform(image).numpy()
 
+    def from_array(self, pixels: np.ndarray) -> Any:
+        # open_clip's transforms take PIL images: the array is rounded to 8 bits first.
+        return self(pil_image(pixels))
+
     def normalize(self, batch: Any) -> Any:
         return batch
 
@@ -215,6 +239,11 @@ def build_transform_pipeline(transform: Any, size: tuple[int, int]) -> Transform
         log.warning("the fast image pipeline differs from the stock transform (%s): using it the stock way", mismatch)
         return stock
     return fast
+
+
+def pil_image(pixels: np.ndarray) -> Image.Image:
+    """A float (H, W, 3) array of RGB values 0..255 as an 8-bit PIL image (rounded, clipped)."""
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
 
 
 def _stacked(arrays: list[Any], device: Any) -> Any:

@@ -1,12 +1,14 @@
-"""Dynamic batching: one queue shared by every call, one model thread.
+"""Dynamic batching: one queue shared by every call, fed to the model's instances.
 
 Each submitted text or image gets a future created on the event loop. The batching loop
-waits for the first item, then up to ``max_delay`` (counted from that item's arrival) for
-more, runs the model on at most ``max_batch_size`` items in a worker thread so the loop
-never blocks, and resolves every future of the batch, with an error if the forward failed.
-If the loop itself ever dies, or a forward pass outlives ``forward_timeout_s`` (a wedged
-GPU), every waiting future fails and ``on_dead`` is told, so that health turns NOT_SERVING
-instead of requests hanging.
+waits for a free model instance (instances.py: one thread per instance, one instance unless
+``--instances``/several devices), then for the first item, then up to ``max_delay`` (counted from
+that item's arrival) for more, hands at most ``max_batch_size`` items, whole, to that instance,
+and goes on to the next free one: forwards on different instances overlap. Each batch's futures
+are resolved when its forward returns, with an error if it failed. If the loop itself ever dies,
+an instance dies, or a forward pass outlives ``forward_timeout_s`` (a wedged GPU), every waiting
+future fails and ``on_dead`` is told, so that health turns NOT_SERVING instead of requests
+hanging.
 """
 
 from __future__ import annotations
@@ -16,21 +18,23 @@ import collections
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..utils.errors import ErrorKind, ItemError
+from .instances import ForwardFn, Instance, InstancePool, is_fatal
 
 log = logging.getLogger(__name__)
-
-ForwardFn = Callable[[list[str], list[Any]], tuple[np.ndarray, np.ndarray]]
 
 
 class WedgedError(RuntimeError):
     """The model thread stopped answering."""
+
+
+class InstanceDied(RuntimeError):
+    """A model instance cannot run forwards any more (instances.is_fatal)."""
 
 
 @dataclass
@@ -44,7 +48,7 @@ class _Job:
 class Batcher:
     def __init__(
         self,
-        forward: ForwardFn,
+        forward: ForwardFn | InstancePool,
         *,
         max_batch_size: int,
         max_delay_s: float,
@@ -54,8 +58,9 @@ class Batcher:
         on_batch: Callable[[int, float], None] | None = None,
         thread_setup: Callable[[], None] | None = None,
     ) -> None:
-        """``thread_setup`` runs first on the model thread (see threads.model_thread_setup)."""
-        self._forward = forward
+        """``forward``: the model's instances, or one function (then one instance, whose thread
+        runs ``thread_setup`` first: see threads.model_thread_setup)."""
+        self._instances = forward if isinstance(forward, InstancePool) else InstancePool.single(forward, thread_setup=thread_setup)
         self._forward_timeout_s = forward_timeout_s or None
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_delay_s
@@ -65,8 +70,9 @@ class Batcher:
         self._queue: collections.deque[_Job] = collections.deque()
         self._work = asyncio.Event()
         self._space = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipserve-model", initializer=thread_setup)
         self._task: asyncio.Task | None = None
+        self._in_flight: set[asyncio.Task] = set()  # one per batch an instance is running
+        self._dead = False
         self._failure: ItemError | None = None  # set once the batcher can take no more work
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -84,12 +90,19 @@ class Batcher:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass  # a crash was already reported by _loop_finished
+        for task in list(self._in_flight):
+            task.cancel()
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
         self._fail_queued(self._failure)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._instances.close()
 
     @property
     def alive(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._task is not None and not self._task.done() and not self._dead
+
+    @property
+    def instances(self) -> InstancePool:
+        return self._instances
 
     @property
     def queue_depth(self) -> int:
@@ -136,35 +149,56 @@ class Batcher:
 
     # -- the loop --------------------------------------------------------------------------
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
-            texts = [job.payload for job in batch if job.is_text]
-            images = [job.payload for job in batch if not job.is_text]
-            started = time.monotonic()
-            forward = loop.run_in_executor(self._executor, self._forward, texts, images)
+            # A batch is formed once an instance is free to take it: while every instance is
+            # busy, items pile up into full batches instead of leaving one by one.
+            instance = await self._instances.acquire()
             try:
-                text_embeddings, image_embeddings = await asyncio.wait_for(asyncio.shield(forward), self._forward_timeout_s)
-            except asyncio.TimeoutError:
-                # A thread cannot be killed: fail this batch, then die so that health turns
-                # NOT_SERVING and the orchestrator restarts us, instead of hanging every caller.
-                self._fail_jobs(batch, ItemError(ErrorKind.INTERNAL, f"the model did not finish this batch within {self._forward_timeout_s:g}s"))
-                raise WedgedError(f"a forward pass has been running for over {self._forward_timeout_s:g}s") from None
-            except asyncio.CancelledError:
-                self._fail_jobs(batch, ItemError(ErrorKind.UNAVAILABLE, "the server is shutting down"))
+                batch = await self._next_batch()
+            except BaseException:
+                self._instances.release(instance)
                 raise
-            except Exception as exc:  # the model failed: this batch's items fail, the loop goes on
-                log.exception("forward pass failed for a batch of %d texts and %d images", len(texts), len(images))
-                self._fail_jobs(batch, ItemError(ErrorKind.INTERNAL, f"the model failed on this batch: {type(exc).__name__}: {exc}"))
-                continue
-            if self._on_batch is not None:
-                self._on_batch(len(batch), time.monotonic() - started)
-            text_rows = iter(text_embeddings)
-            image_rows = iter(image_embeddings)
-            for job in batch:
-                row = next(text_rows) if job.is_text else next(image_rows)
-                if not job.future.done():
-                    job.future.set_result(row)
+            task = asyncio.get_running_loop().create_task(self._forward(instance, batch), name="clipserve-forward")
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _forward(self, instance: Instance, batch: list[_Job]) -> None:
+        """Run ``batch`` on ``instance`` and answer each of its items."""
+        texts = [job.payload for job in batch if job.is_text]
+        images = [job.payload for job in batch if not job.is_text]
+        started = time.monotonic()
+        forward = instance.forward(texts, images)
+        try:
+            text_embeddings, image_embeddings = await asyncio.wait_for(asyncio.shield(forward), self._forward_timeout_s)
+        except asyncio.TimeoutError:
+            # A thread cannot be killed: fail this batch, then die so that health turns
+            # NOT_SERVING and the orchestrator restarts us, instead of hanging every caller.
+            self._fail_jobs(batch, ItemError(ErrorKind.INTERNAL, f"the model did not finish this batch within {self._forward_timeout_s:g}s"))
+            self._died(instance, WedgedError(f"a forward pass has been running for over {self._forward_timeout_s:g}s"))
+            return
+        except asyncio.CancelledError:
+            self._fail_jobs(batch, ItemError(ErrorKind.UNAVAILABLE, "the server is shutting down"))
+            raise
+        except BaseException as exc:
+            if is_fatal(exc):
+                self._fail_jobs(batch, ItemError(ErrorKind.INTERNAL, f"the model instance failed on this batch: {type(exc).__name__}: {exc}"))
+                self._died(instance, InstanceDied(f"model instance {instance.index} on {instance.device or 'its device'} died: {type(exc).__name__}: {exc}"))
+                return
+            # The model failed on this batch: its items fail, the instance goes on.
+            log.error("forward pass failed for a batch of %d texts and %d images", len(texts), len(images), exc_info=exc)
+            self._fail_jobs(batch, ItemError(ErrorKind.INTERNAL, f"the model failed on this batch: {type(exc).__name__}: {exc}"))
+            self._instances.release(instance)
+            return
+        seconds = time.monotonic() - started
+        self._instances.release(instance, len(batch), seconds)
+        if self._on_batch is not None:
+            self._on_batch(len(batch), seconds)
+        text_rows = iter(text_embeddings)
+        image_rows = iter(image_embeddings)
+        for job in batch:
+            row = next(text_rows) if job.is_text else next(image_rows)
+            if not job.future.done():
+                job.future.set_result(row)
 
     async def _next_batch(self) -> list[_Job]:
         while True:
@@ -212,7 +246,21 @@ class Batcher:
         if exc is None:
             return
         log.critical("the batching loop died; failing queued items", exc_info=exc)
-        self._failure = ItemError(ErrorKind.UNAVAILABLE, f"the server's batching loop died: {type(exc).__name__}: {exc}")
-        self._fail_queued(self._failure)
+        self._die(ItemError(ErrorKind.UNAVAILABLE, f"the server's batching loop died: {type(exc).__name__}: {exc}"), exc)
+
+    def _died(self, instance: Instance, exc: BaseException) -> None:
+        """``instance`` cannot go on: stop taking work (the other instances finish theirs)."""
+        instance.alive = False
+        log.critical("%s; failing queued items", exc)
+        self._die(ItemError(ErrorKind.UNAVAILABLE, f"the server's model instance died: {type(exc).__name__}: {exc}"), exc)
+        if self._task is not None:
+            self._task.cancel()
+
+    def _die(self, failure: ItemError, exc: BaseException) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        self._failure = failure
+        self._fail_queued(failure)
         if self._on_dead is not None:
             self._on_dead(exc)

@@ -3,9 +3,10 @@ score or an embedding.
 
 Every stage overlaps: downloads run concurrently on the event loop (or in the decode worker
 processes), decoding and preprocessing on threads or worker processes sized from the cores
-(decode_pool), the forward pass on the batcher's model thread. A slow download only delays its
-own item. Each distinct text and image is encoded at most once while it stays in the cache, and
-concurrent requests for one share one encode.
+(decode_pool), forward passes on the model's instances (instances.py, a thread each) that the
+batcher feeds. A slow download only delays its own item. Each distinct text and image is
+encoded at most once while it stays in the cache, and concurrent requests for one share one
+encode.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..images.decode_pool import JobDecoder
-from ..images.fetch import FetchError, FetchSettings
+from ..images.fetch import FetchError, FetchSettings, ImageFetcher
 from ..models.model import Embedding, EmbeddingModel
 from ..utils.config import ServerConfig
 from ..utils.domain import CacheStats, EmbedItem, ImageSource, ModelDescription, ScoreItem
@@ -27,6 +28,7 @@ from ..utils.errors import ErrorKind, ItemError
 from ..utils.metrics import Metrics
 from .batcher import Batcher
 from .cache import EmbeddingCache
+from .instances import InstancePool, InstanceStats
 from .soon import Soon, awaited, both, from_future, then
 
 log = logging.getLogger(__name__)
@@ -45,28 +47,30 @@ class ScoringEngine:
         decoder: JobDecoder,
         metrics: Metrics | None = None,
         name: str = "default",
-        forward: Callable[[list[str], list[Any]], tuple[np.ndarray, np.ndarray]] | None = None,
-        thread_setup: Callable[[], None] | None = None,
+        instances: InstancePool | None = None,
+        fetcher: ImageFetcher | None = None,
     ) -> None:
         """``decoder``: this model's view of the server's decode pool (which the server starts
-        and closes). ``forward``: the model's forward as the server runs it (one at a time per
-        device; default: ``model.forward``). ``thread_setup``: run first on the model thread."""
+        and closes). ``instances``: the model's forward workers, one or more per device
+        (default: one running ``model.forward``). ``fetcher``: the server's, shared by its
+        models so that its per-host cap holds for them all (the server starts and closes it;
+        default: one of the engine's own)."""
         self.model = model
         self._metrics = metrics
         self.config = config
         self.text_cache = EmbeddingCache(config.text_cache_size)
         self.image_cache = EmbeddingCache(config.image_cache_size)
         self._batcher = Batcher(
-            forward or model.forward,
+            instances or InstancePool.single(model.forward, device=model.description.device),
             max_batch_size=config.max_batch_size,
             max_delay_s=config.max_batch_delay_s,
             max_queue_size=config.resolved_max_queue_size,
             forward_timeout_s=config.forward_timeout_s,
             on_dead=on_dead,
             on_batch=metrics.batch_observer(name) if metrics else None,
-            thread_setup=thread_setup,
         )
-        self._fetcher = FetchSettings.of(config).fetcher()
+        self._owns_fetcher = fetcher is None
+        self._fetcher = fetcher or FetchSettings.of(config).fetcher(metrics)
         self._decoder = decoder
 
     @property
@@ -77,16 +81,26 @@ class ScoringEngine:
     def queue_depth(self) -> int:
         return self._batcher.queue_depth
 
+    @property
+    def device(self) -> str:
+        """The devices this model runs on, as ``--device`` lists them ("cuda:0,cuda:1")."""
+        return ",".join(self._batcher.instances.devices) or self.model.description.device
+
+    def instance_stats(self) -> list[InstanceStats]:
+        return self._batcher.instances.stats()
+
     def cache_stats(self) -> tuple[CacheStats, CacheStats]:
         return self.text_cache.stats(), self.image_cache.stats()
 
     async def start(self) -> None:
-        await self._fetcher.start()
+        if self._owns_fetcher:
+            await self._fetcher.start()
         self._batcher.start()
 
     async def stop(self) -> None:
         await self._batcher.stop()
-        await self._fetcher.close()
+        if self._owns_fetcher:
+            await self._fetcher.close()
 
     # -- scoring ---------------------------------------------------------------------------
     def score(self, item: ScoreItem, *, wait: bool) -> Soon[float]:
@@ -95,7 +109,7 @@ class ScoringEngine:
         only for what is missing. ``wait``: queue for room when the server is full (streams) rather
         than fail with OVERLOADED (unary calls). Bad input raises ItemError here."""
         query = validate_query(item.query)
-        validate_image(item.image, self.config.max_image_bytes)
+        validate_image(item.image, self.config.max_image_bytes, self.config.max_image_pixels)
         image = self._image_embedding(item.image, wait)  # first: it may refuse at once (IMAGE_BYTES_NEEDED)
         return both(self._text_embedding(query, wait), image, self.model.score)
 
@@ -108,7 +122,7 @@ class ScoringEngine:
             embedding = self._text_embedding(validate_query(item.text), wait)
         else:
             assert item.image is not None
-            validate_image(item.image, self.config.max_image_bytes)
+            validate_image(item.image, self.config.max_image_bytes, self.config.max_image_pixels)
             embedding = self._image_embedding(item.image, wait)
         return then(embedding, _raw if item.raw else Embedding.unit)
 
@@ -120,6 +134,8 @@ class ScoringEngine:
         return Embedding.of(await self._batcher.encode_text(query, wait=wait))
 
     def _image_embedding(self, source: ImageSource, wait: bool) -> Soon[Embedding]:
+        if source.pixels is not None:
+            return from_future(asyncio.ensure_future(self._pixels_embedding(source.pixels, wait)))
         key = _image_key(source)
         if source.url is not None:
             return self.image_cache.lookup(key, lambda: self._encode_image(source, wait))
@@ -145,6 +161,17 @@ class ScoringEngine:
         key = "sha256:" + await self._content_hash(source.data)
         return await awaited(self.image_cache.lookup(key, lambda: self._encode_image(source, wait)))
 
+    async def _pixels_embedding(self, pixels: np.ndarray, wait: bool) -> Embedding:
+        """Decoded pixels are cached by their content (shape and values), like uploads."""
+        values = memoryview(np.ascontiguousarray(pixels)).cast("B")  # hashed where they lie: no copy
+        key = f"pixels:{'x'.join(map(str, pixels.shape))}:" + await self._content_hash(values)
+        return await awaited(self.image_cache.lookup(key, lambda: self._encode_pixels(pixels, wait)))
+
+    async def _encode_pixels(self, pixels: np.ndarray, wait: bool) -> Embedding:
+        # Resizing a float array costs about what decoding a photo does: off the event loop.
+        preprocessed = await asyncio.get_running_loop().run_in_executor(None, self.model.preprocess_array, pixels)
+        return Embedding.of(await self._batcher.encode_image(preprocessed, wait=wait))
+
     async def _encode_image(self, source: ImageSource, wait: bool, check_sha256: str | None = None) -> Embedding:
         if source.data is None:
             pixels = await self._fetched_pixels(source.url or "", source.describe())
@@ -164,7 +191,7 @@ class ScoringEngine:
                 self._metrics.fetch_failures.labels(reason=exc.kind.name.lower()).inc()
             raise
 
-    async def _content_hash(self, data: bytes) -> str:
+    async def _content_hash(self, data: bytes | memoryview) -> str:
         if len(data) < _HASH_OFF_LOOP_BYTES:
             return _sha256(data)
         return await asyncio.get_running_loop().run_in_executor(None, _sha256, data)  # hashlib lets go of the GIL
@@ -184,7 +211,7 @@ def _image_key(source: ImageSource) -> str | None:
     return None
 
 
-def _sha256(data: bytes) -> str:
+def _sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -199,7 +226,12 @@ def validate_query(query: str) -> str:
 _SHA256_HEX = frozenset("0123456789abcdef")
 
 
-def validate_image(source: ImageSource, max_bytes: int) -> None:
+def validate_image(source: ImageSource, max_bytes: int, max_pixels: int = 0) -> None:
+    if source.pixels is not None:
+        height, width = source.pixels.shape[:2]
+        if max_pixels and height * width > max_pixels:
+            raise ItemError(ErrorKind.INVALID_INPUT, f"{source.describe()}: over the {max_pixels}-pixel image limit")
+        return
     if source.url is None and source.data is None and source.sha256 is None:
         raise ItemError(ErrorKind.INVALID_INPUT, "the request has no image_url, image_bytes or image_sha256")
     if source.sha256 is not None and (len(source.sha256) != 64 or not _SHA256_HEX.issuperset(source.sha256)):

@@ -5,8 +5,9 @@ either cached or being computed for other items too. A coroutine per item costs 
 scheduling and its suspend/resume; even an asyncio future per item costs a scheduled callback
 (a ``Handle`` through the event loop) for each step from "the image is encoded" to "the answer
 is queued". With thousands of items waiting on one image that was most of the event loop's
-CPU per pair (the serial part, README). So the engine answers with a ``Soon``: the value itself,
-or a ``Later`` of it, whose callbacks run synchronously, in one go, when it settles.
+CPU per pair (docs/performance/how-it-is-fast.md, "The serial part"). So the engine answers
+with a ``Soon``: the value itself, or a ``Later`` of it, whose callbacks run synchronously, in
+one go, when it settles.
 
 A ``Later`` lives on the event loop's thread. Its consumer may ``cancel()`` it (nobody wants the
 value any more): its callbacks are dropped and whatever it waits on is withdrawn from (the cache

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..images.device_decode import BatchDecodeFn, jpeg_batch_decoder
 from ..images.preprocess import NaFlexPipeline, build_pipeline
 from ..utils.domain import ModelDescription
 from .model import TorchTowersModel, logit_parameters
@@ -124,23 +125,14 @@ class HFClipModel(TorchTowersModel):
             compiled=compile,
         )
 
-    def device_jpeg_decoder(self) -> Callable[[bytes], Any]:
+    def device_jpeg_decoder(self) -> BatchDecodeFn:
         if self._device.type != "cuda":
             raise RuntimeError(f"--gpu-decode decodes on the model's CUDA device, but the model is on {self._device}: use --device cuda")
         if isinstance(self._pipeline, NaFlexPipeline):
             raise RuntimeError("--gpu-decode does not support NaFlex image processors (SigLIP2 NaFlex): leave it off for this model")
-        torch = self._torch
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        device, pipeline = self._device, self._pipeline
-
-        def decode(data: bytes) -> Any:
-            # nvJPEG decodes straight into GPU memory (torchvision serialises calls to its one
-            # decoder); the processor's resize and crop then run there too.
-            encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            return pipeline.on_device(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
-
-        return decode
+        # nvJPEG decodes a batch straight into GPU memory; the processor's resize and crop then
+        # run there too.
+        return jpeg_batch_decoder(self._pipeline.on_device, self._device)
 
     def forward(self, texts: list[str], images: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch

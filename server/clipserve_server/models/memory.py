@@ -17,6 +17,7 @@ import struct
 from pathlib import Path
 
 from ..utils.config import ModelSpec, ServerConfig
+from .devices import resolve_devices
 from .loading import FAKE_PREFIX, OPEN_CLIP_PREFIX
 
 GIB = 1 << 30
@@ -105,17 +106,14 @@ def device_bytes(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def check_fits(specs: tuple[ModelSpec, ...], config: ServerConfig) -> None:
-    """Raise ModelsTooLarge when the known weights of ``specs`` exceed the budget."""
-    device = resolve_device(config.device)
+    """Raise ModelsTooLarge when the known weights of ``specs`` exceed the budget of a device:
+    each device of the list holds every model's weights once, so each counts on its own."""
+    for device in dict.fromkeys(d.torch for d in resolve_devices(config.device)):
+        _check_device(specs, config, device)
+
+
+def _check_device(specs: tuple[ModelSpec, ...], config: ServerConfig, device: str) -> None:
     dtype = config.dtype if config.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
     sizes: list[tuple[str, int | None]] = []
     for spec in specs:
@@ -129,9 +127,9 @@ def check_fits(specs: tuple[ModelSpec, ...], config: ServerConfig) -> None:
         return
     known = ", ".join(f"{name}: {size / GIB:.2f} GiB" for name, size in sizes if size is not None)
     unknown = [name for name, size in sizes if size is None]
-    where = f"the --memory-budget-gb of {config.memory_budget_gb:g} GiB" if config.memory_budget_gb else f"the {budget / GIB:.1f} GiB of {device}"
+    where = f"the --memory-budget-gb of {config.memory_budget_gb:g} GiB per device" if config.memory_budget_gb else f"the {budget / GIB:.1f} GiB of {device}"
     raise ModelsTooLarge(
-        f"the models' weights need {needed / GIB:.2f} GiB as {dtype} ({known}"
+        f"the models' weights need {needed / GIB:.2f} GiB as {dtype} on {device} ({known}"
         + (f"; not counted, not on disk yet: {', '.join(unknown)}" if unknown else "")
         + f"), more than {where}. Serve fewer or smaller models, a smaller --dtype, or raise --memory-budget-gb"
     )

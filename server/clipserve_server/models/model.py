@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..images.device_decode import BatchDecodeFn
+from ..images.preprocess import pil_image
 from ..utils.domain import ModelDescription
 from .runtimes.towers import IMAGE, TEXT, Runner, Tower, family_towers
 
@@ -49,15 +51,23 @@ class EmbeddingModel(ABC):
         """``preprocess_image`` as a picklable callable, for decode worker processes."""
         return self.preprocess_image
 
+    def preprocess_array(self, pixels: np.ndarray) -> Any:
+        """``preprocess_image`` of a float32 (H, W, 3) array of RGB values 0..255 (what a
+        Triton CLIP model is sent). By default the values are rounded into an 8-bit image;
+        models whose processor takes float arrays override this to give exactly what their
+        processor gives on the array itself. Thread-safe."""
+        return self.preprocess_image(pil_image(pixels))
+
     @property
     def decode_size(self) -> tuple[int, int] | None:
         """(width, height) that preprocessing resizes images down to, at least: how small a
         JPEG may be decoded (``--jpeg-draft``). None: unknown, decode at full size."""
         return None
 
-    def device_jpeg_decoder(self) -> Callable[[bytes], Any]:
-        """A function that decodes JPEG bytes and preprocesses them on the model's accelerator
-        (``--gpu-decode``); raises RuntimeError, saying why, where that is not possible."""
+    def device_jpeg_decoder(self) -> BatchDecodeFn:
+        """A function that decodes a list of JPEG files and preprocesses them on the model's
+        accelerator in one go (``--gpu-decode``; images/device_decode.py); raises RuntimeError,
+        saying why, where that is not possible."""
         raise RuntimeError(f"{type(self).__name__} cannot decode images on an accelerator")
 
     @abstractmethod
@@ -97,6 +107,9 @@ class PipelineModel(EmbeddingModel):
 
     def image_preprocessor(self) -> Callable[[Image.Image], Any]:
         return self._pipeline
+
+    def preprocess_array(self, pixels: np.ndarray) -> Any:
+        return self._pipeline.from_array(pixels)
 
     @property
     def decode_size(self) -> tuple[int, int] | None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..images.device_decode import BatchDecodeFn
 from .model import EmbeddingModel
 from .runtimes.towers import TEXT, Runner, Tower, family_towers
 
@@ -56,11 +57,14 @@ class TextTowerModel(EmbeddingModel):
     def image_preprocessor(self) -> Callable[[Image.Image], Any]:
         return self._images.image_preprocessor()
 
+    def preprocess_array(self, pixels: np.ndarray) -> Any:
+        return self._images.preprocess_array(pixels)
+
     @property
     def decode_size(self) -> tuple[int, int] | None:
         return self._images.decode_size
 
-    def device_jpeg_decoder(self) -> Callable[[bytes], Any]:
+    def device_jpeg_decoder(self) -> BatchDecodeFn:
         return self._images.device_jpeg_decoder()
 
     def forward(self, texts: list[str], images: list[Any]) -> tuple[np.ndarray, np.ndarray]:

@@ -163,7 +163,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         text_stats, image_stats = engine.cache_stats()
         return scorer_pb2.ModelInfo(
             model_id=d.model_id,
-            device=d.device,
+            device=engine.device,
             dtype=d.dtype,
             embedding_dim=d.embedding_dim,
             logit_scale=d.logit_scale,
@@ -182,6 +182,10 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
             text_model_id=d.text_model_id,
             image_runtime=d.image_runtime,
             text_runtime=d.text_runtime,
+            instances=[
+                scorer_pb2.InstanceInfo(device=i.device, index=i.index, forwards=i.forwards, items=i.items, busy_seconds=i.busy_s, alive=i.alive)
+                for i in engine.instance_stats()
+            ],
         )
 
     # -- what every call shares --------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import os
 import re
 import sys
@@ -47,6 +48,7 @@ _MODEL_TABLE_KEYS = {"source": "model", "text_model": "text_model", "pretrained"
 # a hub id nor "fake:forward_ms=30" reads as one).
 _NAMED = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.-]*)=(.+)", re.DOTALL)
 DEFAULT_MODEL_NAME = "default"
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,33 @@ def model_specs(models: Sequence[str], text_models: Sequence[str] = (), pretrain
 
 
 @dataclass(frozen=True)
+class FetchHeader:
+    """A request header for image hosts whose name matches ``pattern`` (fnmatch, case-insensitive)."""
+
+    pattern: str
+    name: str
+    value: str = dataclasses.field(repr=False)  # a credential, as often as not: kept out of logs
+
+    def matches(self, host: str) -> bool:
+        return fnmatch.fnmatchcase(host.lower(), self.pattern.lower())
+
+
+def fetch_headers(entries: Sequence[str]) -> tuple[FetchHeader, ...]:
+    """``--fetch-header HOST_PATTERN=Name: value`` entries, read."""
+    headers = []
+    for entry in entries:
+        pattern, sep, header = (part.strip() for part in entry.partition("="))
+        name, colon, value = (part.strip() for part in header.partition(":"))
+        pattern_ok = bool(sep and pattern) and not any(c in pattern for c in ": \t")
+        if not (pattern_ok and colon and _HEADER_NAME.fullmatch(name)):
+            # Nothing past a well-formed pattern is quoted back: it may be a secret.
+            which = f"the entry for {pattern!r}" if pattern_ok else "an entry without a HOST_PATTERN="
+            raise ValueError(f"--fetch-header wants HOST_PATTERN=Name: value (e.g. 'images.example.org=Authorization: Bearer ...'): {which} is not")
+        headers.append(FetchHeader(pattern, name, value))
+    return tuple(headers)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Every knob of a running server. Field docs double as ``--help`` text."""
 
@@ -102,7 +131,8 @@ class ServerConfig:
     text_model: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "[NAME=]SOURCE: a sentence-transformers text model (hub id or folder) paired with the image tower of the model NAME (default: the default model)"})
     pretrained: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "[NAME=]PATH: the weights of an open_clip:ARCH model"})
     memory_budget_gb: float = dataclasses.field(default=0.0, metadata={"help": "refuse to start when the models' weights need more than this many GiB (0: the device's memory)"})
-    device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N (auto: CUDA when available)"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | cuda:all, or a comma-separated list (cuda:0,cuda:1): every model on each device, weights loaded once per device (auto: CUDA when available)"})
+    instances: int = dataclasses.field(default=1, metadata={"help": "forward workers per model per device, each on its own thread, fed by the model's one batcher: a batch goes to whichever is free, so forwards overlap (on CPU they share the cores)"})
     dtype: str = dataclasses.field(default="float32", metadata={"help": "float32 | float16 | bfloat16 | auto (auto: float16 on CUDA, float32 on CPU)", "choices": DTYPES})
     use_safetensors: bool | None = dataclasses.field(default=None, metadata={"help": "require safetensors weights (default: prefer them)"})
     compile: bool = dataclasses.field(default=False, metadata={"help": "run the image tower through torch.compile: about a quarter faster per image on CPU; start-up takes 20-60 s longer and needs a C++ compiler; implies --runtime torch (auto picks torch with it)"})
@@ -120,6 +150,15 @@ class ServerConfig:
     text_cache_size: int = dataclasses.field(default=100_000, metadata={"help": "text embeddings kept (LRU)"})
     image_cache_size: int = dataclasses.field(default=50_000, metadata={"help": "image embeddings kept (LRU)"})
     fetch_timeout_s: float = dataclasses.field(default=15.0, metadata={"help": "total seconds allowed to download one image"})
+    fetch_attempt_timeout_s: float = dataclasses.field(default=10.0, metadata={"help": "longest one HTTP request of a download may take, connect to last byte; a request that runs out is retried while --fetch-timeout-s, the total, allows (0: no limit but the total)"})
+    fetch_attempts: int = dataclasses.field(default=4, metadata={"help": "tries per image, the first included, after a transient failure (connect error, timeout, reset, HTTP 408/429/500/502/503/504); all within --fetch-timeout-s (1: never retry)"})
+    fetch_backoff_s: float = dataclasses.field(default=0.5, metadata={"help": "wait before the first retry, doubling for each next one (jittered, at most 8 s); a Retry-After header from the host replaces it"})
+    fetch_host_connections: int = dataclasses.field(default=32, metadata={"help": "most simultaneous downloads from one host, across the server (decode worker processes each get an equal share); a host answering 429 gets fewer"})
+    fetch_header: tuple[str, ...] = dataclasses.field(
+        default=(),
+        repr=False,  # may hold credentials: never printed with the config
+        metadata={"help": "HOST_PATTERN=Name: value, repeatable: a request header (e.g. Authorization) sent only to hosts matching the pattern (fnmatch, e.g. '*.example.org'), never after a redirect to another host, never logged"},
+    )
     fetch_concurrency: int = dataclasses.field(default=64, metadata={"help": "simultaneous image downloads"})
     max_image_bytes: int = dataclasses.field(default=32 * 1024 * 1024, metadata={"help": "largest image file accepted (download or upload)"})
     max_image_pixels: int = dataclasses.field(default=50_000_000, metadata={"help": "largest width*height decoded (decompression-bomb guard)"})
@@ -129,6 +168,7 @@ class ServerConfig:
     decode_pool: str = dataclasses.field(default="auto", metadata={"help": "threads | processes (which also download the images) | auto (auto: processes above 4 decode workers, where threads stop scaling on the GIL)", "choices": DECODE_POOLS})
     jpeg_draft: bool = dataclasses.field(default=False, metadata={"help": "decode JPEGs at 1/2-1/8 scale (libjpeg DCT scaling, never below the model's input size): less CPU per photo, not bit-exact (scores moved by up to 0.04 on the benchmark's photos)"})
     gpu_decode: bool = dataclasses.field(default=False, metadata={"help": "decode JPEGs with nvJPEG and resize them on the model's CUDA device: least CPU per photo, not bit-exact (needs --device cuda)"})
+    v2_alias: str = dataclasses.field(default="clip", metadata={"help": "the Open Inference Protocol (KServe v2, Triton's gRPC API) serves the default model under this name too, with a Triton CLIP model's signature: text BYTES [1] + image FP32 [H, W, 3] -> text_embedding, image_embedding FP32 [1, D] ('': no alias; every model is also served under its own name with a batch scoring signature)"})
     max_message_mb: int = dataclasses.field(default=48, metadata={"help": "largest gRPC request message in MiB"})
     grace_period_s: float = dataclasses.field(default=10.0, metadata={"help": "seconds in-flight calls get to finish on shutdown"})
     auth_token_file: str = dataclasses.field(default="", metadata={"help": "require 'authorization: Bearer <token>' with the token in this file (health stays open)"})
@@ -138,6 +178,13 @@ class ServerConfig:
     metrics_port: int = dataclasses.field(default=0, metadata={"help": "serve Prometheus metrics at http://HOST:PORT/metrics (0: off)"})
     log_level: str = dataclasses.field(default="INFO", metadata={"help": "DEBUG | INFO | WARNING | ERROR"})
     log_format: str = dataclasses.field(default="text", metadata={"help": "text | json (one JSON object per line)", "choices": ("text", "json")})
+
+    @property
+    def resolved_v2_alias(self) -> str:
+        """The alias the Open Inference Protocol serves, or '' where a model already has that name:
+        a model's own name wins, so a configuration that names a model "clip" keeps working."""
+        names = {spec.name for spec in model_specs(self.model, self.text_model, self.pretrained)}
+        return "" if self.v2_alias in names else self.v2_alias
 
     def __post_init__(self) -> None:
         if self.log_format not in ("text", "json"):
@@ -151,12 +198,14 @@ class ServerConfig:
         if self.compile and self.runtime not in ("auto", "torch"):
             raise ValueError(f"--compile is torch.compile of the torch runtime's image tower: it does not go with --runtime {self.runtime}")
         model_specs(self.model, self.text_model, self.pretrained)  # refuse a bad list of models now
-        if self.gpu_decode and self.device == "cpu":
+        devices = device_entries(self.device)  # refuse an empty entry now
+        if self.gpu_decode and "cpu" in devices:
             raise ValueError("gpu_decode decodes on the model's CUDA device: it needs --device cuda (or auto on a machine with CUDA)")
-        for name in ("max_batch_size", "fetch_concurrency", "max_image_bytes", "max_image_pixels", "max_message_mb"):
+        fetch_headers(self.fetch_header)  # refuse a malformed header now, not at the first download
+        for name in ("max_batch_size", "instances", "fetch_concurrency", "fetch_attempts", "fetch_host_connections", "max_image_bytes", "max_image_pixels", "max_message_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("max_batch_delay_ms", "fetch_timeout_s", "grace_period_s", "forward_timeout_s", "text_cache_size", "image_cache_size", "max_redirects", "decode_workers", "stream_max_in_flight", "max_queue_size", "port", "metrics_port", "memory_budget_gb"):
+        for name in ("max_batch_delay_ms", "fetch_timeout_s", "fetch_attempt_timeout_s", "fetch_backoff_s", "grace_period_s", "forward_timeout_s", "text_cache_size", "image_cache_size", "max_redirects", "decode_workers", "stream_max_in_flight", "max_queue_size", "port", "metrics_port", "memory_budget_gb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
 
@@ -188,6 +237,14 @@ class ServerConfig:
     @property
     def resolved_decode_workers(self) -> int:
         return self.decode_workers or max(1, os.cpu_count() or 1)
+
+
+def device_entries(device: str) -> list[str]:
+    """The entries of a ``--device`` list as given (``models.devices`` resolves them)."""
+    entries = [entry.strip() for entry in device.split(",")]
+    if not all(entries):
+        raise ValueError(f"device {device!r}: an empty entry in the list")
+    return entries
 
 
 def _field_type(field: dataclasses.Field) -> type:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
 class ImageSource:
-    """Where an image comes from: a URL, uploaded bytes, or the SHA-256 of bytes uploaded
-    earlier. ``sha256`` beside ``data`` is the caller's claim about those bytes (checked)."""
+    """Where an image comes from: a URL, uploaded bytes, the SHA-256 of bytes uploaded
+    earlier, or decoded pixels (``pixels``: a float32 (H, W, 3) array of RGB values 0..255, as
+    the Open Inference Protocol's ``clip`` model takes them). ``sha256`` beside ``data`` is the
+    caller's claim about those bytes (checked)."""
 
     url: str | None = None
     data: bytes | None = None
     sha256: str | None = None
+    pixels: Any = field(default=None, compare=False)  # numpy: no __eq__ that a dataclass can use
 
     def describe(self) -> str:
         """A short name for error messages."""
@@ -20,6 +24,8 @@ class ImageSource:
             return self.url if len(self.url) <= 200 else self.url[:197] + "..."
         if self.data is not None:
             return f"<{len(self.data)} uploaded bytes>"
+        if self.pixels is not None:
+            return f"<{'x'.join(map(str, self.pixels.shape))} pixel array>"
         return f"<image sha256:{(self.sha256 or '')[:16]}...>"
 
 

@@ -12,6 +12,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+# Hosts that get a label of their own in the fetch metrics; later ones share "other", so that
+# a benchmark over thousands of hosts does not make thousands of series.
+FETCH_HOST_LABELS = 50
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 # (name, engine) for every loaded model: what the registry's ``engines()`` gives.
@@ -30,6 +33,10 @@ class _EngineCollector(Collector):
         entries = GaugeMetricFamily("clipserve_cache_entries", "Embeddings held", labels=["model", "cache"])
         hits = CounterMetricFamily("clipserve_cache_hits", "Lookups served without a new encode", labels=["model", "cache"])
         misses = CounterMetricFamily("clipserve_cache_misses", "Lookups that needed an encode", labels=["model", "cache"])
+        forwards = CounterMetricFamily("clipserve_instance_forwards", "Forward passes run, per model instance", labels=["model", "device", "instance"])
+        items = CounterMetricFamily("clipserve_instance_items", "Texts plus images encoded, per model instance", labels=["model", "device", "instance"])
+        busy = CounterMetricFamily("clipserve_instance_busy_seconds", "Seconds spent in forward passes, per model instance", labels=["model", "device", "instance"])
+        up = GaugeMetricFamily("clipserve_instance_up", "1 while a model instance can run forward passes", labels=["model", "device", "instance"])
         info = GaugeMetricFamily(
             "clipserve_model_info", "The loaded models", labels=["model", "model_id", "backend", "device", "dtype", "embedding_dim", "compiled"]
         )
@@ -39,9 +46,15 @@ class _EngineCollector(Collector):
                 entries.add_metric([model, cache], stats.entries)
                 hits.add_metric([model, cache], stats.hits)
                 misses.add_metric([model, cache], stats.misses)
+            for instance in engine.instance_stats():
+                labels = [model, instance.device, str(instance.index)]
+                forwards.add_metric(labels, instance.forwards)
+                items.add_metric(labels, instance.items)
+                busy.add_metric(labels, instance.busy_s)
+                up.add_metric(labels, int(instance.alive))
             d = engine.description
-            info.add_metric([model, d.model_id, d.backend, d.device, d.dtype, str(d.embedding_dim), str(d.compiled).lower()], 1)
-        yield from (depth, entries, hits, misses, info)
+            info.add_metric([model, d.model_id, d.backend, engine.device, d.dtype, str(d.embedding_dim), str(d.compiled).lower()], 1)
+        yield from (depth, entries, hits, misses, forwards, items, busy, up, info)
 
 
 class Metrics:
@@ -56,6 +69,10 @@ class Metrics:
         self.upload_bytes = Counter("clipserve_upload_bytes", "Image bytes received in requests (uploads)", registry=r)
         self.bytes_requested = Counter("clipserve_image_bytes_requested", "Items named by image_sha256 alone that were answered IMAGE_BYTES_NEEDED", registry=r)
         self.fetch_failures = Counter("clipserve_fetch_failures", "Image downloads that failed, by reason", ["reason"], registry=r)
+        self.fetch_attempts = Counter("clipserve_fetch_attempts", "Download attempts (retries included) by host and outcome (ok, http_503, reset, timeout...)", ["host", "outcome"], registry=r)
+        self.fetch_retries = Counter("clipserve_fetch_retries", "Downloads tried again after a transient failure, by host", ["host"], registry=r)
+        self.fetch_retry_after_seconds = Counter("clipserve_fetch_retry_after_seconds", "Seconds waited before retries because the host's Retry-After asked, by host", ["host"], registry=r)
+        self._fetch_hosts: set[str] = set()
         # The labelled children every item updates, looked up once: prometheus_client's
         # ``labels()`` validates and locks on each call (~4% of a cold pass's event loop).
         self._item_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
@@ -68,6 +85,24 @@ class Metrics:
             children = self._item_children[key] = (self.items.labels(rpc=rpc, code=code, model=model), self.item_seconds.labels(rpc=rpc, model=model))
         children[0].inc()
         children[1].observe(seconds)
+
+    def fetch_attempt(self, host: str, outcome: str) -> None:
+        """One download attempt ended (``images.fetch_events.FetchEvents``)."""
+        self.fetch_attempts.labels(host=self._host_label(host), outcome=outcome).inc()
+
+    def fetch_retry(self, host: str, wait_s: float, retry_after: bool) -> None:
+        label = self._host_label(host)
+        self.fetch_retries.labels(host=label).inc()
+        if retry_after:
+            self.fetch_retry_after_seconds.labels(host=label).inc(wait_s)
+
+    def _host_label(self, host: str) -> str:
+        if host in self._fetch_hosts:
+            return host
+        if len(self._fetch_hosts) < FETCH_HOST_LABELS:
+            self._fetch_hosts.add(host)
+            return host
+        return "other"
 
     def batch_observer(self, model: str) -> Callable[[int, float], None]:
         """What a model's batcher calls after each forward pass: (items, seconds)."""

@@ -1,7 +1,8 @@
 """The threads' settings: OS names the profilers see, and torch's intra-op threads per thread.
 
-Decode threads and decode worker processes run torch on one intra-op thread each; the model
-thread keeps the count the process started with.
+Decode threads and decode worker processes run torch on one intra-op thread each; a model
+thread keeps the count the process started with, or its share of it when several model
+instances run on the CPU.
 """
 
 from __future__ import annotations
@@ -50,13 +51,15 @@ def single_threaded_torch() -> None:
         _set_torch_threads(torch, 1)
 
 
-def model_thread_setup() -> Callable[[], None]:
-    """An initializer for the model thread that gives it the intra-op threads this process has
-    now (call it before any decode thread starts). Without it, a model thread started after a
+def model_thread_setup(share: int = 1) -> Callable[[], None]:
+    """An initializer for a model thread that gives it the intra-op threads this process has
+    now (call it before any decode thread starts), divided by ``share``: the number of model
+    threads that run on the CPU at once (``--instances`` on CPU devices), so that together they
+    use the cores once, not ``share`` times over. Without it, a model thread started after a
     decode thread would run every forward pass on one core (measured: half the images/s of a
     compiled ViT-B/32 on two cores)."""
     torch = sys.modules.get("torch")
-    threads = torch.get_num_threads() if torch is not None else 0
+    threads = max(1, torch.get_num_threads() // max(1, share)) if torch is not None else 0
 
     def setup() -> None:
         name_os_thread("clipserve-model")

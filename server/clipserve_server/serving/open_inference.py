@@ -1,0 +1,130 @@
+"""The Open Inference Protocol (KServe v2; Triton's gRPC API) beside the Scorer service.
+
+``inference.GRPCInferenceService`` on the same port, behind the same interceptors (auth) and
+credentials (TLS): liveness, readiness, metadata and ModelInfer. Its models are the served
+models by name (``BatchScores``) and, with ``--v2-alias``, the default model under that name
+with a Triton CLIP model's signature (``ClipFeatures``); see oip_models.py. The methods the
+protocol makes optional (model configuration, the repository, statistics) are not defined, so
+gRPC answers them UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from clipserve import __version__
+from ..utils.errors import ErrorKind, ItemError
+from ..utils.metrics import Metrics
+from . import oip_messages as pb
+from .oip_models import BatchScores, ClipFeatures, describe
+from .registry import ModelRegistry
+from .servicer import call_id
+from .status import grpc_code
+from .tensors import raw_bytes, read_inputs
+
+log = logging.getLogger(__name__)
+
+_RPC = "ModelInfer"
+
+
+class OpenInferenceServicer:
+    def __init__(self, registry: ModelRegistry, *, alias: str, metrics: Metrics) -> None:
+        self._registry = registry
+        self._alias = alias
+        self._metrics = metrics
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerReadyResponse(ready=self._registry.ready and not self._registry.closing)
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            self._model(request.name)
+        except ItemError as exc:
+            if exc.kind is not ErrorKind.UNAVAILABLE:  # loading or stopping: not ready; unknown: an error
+                await context.abort(grpc_code(exc.kind), exc.message)
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerMetadataResponse(name="clipserve", version=__version__, extensions=[])
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def metadata() -> Any:
+            model, engine = self._model(request.name)
+            return pb.ModelMetadataResponse(name=request.name, versions=["1"], platform=engine.description.backend, **describe(model))
+
+        return await self._answer("ModelMetadata", context, metadata)
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def infer() -> Any:
+            model, _ = self._model(request.model_name)
+            arrays = read_inputs(request, model.inputs, request.model_name)
+            outputs = await model.infer(arrays)
+            response = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+            wanted = [output.name for output in request.outputs] or [spec.name for spec in model.outputs]
+            datatypes = {spec.name: spec.datatype for spec in model.outputs}
+            for name in wanted:
+                if name not in datatypes:
+                    raise ItemError(ErrorKind.INVALID_INPUT, f"model {request.model_name!r} has no output {name!r} (it gives {', '.join(datatypes)})")
+                response.outputs.add(name=name, datatype=datatypes[name], shape=outputs[name].shape)
+                response.raw_output_contents.append(raw_bytes(outputs[name], datatypes[name]))
+            return response
+
+        return await self._answer(_RPC, context, infer)
+
+    def _model(self, name: str) -> tuple[Any, Any]:
+        """The model ``name`` names (its signature) and the engine it runs on."""
+        if not name:
+            raise ItemError(ErrorKind.INVALID_INPUT, "the request names no model")
+        if self._alias and name == self._alias:
+            engine = self._registry.get()
+            return ClipFeatures(engine), engine
+        try:
+            engine = self._registry.get(name)
+        except ItemError as exc:
+            if exc.kind is ErrorKind.NOT_FOUND and self._alias:
+                raise ItemError(exc.kind, f"{exc.message}, and the alias {self._alias!r}") from None
+            raise
+        return BatchScores(engine), engine
+
+    async def _answer(self, rpc: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[Any]]) -> Any:
+        """``work``'s answer, or the call ended with the status its error maps to."""
+        started = time.monotonic()
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            response = await work()
+        except ItemError as exc:
+            code, message = grpc_code(exc.kind), exc.message
+        except Exception as exc:
+            log.exception("%s failed unexpectedly", rpc, extra={"call_id": call_id(context)})
+            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+        self._metrics.calls.labels(rpc=rpc, code=code.name).inc()
+        if code is not grpc.StatusCode.OK:
+            log.info("%s refused", rpc, extra={"call_id": call_id(context), "code": code.name, "error": message, "peer": context.peer(), "seconds": round(time.monotonic() - started, 3)})
+            await context.abort(code, message)
+        return response
+
+
+def add_open_inference_to_server(servicer: OpenInferenceServicer, server: grpc.aio.Server) -> None:
+    """Like a generated ``add_..._to_server``, with the messages of oip_messages' own pool."""
+    methods = {
+        "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+        "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+        "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+        "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+        "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+        "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), request_deserializer=request.FromString, response_serializer=response.SerializeToString)
+        for name, (request, response) in methods.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(pb.SERVICE, handlers),))

@@ -1,0 +1,129 @@
+"""Open Inference Protocol tensors <-> numpy arrays, with checks that name the offending tensor.
+
+A tensor arrives as a name, a datatype (``FP32``, ``BYTES``...), a shape and its elements,
+either typed in ``contents`` or as bytes in the request's ``raw_input_contents`` (what
+tritonclient sends): flattened, row-major, little-endian; a ``BYTES`` element is a 4-byte
+little-endian length and then that many bytes. Answers go out the raw way too.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..utils.errors import ErrorKind, ItemError
+
+# The protocol's datatypes: numpy's little-endian dtype and the typed field of InferTensorContents.
+_DATATYPES: dict[str, tuple[str, str]] = {
+    "BOOL": ("?", "bool_contents"),
+    "UINT8": ("u1", "uint_contents"),
+    "UINT16": ("<u2", "uint_contents"),
+    "UINT32": ("<u4", "uint_contents"),
+    "UINT64": ("<u8", "uint64_contents"),
+    "INT8": ("i1", "int_contents"),
+    "INT16": ("<i2", "int_contents"),
+    "INT32": ("<i4", "int_contents"),
+    "INT64": ("<i8", "int64_contents"),
+    "FP16": ("<f2", ""),  # raw bytes only: protobuf has no 16-bit float
+    "FP32": ("<f4", "fp32_contents"),
+    "FP64": ("<f8", "fp64_contents"),
+    "BYTES": ("O", "bytes_contents"),
+}
+_LENGTH = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a model: what ModelMetadata lists and ModelInfer checks."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1: any size
+
+
+def invalid(message: str) -> ItemError:
+    return ItemError(ErrorKind.INVALID_INPUT, message)
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def read_inputs(request: Any, specs: Sequence[TensorSpec], model: str) -> dict[str, np.ndarray]:
+    """The inputs of a ModelInferRequest by name, each checked against its spec (datatype,
+    rank, fixed dimensions) and against its own shape. Which inputs must be there is the
+    model's to say; an input the model does not take is refused."""
+    known = {spec.name: spec for spec in specs}
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise invalid(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: one per input, in order")
+    arrays: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        spec = known.get(tensor.name)
+        if spec is None:
+            raise invalid(f"model {model!r} has no input {tensor.name!r} (it takes {', '.join(known)})")
+        if tensor.name in arrays:
+            raise invalid(f"input {tensor.name!r} is given twice")
+        if tensor.datatype != spec.datatype:
+            raise invalid(f"input {tensor.name!r} must be {spec.datatype}, not {tensor.datatype or 'no datatype'}")
+        shape = tuple(tensor.shape)
+        if len(shape) != len(spec.shape) or any(want not in (-1, got) for want, got in zip(spec.shape, shape)) or min(shape, default=0) < 0:
+            raise invalid(f"input {tensor.name!r} has shape {_shape(shape)}; model {model!r} takes {_shape(spec.shape)} (-1: any size)")
+        arrays[tensor.name] = _array(tensor, raw[index] if raw else None, shape)
+    return arrays
+
+
+def _array(tensor: Any, raw: bytes | None, shape: tuple[int, ...]) -> np.ndarray:
+    name = tensor.name
+    dtype, field = _DATATYPES[tensor.datatype]
+    count = math.prod(shape)
+    if raw is None and not field:
+        raise invalid(f"input {name!r}: {tensor.datatype} travels in raw_input_contents only")
+    if tensor.datatype == "BYTES":
+        values = _unpack_bytes(raw, name) if raw is not None else list(tensor.contents.bytes_contents)
+        array = np.empty(len(values), dtype=object)
+        array[:] = values
+    elif raw is not None:
+        width = np.dtype(dtype).itemsize
+        if len(raw) != count * width:
+            raise invalid(f"input {name!r}: {len(raw)} bytes of {tensor.datatype} for shape {_shape(shape)}, which needs {count * width}")
+        array = np.frombuffer(raw, dtype=dtype)
+    else:
+        array = np.asarray(getattr(tensor.contents, field), dtype=dtype)
+    if array.size != count:
+        raise invalid(f"input {name!r} has {array.size} elements; its shape {_shape(shape)} needs {count}")
+    return array.reshape(shape)
+
+
+def _unpack_bytes(raw: bytes, name: str) -> list[bytes]:
+    values, offset = [], 0
+    while offset < len(raw):
+        if offset + _LENGTH.size > len(raw):
+            raise invalid(f"input {name!r}: BYTES element {len(values)} has a truncated length prefix")
+        (length,) = _LENGTH.unpack_from(raw, offset)
+        offset += _LENGTH.size
+        if offset + length > len(raw):
+            raise invalid(f"input {name!r}: BYTES element {len(values)} claims {length} bytes; {len(raw) - offset} are left")
+        values.append(raw[offset : offset + length])
+        offset += length
+    return values
+
+
+def raw_bytes(array: np.ndarray, datatype: str) -> bytes:
+    """``array``'s elements as raw tensor contents of ``datatype``."""
+    if datatype == "BYTES":
+        return b"".join(_LENGTH.pack(len(value)) + value for value in array.reshape(-1))
+    return np.ascontiguousarray(array, dtype=_DATATYPES[datatype][0]).tobytes()
+
+
+def text_of(value: bytes, name: str) -> str:
+    """A BYTES element read as UTF-8 text."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise invalid(f"input {name!r}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None

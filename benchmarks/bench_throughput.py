@@ -14,15 +14,22 @@ files of mixed sizes, serves them over loopback HTTP, draws Q queries x K images
   (c) clipserve warm: the same workload again (embeddings cached);
   (d) model bound: batched get_image_features + get_text_features over the distinct images
       and texts through the server's own model class, preprocessing excluded (no I/O, no
-      decode): the best any server with that model path could do;
+      decode): the best any server with that model path could do; (d0) the same in torch
+      eager, whatever the runtime;
   (e) with --embed: Embed of the distinct images on a cold server through the SDK's
-      embed_images, in images/s, against the image half of (d) alone.
+      embed_images, in images/s, against the image half of (d) alone;
+  (f) text only: Embed of --texts distinct queries on a cold server (embed_texts), in texts/s,
+      against torch eager's text tower over the same texts in batches of --max-batch-size.
 
-The server runs with --compile (the image tower through torch.compile) and (d) uses the same
-compiled tower; --no-compile measures the eager path instead. (a) is always eager: it is the
-reference adapter's code.
+Every mode is measured for the server's runtime (--runtime, default auto: what users get) and,
+interleaved in the same run, for --against (default torch eager), each with its start-up time
+with a cold and with a warm conversion cache and its RSS after the passes (children included).
+--compile serves torch.compile's image tower instead (it implies --runtime torch). (a) is
+always eager: it is the reference adapter's code.
 
-It prints a table (medians over --repeat runs) and writes it as JSON (--out).
+It prints a table (best and median over --repeat runs) and writes it as JSON (--out). The
+machine's load (uptime) is printed with every run: on a shared machine, say so beside the
+figures.
 """
 
 from __future__ import annotations
@@ -123,19 +130,31 @@ def measure_reference(checkpoint: Path, pairs: list[tuple[str, str]]) -> float:
     return len(pairs) / (time.perf_counter() - started)
 
 
-def measure_bound(checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[str, str]], args: argparse.Namespace) -> tuple[float, float]:
+def measure_bound(
+    checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[str, str]], args: argparse.Namespace, runtime: str, cache: Path, many_texts: list[str]
+) -> tuple[float, float, float]:
     """(d) Batched forwards over the distinct texts and images; preprocessing done beforehand.
-    Returns pairs/s, and images/s of the image forwards alone (the bound of (e))."""
+    Returns pairs/s, images/s of the image forwards alone (the bound of (e)), and texts/s of
+    text forwards over ``many_texts`` (the bound of (f))."""
     from clipserve_server.models.clip_model import HFClipModel
+    from clipserve_server.models.runtimes import apply_runtime
+    from clipserve_server.utils.config import ServerConfig
 
-    # The server's model class: the same (eager or compiled) towers, dtype and device. Its
-    # forward returns numpy arrays, so the timing includes waiting for the GPU.
-    model = HFClipModel(str(checkpoint), device=args.device, dtype=args.dtype, compile=args.compile)
+    # The server's model class: the same (eager, compiled or converted) towers, dtype and
+    # device. Its forward returns numpy arrays, so the timing includes waiting for the GPU.
+    compile = args.compile and runtime != "torch-eager"
+    model = HFClipModel(str(checkpoint), device=args.device, dtype=args.dtype, compile=compile)
+    if runtime != "torch-eager":
+        apply_runtime(model, ServerConfig(model=(str(checkpoint),), device=args.device, dtype=args.dtype, compile=compile, runtime=runtime, runtime_cache=str(cache)))
     model.warmup()
+    size = args.max_batch_size
+    texts_started = time.perf_counter()
+    for i in range(0, len(many_texts), size):
+        model.forward(many_texts[i : i + size], [])
+    text_rate = len(many_texts) / (time.perf_counter() - texts_started) if many_texts else 0.0
     texts = sorted({q for q, _ in pairs})
     names = sorted({u.rsplit("/", 1)[1] for _, u in pairs})
     pixels = [model.preprocess_image(Image.open(io.BytesIO(corpus[n])).convert("RGB")) for n in names]
-    size = args.max_batch_size
     started = time.perf_counter()
     for i in range(0, len(texts), size):
         model.forward(texts[i : i + size], [])
@@ -143,7 +162,7 @@ def measure_bound(checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[
     for i in range(0, len(pixels), size):
         model.forward([], pixels[i : i + size])
     ended = time.perf_counter()
-    return len(pairs) / (ended - started), len(pixels) / (ended - images_started)
+    return len(pairs) / (ended - started), len(pixels) / (ended - images_started), text_rate
 
 
 def start_server(checkpoint: Path, args: argparse.Namespace, extra: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
@@ -152,6 +171,18 @@ def start_server(checkpoint: Path, args: argparse.Namespace, extra: Sequence[str
         "--max-batch-size", str(args.max_batch_size), "--max-batch-delay-ms", str(args.max_batch_delay_ms),
         "--compile" if args.compile else "--no-compile", *extra,
     )
+
+
+def server_rss_mb(proc: subprocess.Popen) -> float:
+    """Resident memory of the server and its children (decode worker processes), in MB."""
+    import psutil
+
+    server = psutil.Process(proc.pid)
+    return sum(p.memory_info().rss for p in [server, *server.children(recursive=True)]) / 1e6
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
 
 
 def serve(*flags: str) -> tuple[subprocess.Popen, str]:
@@ -180,15 +211,16 @@ def measure_clipserve(address: str, pairs: list[tuple[str, str]]) -> tuple[float
     return len(pairs) / elapsed, failures
 
 
-def measure_embed(address: str, urls: list[str]) -> tuple[float, int]:
-    """(e) Embed: every distinct image once, on a cold server (images/s)."""
+def measure_embed(address: str, items: list[str], kind: str = "images") -> tuple[float, int]:
+    """(e) Embed every distinct image once, or (f, kind "texts") every distinct query, on a cold
+    server (items/s)."""
     import clipserve
 
     with clipserve.CLIP(address) as clip:
         started = time.perf_counter()
-        results = clip.embed_images(urls)
+        results = getattr(clip, f"embed_{kind}")(items)
         elapsed = time.perf_counter() - started
-    return len(urls) / elapsed, sum(1 for r in results if r.error is not None)
+    return len(items) / elapsed, sum(1 for r in results if r.error is not None)
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -208,11 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_arguments(parser)
     parser.add_argument("--reference-pairs", type=int, default=100, help="pairs timed for (a); its rate is per pair")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="serve (b, c) and bound (d) with the image tower compiled")
+    parser.add_argument("--runtime", default="auto", help="the server's --runtime (default: auto, the server's default)")
+    parser.add_argument("--against", default="torch", help="a second --runtime measured the same way, interleaved ('none': skip)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="serve torch.compile's image tower (with --runtime torch)")
+    parser.add_argument("--texts", type=int, default=2000, help="(f): distinct queries embedded on a cold server (0: skip)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="reuse a vit-b-32 checkpoint folder")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--embed", action="store_true", help="also (e): embed the distinct images on a cold server, against the image bound")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of every mode; the median is reported")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of every mode, interleaved; best and median are reported")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -225,74 +260,112 @@ def main(argv: list[str] | None = None) -> int:
     httpd, base = serve_corpus(corpus)
     pairs = make_workload(base, sorted(corpus), args.queries, args.per_query, args.seed)
     distinct_images = len({u for _, u in pairs})
+    rng = random.Random(args.seed + 1)
+    many_texts = [f"{' '.join(rng.sample(WORDS, 4))} in scene {i}" for i in range(args.texts)]
+    runtimes = [args.runtime] + ([args.against] if args.against not in ("none", "", args.runtime) else [])
+    # The eager bound is torch's own forward (d0), whatever the runtimes compared.
+    bounds = [*runtimes, "torch-eager"]
     print(f"workload: {len(pairs)} pairs, {args.queries} queries, {distinct_images} distinct images "
-          f"({sum(map(len, corpus.values())) / 1e6:.1f} MB corpus); device={args.device} dtype={args.dtype} compile={args.compile}", flush=True)
+          f"({sum(map(len, corpus.values())) / 1e6:.1f} MB corpus), {len(many_texts)} texts; device={args.device} dtype={args.dtype} "
+          f"runtimes={','.join(runtimes)} compile={args.compile}", flush=True)
 
-    # Each mode runs --repeat times (a fresh server for every cold run); the median is reported,
-    # since a shared 2-core machine drifts by 10-25% between runs.
+    # Every mode runs --repeat times, the runtimes interleaved within each run (a fresh server,
+    # and a fresh conversion cache, for every cold run): a shared machine drifts between runs.
     samples: dict[str, list[float]] = {}
-    images: dict[str, list[float]] = {}  # (e) and its bound, in images/s
-    failures = {"cold": 0, "warm": 0, "embed": 0}
+    failures: dict[str, int] = {}
+    loads = []
     reference_pairs = random.Random(1).sample(pairs, min(args.reference_pairs, len(pairs)))
+
+    def record(name: str, value: float) -> None:
+        samples.setdefault(name, []).append(value)
+
     for run in range(1, args.repeat + 1):
+        loads.append(load_average())
         if not args.skip_reference:
-            samples.setdefault("a_reference", []).append(in_fresh_process(measure_reference, checkpoint, reference_pairs))
-        proc, address = start_server(checkpoint, args)
-        try:
-            cold, cold_failures = measure_clipserve(address, pairs)
-            warm, warm_failures = measure_clipserve(address, pairs)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
-        samples.setdefault("b_clipserve_cold", []).append(cold)
-        samples.setdefault("c_clipserve_warm", []).append(warm)
-        failures["cold"] += cold_failures
-        failures["warm"] += warm_failures
-        bound, image_bound = in_fresh_process(measure_bound, checkpoint, corpus, pairs, args)
-        samples.setdefault("d_model_bound", []).append(bound)
-        if args.embed:
-            proc, address = start_server(checkpoint, args)
+            record("a_reference", in_fresh_process(measure_reference, checkpoint, reference_pairs))
+        for runtime in runtimes:
+            flags = ["--runtime", runtime, "--runtime-cache", str(scratch / f"cache-{runtime}-{run}")]
+            started = time.perf_counter()
+            proc, address = start_server(checkpoint, args, flags)
+            record(f"startup_cold_cache_s[{runtime}]", time.perf_counter() - started)
             try:
-                embedded, embed_failures = measure_embed(address, sorted({u for _, u in pairs}))
+                cold, cold_failures = measure_clipserve(address, pairs)
+                warm, warm_failures = measure_clipserve(address, pairs)
+                record(f"rss_mb[{runtime}]", server_rss_mb(proc))
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
-            failures["embed"] += embed_failures
-            images.setdefault("e_embed_cold", []).append(embedded)
-            images.setdefault("d_image_bound", []).append(image_bound)
-        print(f"run {run}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in samples.items()) + " pairs/s"
-              + "".join(f", {k} {v[-1]:.1f}" for k, v in images.items()) + (" images/s" if images else ""), flush=True)
+            record(f"b_cold[{runtime}]", cold)
+            record(f"c_warm[{runtime}]", warm)
+            failures[runtime] = failures.get(runtime, 0) + cold_failures + warm_failures
+            # The same cache again: what a restart costs; then the text-only and Embed passes
+            # on this server, cold for both.
+            started = time.perf_counter()
+            proc, address = start_server(checkpoint, args, flags)
+            record(f"startup_warm_cache_s[{runtime}]", time.perf_counter() - started)
+            try:
+                if many_texts:
+                    texts_rate, text_failures = measure_embed(address, many_texts, "texts")
+                    record(f"f_texts[{runtime}]", texts_rate)
+                    failures[runtime] += text_failures
+                if args.embed:
+                    embedded, embed_failures = measure_embed(address, sorted({u for _, u in pairs}))
+                    record(f"e_embed_cold[{runtime}]", embedded)
+                    failures[runtime] += embed_failures
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+        for runtime in bounds:
+            bound, image_bound, text_bound = in_fresh_process(measure_bound, checkpoint, corpus, pairs, args, runtime, scratch / f"cache-{runtime}-{run}", many_texts)
+            record(f"d_bound[{runtime}]", bound)
+            record(f"d_image_bound[{runtime}]", image_bound)
+            record(f"d_text_bound[{runtime}]", text_bound)
+        print(f"run {run} (load {loads[-1]:.2f}): " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in samples.items()), flush=True)
     httpd.shutdown()
-    rows = {name: statistics.median(values) for name, values in samples.items()}
 
-    reference = rows.get("a_reference")
-    table = []
-    for name, rate in rows.items():
-        table.append({
-            "mode": name,
-            "pairs_per_s": round(rate, 1),
-            "images_per_s": round(rate * distinct_images / len(pairs), 1) if name != "a_reference" else round(rate, 1),
-            "speedup_vs_a": round(rate / reference, 1) if reference else None,
-            "fraction_of_bound_d": round(rate / rows["d_model_bound"], 2),
-        })
+    # Rates: the best run (least disturbed by the machine's other work); times: the least.
+    best = {k: (min if k.startswith(("startup", "rss")) else max)(v) for k, v in samples.items()}
+    median = {k: statistics.median(v) for k, v in samples.items()}
+    # (label, sample, the best value it is divided by, or None: the value itself)
+    rows = [
+        ("cold pairs/s (b)", "b_cold", None),
+        ("warm pairs/s (c)", "c_warm", None),
+        ("model bound pairs/s (d)", "d_bound", None),
+        ("cold x eager bound (d0)", "b_cold", "d_bound[torch-eager]"),
+        ("cold x reference (a)", "b_cold", "a_reference"),
+        ("text-only texts/s (f)", "f_texts", None),
+        ("text x eager text bound", "f_texts", "d_text_bound[torch-eager]"),
+        ("image bound images/s", "d_image_bound", None),
+        ("images x eager image bound", "d_image_bound", "d_image_bound[torch-eager]"),
+        ("embed images/s (e)", "e_embed_cold", None),
+        ("start-up, cold cache s", "startup_cold_cache_s", None),
+        ("start-up, warm cache s", "startup_warm_cache_s", None),
+        ("server RSS MB", "rss_mb", None),
+    ]
     print()
-    print(f"{'mode':<20}{'pairs/s':>10}{'images/s':>10}{'x (a)':>8}{'of (d)':>8}")
-    for row in table:
-        speed = f"{row['speedup_vs_a']:.1f}" if row["speedup_vs_a"] else "-"
-        print(f"{row['mode']:<20}{row['pairs_per_s']:>10.1f}{row['images_per_s']:>10.1f}{speed:>8}{row['fraction_of_bound_d']:>8.2f}")
-    if images:
-        embed = statistics.median(images["e_embed_cold"])
-        image_bound = statistics.median(images["d_image_bound"])
-        table.append({"mode": "e_embed_cold", "images_per_s": round(embed, 1), "fraction_of_image_bound": round(embed / image_bound, 2)})
-        print(f"{'e_embed_cold':<20}{'-':>10}{embed:>10.1f}{'-':>8}{embed / image_bound:>8.2f}  (of the image-only bound, {image_bound:.1f} images/s)")
+    print(f"best of {args.repeat} (median in brackets); reference (a) {best.get('a_reference', 0):.1f} pairs/s, "
+          f"eager bound (d0) {best['d_bound[torch-eager]']:.1f} pairs/s; load average {min(loads):.2f}-{max(loads):.2f}")
+    print(f"{'':<28}" + "".join(f"{runtime:>20}" for runtime in runtimes))
+    table = []
+    for label, key, by in rows:
+        cells = []
+        for runtime in runtimes:
+            name = f"{key}[{runtime}]"
+            divisor = 1.0 if by is None else best.get(by, 0.0)
+            if name not in best or not divisor:
+                cells.append(f"{'-':>20}")
+                continue
+            value, middle = best[name] / divisor, median[name] / divisor
+            cells.append(f"{value:.2f} ({middle:.2f})".rjust(20))
+            table.append({"row": label, "runtime": runtime, "best": round(value, 3), "median": round(middle, 3)})
+        print(f"{label:<28}" + "".join(cells))
     report = {
-        "workload": {"pairs": len(pairs), "queries": args.queries, "per_query": args.per_query, "images": args.images, "distinct_images": distinct_images},
-        "settings": {"device": args.device, "dtype": args.dtype, "compile": args.compile, "max_batch_size": args.max_batch_size, "max_batch_delay_ms": args.max_batch_delay_ms},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+        "workload": {"pairs": len(pairs), "queries": args.queries, "per_query": args.per_query, "images": args.images, "distinct_images": distinct_images, "texts": len(many_texts)},
+        "settings": {"device": args.device, "dtype": args.dtype, "runtimes": runtimes, "compile": args.compile, "max_batch_size": args.max_batch_size, "max_batch_delay_ms": args.max_batch_delay_ms},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__, "load_average_1min": loads,
                     "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
         "repeat": args.repeat,
-        "samples_pairs_per_s": {k: [round(v, 1) for v in values] for k, values in samples.items()},
-        "samples_images_per_s": {k: [round(v, 1) for v in values] for k, values in images.items()},
+        "samples": {k: [round(v, 2) for v in values] for k, values in samples.items()},
         "failures": failures,
         "results": table,
     }

@@ -287,6 +287,74 @@ def variant(
     return fast | {"max_abs_score_diff": float(diff.max()), "mean_abs_score_diff": float(diff.mean())}
 
 
+def runtime_step(first: dict, corpus: dict[str, bytes], scratch: Path, needs_s: float = 120) -> dict:
+    """--runtime on this device against torch eager, in-process, on the first model: which towers
+    pass the parity check at load, how far their features are from eager's (max L2 relative),
+    and images/s and texts/s in batches of BATCH (a second pass: CUDA graphs are captured per
+    shape in the first). On CUDA: cuda-graphs, and tensorrt where torch-tensorrt is installed,
+    on the half-precision towers; the dry run runs the same code with OpenVINO on the CPU."""
+    import importlib.util
+
+    from clipserve_server.models.clip_model import HFClipModel
+    from clipserve_server.models.runtimes import apply_runtime
+    from clipserve_server.utils.config import ServerConfig
+
+    if ON_GPU:
+        runtimes, dtype = ["cuda-graphs"] + (["tensorrt"] if importlib.util.find_spec("torch_tensorrt") else []), HALF
+    else:
+        runtimes, dtype = ["openvino"], "float32"
+    pairs, checkpoint = first["pairs"], first["checkpoint"]
+    texts = sorted({q for q, _ in pairs})
+    names = sorted({u.rsplit("/", 1)[1] for _, u in pairs})
+
+    def measure(runtime: str) -> tuple[dict, np.ndarray, np.ndarray]:
+        model = HFClipModel(str(checkpoint), device=DEVICE, dtype=dtype)
+        started = time.perf_counter()
+        if runtime != "torch":
+            apply_runtime(model, ServerConfig(model=(str(checkpoint),), device=DEVICE, dtype=dtype, runtime=runtime, runtime_cache=str(scratch / "runtime-cache")))
+        load_s = time.perf_counter() - started
+        pixels = [model.preprocess_image(Image.open(_bytes_io(corpus[n])).convert("RGB")) for n in names]
+        for _ in range(2):  # the second pass is timed
+            started = time.perf_counter()
+            image_out = np.concatenate([model.forward([], pixels[i : i + BATCH])[1] for i in range(0, len(pixels), BATCH)])
+            images_s = time.perf_counter() - started
+            started = time.perf_counter()
+            text_out = np.concatenate([model.forward(texts[i : i + BATCH], [])[0] for i in range(0, len(texts), BATCH)])
+            texts_s = time.perf_counter() - started
+        d = model.description
+        result = {"image_runtime": d.image_runtime, "text_runtime": d.text_runtime, "load_s": round(load_s, 1),
+                  "images_per_s": round(len(pixels) / images_s, 1), "texts_per_s": round(len(texts) / texts_s, 1)}
+        del model
+        _free()
+        return result, image_out, text_out
+
+    if time_left() < needs_s:
+        say(f"runtimes skipped: {time_left():.0f}s of the budget left")
+        return {"skipped": f"{time_left():.0f}s of the budget left"}
+    out: dict = {}
+    out["torch"], eager_images, eager_texts = measure("torch")
+    say(f"{first['arch']}: runtime torch ({dtype}): {out['torch']['images_per_s']} images/s, {out['torch']['texts_per_s']} texts/s")
+    for runtime in runtimes:
+        if time_left() < needs_s:
+            out[runtime] = {"skipped": f"{time_left():.0f}s of the budget left"}
+            continue
+        try:
+            result, images, texts_out = measure(runtime)
+        except Exception as exc:
+            say(f"{first['arch']}: runtime {runtime} failed: {exc}")
+            out[runtime] = {"failed": str(exc)[:300]}
+            continue
+        relative = lambda got, want: float((np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)).max())  # noqa: E731
+        result |= {"image_max_rel_diff": relative(images, eager_images), "text_max_rel_diff": relative(texts_out, eager_texts),
+                   "images_speedup": round(result["images_per_s"] / out["torch"]["images_per_s"], 2),
+                   "texts_speedup": round(result["texts_per_s"] / out["torch"]["texts_per_s"], 2)}
+        out[runtime] = result
+        say(f"{first['arch']}: runtime {runtime}: image tower in {result['image_runtime']}, text in {result['text_runtime']} (load {result['load_s']}s); "
+            f"{result['images_per_s']} images/s (x{result['images_speedup']}), {result['texts_per_s']} texts/s (x{result['texts_speedup']}); "
+            f"max relative feature diff vs eager: images {result['image_max_rel_diff']:.1e}, texts {result['text_max_rel_diff']:.1e}")
+    return out
+
+
 def instances_and_devices(kept: dict) -> dict:
     """On the first (small) model, what issue 23 added: --instances 2 against the default one
     (forwards side by side on one GPU), the batched nvJPEG decode (--gpu-decode) with one and
@@ -348,6 +416,8 @@ def main() -> int:
         if first is not None:
             REPORT["instances"] = instances_and_devices(first)
         REPORT["serial"] = serial_part()
+        if first is not None:
+            REPORT["archs"][first["arch"]]["runtimes"] = runtime_step(first, corpus, scratch)
         if ON_GPU and first is not None:  # last: compiling takes a minute or two, the rest comes first
             REPORT["archs"][first["arch"]]["compile"] = variant(
                 first["arch"], "compile", ["--compile"], first["checkpoint"], first["pairs"], first["exact_scores"], needs_s=150

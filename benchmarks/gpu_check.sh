@@ -12,8 +12,10 @@
 # drift and speed of --jpeg-draft and --gpu-decode, for ViT-H/14-378 a cold pass with 256 pairs
 # in flight (one batch) instead of the default 1024; for ViT-B/32 then --instances 2 against one, the
 # batched --gpu-decode with one and two instances, and a device list (cuda:all, or cuda:0 twice on one
-# GPU); then the event loop's own cost per image on this many cores (bench_feed.py --serial), and whether
-# --compile works on CUDA. The figures also go to benchmarks/results/gpu_check.json.
+# GPU); then the event loop's own cost per image on this many cores (bench_feed.py --serial), the
+# --runtime step (CUDA graphs, and TensorRT where torch-tensorrt is installed, against eager on the
+# fp16 towers: parity and speed; OpenVINO on a dry run), and whether --compile works on CUDA. The
+# figures also go to benchmarks/results/gpu_check.json.
 #
 # The project runs from the checkout (PYTHONPATH=client:server): the machine's own torch,
 # torchvision, transformers, aiohttp, pillow, numpy are used as they are. What the generated

@@ -23,6 +23,20 @@ from .helpers import ImageHost, InProcessServer, make_image
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def runtime_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The servers of this run share one conversion cache (--runtime-cache), under tmp: a model
+    converts once per run (entries are keyed by its weights), never from a user's cache."""
+    folder = tmp_path_factory.mktemp("runtime-cache")
+    previous = os.environ.get("CLIPSERVE_RUNTIME_CACHE")
+    os.environ["CLIPSERVE_RUNTIME_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ["CLIPSERVE_RUNTIME_CACHE"]
+    else:
+        os.environ["CLIPSERVE_RUNTIME_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from clipserve_server.models.synthetic import build_checkpoint
@@ -123,7 +137,10 @@ class ServerProcess:
         for line in self.proc.stdout:
             self.log.append(line)
 
-    def _wait_for(self, prefix: str, timeout: float = 180.0) -> str:
+    # Generous: a server converts each new model's towers at start-up (--runtime auto; tens of
+    # seconds per model on 2 busy cores, several servers of a module starting side by side).
+    # This is a guard against a hung start, not a speed claim.
+    def _wait_for(self, prefix: str, timeout: float = 600.0) -> str:
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
         while time.monotonic() < deadline:

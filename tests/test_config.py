@@ -151,6 +151,23 @@ def test_the_fake_model_simulates_accelerator_time_per_batch_and_per_image():
         _fake("fake:gpu_ms=3")
 
 
+def test_the_runtime_is_auto_by_default_and_set_by_flag_env_or_file(tmp_path):
+    assert (load_config([], environ={}).runtime, load_config([], environ={}).runtime_cache) == ("auto", "")
+    own = write(tmp_path, "clipserve.toml", '[server]\nruntime = "torch"\nruntime_cache = "/srv/conversions"\n')
+    assert (load_config(["--config", own], environ={}).runtime, load_config(["--config", own], environ={}).runtime_cache) == ("torch", "/srv/conversions")
+    assert load_config(["--config", own], environ={"CLIPSERVE_RUNTIME": "openvino"}).runtime == "openvino"
+    assert load_config(["--runtime", "cuda-graphs"], environ={"CLIPSERVE_RUNTIME": "openvino"}).runtime == "cuda-graphs"
+
+
+def test_compile_is_the_torch_runtimes_and_unknown_runtimes_are_refused():
+    assert load_config(["--compile"], environ={}).runtime == "auto"  # auto then means torch
+    assert load_config(["--compile", "--runtime", "torch"], environ={}).compile
+    with pytest.raises(ValueError, match="--compile is torch.compile of the torch runtime's image tower"):
+        load_config(["--compile", "--runtime", "openvino"], environ={})
+    with pytest.raises(ValueError, match="runtime must be one of auto, torch, openvino"):
+        load_config([], environ={"CLIPSERVE_RUNTIME": "tvm"})
+
+
 def test_the_fetch_retries_and_politeness_come_from_flags_env_or_clipserve_toml(tmp_path):
     defaults = load_config([], environ={})
     assert (defaults.fetch_timeout_s, defaults.fetch_attempt_timeout_s, defaults.fetch_attempts, defaults.fetch_backoff_s, defaults.fetch_host_connections) == (15.0, 10.0, 4, 0.5, 32)

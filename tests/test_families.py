@@ -115,11 +115,15 @@ def servers(checkpoints: dict[str, Path], tiny_checkpoint: Path) -> Iterator[dic
 
 
 def served_scores(server: ServerProcess, model: str, images: list[Path]) -> tuple[np.ndarray, clipserve.v1.scorer_pb2.ModelInfo]:
-    """Every query against every image, scored by ``model`` on ``server``: (queries, images)."""
+    """Every query against every image, scored by ``model`` on ``server``: (queries, images).
+
+    Served at the default runtime (auto): every family's towers convert to OpenVINO on the CPU
+    and pass the parity check at load (models/runtimes/), so both run there."""
     with clipserve.CLIP(server.address, timeout=120, model=model) as clip:
         results = clip.score_batch([(query, str(image)) for query in QUERIES for image in images])
         info = clip.model_info()
     assert all(r.error is None for r in results), [r.error for r in results if r.error][:3]
+    assert (info.image_runtime, info.text_runtime) == ("openvino", "openvino"), (model, "".join(server.log))
     return np.array([r.score for r in results]).reshape(len(QUERIES), len(images)), info
 
 

@@ -135,7 +135,7 @@ class CacheStats(_message.Message):
     def __init__(self, capacity: _Optional[int] = ..., entries: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., hit_rate: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "device", "dtype", "embedding_dim", "logit_scale", "logit_bias", "max_text_tokens", "max_batch_size", "max_batch_delay_ms", "text_cache", "image_cache", "server_version", "compiled", "normalized", "replica", "name", "backend", "text_model_id", "instances")
+    __slots__ = ("model_id", "device", "dtype", "embedding_dim", "logit_scale", "logit_bias", "max_text_tokens", "max_batch_size", "max_batch_delay_ms", "text_cache", "image_cache", "server_version", "compiled", "normalized", "replica", "name", "backend", "text_model_id", "instances", "image_runtime", "text_runtime")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,8 @@ class ModelInfo(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     TEXT_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    TEXT_RUNTIME_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     device: str
     dtype: str
@@ -174,7 +176,9 @@ class ModelInfo(_message.Message):
     backend: str
     text_model_id: str
     instances: _containers.RepeatedCompositeFieldContainer[InstanceInfo]
-    def __init__(self, model_id: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., logit_scale: _Optional[float] = ..., logit_bias: _Optional[float] = ..., max_text_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_batch_delay_ms: _Optional[float] = ..., text_cache: _Optional[_Union[CacheStats, _Mapping]] = ..., image_cache: _Optional[_Union[CacheStats, _Mapping]] = ..., server_version: _Optional[str] = ..., compiled: _Optional[bool] = ..., normalized: _Optional[bool] = ..., replica: _Optional[str] = ..., name: _Optional[str] = ..., backend: _Optional[str] = ..., text_model_id: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ...) -> None: ...
+    image_runtime: str
+    text_runtime: str
+    def __init__(self, model_id: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., logit_scale: _Optional[float] = ..., logit_bias: _Optional[float] = ..., max_text_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_batch_delay_ms: _Optional[float] = ..., text_cache: _Optional[_Union[CacheStats, _Mapping]] = ..., image_cache: _Optional[_Union[CacheStats, _Mapping]] = ..., server_version: _Optional[str] = ..., compiled: _Optional[bool] = ..., normalized: _Optional[bool] = ..., replica: _Optional[str] = ..., name: _Optional[str] = ..., backend: _Optional[str] = ..., text_model_id: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ..., image_runtime: _Optional[str] = ..., text_runtime: _Optional[str] = ...) -> None: ...
 
 class InstanceInfo(_message.Message):
     __slots__ = ("device", "index", "forwards", "items", "busy_seconds", "alive")

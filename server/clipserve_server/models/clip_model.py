@@ -19,7 +19,8 @@ from PIL import Image
 from ..images.device_decode import BatchDecodeFn, jpeg_batch_decoder
 from ..images.preprocess import NaFlexPipeline, build_pipeline
 from ..utils.domain import ModelDescription
-from .model import PipelineModel, logit_parameters
+from .model import TorchTowersModel, logit_parameters
+from .runtimes.towers import IMAGE, TEXT, Runner
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def _features(output: Any) -> Any:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-class HFClipModel(PipelineModel):
+class HFClipModel(TorchTowersModel):
     """Loads ``AutoModel`` + ``AutoProcessor`` from a hub id or a local folder (``name``: what
     to call it in GetModelInfo, when the folder stands for something else)."""
 
@@ -97,9 +98,11 @@ class HFClipModel(PipelineModel):
         if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features") and hasattr(model, "logit_scale")):
             raise ValueError(f"{model_id} is a {type(model).__name__}, not a CLIP-family model with text and image towers")
         self._model = model.to(self._device).eval()
-        self._image_features = self._eager_image_features
-        if compile:
-            self._image_features = compile_image_tower(self._eager_image_features)
+        # What runs each tower: eager torch, torch.compile'd, or a runtime's (use_tower).
+        self._runs: dict[str, Runner] = {
+            IMAGE: compile_image_tower(self._eager_image_features) if compile else self._eager_image_features,
+            TEXT: self._eager_text_features,
+        }
         processor = AutoProcessor.from_pretrained(model_id)
         self._tokenizer = processor.tokenizer
         self._pipeline = build_pipeline(processor.image_processor)
@@ -140,20 +143,27 @@ class HFClipModel(PipelineModel):
         return text_out, image_out
 
     def _encode_texts(self, texts: list[str]) -> np.ndarray:
+        return _to_numpy(self._runs[TEXT](**self._text_inputs(texts)))
+
+    def _text_inputs(self, texts: list[str]) -> dict[str, Any]:
         # Queries longer than the model's context are truncated (the reference adapter crashes).
         tokens = self._tokenizer(texts, padding=self._padding, truncation=True, max_length=self._max_tokens, return_tensors="pt")
-        tokens = {k: v.to(self._device) for k, v in tokens.items()}
-        return _to_numpy(_features(self._model.get_text_features(**tokens)))
+        return {k: v.to(self._device) for k, v in tokens.items()}
 
     def _encode_images(self, images: list[Any]) -> np.ndarray:
+        return _to_numpy(self._runs[IMAGE](**self._image_inputs(images)))
+
+    def _image_inputs(self, images: list[Any]) -> dict[str, Any]:
         # Preprocessed on the CPU (numpy arrays) or, with --gpu-decode, already on the device;
         # pixels in the model's dtype, NaFlex masks and grid shapes as they are.
         inputs = self._pipeline.inputs(images, self._device)
-        inputs = {name: value.to(self._dtype) if value.is_floating_point() else value for name, value in inputs.items()}
-        return _to_numpy(self._image_features(**inputs))
+        return {name: value.to(self._dtype) if value.is_floating_point() else value for name, value in inputs.items()}
 
     def _eager_image_features(self, **inputs: Any) -> Any:
         return _features(self._model.get_image_features(**inputs))
+
+    def _eager_text_features(self, **tokens: Any) -> Any:
+        return _features(self._model.get_text_features(**tokens))
 
     def warmup(self) -> None:
         super().warmup()

@@ -28,6 +28,8 @@
   open_clip before) still goes where the whole repo would send it when the hub can be asked.
 - ``--text-model``: a sentence-transformers text model for the texts, the model above for the
   images (``text_tower``).
+
+Whichever it is, its towers then go to the runtime ``--runtime`` picks (``runtimes``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pathlib import Path
 
 from ..utils.config import ModelSpec, ServerConfig
 from .model import EmbeddingModel
+from .runtimes import apply_runtime
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,8 @@ def load_model(spec: ModelSpec, config: ServerConfig) -> EmbeddingModel:
         from .text_tower import TextTowerModel
 
         model = TextTowerModel(model, spec.text_model)
+    # The towers move to the configured runtime (--runtime) before the warm-up and serving.
+    apply_runtime(model, config)
     return model
 
 

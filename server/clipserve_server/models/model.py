@@ -20,6 +20,7 @@ from PIL import Image
 from ..images.device_decode import BatchDecodeFn
 from ..images.preprocess import pil_image
 from ..utils.domain import ModelDescription
+from .runtimes.towers import IMAGE, TEXT, Runner, Tower, family_towers
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,14 @@ class EmbeddingModel(ABC):
         (len(texts), dim) and (len(images), dim). Called from one thread at a time; may be slow.
         """
 
+    def towers(self) -> dict[str, Tower]:
+        """The towers a runtime may convert (``runtimes.towers``), by name; none by default."""
+        return {}
+
+    def use_tower(self, name: str, runner: Runner) -> None:
+        """Run the tower ``name`` with ``runner`` from now on (called before serving starts)."""
+        raise NotImplementedError(f"{type(self).__name__} has no {name} tower to hand over")
+
     def score(self, text: Embedding, image: Embedding) -> float:
         """``exp(logit_scale) * cos + logit_bias``: the pair's ``logits_per_image``."""
         cosine = float(np.dot(text.raw, image.raw)) / (text.norm * image.norm)
@@ -105,6 +114,43 @@ class PipelineModel(EmbeddingModel):
     @property
     def decode_size(self) -> tuple[int, int] | None:
         return self._pipeline.decode_size
+
+
+class TorchTowersModel(PipelineModel):
+    """A PipelineModel whose towers are torch forwards (``_eager_image_features``,
+    ``_eager_text_features``, taking what ``_image_inputs`` / ``_text_inputs`` build), each run
+    by ``self._runs[name]``: eager, torch.compile'd, or a runtime's (``runtimes``)."""
+
+    _runs: dict[str, Runner]
+    _model: Any  # the torch module holding both towers' weights
+    _device: Any
+
+    @abstractmethod
+    def _image_inputs(self, images: list[Any]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def _text_inputs(self, texts: list[str]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def _eager_image_features(self, **inputs: Any) -> Any: ...
+
+    @abstractmethod
+    def _eager_text_features(self, **inputs: Any) -> Any: ...
+
+    def towers(self) -> dict[str, Tower]:
+        preprocessed = lambda images: self._image_inputs([self.preprocess_image(image) for image in images])  # noqa: E731
+        return family_towers(
+            self._model,
+            dtype=self.description.dtype,
+            device=str(self._device),
+            image=(self._eager_image_features, preprocessed),
+            text=(self._eager_text_features, self._text_inputs),
+        )
+
+    def use_tower(self, name: str, runner: Runner) -> None:
+        if name not in (IMAGE, TEXT):
+            raise ValueError(f"no tower named {name!r}")
+        self._runs[name] = runner
 
 
 def logit_parameters(model: Any) -> tuple[float, float]:

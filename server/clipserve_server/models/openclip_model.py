@@ -23,7 +23,8 @@ from PIL import Image
 from ..images.preprocess import build_transform_pipeline
 from ..utils.domain import ModelDescription
 from .clip_model import compile_image_tower, resolve_device
-from .model import PipelineModel, logit_parameters
+from .model import TorchTowersModel, logit_parameters
+from .runtimes.towers import IMAGE, TEXT, Runner
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 _PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
-class OpenClipModel(PipelineModel):
+class OpenClipModel(TorchTowersModel):
     def __init__(
         self, name: str, *, model_id: str, pretrained: str = "", device: str = "auto", dtype: str = "float32", compile: bool = False
     ) -> None:
@@ -50,7 +51,11 @@ class OpenClipModel(PipelineModel):
         model = open_clip.create_model(name, pretrained=pretrained or None, precision=precision, device=self._device, require_pretrained=True)
         self._model = model.eval()
         self._input_dtype = open_clip.get_input_dtype(precision) or torch.float32
-        self._image_features = compile_image_tower(self._eager_image_features) if compile else self._eager_image_features
+        # What runs each tower: eager torch, torch.compile'd, or a runtime's (use_tower).
+        self._runs: dict[str, Runner] = {
+            IMAGE: compile_image_tower(self._eager_image_features) if compile else self._eager_image_features,
+            TEXT: self._eager_text_features,
+        }
         self._tokenizer = open_clip.get_tokenizer(name)
         cfg = PreprocessCfg(**open_clip.get_model_preprocess_cfg(model))
         size = cfg.size if isinstance(cfg.size, tuple) else (cfg.size, cfg.size)
@@ -78,17 +83,24 @@ class OpenClipModel(PipelineModel):
         return text_out, image_out
 
     def _encode_texts(self, texts: list[str]) -> np.ndarray:
+        return self._runs[TEXT](**self._text_inputs(texts)).float().cpu().numpy()
+
+    def _text_inputs(self, texts: list[str]) -> dict[str, Any]:
         # open_clip's tokenizers pad to the context length and truncate longer queries (keeping
         # the end token), as open_clip's own encode_text expects.
-        tokens = self._tokenizer(texts).to(self._device)
-        return self._model.encode_text(tokens).float().cpu().numpy()
+        return {"tokens": self._tokenizer(texts).to(self._device)}
 
     def _encode_images(self, images: list[Any]) -> np.ndarray:
-        pixels = self._pipeline.inputs(images, self._device)["pixel_values"]
-        return self._image_features(pixels.to(self._input_dtype)).float().cpu().numpy()
+        return self._runs[IMAGE](**self._image_inputs(images)).float().cpu().numpy()
+
+    def _image_inputs(self, images: list[Any]) -> dict[str, Any]:
+        return {"pixels": self._pipeline.inputs(images, self._device)["pixel_values"].to(self._input_dtype)}
 
     def _eager_image_features(self, pixels: Any) -> Any:
         return self._model.encode_image(pixels)
+
+    def _eager_text_features(self, tokens: Any) -> Any:
+        return self._model.encode_text(tokens)
 
     def warmup(self) -> None:
         super().warmup()

@@ -20,6 +20,7 @@ from PIL import Image
 
 from ..images.device_decode import BatchDecodeFn
 from .model import EmbeddingModel
+from .runtimes.towers import TEXT, Runner, Tower, family_towers
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class TextTowerModel(EmbeddingModel):
         log.info("loading the text model %s through sentence-transformers on %s as %s", text_model_id, described.device, described.dtype)
         text_model = SentenceTransformer(text_model_id, device=described.device)
         self._text = text_model.to(getattr(torch, described.dtype)).eval()
+        # A runtime's text tower (use_tower); None: sentence-transformers' own encode.
+        self._run_text: Runner | None = None
         dim = text_model.get_sentence_embedding_dimension()
         if dim != described.embedding_dim:
             raise ValueError(
@@ -69,6 +72,30 @@ class TextTowerModel(EmbeddingModel):
         if not texts:
             return np.zeros((0, self.description.embedding_dim), dtype=np.float32), image_out
         with self._torch.inference_mode():
-            # One batch as the batcher formed it; truncated to the model's max_seq_length.
-            text_out = self._text.encode(texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False)
+            if self._run_text is None:
+                # One batch as the batcher formed it; truncated to the model's max_seq_length.
+                text_out = self._text.encode(texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False)
+            else:
+                text_out = self._run_text(**self._text_inputs(texts)).float().cpu().numpy()
         return text_out.astype(np.float32, copy=False), image_out
+
+    def _text_inputs(self, texts: list[str]) -> dict[str, Any]:
+        # What encode does with one batch: tokenised together, padded to the longest text,
+        # truncated to max_seq_length. Only the tensors: what a converted tower takes.
+        tokens = (getattr(self._text, "preprocess", None) or self._text.tokenize)(texts)
+        return {name: value.to(self._text.device) for name, value in tokens.items() if isinstance(value, self._torch.Tensor)}
+
+    def _eager_text_features(self, **tokens: Any) -> Any:
+        # A fresh dict: the modules add their outputs (token embeddings, ...) to the one they get.
+        return self._text(dict(tokens))["sentence_embedding"]
+
+    def towers(self) -> dict[str, Tower]:
+        described = self.description
+        text = family_towers(self._text, dtype=described.dtype, device=described.device, text=(self._eager_text_features, self._text_inputs))
+        return {**self._images.towers(), **text}
+
+    def use_tower(self, name: str, runner: Runner) -> None:
+        if name == TEXT:
+            self._run_text = runner
+        else:
+            self._images.use_tower(name, runner)

@@ -180,6 +180,8 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
             name=name,
             backend=d.backend,
             text_model_id=d.text_model_id,
+            image_runtime=d.image_runtime,
+            text_runtime=d.text_runtime,
             instances=[
                 scorer_pb2.InstanceInfo(device=i.device, index=i.index, forwards=i.forwards, items=i.items, busy_seconds=i.busy_s, alive=i.alive)
                 for i in engine.instance_stats()

@@ -31,6 +31,8 @@ else:  # pragma: no cover
 ENV_PREFIX = "CLIPSERVE_"
 DTYPES = ("float32", "float16", "bfloat16", "auto")
 DECODE_POOLS = ("auto", "threads", "processes")
+# What runs the towers' forward (models/runtimes/): auto = openvino on CPU when installed, else torch.
+RUNTIMES = ("auto", "torch", "openvino", "cuda-graphs", "tensorrt")
 # --stream-max-in-flight 0: this many batches of --max-batch-size per stream, at least MIN_STREAM_WINDOW.
 STREAM_WINDOW_BATCHES = 4
 MIN_STREAM_WINDOW = 256
@@ -133,7 +135,9 @@ class ServerConfig:
     instances: int = dataclasses.field(default=1, metadata={"help": "forward workers per model per device, each on its own thread, fed by the model's one batcher: a batch goes to whichever is free, so forwards overlap (on CPU they share the cores)"})
     dtype: str = dataclasses.field(default="float32", metadata={"help": "float32 | float16 | bfloat16 | auto (auto: float16 on CUDA, float32 on CPU)", "choices": DTYPES})
     use_safetensors: bool | None = dataclasses.field(default=None, metadata={"help": "require safetensors weights (default: prefer them)"})
-    compile: bool = dataclasses.field(default=False, metadata={"help": "run the image tower through torch.compile: about a quarter faster per image on CPU; start-up takes 20-60 s longer and needs a C++ compiler"})
+    compile: bool = dataclasses.field(default=False, metadata={"help": "run the image tower through torch.compile: about a quarter faster per image on CPU; start-up takes 20-60 s longer and needs a C++ compiler; implies --runtime torch (auto picks torch with it)"})
+    runtime: str = dataclasses.field(default="auto", metadata={"help": "what runs the image and text towers: auto | torch | openvino | cuda-graphs | tensorrt (auto: OpenVINO on CPU when installed, else torch); a tower that does not convert, or whose features differ from torch's by more than 1e-4 relative, runs in torch (one log line says why)", "choices": RUNTIMES})
+    runtime_cache: str = dataclasses.field(default="", metadata={"help": "folder for converted towers, reused by the next start of the same model (default: $XDG_CACHE_HOME/clipserve/runtimes, else ~/.cache/clipserve/runtimes; 'off': convert at every start)"})
     host: str = dataclasses.field(default="0.0.0.0", metadata={"help": "address to listen on"})
     port: int = dataclasses.field(default=50051, metadata={"help": "port to listen on (0: pick a free one)"})
     replica_name: str = dataclasses.field(default="", metadata={"help": "this server's name in GetModelInfo, to tell replicas apart (default: hostname:port)"})
@@ -189,6 +193,10 @@ class ServerConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.decode_pool not in DECODE_POOLS:
             raise ValueError(f"decode_pool must be one of {', '.join(DECODE_POOLS)}, not {self.decode_pool!r}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {self.runtime!r}")
+        if self.compile and self.runtime not in ("auto", "torch"):
+            raise ValueError(f"--compile is torch.compile of the torch runtime's image tower: it does not go with --runtime {self.runtime}")
         model_specs(self.model, self.text_model, self.pretrained)  # refuse a bad list of models now
         devices = device_entries(self.device)  # refuse an empty entry now
         if self.gpu_decode and "cpu" in devices:

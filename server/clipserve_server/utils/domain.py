@@ -71,3 +71,5 @@ class ModelDescription:
     compiled: bool = False  # the image tower runs through torch.compile
     backend: str = "transformers"  # how it was loaded: transformers, open_clip, ...
     text_model_id: str = ""  # a separate text model paired with the image tower, if any
+    image_runtime: str = "torch"  # what runs the image tower's forward (models/runtimes/)
+    text_runtime: str = "torch"  # what runs the text tower's forward

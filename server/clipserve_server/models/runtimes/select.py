@@ -1,0 +1,97 @@
+"""Which runtime runs a loaded model's towers, and handing them over (``apply_runtime``).
+
+``auto``: OpenVINO for float32 towers on the CPU when it is installed, torch otherwise (on
+CUDA, torch: the CUDA runtimes are opt-in until measured faster there). ``--compile`` is
+torch.compile of torch's image tower, so with it auto means torch. Each tower converts on its
+own and is checked on its own: one that fails to convert, or whose features differ from torch's
+by more than the parity tolerance, runs in torch, and one log line says which and why. A
+runtime asked for by name that cannot run at all here (not installed, wrong device) refuses to
+start instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from ...utils.config import ServerConfig
+from . import openvino, torch_cuda
+from .cache import cache_folder, entry_key, weights_fingerprint
+from .parity import TOLERANCES, relative_error
+from .towers import IMAGE, TEXT
+
+if TYPE_CHECKING:
+    from ..model import EmbeddingModel
+
+log = logging.getLogger(__name__)
+
+TORCH = "torch"
+
+
+def choose(runtime: str, device: str, dtype: str, compile: bool) -> str:
+    """The runtime the towers of a model on ``device`` in ``dtype`` are to run in."""
+    if runtime == "auto":
+        if compile or device != "cpu" or dtype != "float32" or not openvino.available():
+            return TORCH
+        return openvino.NAME
+    if runtime == openvino.NAME and not openvino.available():
+        raise RuntimeError("--runtime openvino needs the openvino package, which is not installed: pip install 'clipserve[server]'")
+    if runtime in (torch_cuda.CUDA_GRAPHS, torch_cuda.TENSORRT) and not torch_cuda.available(runtime):
+        what = "CUDA" if runtime == torch_cuda.CUDA_GRAPHS else "CUDA and torch-tensorrt"
+        raise RuntimeError(f"--runtime {runtime} needs {what}, which this machine does not have")
+    return runtime
+
+
+def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
+    """Convert ``model``'s towers to the configured runtime, check them, and hand them over."""
+    towers = model.towers()
+    described = model.description
+    runtime = choose(config.runtime, described.device, described.dtype, config.compile)
+    if runtime == TORCH or not towers:
+        return
+    import torch
+
+    folder = cache_folder(config.runtime_cache)
+    fingerprints: dict[int, str] = {}  # towers of one model share its weights: hash them once
+    chosen = {}
+    for tower in towers.values():
+        started = time.monotonic()
+        owner = described.text_model_id if tower.name == TEXT and described.text_model_id else described.model_id
+        try:
+            if runtime == openvino.NAME:
+                cached = None
+                if folder is not None:
+                    if id(tower.module) not in fingerprints:
+                        fingerprints[id(tower.module)] = weights_fingerprint(tower.module)
+                    cached = folder / entry_key(tower, runtime, openvino.version(), fingerprints[id(tower.module)])
+                # As many threads as torch's forward would use (see openvino.py).
+                runner, from_cache = openvino.build(tower, cached, torch.get_num_threads())
+                how = "from the cache" if from_cache else ("converted, cached" if cached is not None else "converted")
+            else:
+                runner, how = torch_cuda.build(tower, runtime), "compiled"
+            error = relative_error(tower, runner)
+        except Exception as exc:  # whatever a converter raises: the tower stays in torch
+            log.warning("%s tower of %s runs in torch: %s could not convert it (%s: %s)", tower.name, owner, runtime, type(exc).__name__, _first_line(exc))
+            continue
+        tolerance = TOLERANCES.get(tower.dtype, TOLERANCES["float32"])
+        if not error <= tolerance:
+            log.warning(
+                "%s tower of %s runs in torch: in %s its features differ from torch's by %.2g relative, more than %g",
+                tower.name, owner, runtime, error, tolerance,
+            )
+            continue
+        model.use_tower(tower.name, runner)
+        chosen[tower.name] = runtime
+        log.info("%s tower of %s runs in %s (%s, %.1f s; features within %.1g of torch's)", tower.name, owner, runtime, how, time.monotonic() - started, error)
+    model.description = dataclasses.replace(
+        model.description,
+        image_runtime=chosen.get(IMAGE, model.description.image_runtime),
+        text_runtime=chosen.get(TEXT, model.description.text_runtime),
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""

@@ -103,5 +103,6 @@ def test_a_repo_in_open_clips_pretrained_list_loads_through_open_clip(monkeypatc
     loaded: list[tuple[str, str]] = []
     monkeypatch.setattr(loading, "_hub_files", lambda _repo: set())  # no network here: the repo's files are unknown
     monkeypatch.setattr(loading, "_open_clip", lambda name, source, config, pretrained="": loaded.append((name, pretrained)))
+    monkeypatch.setattr(loading, "apply_runtime", lambda model, config: None)  # nothing was loaded to convert
     loading.load_model(ModelSpec(name="m", source=repo_id), ServerConfig())
     assert loaded == [(arch, tag)]

@@ -178,8 +178,10 @@ def test_vectors_are_the_same_whatever_the_instances_and_a_second_pass_comes_fro
 
 
 def test_a_failing_instance_turns_the_server_not_serving_instead_of_hanging(tmp_path):
-    """One of two instances dies: its items fail INTERNAL, health turns NOT_SERVING, and later
-    calls are refused UNAVAILABLE at once (clients retry elsewhere)."""
+    """One of two instances dies: its items fail INTERNAL, health turns NOT_SERVING (and the Open
+    Inference Protocol's ServerReady and ModelReady say not ready, as KServe's probes read them),
+    and later calls are refused UNAVAILABLE at once (clients retry elsewhere)."""
+    import tritonclient.grpc as triton
     model = FakeModel()
     server = InProcessServer(ServerConfig(instances=2), model)
     path = tmp_path / "x.png"
@@ -195,6 +197,8 @@ def test_a_failing_instance_turns_the_server_not_serving_instead_of_hanging(tmp_
                 clip.score("second", str(path))
         assert failed.value.code == grpc.StatusCode.INTERNAL and "fell off the bus" in failed.value.details
         assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        with triton.InferenceServerClient(url=server.address) as v2:
+            assert v2.is_server_live() and not v2.is_server_ready() and not v2.is_model_ready("default")
     finally:
         server.stop()
 
@@ -216,14 +220,18 @@ def test_instances_and_device_lists_are_read_from_flags_environment_and_files(tm
 
 
 def test_the_memory_check_counts_each_device_on_its_own(tiny_checkpoint):
-    """Each device of the list holds the weights once: a budget that fits one copy fits
-    ``cpu,cpu`` (not twice the weights), and one that does not is refused naming the device."""
+    """Each device of the list holds the weights once and is checked on its own against the
+    budget per device; a device listed twice (``cpu,cpu``) holds two copies in the same memory,
+    so it needs room for both, and a refusal names the device and the copies."""
     size = weight_bytes(str(tiny_checkpoint), "float32")
     assert size
     specs = model_specs([str(tiny_checkpoint)])
-    check_fits(specs, ServerConfig(device="cpu,cpu", memory_budget_gb=1.5 * size / GIB))
+    check_fits(specs, ServerConfig(device="cpu", memory_budget_gb=1.5 * size / GIB))
+    check_fits(specs, ServerConfig(device="cpu,cpu", memory_budget_gb=2.5 * size / GIB))
+    with pytest.raises(ModelsTooLarge, match="on cpu .*2 copies.*per device"):
+        check_fits(specs, ServerConfig(device="cpu,cpu", memory_budget_gb=1.5 * size / GIB))
     with pytest.raises(ModelsTooLarge, match="on cpu .*per device"):
-        check_fits(specs, ServerConfig(device="cpu,cpu", memory_budget_gb=0.5 * size / GIB))
+        check_fits(specs, ServerConfig(device="cpu", memory_budget_gb=0.5 * size / GIB))
 
 
 def test_instances_on_the_cpu_split_its_threads_between_them():

@@ -84,6 +84,18 @@ def test_score_file_plot_draws_the_scores_and_the_failures(fake_server, qrels, t
     assert colors.get(rgb(FAILURE_COLOR), 0) > 500
 
 
+def test_a_chart_that_cannot_be_written_loses_nothing_of_the_run(fake_server, qrels, tmp_path):
+    """The run's output and summary come first: a chart that cannot be written (its folder is a
+    file) ends the command with an error saying so, not a traceback, and the scores are kept."""
+    (tmp_path / "taken").write_text("a file, not a folder")
+    chart = tmp_path / "taken" / "scores.png"
+    done = cli("score-file", "--no-progress", str(qrels), "--plot", str(chart), "--address", fake_server.address)
+    assert done.returncode == 1
+    assert "3 failed" in done.stderr and f"the chart {chart} could not be drawn" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert len((tmp_path / "qrels_with_score.jsonl").read_text().splitlines()) == 21
+
+
 def test_a_run_without_failures_draws_no_failure_bar(fake_server, qrels, tmp_path):
     """The chart follows the data: every pair scored, nothing in the failure colour."""
     rows = [json.loads(line) for line in qrels.read_text().splitlines() if "not-an-image" not in line]

@@ -7,6 +7,7 @@ import argparse
 import importlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -160,18 +161,18 @@ def _cmd_embed_file(args: argparse.Namespace) -> int:
     try:
         with CLIP(args.address, timeout=args.timeout, model=args.model, **_security(args)) as clip:
             summary = embed_file(clip, job, resume=args.resume, chunk_size=args.chunk_size, progress=not args.no_progress)
-        if args.plot:
-            from ._plot import plot_embed_file
-
-            plot_embed_file(Path(args.plot), job)
     except (RunFailed, ClipServeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for line in summary.lines():
         print(line, file=sys.stderr)
-    if args.plot:
-        print(f"chart: {args.plot}", file=sys.stderr)
-    return 0
+
+    def draw() -> None:
+        from ._plot import plot_embed_file
+
+        plot_embed_file(Path(args.plot), job)
+
+    return _plot_after(args.plot, draw)
 
 
 def _cmd_score_file(args: argparse.Namespace) -> int:
@@ -200,17 +201,31 @@ def _cmd_score_file(args: argparse.Namespace) -> int:
                 summary = retry_failed(clip, job, chunk_size=args.chunk_size, progress=not args.no_progress)
             else:
                 summary = score_file(clip, job, resume=args.resume, chunk_size=args.chunk_size, progress=not args.no_progress)
-        if args.plot:
-            from ._plot import plot_score_file
-
-            plot_score_file(Path(args.plot), job, summary.tally.codes)
     except (RunFailed, ClipServeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for line in summary.lines():
         print(line, file=sys.stderr)
-    if args.plot:
-        print(f"chart: {args.plot}", file=sys.stderr)
+
+    def draw() -> None:
+        from ._plot import plot_score_file
+
+        plot_score_file(Path(args.plot), job, summary.tally.codes)
+
+    return _plot_after(args.plot, draw)
+
+
+def _plot_after(path: str | None, draw: Callable[[], None]) -> int:
+    """Draw the chart once the run's output and summary are out: a chart that cannot be drawn
+    or written (a full disk, a bad path) loses nothing of an hour's run, and says why."""
+    if not path:
+        return 0
+    try:
+        draw()
+    except (OSError, ValueError) as exc:
+        print(f"error: the chart {path} could not be drawn: {exc}", file=sys.stderr)
+        return 1
+    print(f"chart: {path}", file=sys.stderr)
     return 0
 
 

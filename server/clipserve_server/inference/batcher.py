@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 class WedgedError(RuntimeError):
-    """The model thread stopped answering."""
+    """A model instance stopped answering (its forward ran past ``--forward-timeout-s``)."""
 
 
 class InstanceDied(RuntimeError):

@@ -78,6 +78,11 @@ class ScoringEngine:
         return self.model.description
 
     @property
+    def alive(self) -> bool:
+        """False once the batching loop or an instance has died (health says NOT_SERVING then)."""
+        return self._batcher.alive
+
+    @property
     def queue_depth(self) -> int:
         return self._batcher.queue_depth
 

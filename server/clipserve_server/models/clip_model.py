@@ -19,7 +19,7 @@ from PIL import Image
 from ..images.device_decode import BatchDecodeFn, jpeg_batch_decoder
 from ..images.preprocess import NaFlexPipeline, build_pipeline
 from ..utils.domain import ModelDescription
-from .model import TorchTowersModel, logit_parameters
+from .model import TOKENIZING, TorchTowersModel, logit_parameters
 from .runtimes.towers import IMAGE, TEXT, Runner
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,8 @@ class HFClipModel(TorchTowersModel):
 
     def _text_inputs(self, texts: list[str]) -> dict[str, Any]:
         # Queries longer than the model's context are truncated (the reference adapter crashes).
-        tokens = self._tokenizer(texts, padding=self._padding, truncation=True, max_length=self._max_tokens, return_tensors="pt")
+        with TOKENIZING:
+            tokens = self._tokenizer(texts, padding=self._padding, truncation=True, max_length=self._max_tokens, return_tensors="pt")
         return {k: v.to(self._device) for k, v in tokens.items()}
 
     def _encode_images(self, images: list[Any]) -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections import Counter
 from pathlib import Path
 
 from ..utils.config import ModelSpec, ServerConfig
@@ -108,12 +109,13 @@ def device_bytes(device: str) -> int:
 
 def check_fits(specs: tuple[ModelSpec, ...], config: ServerConfig) -> None:
     """Raise ModelsTooLarge when the known weights of ``specs`` exceed the budget of a device:
-    each device of the list holds every model's weights once, so each counts on its own."""
-    for device in dict.fromkeys(d.torch for d in resolve_devices(config.device)):
-        _check_device(specs, config, device)
+    each entry of the list holds every model's weights once, so a device listed twice
+    (``cpu,cpu``, ``cuda:0,cuda:0``) holds them twice."""
+    for device, copies in Counter(d.torch for d in resolve_devices(config.device)).items():
+        _check_device(specs, config, device, copies)
 
 
-def _check_device(specs: tuple[ModelSpec, ...], config: ServerConfig, device: str) -> None:
+def _check_device(specs: tuple[ModelSpec, ...], config: ServerConfig, device: str, copies: int = 1) -> None:
     dtype = config.dtype if config.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
     sizes: list[tuple[str, int | None]] = []
     for spec in specs:
@@ -121,7 +123,7 @@ def _check_device(specs: tuple[ModelSpec, ...], config: ServerConfig, device: st
         own = "" if spec.source.startswith((OPEN_CLIP_PREFIX, FAKE_PREFIX)) else spec.source
         for source in filter(None, (own, spec.text_model, spec.pretrained)):
             sizes.append((f"{spec.name} ({source})", weight_bytes(source, dtype)))
-    needed = sum(size for _, size in sizes if size is not None)
+    needed = copies * sum(size for _, size in sizes if size is not None)
     budget = int(config.memory_budget_gb * GIB) if config.memory_budget_gb else device_bytes(device)
     if needed <= budget:
         return
@@ -129,7 +131,9 @@ def _check_device(specs: tuple[ModelSpec, ...], config: ServerConfig, device: st
     unknown = [name for name, size in sizes if size is None]
     where = f"the --memory-budget-gb of {config.memory_budget_gb:g} GiB per device" if config.memory_budget_gb else f"the {budget / GIB:.1f} GiB of {device}"
     raise ModelsTooLarge(
-        f"the models' weights need {needed / GIB:.2f} GiB as {dtype} on {device} ({known}"
+        f"the models' weights need {needed / GIB:.2f} GiB as {dtype} on {device}"
+        + (f" ({copies} copies: the device is listed {copies} times)" if copies > 1 else "")
+        + f" ({known}"
         + (f"; not counted, not on disk yet: {', '.join(unknown)}" if unknown else "")
         + f"), more than {where}. Serve fewer or smaller models, a smaller --dtype, or raise --memory-budget-gb"
     )

@@ -3,12 +3,14 @@
 An implementation turns decoded images into model inputs (``preprocess_image``, run on the
 decode pool: threads, or worker processes that get it through ``image_preprocessor``) and
 encodes batches of texts and images into the model's own features (``forward``, run on the
-single model thread; transformers' ``get_text_features`` / ``get_image_features``). ``score``
+model's instance threads, ``--instances`` of them per device; transformers'
+``get_text_features`` / ``get_image_features``). ``score``
 is the model's ``logits_per_image`` for one pair, computed from those features.
 """
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -75,7 +77,9 @@ class EmbeddingModel(ABC):
         """Encode texts and preprocessed images in one go.
 
         Returns the model's own features, not normalised, as float32 arrays of shape
-        (len(texts), dim) and (len(images), dim). Called from one thread at a time; may be slow.
+        (len(texts), dim) and (len(images), dim). Called from several threads at once with
+        ``--instances`` (torch inference is thread-safe; tokenizers are not: ``TOKENIZING``);
+        may be slow.
         """
 
     def towers(self) -> dict[str, Tower]:
@@ -114,6 +118,13 @@ class PipelineModel(EmbeddingModel):
     @property
     def decode_size(self) -> tuple[int, int] | None:
         return self._pipeline.decode_size
+
+
+# Several instances call one model's ``forward`` at once (``--instances``), and Hugging Face's fast
+# tokenizers are not safe for that: each call resets their padding and truncation, and two at a
+# time raise "Already borrowed" (huggingface/tokenizers#537). Tokenising is a small part of a
+# text batch's time, so every tokenizer call of the server takes this one lock.
+TOKENIZING = threading.Lock()
 
 
 class TorchTowersModel(PipelineModel):

@@ -23,7 +23,7 @@ from PIL import Image
 from ..images.preprocess import build_transform_pipeline
 from ..utils.domain import ModelDescription
 from .clip_model import compile_image_tower, resolve_device
-from .model import TorchTowersModel, logit_parameters
+from .model import TOKENIZING, TorchTowersModel, logit_parameters
 from .runtimes.towers import IMAGE, TEXT, Runner
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,9 @@ class OpenClipModel(TorchTowersModel):
     def _text_inputs(self, texts: list[str]) -> dict[str, Any]:
         # open_clip's tokenizers pad to the context length and truncate longer queries (keeping
         # the end token), as open_clip's own encode_text expects.
-        return {"tokens": self._tokenizer(texts).to(self._device)}
+        with TOKENIZING:
+            tokens = self._tokenizer(texts)
+        return {"tokens": tokens.to(self._device)}
 
     def _encode_images(self, images: list[Any]) -> np.ndarray:
         return self._runs[IMAGE](**self._image_inputs(images)).float().cpu().numpy()

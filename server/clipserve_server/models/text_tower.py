@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..images.device_decode import BatchDecodeFn
-from .model import EmbeddingModel
+from .model import TOKENIZING, EmbeddingModel
 from .runtimes.towers import TEXT, Runner, Tower, family_towers
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,8 @@ class TextTowerModel(EmbeddingModel):
     def _text_inputs(self, texts: list[str]) -> dict[str, Any]:
         # What encode does with one batch: tokenised together, padded to the longest text,
         # truncated to max_seq_length. Only the tensors: what a converted tower takes.
-        tokens = (getattr(self._text, "preprocess", None) or self._text.tokenize)(texts)
+        with TOKENIZING:
+            tokens = (getattr(self._text, "preprocess", None) or self._text.tokenize)(texts)
         return {name: value.to(self._text.device) for name, value in tokens.items() if isinstance(value, self._torch.Tensor)}
 
     def _eager_text_features(self, **tokens: Any) -> Any:

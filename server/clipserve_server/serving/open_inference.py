@@ -42,16 +42,18 @@ class OpenInferenceServicer:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerReadyResponse(ready=self._registry.ready and not self._registry.closing)
+        # As the standard health service: not ready once a model's batcher or instance has died.
+        alive = all(engine.alive for _, engine in self._registry.engines())
+        return pb.ServerReadyResponse(ready=self._registry.ready and not self._registry.closing and alive)
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            self._model(request.name)
+            _, engine = self._model(request.name)
         except ItemError as exc:
             if exc.kind is not ErrorKind.UNAVAILABLE:  # loading or stopping: not ready; unknown: an error
                 await context.abort(grpc_code(exc.kind), exc.message)
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
+        return pb.ModelReadyResponse(ready=engine.alive)
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return pb.ServerMetadataResponse(name="clipserve", version=__version__, extensions=[])

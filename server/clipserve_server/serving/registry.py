@@ -1,8 +1,9 @@
 """The models a server holds, by name: the servicer asks it for the engine of every request.
 
 One model per ``--model`` (``NAME=SOURCE``); the one named ``default``, else the first, answers
-requests that name none. Each model has its own caches and batcher (``ScoringEngine``); they
-share the decode pool and their device (one forward pass at a time per device).
+requests that name none. Each model has its own caches and batcher (``ScoringEngine``, built by
+``app.py``); they share the decode pool, the image fetcher and their devices (at most
+``--instances`` forward passes at a time per device).
 """
 
 from __future__ import annotations

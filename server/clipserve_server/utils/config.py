@@ -136,7 +136,7 @@ class ServerConfig:
     dtype: str = dataclasses.field(default="float32", metadata={"help": "float32 | float16 | bfloat16 | auto (auto: float16 on CUDA, float32 on CPU)", "choices": DTYPES})
     use_safetensors: bool | None = dataclasses.field(default=None, metadata={"help": "require safetensors weights (default: prefer them)"})
     compile: bool = dataclasses.field(default=False, metadata={"help": "run the image tower through torch.compile: about a quarter faster per image on CPU; start-up takes 20-60 s longer and needs a C++ compiler; implies --runtime torch (auto picks torch with it)"})
-    runtime: str = dataclasses.field(default="auto", metadata={"help": "what runs the image and text towers: auto | torch | openvino | cuda-graphs | tensorrt (auto: OpenVINO on CPU when installed, else torch); a tower that does not convert, or whose features differ from torch's by more than 1e-4 relative, runs in torch (one log line says why)", "choices": RUNTIMES})
+    runtime: str = dataclasses.field(default="auto", metadata={"help": "what runs the image and text towers: auto | torch | openvino | cuda-graphs | tensorrt (auto: OpenVINO on CPU when installed, else torch); a tower that does not convert, or whose features differ from torch's by more than 1e-4 relative (1e-2 in float16/bfloat16), runs in torch (one log line says why)", "choices": RUNTIMES})
     runtime_cache: str = dataclasses.field(default="", metadata={"help": "folder for converted towers, reused by the next start of the same model (default: $XDG_CACHE_HOME/clipserve/runtimes, else ~/.cache/clipserve/runtimes; 'off': convert at every start)"})
     host: str = dataclasses.field(default="0.0.0.0", metadata={"help": "address to listen on"})
     port: int = dataclasses.field(default=50051, metadata={"help": "port to listen on (0: pick a free one)"})
@@ -183,7 +183,7 @@ class ServerConfig:
     def resolved_v2_alias(self) -> str:
         """The alias the Open Inference Protocol serves, or '' where a model already has that name:
         a model's own name wins, so a configuration that names a model "clip" keeps working."""
-        names = {spec.name for spec in model_specs(self.model, self.text_model, self.pretrained)}
+        names = {spec.name for spec in self.models}
         return "" if self.v2_alias in names else self.v2_alias
 
     def __post_init__(self) -> None:

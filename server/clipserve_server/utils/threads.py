@@ -51,6 +51,13 @@ def single_threaded_torch() -> None:
         _set_torch_threads(torch, 1)
 
 
+def model_threads(share: int = 1) -> int:
+    """The intra-op threads one of ``share`` model threads on the CPU gets: this process's torch
+    threads now, divided so that together they use the cores once (0 without torch)."""
+    torch = sys.modules.get("torch")
+    return max(1, torch.get_num_threads() // max(1, share)) if torch is not None else 0
+
+
 def model_thread_setup(share: int = 1) -> Callable[[], None]:
     """An initializer for a model thread that gives it the intra-op threads this process has
     now (call it before any decode thread starts), divided by ``share``: the number of model
@@ -59,7 +66,7 @@ def model_thread_setup(share: int = 1) -> Callable[[], None]:
     decode thread would run every forward pass on one core (measured: half the images/s of a
     compiled ViT-B/32 on two cores)."""
     torch = sys.modules.get("torch")
-    threads = max(1, torch.get_num_threads() // max(1, share)) if torch is not None else 0
+    threads = model_threads(share)
 
     def setup() -> None:
         name_os_thread("clipserve-model")

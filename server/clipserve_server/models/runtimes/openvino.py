@@ -11,9 +11,9 @@ within ~2e-6 relative (docs/runtimes.md), and it needs no C++ compiler at run ti
   float16 otherwise); OpenVINO's own cache of compiled blobs sits beside it (``CACHE_DIR``).
 - ``INFERENCE_PRECISION_HINT=f32``: the CPU plugin would otherwise run in bf16 on CPUs that have
   it, which the parity check would then refuse.
-- Threads: one stream (``PERFORMANCE_HINT=LATENCY``: each forward uses every core, as torch's
-  does) on as many threads as torch's model thread has, so decode threads and the forward share
-  the cores as they do with torch. Several threads may call the runner at once (``--instances``):
+- Threads: one stream (``PERFORMANCE_HINT=LATENCY``: each forward uses its threads, as torch's
+  does) on as many threads as a torch model thread gets (with ``--instances``, each instance's
+  share of the cores), so decode threads and the forward share the cores as they do with torch. Several threads may call the runner at once (``--instances``):
   each has its own infer request (OpenVINO's requests are not thread-safe; the compiled model is).
 """
 

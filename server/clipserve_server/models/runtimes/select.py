@@ -5,8 +5,9 @@ CUDA, torch: the CUDA runtimes are opt-in until measured faster there). ``--comp
 torch.compile of torch's image tower, so with it auto means torch. Each tower converts on its
 own and is checked on its own: one that fails to convert, or whose features differ from torch's
 by more than the parity tolerance, runs in torch, and one log line says which and why. A
-runtime asked for by name that cannot run at all here (not installed, wrong device) refuses to
-start instead.
+runtime asked for by name that cannot run on this machine at all (not installed, no CUDA)
+refuses to start instead; one that does not suit a model's device or dtype (OpenVINO for a
+CUDA or half-precision model) leaves its towers in torch, with the same one log line.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import time
 from typing import TYPE_CHECKING
 
 from ...utils.config import ServerConfig
+from ...utils.threads import model_threads
+from ..devices import resolve_devices
 from . import openvino, torch_cuda
 from .cache import cache_folder, entry_key, weights_fingerprint
 from .parity import TOLERANCES, relative_error
@@ -51,8 +54,6 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
     runtime = choose(config.runtime, described.device, described.dtype, config.compile)
     if runtime == TORCH or not towers:
         return
-    import torch
-
     folder = cache_folder(config.runtime_cache)
     fingerprints: dict[int, str] = {}  # towers of one model share its weights: hash them once
     chosen = {}
@@ -67,7 +68,9 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
                         fingerprints[id(tower.module)] = weights_fingerprint(tower.module)
                     cached = folder / entry_key(tower, runtime, openvino.version(), fingerprints[id(tower.module)])
                 # As many threads as torch's forward would use (see openvino.py).
-                runner, from_cache = openvino.build(tower, cached, torch.get_num_threads())
+                # Each instance on a CPU device gets its share of the cores, as torch's do (app.py).
+                share = config.instances * sum(device.is_cpu for device in resolve_devices(config.device))
+                runner, from_cache = openvino.build(tower, cached, model_threads(share))
                 how = "from the cache" if from_cache else ("converted, cached" if cached is not None else "converted")
             else:
                 runner, how = torch_cuda.build(tower, runtime), "compiled"

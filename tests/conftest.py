@@ -26,8 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session", autouse=True)
 def runtime_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The servers of this run share one conversion cache (--runtime-cache), under tmp: a model
-    converts once per run (entries are keyed by its weights), never from a user's cache."""
-    folder = tmp_path_factory.mktemp("runtime-cache")
+    converts once per run (entries are keyed by its weights), never from a user's cache. One for
+    all pytest-xdist workers (the folder above each worker's): entries are written under a
+    temporary name and renamed, so workers converting the same model at once is safe."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    folder = shared / "runtime-cache"
+    folder.mkdir(exist_ok=True)
     previous = os.environ.get("CLIPSERVE_RUNTIME_CACHE")
     os.environ["CLIPSERVE_RUNTIME_CACHE"] = str(folder)
     yield folder

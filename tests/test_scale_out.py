@@ -17,14 +17,15 @@ import pytest
 import clipserve
 import clipserve._replicas
 from clipserve._replicas import Discovery, ReplicaAddress, split_address
+from clipserve_server.utils.config import load_config
 
 from .conftest import ServerProcess
 from .helpers import GatedModel, make_image
 
 
 def start_replicas(*args_per_replica: list[str]) -> list[ServerProcess]:
-    """Replicas started together, as an orchestrator does (in no particular order)."""
-    replicas = [ServerProcess(args, metrics=True, wait=False) for args in args_per_replica]
+    """Server processes started together, as an orchestrator does (in no particular order)."""
+    replicas = [ServerProcess(args, wait=False) for args in args_per_replica]
     return [replica.wait_ready() for replica in replicas]
 
 
@@ -164,25 +165,41 @@ def test_an_idle_replica_takes_over_the_last_pairs_of_a_stalled_one(make_fake_se
     assert stats.hedges >= 1, stats
 
 
-def test_a_replica_that_dies_mid_run_costs_nothing(tiny_checkpoint, image_host):
-    replicas = start_replicas(*[["--model", str(tiny_checkpoint), "--allow-private-networks"]] * 2)
-    image_host.slow_img_delay = 0.2  # so that the kill lands mid-run
+def test_a_replica_that_dies_mid_run_costs_nothing(image_host):
+    """docs/sdk.md: "A replica that dies mid-run costs nothing: its unanswered pairs go to the
+    others." Every pair is answered exactly once, in input order.
+
+    A real server process, killed. "Mid-run" is held by events, not by slow downloads racing
+    the kill: every image download waits at the image host's gate, so no pair is answered
+    before the kill, and each replica downloads at most ``connections`` images at once, so
+    ``connections + 1`` downloads waiting at the gate mean that both replicas hold pairs."""
+    connections = 2
+    # No download may run out while it waits at the gate, however busy the machine.
+    args = ["--model", "fake", "--allow-private-networks", "--decode-pool", "threads", "--fetch-host-connections", str(connections),
+            "--fetch-timeout-s", "120", "--fetch-attempt-timeout-s", "0"]
+    replicas = start_replicas(args, args)
+    dying, surviving = replicas
+    image_host.gate.clear()  # /gated/ downloads hang until the gate opens
     try:
         names = [image_host.add(f"dying{i}.png", make_image(16, 16, seed=3000 + i)).rsplit("/", 1)[1] for i in range(240)]
-        inputs = [clipserve.SimilarityInput(f"query {i}", image_host.url(f"slow-img/{n}"), query_id=str(i)) for i, n in enumerate(names)]
+        inputs = [clipserve.SimilarityInput(f"query {i}", image_host.url(f"gated/{n}"), query_id=str(i)) for i, n in enumerate(names)]
         results: list = []
         with clipserve.CLIP([r.address for r in replicas], timeout=120) as clip:
             runner = threading.Thread(target=lambda: results.extend(clip.score_batch(inputs)))
             runner.start()
-            deadline = time.monotonic() + 60
-            while sum(image_host.hits.get(f"/slow-img/{n}", 0) for n in names) < 40:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            replicas[0].proc.kill()
+            both_hold_pairs = image_host.wait_at_gate(connections + 1, 60)  # a safety net only
+            answered_before_the_kill = clip.stats().items_by_replica
+            dying.proc.kill()
+            dying.proc.wait(60)
+            image_host.gate.set()
             runner.join(120)
+            stats = clip.stats()
+        assert both_hold_pairs, f"the replicas never held pairs together ({image_host.at_gate} downloads at the gate)"
+        assert answered_before_the_kill == {}
         assert_exactly_once_in_order(results, 240)
+        assert stats.items_by_replica == {surviving.address: 240}, stats.items_by_replica
     finally:
-        image_host.slow_img_delay = 0.05
+        image_host.gate.set()
         stop(replicas)
 
 
@@ -190,16 +207,26 @@ def test_a_replica_that_appears_in_dns_mid_run_gets_work(make_fake_server, image
     """README: `dns:///` names are resolved again every 2 s while calls run: a replica that
     appears gets work.
 
-    The first replica holds every pair until the new one has answered some (its model waits
-    at a gate), so the run cannot end before the new replica joins, however busy the machine."""
+    Events, not a time limit: the first replica holds every pair (its model waits at a gate)
+    until the client has asked the resolver again and the new replica has taken ``taken``
+    pairs, so the run cannot end before the new replica joins, however busy the machine."""
     assert clipserve._replicas.DNS_REFRESH_S == 2.0
+    taken = 100
     # This machine has no DNS server to change: the name's answers come from a stand-in for
     # the system resolver, which the SDK asks again every DNS_REFRESH_S seconds.
-    first_model = GatedModel()
+    first_model, second_model = GatedModel(), CountingModel(taken)
     first = make_fake_server(first_model, allow_private_networks=True)
-    second = make_fake_server(allow_private_networks=True)
+    second = make_fake_server(second_model, allow_private_networks=True)
     answers = {"clipserve.test": [first.address]}
-    monkeypatch.setattr(clipserve._replicas, "resolve_ips", lambda host, port: list(answers[host]))
+    grown_answer_given = threading.Event()
+
+    def resolver(host: str, port: int) -> list[str]:
+        found = list(answers[host])
+        if second.address in found:
+            grown_answer_given.set()
+        return found
+
+    monkeypatch.setattr(clipserve._replicas, "resolve_ips", resolver)
     first_model.hold()
     results: list = []
     try:
@@ -209,17 +236,20 @@ def test_a_replica_that_appears_in_dns_mid_run_gets_work(make_fake_server, image
             assert first_model.held.wait(60), "the run never reached the first replica"
             assert second.address not in clip.stats().items_by_replica
             answers["clipserve.test"] = [first.address, second.address]  # a new pod is ready
-            deadline = time.monotonic() + 60  # a safety net only: the gate decides the order
-            while clip.stats().items_by_replica.get(second.address, 0) == 0:
-                assert time.monotonic() < deadline, "the new replica got no work"
-                time.sleep(0.05)
+            # Safety nets only: the client gets there as fast as it re-resolves and the new replica answers.
+            assert grown_answer_given.wait(60), "the client did not resolve the name again"
+            joined = second_model.reached.wait(60)
+            second_took = len(second_model.encoded_texts)
+            first_answered_meanwhile = clip.stats().items_by_replica.get(first.address, 0)
             first_model.release()
             runner.join(120)
             stats = clip.stats()
     finally:
         first_model.release()
+    assert joined, f"the new replica took {second_took} pairs"
+    assert first_answered_meanwhile == 0
     assert_exactly_once_in_order(results, 600)
-    assert stats.items_by_replica[second.address] >= 100, stats.items_by_replica
+    assert stats.items_by_replica[second.address] >= taken, stats.items_by_replica
 
 
 def test_a_replica_that_leaves_dns_mid_run_gets_no_more_work(make_fake_server, image_host, monkeypatch):
@@ -281,49 +311,86 @@ def test_a_replica_that_leaves_dns_mid_run_gets_no_more_work(make_fake_server, i
     assert stats.items_by_replica[staying.address] >= 600 - window, stats.items_by_replica
 
 
-def test_info_says_which_replica_answered():
-    replicas = start_replicas(["--model", "fake", "--replica-name", "pod-a"], ["--model", "fake", "--replica-name", "pod-b"])
-    try:
-        address = ",".join(r.address for r in replicas)
-        done = subprocess.run([sys.executable, "-m", "clipserve.cli", "info", "--address", address], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        assert json.loads(done.stdout)["replica"] in {"pod-a", "pod-b"}
-        with clipserve.CLIP(address) as clip:  # unary calls take turns over the replicas
-            assert {clip.model_info().replica for _ in range(4)} == {"pod-a", "pod-b"}
-    finally:
-        stop(replicas)
+def test_info_says_which_replica_answered(make_fake_server):
+    # The flag a user starts each server with: in-process servers take the config it makes.
+    assert load_config(["--replica-name", "pod-a"], environ={}).replica_name == "pod-a"
+    servers = [make_fake_server(replica_name=name) for name in ("pod-a", "pod-b")]
+    address = ",".join(s.address for s in servers)
+    done = subprocess.run([sys.executable, "-m", "clipserve.cli", "info", "--address", address], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["replica"] in {"pod-a", "pod-b"}
+    with clipserve.CLIP(address) as clip:  # unary calls take turns over the replicas
+        assert {clip.model_info().replica for _ in range(4)} == {"pod-a", "pod-b"}
 
 
-def test_score_file_reports_the_pairs_each_replica_answered(image_host, tmp_path):
-    replicas = start_replicas(["--model", "fake", "--allow-private-networks"], ["--model", "fake", "--allow-private-networks"])
+def test_score_file_reports_the_pairs_each_replica_answered(make_fake_server, image_host, tmp_path):
+    """`clipserve score-file` against several replicas prints the pairs each one answered.
+
+    Both models wait at a gate until each has received pairs, so every replica answers some
+    however busy the machine (the spread itself is shown above)."""
+    models = [GatedModel(), GatedModel()]
+    servers = [make_fake_server(model, allow_private_networks=True) for model in models]
     rows = [{"query_text": f"query {i}", "image_id": "photo3.png"} for i in range(300)]
     (tmp_path / "qrels.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for model in models:
+        model.hold()
     try:
-        done = subprocess.run(
+        run = subprocess.Popen(
             [sys.executable, "-m", "clipserve.cli", "score-file", str(tmp_path / "qrels.jsonl"), "--image-base-url", image_host.url("img"),
              "-o", str(tmp_path / "out.jsonl"), "--no-progress"],
-            capture_output=True, text=True, timeout=120, env={**os.environ, "CLIPSERVE_ADDRESS": ",".join(r.address for r in replicas)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "CLIPSERVE_ADDRESS": ",".join(s.address for s in servers)},
         )
-        assert done.returncode == 0, done.stderr
-        [line] = [line for line in done.stderr.splitlines() if line.startswith("pairs per replica: ")]
-        counts = {name: int(count) for name, count in (part.rsplit(" ", 1) for part in line.removeprefix("pairs per replica: ").split(", "))}
-        assert set(counts) == {r.address for r in replicas} and sum(counts.values()) == 300
-        # A server may also have answered a few pairs that the other answered first (hedged).
-        assert all(0 < counts[r.address] <= r.items() for r in replicas), (counts, [r.items() for r in replicas])
+        try:
+            deadline = time.monotonic() + 60  # a safety net only
+            reached = [model.held.wait(max(0.0, deadline - time.monotonic())) for model in models]
+            for model in models:
+                model.release()
+            _, stderr = run.communicate(timeout=120)
+        finally:
+            run.kill()
     finally:
-        stop(replicas)
+        for model in models:
+            model.release()
+    assert reached == [True, True], f"replicas that got no pair: {[s.address for s, r in zip(servers, reached) if not r]}"
+    assert run.returncode == 0, stderr
+    [line] = [line for line in stderr.splitlines() if line.startswith("pairs per replica: ")]
+    counts = {name: int(count) for name, count in (part.rsplit(" ", 1) for part in line.removeprefix("pairs per replica: ").split(", "))}
+    assert set(counts) == {s.address for s in servers} and sum(counts.values()) == 300
+    # A server may also have answered a few pairs that the other answered first (hedged):
+    # each distinct query is one text its model encoded.
+    encoded = [len(model.encoded_texts) for model in models]
+    assert all(0 < counts[s.address] <= n for s, n in zip(servers, encoded)), (counts, encoded)
 
 
-def test_the_async_client_spreads_a_batch_too(image_host):
-    replicas = start_replicas(*[["--model", "fake:forward_ms=20", "--max-batch-size", "8", "--allow-private-networks"]] * 2)
+@pytest.mark.parametrize("count", [2, 3])
+def test_the_async_client_spreads_a_batch_too(make_fake_server, image_host, count):
+    """`AsyncCLIP` spreads a fresh client's first batch over every replica, as `CLIP` does: the
+    barrier of test_a_fresh_client_spreads_one_batch_over_every_replica, with the client on an
+    event loop (every replica's model waits at a gate until all have received pairs)."""
+    models = [GatedModel() for _ in range(count)]
+    servers = [make_fake_server(model, allow_private_networks=True) for model in models]
+    for model in models:
+        model.hold()
 
-    async def run() -> list:
-        async with clipserve.AsyncCLIP([r.address for r in replicas], timeout=120) as clip:
-            return await clip.score_batch(pairs(300, image_host.url("img/photo4.png")))
+    async def run() -> tuple[list[bool], dict[str, int], list, clipserve.ClientStats]:
+        # No warm-up call: the client's first request is the batch itself.
+        async with clipserve.AsyncCLIP([s.address for s in servers], timeout=120) as clip:
+            batch = asyncio.ensure_future(clip.score_batch(pairs(400, image_host.url("img/photo4.png"))))
+            deadline = time.monotonic() + 60  # a safety net only: a correct client gets there at once
+            # Off the event loop: the client runs on it meanwhile.
+            reached = [await asyncio.to_thread(model.held.wait, max(0.0, deadline - time.monotonic())) for model in models]
+            answered_before = clip.stats().items_by_replica
+            for model in models:
+                model.release()
+            return reached, answered_before, await asyncio.wait_for(batch, 120), clip.stats()
 
     try:
-        assert_exactly_once_in_order(asyncio.run(run()), 300)
-        shares = [r.items() / 300 for r in replicas]
-        assert min(shares) >= 0.30, shares
+        reached, answered_before, results, stats = asyncio.run(run())
     finally:
-        stop(replicas)
+        for model in models:
+            model.release()
+    assert reached == [True] * count, f"replicas that got no pair of the first batch: {[s.address for s, r in zip(servers, reached) if not r]}"
+    assert answered_before == {}  # nothing answered before the barrier
+    assert_exactly_once_in_order(results, 400)
+    assert sum(stats.items_by_replica.values()) == 400, stats.items_by_replica
+    assert all(stats.items_by_replica.get(s.address, 0) > 0 for s in servers), stats.items_by_replica

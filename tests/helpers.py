@@ -55,6 +55,8 @@ class ImageHost:
         self.redirects: dict[str, str] = {}  # path -> absolute Location
         self.slow_img_delay = 0.05
         self.gate = threading.Event()
+        self.at_gate = 0  # /gated/ downloads waiting for the gate now
+        self._at_gate_changed = threading.Condition()
         self.hits: dict[str, int] = {}
         host = self
 
@@ -75,7 +77,11 @@ class ImageHost:
                     time.sleep(host.slow_img_delay)
                     return self._send(200, host.images[parts[1]])
                 if parts[0] == "gated" and len(parts) == 2 and parts[1] in host.images:
-                    host.gate.wait(60)
+                    host._count_at_gate(+1)
+                    try:
+                        host.gate.wait(60)
+                    finally:
+                        host._count_at_gate(-1)
                     return self._send(200, host.images[parts[1]])
                 if parts[0] == "slow":
                     time.sleep(5)
@@ -115,6 +121,16 @@ class ImageHost:
 
     def url(self, path: str) -> str:
         return f"{self.base}/{path.lstrip('/')}"
+
+    def wait_at_gate(self, count: int, timeout: float) -> bool:
+        """Until ``count`` /gated/ downloads wait for the gate at once (False: not within ``timeout``)."""
+        with self._at_gate_changed:
+            return self._at_gate_changed.wait_for(lambda: self.at_gate >= count, timeout)
+
+    def _count_at_gate(self, change: int) -> None:
+        with self._at_gate_changed:
+            self.at_gate += change
+            self._at_gate_changed.notify_all()
 
     def close(self) -> None:
         self._httpd.shutdown()

@@ -40,6 +40,16 @@ def scored(address: str, folder: Path) -> list[tuple[str, bytes, float]]:
     return [(query, path.read_bytes(), r.score) for (query, path), r in zip(pairs, results)]
 
 
+def assert_scores_like_the_reference(model, checkpoint: Path, reference, folder: Path) -> None:
+    """``model`` served in-process scores every pair of ``scored`` as the reference adapter does."""
+    server = InProcessServer(ServerConfig(model=(str(checkpoint),)), model)
+    try:
+        for query, image, score in scored(server.address, folder):
+            assert score == pytest.approx(reference(query, image), abs=reference.tolerance)
+    finally:
+        server.stop()
+
+
 def runtime_lines(server: ServerProcess) -> list[str]:
     return [line.strip() for line in server.log if " tower of " in line]
 
@@ -75,14 +85,8 @@ def test_runtime_torch_keeps_torch_eager(tiny_checkpoint, reference, tmp_path):
         assert server.terminate() == 0, "".join(server.log)
 
 
-class Unconvertible(HFClipModel):
-    """The tiny CLIP with towers that torch runs exactly and a converter cannot: the image
-    tower takes a Python float from its own output (a tracer freezes it to the traced batch's,
-    so every other batch comes out wrong), the text tower refuses to be traced."""
-
-    def _eager_image_features(self, **inputs):
-        features = super()._eager_image_features(**inputs)
-        return features - float(features.mean()) + features.mean()
+class TextUntraceable(HFClipModel):
+    """The tiny CLIP whose text tower refuses to be traced: it stays in torch, the image tower converts."""
 
     def _eager_text_features(self, **tokens):
         import torch
@@ -90,6 +94,16 @@ class Unconvertible(HFClipModel):
         if torch.jit.is_tracing():
             raise RuntimeError("this tower cannot be traced")
         return super()._eager_text_features(**tokens)
+
+
+class Unconvertible(TextUntraceable):
+    """The tiny CLIP with towers that torch runs exactly and a converter cannot: the image
+    tower takes a Python float from its own output (a tracer freezes it to the traced batch's,
+    so every other batch comes out wrong), the text tower refuses to be traced."""
+
+    def _eager_image_features(self, **inputs):
+        features = super()._eager_image_features(**inputs)
+        return features - float(features.mean()) + features.mean()
 
 
 def test_towers_that_do_not_convert_exactly_run_in_torch_and_say_why(tiny_checkpoint, reference, tmp_path, caplog):
@@ -101,23 +115,7 @@ def test_towers_that_do_not_convert_exactly_run_in_torch_and_say_why(tiny_checkp
     assert len(lines) == 2, lines
     assert lines[0].startswith(f"image tower of {tiny_checkpoint} runs in torch: in openvino its features differ from torch's by "), lines
     assert lines[1].startswith(f"text tower of {tiny_checkpoint} runs in torch: openvino could not convert it ("), lines
-    server = InProcessServer(ServerConfig(model=(str(tiny_checkpoint),)), model)
-    try:
-        for query, image, score in scored(server.address, tmp_path):
-            assert score == pytest.approx(reference(query, image), abs=reference.tolerance)
-    finally:
-        server.stop()
-
-
-class TextUntraceable(HFClipModel):
-    """The tiny CLIP whose text tower refuses to be traced: it stays in torch, the image tower converts."""
-
-    def _eager_text_features(self, **tokens):
-        import torch
-
-        if torch.jit.is_tracing():
-            raise RuntimeError("this tower cannot be traced")
-        return super()._eager_text_features(**tokens)
+    assert_scores_like_the_reference(model, tiny_checkpoint, reference, tmp_path)
 
 
 def test_torch_weights_go_once_both_towers_run_in_openvino_and_stay_while_either_runs_in_torch(tiny_checkpoint, reference, tmp_path):
@@ -134,12 +132,7 @@ def test_torch_weights_go_once_both_towers_run_in_openvino_and_stay_while_either
     assert (one.description.image_runtime, one.description.text_runtime) == ("openvino", "torch")
     assert not any(parameter.is_meta for parameter in one._model.parameters())
     for model in (converted, from_cache, one):
-        server = InProcessServer(ServerConfig(model=(str(tiny_checkpoint),)), model)
-        try:
-            for query, image, score in scored(server.address, tmp_path):
-                assert score == pytest.approx(reference(query, image), abs=reference.tolerance)
-        finally:
-            server.stop()
+        assert_scores_like_the_reference(model, tiny_checkpoint, reference, tmp_path)
 
 
 def test_a_restart_reuses_the_conversion_and_changed_weights_convert_again(tmp_path, caplog):

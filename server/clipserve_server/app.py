@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -27,6 +28,7 @@ from .models.memory import check_fits
 from .models.model import EmbeddingModel
 from .serving import oip_messages
 from .serving.open_inference import OpenInferenceServicer, add_open_inference_to_server
+from .serving.drain import InFlightCalls
 from .serving.registry import ModelRegistry
 from .serving.security import interceptors, server_credentials
 from .serving.servicer import ScorerServicer, add_scorer_to_server
@@ -82,6 +84,7 @@ class ClipServer:
         self._fetcher: ImageFetcher | None = None
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._in_flight = InFlightCalls()
         self._loader: asyncio.Task | None = None
         self.metrics = Metrics()
         self.port: int | None = None
@@ -91,7 +94,7 @@ class ClipServer:
         mib = 1024 * 1024
         credentials = server_credentials(self.config)
         self._server = grpc.aio.server(
-            interceptors=interceptors(self.config),
+            interceptors=[self._in_flight, *interceptors(self.config)],
             options=[
                 ("grpc.max_receive_message_length", self.config.max_message_mb * mib),
                 ("grpc.max_send_message_length", 4 * mib),
@@ -222,7 +225,10 @@ class ClipServer:
         if self._loader is not None and not self._loader.done():
             self._loader.cancel()
         if self._server is not None:
-            await self._server.stop(grace)
+            # The calls in flight finish while new ones are still answered UNAVAILABLE (drain.py).
+            started = time.monotonic()
+            await self._in_flight.wait_idle(grace)
+            await self._server.stop(max(0.0, grace - (time.monotonic() - started)))
         for _, engine in self._registry.engines():
             await engine.stop()
         if self._fetcher is not None:

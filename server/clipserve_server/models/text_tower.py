@@ -36,6 +36,8 @@ class TextTowerModel(EmbeddingModel):
         log.info("loading the text model %s through sentence-transformers on %s as %s", text_model_id, described.device, described.dtype)
         text_model = SentenceTransformer(text_model_id, device=described.device)
         self._text = text_model.to(getattr(torch, described.dtype)).eval()
+        # Kept: the module's own .device follows its weights, which go once a runtime runs it.
+        self._text_device = self._text.device
         # A runtime's text tower (use_tower); None: sentence-transformers' own encode.
         self._run_text: Runner | None = None
         dim = text_model.get_sentence_embedding_dimension()
@@ -84,7 +86,7 @@ class TextTowerModel(EmbeddingModel):
         # truncated to max_seq_length. Only the tensors: what a converted tower takes.
         with TOKENIZING:
             tokens = (getattr(self._text, "preprocess", None) or self._text.tokenize)(texts)
-        return {name: value.to(self._text.device) for name, value in tokens.items() if isinstance(value, self._torch.Tensor)}
+        return {name: value.to(self._text_device) for name, value in tokens.items() if isinstance(value, self._torch.Tensor)}
 
     def _eager_text_features(self, **tokens: Any) -> Any:
         # A fresh dict: the modules add their outputs (token embeddings, ...) to the one they get.

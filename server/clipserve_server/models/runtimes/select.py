@@ -57,9 +57,10 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
     folder = cache_folder(config.runtime_cache)
     fingerprints: dict[int, str] = {}  # towers of one model share its weights: hash them once
     chosen = {}
+    owners = {name: described.text_model_id if name == TEXT and described.text_model_id else described.model_id for name in towers}
     for tower in towers.values():
         started = time.monotonic()
-        owner = described.text_model_id if tower.name == TEXT and described.text_model_id else described.model_id
+        owner = owners[tower.name]
         try:
             if runtime == openvino.NAME:
                 cached = None
@@ -89,7 +90,7 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
         chosen[tower.name] = runtime
         log.info("%s tower of %s runs in %s (%s, %.1f s; features within %.1g of torch's)", tower.name, owner, runtime, how, time.monotonic() - started, error)
     if runtime == openvino.NAME:
-        release_torch_weights(towers, chosen, described.model_id)
+        release_torch_weights(towers, chosen, owners)
     model.description = dataclasses.replace(
         model.description,
         image_runtime=chosen.get(IMAGE, model.description.image_runtime),
@@ -97,7 +98,7 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
     )
 
 
-def release_torch_weights(towers: dict[str, Tower], chosen: dict[str, str], model_id: str) -> None:
+def release_torch_weights(towers: dict[str, Tower], chosen: dict[str, str], owners: dict[str, str]) -> None:
     """Drop torch's copy of the weights of each module whose every tower now runs in OpenVINO.
 
     Nothing calls those eager forwards again, and the converted towers hold their own copy
@@ -111,7 +112,8 @@ def release_torch_weights(towers: dict[str, Tower], chosen: dict[str, str], mode
     for group in shared.values():
         if all(tower.name in chosen for tower in group):
             group[0].module.to("meta")
-            log.info("torch's copy of the %s weights of %s released: OpenVINO runs them", "+".join(t.name for t in group), model_id)
+            names = [tower.name for tower in group]
+            log.info("torch's copy of the %s weights of %s released: OpenVINO runs them", " and ".join(names), owners[names[0]])
 
 
 def _first_line(exc: BaseException) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,35 @@ def test_torch_weights_go_once_both_towers_run_in_openvino_and_stay_while_either
     assert (one.description.image_runtime, one.description.text_runtime) == ("openvino", "torch")
     assert not any(parameter.is_meta for parameter in one._model.parameters())
     for model in (converted, from_cache, one):
+        assert_scores_like_the_reference(model, tiny_checkpoint, reference, tmp_path)
+
+
+def resident_kb(folder: Path) -> dict[str, int]:
+    """Resident kB of each file under ``folder`` that this process has mapped (/proc/self/smaps)."""
+    resident: dict[str, int] = {}
+    current = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", fields[0]):  # a mapping: address range, ..., path (if any)
+            current = fields[5] if len(fields) >= 6 and fields[5].startswith(str(folder.resolve())) else None
+        elif current is not None and fields[:1] == ["Rss:"]:
+            resident[current] = resident.get(current, 0) + int(fields[1])
+    return resident
+
+
+def test_a_converted_tower_keeps_no_page_of_its_cached_weights_file_in_memory(tiny_checkpoint, reference, tmp_path):
+    """docs/runtimes.md (memory): the compiled towers run on their own copy of the weights;
+    the cache entry's file stays mapped (OpenVINO keeps the model it compiled), but its pages
+    are dropped once the towers are checked, converted or read from the cache. Forwards may
+    read back the few constants used in place (clean file pages: the same bytes), so scores
+    do not change."""
+    cache = tmp_path / "cache"
+    for how in ("converted", "from the cache"):
+        model = HFClipModel(str(tiny_checkpoint), device="cpu")
+        apply_runtime(model, ServerConfig(model=(str(tiny_checkpoint),), runtime_cache=str(cache)))
+        mapped = resident_kb(cache)
+        assert mapped and all(name.endswith(".bin") for name in mapped), (how, mapped)  # the weights files are mapped ...
+        assert sum(mapped.values()) == 0, (how, mapped)  # ... and none of their pages are resident
         assert_scores_like_the_reference(model, tiny_checkpoint, reference, tmp_path)
 
 

@@ -85,6 +85,11 @@ def _load_or_convert(tower: Tower, cached: Path | None) -> tuple[Any, bool]:
         openvino.save_model(model, str(scratch), compress_to_fp16=False)
         os.replace(scratch.with_suffix(".bin"), cached.with_suffix(".bin"))
         os.replace(scratch, cached.with_suffix(".xml"))
+        # Compiled from the saved entry, as a restart does: its weights are read from the file
+        # (mapped, not copied), and the converted model's in-memory copy goes (measured on
+        # ViT-B/32, in-process: 2.45 GB of RSS compiled from memory, 2.24 compiled from the file).
+        del model
+        return core.read_model(str(cached.with_suffix(".xml"))), False
     return model, False
 
 
@@ -115,3 +120,35 @@ def build(tower: Tower, cached: Path | None, threads: int) -> tuple[Runner, bool
         return torch.from_numpy(np.array(output, dtype=np.float32, copy=True))
 
     return run, from_cache
+
+
+def drop_source_pages(cached: Path) -> None:
+    """Let go of the pages of a cache entry's weights file that compiling read in.
+
+    The compiled model keeps its source model, whose weights are this file mapped into memory
+    (``ENABLE_MMAP``), but runs mostly on its own repacked copy: once compiled and checked, few
+    of the mapped pages are read again (measured on ViT-B/32: the server's RSS after a
+    1000-pair pass 1.8 GB instead of 2.4; features bit-identical). They are clean file pages,
+    so dropping them (``MADV_DONTNEED``) only means the kernel reads them from the file again
+    when a forward touches them (the small constants used in place). Linux only; elsewhere (or
+    if the file is not mapped) a no-op.
+    """
+    import ctypes
+    import ctypes.util
+
+    weights = os.path.realpath(cached.with_suffix(".bin"))  # as /proc/self/maps names it
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        madvise = libc.madvise
+        with open("/proc/self/maps") as maps:
+            regions = [line.split()[0] for line in maps if line.rstrip().endswith(" " + weights)]
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for region in regions:
+        start, end = (int(bound, 16) for bound in region.split("-"))
+        madvise(start, end - start, _MADV_DONTNEED)
+
+
+_MADV_DONTNEED = 4  # <sys/mman.h> on Linux
+

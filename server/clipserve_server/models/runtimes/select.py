@@ -61,9 +61,9 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
     for tower in towers.values():
         started = time.monotonic()
         owner = owners[tower.name]
+        cached = None
         try:
             if runtime == openvino.NAME:
-                cached = None
                 if folder is not None:
                     if id(tower.module) not in fingerprints:
                         fingerprints[id(tower.module)] = weights_fingerprint(tower.module)
@@ -88,9 +88,12 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
             continue
         model.use_tower(tower.name, runner)
         chosen[tower.name] = runtime
+        if runtime == openvino.NAME and cached is not None:
+            openvino.drop_source_pages(cached)
         log.info("%s tower of %s runs in %s (%s, %.1f s; features within %.1g of torch's)", tower.name, owner, runtime, how, time.monotonic() - started, error)
     if runtime == openvino.NAME:
         release_torch_weights(towers, chosen, owners)
+        _return_freed_memory()
     model.description = dataclasses.replace(
         model.description,
         image_runtime=chosen.get(IMAGE, model.description.image_runtime),
@@ -114,6 +117,19 @@ def release_torch_weights(towers: dict[str, Tower], chosen: dict[str, str], owne
             group[0].module.to("meta")
             names = [tower.name for tower in group]
             log.info("torch's copy of the %s weights of %s released: OpenVINO runs them", " and ".join(names), owners[names[0]])
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap that tracing and converting freed back to the system (glibc keeps it for
+    reuse otherwise: measured on ViT-B/32, 180 MB of RSS after a conversion). A no-op where
+    the C library has no malloc_trim."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _first_line(exc: BaseException) -> str:

@@ -30,10 +30,6 @@ class InFlightCalls(grpc.aio.ServerInterceptor):
         self._count = 0
         self._idle: asyncio.Event | None = None  # made on the server's event loop, at the first call
 
-    @property
-    def count(self) -> int:
-        return self._count
-
     async def wait_idle(self, timeout: float) -> bool:
         """True once no call is in flight; False if ``timeout`` seconds pass first."""
         if self._count == 0:

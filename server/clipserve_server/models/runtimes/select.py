@@ -107,7 +107,8 @@ def release_torch_weights(towers: dict[str, Tower], chosen: dict[str, str], owne
     Nothing calls those eager forwards again, and the converted towers hold their own copy
     (openvino.py): kept, the weights would sit in memory twice (measured on ViT-B/32,
     in-process: 2.7 GB against torch's 1.4, 2.1 GB without them). A module with a tower left
-    in torch keeps its weights. Moved to the meta device, so that a stray eager call fails instead of computing.
+    in torch keeps its weights. Moved to the meta device, so that a stray eager call fails
+    instead of computing.
     """
     shared: dict[int, list[Tower]] = {}
     for tower in towers.values():

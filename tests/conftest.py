@@ -199,12 +199,15 @@ def real_server(tiny_checkpoint: Path) -> Iterator[ServerProcess]:
     assert code == 0, "".join(server.log)
 
 
+# A loopback download took over 1 s with two copies of the suite on the busy 2-core box: no test
+# of the fake_server needs a short fetch timeout (the fetch-timeout tests use their own).
+FAKE_SERVER_CONFIG = ServerConfig(max_batch_delay_ms=2.0, allow_private_networks=True, fetch_timeout_s=30.0)
+
+
 @pytest.fixture(scope="session")
 def fake_server() -> Iterator[InProcessServer]:
     """A server on the deterministic FakeModel that may fetch from the loopback image host."""
-    # A loopback download took over 1 s with two copies of the suite on the busy 2-core box: no
-    # test of this server needs a short fetch timeout (the fetch-timeout tests use their own).
-    server = InProcessServer(ServerConfig(max_batch_delay_ms=2.0, allow_private_networks=True, fetch_timeout_s=30.0), FakeModel())
+    server = InProcessServer(FAKE_SERVER_CONFIG, FakeModel())
     yield server
     server.stop()
 

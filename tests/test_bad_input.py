@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -17,9 +18,8 @@ import clipserve
 from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
 
 from clipserve_server.models.fake_model import FakeModel
-from clipserve_server.utils.config import ServerConfig
 
-from .conftest import ServerProcess
+from .conftest import FAKE_SERVER_CONFIG, ServerProcess
 from .helpers import InProcessServer, make_image
 
 
@@ -159,20 +159,19 @@ _IMAGES = st.sampled_from(
 
 @pytest.fixture(scope="module")
 def quickly_retrying_server() -> Iterator[InProcessServer]:
-    """The stand-in model's server, retrying a refused connection (the port-9 URL) as shipped,
+    """fake_server's twin, retrying a refused connection (the port-9 URL) as shipped,
     four tries, but 10 ms apart instead of 0.5, 1 and 2 s: 25 examples would otherwise wait on
     backoff ~3.5 s each. How long retries wait is tests/test_fetch_retries.py's claim."""
-    server = InProcessServer(ServerConfig(max_batch_delay_ms=2.0, allow_private_networks=True, fetch_timeout_s=30.0, fetch_backoff_s=0.01), FakeModel())
+    server = InProcessServer(dataclasses.replace(FAKE_SERVER_CONFIG, fetch_backoff_s=0.01), FakeModel())
     yield server
     server.stop()
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None)
 @given(batch=st.lists(st.tuples(st.text(max_size=60), _IMAGES, st.text(max_size=8)), min_size=1, max_size=12))
 def test_random_requests_get_exactly_one_well_formed_answer_each(quickly_retrying_server, batch):
-    fake_server = quickly_retrying_server
     requests = [scorer_pb2.ScoreRequest(request_id=str(i), query=q, query_id=qid, **image) for i, (q, image, qid) in enumerate(batch)]
-    with grpc.insecure_channel(fake_server.address) as channel:
+    with grpc.insecure_channel(quickly_retrying_server.address) as channel:
         replies = list(scorer_pb2_grpc.ScorerStub(channel).ScoreBatch(iter(requests), timeout=60))
     assert sorted(int(r.request_id) for r in replies) == list(range(len(requests)))
     for reply in replies:

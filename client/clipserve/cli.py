@@ -1,5 +1,5 @@
 """The ``clipserve`` command: ``serve``, ``score``, ``health``, ``info``, ``models``,
-``score-file``, ``embed-file``."""
+``score-file``, ``embed-file``, ``report``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 
 from ._pipes import quiet_on_closed_pipe
+from .report import command as report_command
 
 _SERVER_MODULES = ("torch", "transformers", "PIL", "aiohttp", "grpc_reflection")
 
@@ -212,7 +213,8 @@ def _cmd_score_file(args: argparse.Namespace) -> int:
 
         plot_score_file(Path(args.plot), job, summary.tally.codes)
 
-    return _plot_after(args.plot, draw)
+    status = _plot_after(args.plot, draw)
+    return max(status, report_command.after_score_file(args.report, args.config, job)) if args.report else status
 
 
 def _plot_after(path: str | None, draw: Callable[[], None]) -> int:
@@ -279,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     score_file.add_argument(
         "--plot", default=None, metavar="PNG", help="also chart the output: scores overall and per query, failures by code (needs clipserve[plot])"
     )
+    score_file.add_argument("--report", default=None, metavar="HTML", help="also write the output as a report page (see `clipserve report`)")
     score_file.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_address(score_file)
     _add_model(score_file)
@@ -318,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the server's models as JSON")
     _add_address(models)
     models.set_defaults(func=_cmd_models)
+
+    report_command.add_parser(sub)
     return parser
 
 

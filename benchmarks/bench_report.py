@@ -2,7 +2,7 @@
 
     python benchmarks/bench_report.py                 # 2,000 queries x 25, over 20,000 images
     python benchmarks/bench_report.py --queries 200   # smaller
-    python benchmarks/bench_report.py --thumbnails 2000  # also --embed-thumbnails, on its own set
+    python benchmarks/bench_report.py --thumbnails 2000  # also --embed-thumbnails: 2,000 local photos
 
 write:  `clipserve report` as a user runs it (a fresh process, the scored JSONL and the images
         file in), wall seconds; and the page's size.
@@ -10,6 +10,8 @@ open:   a fresh chromium page on the file:// URL until the page's ready mark (th
         query drawn, the first query's images laid out): wall seconds from goto, and the page's
         own performance mark (from navigation start). Image URLs are https://example.org/...,
         refused by a route: the page's time, not the network's.
+thumbnails: (--thumbnails N) `report --embed-thumbnails` over N local files, each a copy of one
+        of scikit-learn's two sample photos (640x427 JPEGs): write seconds, page size, open seconds.
 click:  opening one query (its 25 images), sorting the table by RR, filtering it by text:
         milliseconds, in the page.
 Best of 3 for each, interleaved. Prints one JSON line.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,6 +74,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=20000, help="distinct images (they recur across queries)")
     parser.add_argument("--thumbnails", type=int, default=0, help="also time --embed-thumbnails over this many real local images")
     args = parser.parse_args()
+    import sklearn.datasets as sklearn_images
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as folder_name:
@@ -103,6 +107,9 @@ def main() -> int:
             )
             if args.thumbnails:
                 small = make_benchmark(folder / "thumbs", queries=max(1, args.thumbnails // 25), per_query=25, pool=args.thumbnails)
+                photos = [Path(sklearn_images.__file__).parent / "images" / name for name in ("china.jpg", "flower.jpg")]
+                for i, row in enumerate(json.loads(line) for line in small.images.read_text(encoding="utf-8").splitlines()):
+                    shutil.copyfile(photos[i % 2], row["image_url"])  # real photos (640x427), not the drawings
                 thumbs_page = folder / "thumbs.html"
                 result["thumbnails"] = {
                     "images": args.thumbnails,

@@ -29,6 +29,7 @@ from clipserve.report.page import payload
 
 from .browser import READY, VIEWPORT, chromium_path, launch
 from .report_data import Benchmark, make_benchmark
+from .test_packaging import BLOCK_TORCH
 
 STORED_SCREENSHOT = Path(__file__).parent / "data" / "report_screenshot.png"
 
@@ -329,15 +330,27 @@ def test_a_file_without_the_score_column_fails_with_one_clear_line(bench, tmp_pa
     assert "no 'siglip_score' column" in done.stderr and not (tmp_path / "x.html").exists()
 
 
-def test_embedding_thumbnails_without_the_servers_decoding_says_what_to_install(bench, tmp_path):
-    code = (
-        "import sys; sys.modules['clipserve_server.images.decode'] = None\n"  # as if the [server] extra were not installed
+def test_the_page_is_written_without_torch_numpy_pillow_or_sklearn(bench, tmp_path):
+    """The SDK's own install (no server extra) writes the page; only thumbnails need more."""
+    code = BLOCK_TORCH + (
+        "sys.modules['sklearn'] = None\n"
+        "from clipserve.cli import main\n"
+        f"sys.exit(main(['report', {str(bench.scored)!r}, '--images', {str(bench.images)!r}, '-o', {str(tmp_path / 'x.html')!r}]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "x.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def test_embedding_thumbnails_without_the_server_extra_says_what_to_install(bench, tmp_path):
+    code = BLOCK_TORCH + (
         "from clipserve.cli import main\n"
         f"sys.exit(main(['report', {str(bench.scored)!r}, '-o', {str(tmp_path / 'x.html')!r}, '--embed-thumbnails']))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "pip install 'clipserve[server]'" in done.stderr and not (tmp_path / "x.html").exists()
+    assert "pip install 'clipserve[server]'" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "x.html").exists()
 
 
 # -- score-file --report -------------------------------------------------------------------------

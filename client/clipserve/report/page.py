@@ -26,13 +26,13 @@ class ReportSummary:
     output: Path
     queries: int
     pairs: int
-    mean_ndcg: float
-    mean_rr: float
+    mean_ndcg: str  # as the page shows them
+    mean_rr: str
     unscored: int
     thumbnails: str | None = None  # the thumbnails' line, when asked for
 
     def lines(self) -> list[str]:
-        line = f"report: {self.output} ({self.queries} queries, {self.pairs} scored pairs; mean NDCG {self.mean_ndcg:.3f}, MRR {self.mean_rr:.3f})"
+        line = f"report: {self.output} ({self.queries} queries, {self.pairs} scored pairs; mean NDCG {self.mean_ndcg}, MRR {self.mean_rr})"
         lines = [line]
         if self.unscored:
             lines.append(f"{self.unscored} rows without a score or a label are left out of the measures")
@@ -52,6 +52,9 @@ def payload(job: ReportJob, scored: Scored, thumbnails: dict[str, str]) -> dict[
     images: list[list[str | None]] = []
     image_index: dict[tuple[str, str | None], int] = {}
     queries = []
+    ndcgs: list[float] = []
+    rrs: list[float] = []
+    relevant = pairs = 0
     flagged: list[tuple[float, int, int]] = []
     for q, query in enumerate(scored.queries):
         labels = [c.label for c in query.candidates]
@@ -61,6 +64,11 @@ def payload(job: ReportJob, scored: Scored, thumbnails: dict[str, str]) -> dict[
         except ValueError as exc:
             raise RunFailed(f"{job.scored}: query {query.key!r}: {exc}") from None
         rr = metrics.reciprocal_rank(labels, scores)
+        ndcgs.append(ndcg)
+        rrs.append(rr)
+        n_relevant = sum(1 for label in labels if label > 0)
+        relevant += n_relevant
+        pairs += len(labels)
         contradiction = metrics.contradictions(labels, scores)
         rows = []
         for position, i in enumerate(metrics.score_order(scores)):
@@ -81,24 +89,22 @@ def payload(job: ReportJob, scored: Scored, thumbnails: dict[str, str]) -> dict[
                 "rr": rr,
                 "ndcgText": figure(ndcg),
                 "rrText": figure(rr),
-                "relevant": sum(1 for label in labels if label > 0),
+                "relevant": n_relevant,
                 "unscored": query.unscored,
                 "candidates": rows,
             }
         )
     flagged.sort(key=lambda item: -item[0])
-    mean_ndcg = metrics.mean([q["ndcg"] for q in queries])
-    mean_rr = metrics.mean([q["rr"] for q in queries])
     return {
         "file": job.scored.name,
         "columns": {"score": job.score_column, "label": job.relevance_column, "query": job.column_query, "image": job.column_image_id},
         "summary": {
-            "meanNdcg": figure(mean_ndcg),
-            "meanRr": figure(mean_rr),
+            "meanNdcg": figure(metrics.mean(ndcgs)),
+            "meanRr": figure(metrics.mean(rrs)),
             "queries": len(queries),
-            "pairs": sum(len(q["candidates"]) for q in queries),
-            "relevant": sum(q["relevant"] for q in queries),
-            "unscored": sum(q["unscored"] for q in queries),
+            "pairs": pairs,
+            "relevant": relevant,
+            "unscored": sum(query.unscored for query in scored.queries),
             "rows": scored.rows,
         },
         "images": images,
@@ -139,8 +145,8 @@ def write_report(job: ReportJob) -> ReportSummary:
         job.output,
         queries=summary["queries"],
         pairs=summary["pairs"],
-        mean_ndcg=metrics.mean([q["ndcg"] for q in data["queries"]]),
-        mean_rr=metrics.mean([q["rr"] for q in data["queries"]]),
+        mean_ndcg=summary["meanNdcg"],
+        mean_rr=summary["meanRr"],
         unscored=summary["unscored"],
         thumbnails=thumbs_line,
     )

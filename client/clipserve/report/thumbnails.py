@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-THUMBNAIL_PX = 192  # the longest side; cards show them at up to 160 CSS px
-JPEG_QUALITY = 78
+THUMBNAIL_PX = 160  # the longest side: the widest a card shows it, in CSS px
+JPEG_QUALITY = 75
 FETCH_TIMEOUT_S = 30.0
 FETCHERS = 8  # images fetched at a time: the work is mostly waiting on hosts
 

@@ -140,7 +140,7 @@ def test_the_page_loads_without_a_script_error_and_shows_sklearns_figures(opened
         "#queries tbody tr", "rows => rows.map(r => [r.dataset.query, r.querySelector('.ndcg').innerText, r.querySelector('.rr').innerText])"
     )
     assert {query: (ndcg, rr) for query, ndcg, rr in shown} == {q: (f"{n:.3f}", f"{r:.3f}") for q, (n, r, _) in want.items()}
-    assert page.inner_text("#n-unscored") == "1"  # the failed pair is left out, and said so
+    assert page.inner_text("#n-left-out") == "1"  # the failed pair is left out, and said so
 
 
 def test_every_query_is_in_the_table(opened, bench):

@@ -78,7 +78,7 @@ class Query:
     key: str  # the query id, or the text where the rows have none
     text: str
     candidates: list[Candidate] = field(default_factory=list)
-    unscored: int = 0  # rows with no score (a failed pair) or no label: left out of every measure
+    left_out: int = 0  # rows with no score (a failed pair) or no label: left out of every measure
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def read_scored(job: ReportJob) -> Scored:
             query = queries[key] = Query(key=key, text=text)
         score, label = number(row.get(job.score_column)), number(row.get(job.relevance_column))
         if score is None or label is None:
-            query.unscored += 1
+            query.left_out += 1
             continue
         image_id = "" if row.get(job.column_image_id) is None else str(row[job.column_image_id])
         query.candidates.append(Candidate(image_id, page_src(_image_url(row, file_job, urls)), score, label))

@@ -28,14 +28,14 @@ class ReportSummary:
     pairs: int
     mean_ndcg: str  # as the page shows them
     mean_rr: str
-    unscored: int
+    left_out: int
     thumbnails: str | None = None  # the thumbnails' line, when asked for
 
     def lines(self) -> list[str]:
         line = f"report: {self.output} ({self.queries} queries, {self.pairs} scored pairs; mean NDCG {self.mean_ndcg}, MRR {self.mean_rr})"
         lines = [line]
-        if self.unscored:
-            lines.append(f"{self.unscored} rows without a score or a label are left out of the measures")
+        if self.left_out:
+            lines.append(f"{self.left_out} rows without a score or a label are left out of the measures")
         if self.thumbnails:
             lines.append(self.thumbnails)
         return lines
@@ -90,7 +90,7 @@ def payload(job: ReportJob, scored: Scored, thumbnails: dict[str, str]) -> dict[
                 "ndcgText": figure(ndcg),
                 "rrText": figure(rr),
                 "relevant": n_relevant,
-                "unscored": query.unscored,
+                "leftOut": query.left_out,
                 "candidates": rows,
             }
         )
@@ -104,7 +104,7 @@ def payload(job: ReportJob, scored: Scored, thumbnails: dict[str, str]) -> dict[
             "queries": len(queries),
             "pairs": pairs,
             "relevant": relevant,
-            "unscored": sum(query.unscored for query in scored.queries),
+            "leftOut": sum(query.left_out for query in scored.queries),
             "rows": scored.rows,
         },
         "images": images,
@@ -147,6 +147,6 @@ def write_report(job: ReportJob) -> ReportSummary:
         pairs=summary["pairs"],
         mean_ndcg=summary["meanNdcg"],
         mean_rr=summary["meanRr"],
-        unscored=summary["unscored"],
+        left_out=summary["leftOut"],
         thumbnails=thumbs_line,
     )

@@ -7,7 +7,9 @@ works from a file:// URL with the network off; and it looks like the stored scre
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 import json
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from sklearn.metrics import ndcg_score
 from clipserve.report import metrics
 from clipserve.report.data import ReportJob, read_scored, report_settings_from_config
 from clipserve.report.page import payload
+from clipserve.report.thumbnails import THUMBNAIL_PX, make_thumbnails
 
 from .browser import READY, VIEWPORT, chromium_path, launch
 from .report_data import Benchmark, make_benchmark
@@ -213,6 +216,19 @@ def test_a_query_shows_its_images_in_score_order_with_score_and_label(opened, be
     assert page.locator("img").count() == len(rows)  # one query's images at a time, not every image
 
 
+def test_the_arrow_keys_step_through_the_queries_in_the_tables_order(opened):
+    page = opened.page
+    order = page.eval_on_selector_all("#queries tbody tr", "rows => rows.map(r => r.dataset.query)")
+    assert page.locator("#queries tr.sel").get_attribute("data-query") == order[0]  # the worst opens first
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("j")
+    assert page.locator("#queries tr.sel").get_attribute("data-query") == order[2]
+    page.keyboard.press("ArrowUp")
+    assert page.locator("#queries tr.sel").get_attribute("data-query") == order[1]
+    heading = page.locator("#queries tr.sel td:first-child > div:first-child").inner_text()
+    assert page.inner_text(".qhead h2") == heading  # and its images are the ones shown
+
+
 def test_the_planted_mislabelled_pair_tops_the_disagreements_and_opens_its_query(opened, bench):
     page = opened.page
     page.click("nav button[data-view=disagreements]")
@@ -328,6 +344,17 @@ def test_a_file_without_the_score_column_fails_with_one_clear_line(bench, tmp_pa
     done = report(str(bench.scored), "--score-column", "siglip_score", "-o", str(tmp_path / "x.html"))
     assert done.returncode == 1
     assert "no 'siglip_score' column" in done.stderr and not (tmp_path / "x.html").exists()
+
+
+def test_an_image_that_cannot_be_had_is_linked_instead_and_counted(bench, tmp_path):
+    (tmp_path / "not-an-image.jpg").write_text("plain text", encoding="utf-8")
+    sources = [(bench.images.parent / "images" / "im0000.jpg").as_uri(), (tmp_path / "gone.jpg").as_uri(), (tmp_path / "not-an-image.jpg").as_uri()]
+    made = make_thumbnails(sources)
+    assert list(made.by_src) == sources[:1] and made.by_src[sources[0]].startswith("data:image/jpeg;base64,")
+    assert set(made.failures) == set(sources[1:])
+    assert "1 thumbnails embedded, 2 could not be made (the page links those" in made.summary()
+    with Image.open(io.BytesIO(base64.b64decode(made.by_src[sources[0]].split(",", 1)[1]))) as small:
+        assert max(small.size) == THUMBNAIL_PX and small.format == "JPEG"
 
 
 def test_the_page_is_written_without_torch_numpy_pillow_or_sklearn(bench, tmp_path):

@@ -112,7 +112,7 @@ def page_src(url: str | None) -> str | None:
 
 def read_scored(job: ReportJob) -> Scored:
     rows = read_rows(job.scored)
-    if rows and job.score_column not in rows[0] and not any(job.score_column in row for row in rows):
+    if rows and not any(job.score_column in row for row in rows):
         raise RunFailed(f"{job.scored}: no {job.score_column!r} column (the score; --score-column names another)")
     if rows and not any(job.relevance_column in row for row in rows):
         raise RunFailed(f"{job.scored}: no {job.relevance_column!r} column (the label; --relevance-column names another)")

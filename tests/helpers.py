@@ -48,9 +48,11 @@ class ImageHost:
     /loop              302 to itself forever
     /huge              declares a 1 GiB body
     any path in ``redirects``: 302 to the URL given there
+
+    ``address``: the loopback address it listens on (127.0.0.2 stands for another host).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, address: str = "127.0.0.1") -> None:
         self.images: dict[str, bytes] = {}
         self.redirects: dict[str, str] = {}  # path -> absolute Location
         self.slow_img_delay = 0.05
@@ -105,13 +107,13 @@ class ImageHost:
 
             def _redirect(self, location: str) -> None:
                 self.send_response(302)
-                self.send_header("Location", location)
+                self.send_header("Location", location.encode().decode("latin-1"))  # its UTF-8 bytes, as a web server sends them
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = ThreadingHTTPServer((address, 0), Handler)
         self._httpd.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self.base = f"http://{address}:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
 

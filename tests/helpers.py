@@ -202,6 +202,31 @@ class InProcessServer:
         self._thread.join(timeout=10)
 
 
+def error_codes(address: str, urls: list[str]) -> dict[str, list[str | None]]:
+    """The error code (None: scored) each URL gets through Score, ScoreBatch, Embed and the Open
+    Inference Protocol's batch model (ModelInfer), each called as its users call it."""
+    import clipserve
+    import tritonclient.grpc as triton
+
+    codes: dict[str, list[str | None]] = {"Score": []}
+    with clipserve.CLIP(address, timeout=60) as clip:
+        for url in urls:
+            try:
+                clip.score("q", url)
+                codes["Score"].append(None)
+            except clipserve.ClipServeError as exc:
+                codes["Score"].append(exc.code.name if exc.code else "UNKNOWN")
+        codes["ScoreBatch"] = [r.error_code for r in clip.score_batch([("q", url) for url in urls])]
+        codes["Embed"] = [r.error_code for r in clip.embed_images(urls)]
+    with triton.InferenceServerClient(address) as client:
+        inputs = [triton.InferInput("text", [len(urls)], "BYTES"), triton.InferInput("image_url", [len(urls)], "BYTES")]
+        inputs[0].set_data_from_numpy(np.array([b"q"] * len(urls), dtype=object))
+        inputs[1].set_data_from_numpy(np.array([url.encode() for url in urls], dtype=object))
+        errors = client.infer(model_name="default", inputs=inputs).as_numpy("error")
+    codes["ModelInfer"] = [error.decode().split(":", 1)[0] or None for error in errors]
+    return codes
+
+
 def hub_cache(root: Path, repo_id: str, files: Path) -> Path:
     """A Hugging Face cache (HF_HUB_CACHE) holding ``files`` as the snapshot of ``repo_id``."""
     repo = root / ("models--" + repo_id.replace("/", "--"))

@@ -30,7 +30,7 @@ from clipserve_server.utils.config import ServerConfig
 from clipserve_server.utils.errors import ErrorKind, ItemError
 from clipserve_server.utils.logs import JsonFormatter, TextFormatter
 
-from .helpers import ImageHost, InProcessServer, make_image
+from .helpers import ImageHost, InProcessServer, error_codes, make_image
 
 # 127.0.0.2 spelled as the HTTP client or the C library would still connect to it.
 SPELLINGS = {
@@ -82,34 +82,15 @@ def internal_urls(internal: ImageHost, spellings: list[str]) -> list[str]:
     return [f"http://{spelling}:{port}/img/secret.png" for spelling in spellings]
 
 
-def batch_scores(address: str, urls: list[str]) -> list[str]:
-    """Each URL through the Open Inference Protocol's batch model: its per-item error."""
-    with triton.InferenceServerClient(address) as client:
-        inputs = [triton.InferInput("text", [len(urls)], "BYTES"), triton.InferInput("image_url", [len(urls)], "BYTES")]
-        inputs[0].set_data_from_numpy(np.array([b"q"] * len(urls), dtype=object))
-        inputs[1].set_data_from_numpy(np.array([url.encode() for url in urls], dtype=object))
-        return [error.decode() for error in client.infer(model_name="default", inputs=inputs).as_numpy("error")]
-
-
 def errors_on_every_path(server: InProcessServer, image_host: ImageHost, urls: list[str]) -> dict[str, list[str | None]]:
-    """The error code each URL gets through Score, ScoreBatch, Embed, ModelInfer and a redirect."""
-    codes: dict[str, list[str | None]] = {}
+    """The error code each URL gets through Score, ScoreBatch, Embed, ModelInfer and as the
+    Location of a redirect from the public host."""
+    codes = error_codes(server.address, urls)
     for index, url in enumerate(urls):
         image_host.redirects[f"/to-internal/{index}"] = url
     with clipserve.CLIP(server.address, timeout=60) as clip:
-        unary = []
-        for url in urls:
-            try:
-                clip.score("q", url)
-                unary.append("OK")
-            except clipserve.ClipServeError as exc:
-                unary.append(exc.code.name)
-        codes["Score"] = unary
-        codes["ScoreBatch"] = [r.error_code for r in clip.score_batch([("q", url) for url in urls])]
-        codes["Embed"] = [r.error_code for r in clip.embed_images(urls)]
         redirects = [image_host.url(f"to-internal/{index}") for index in range(len(urls))]
         codes["redirect"] = [r.error_code for r in clip.score_batch([("q", url) for url in redirects])]
-    codes["ModelInfer"] = [error.split(":", 1)[0] or None for error in batch_scores(server.address, urls)]
     return codes
 
 
@@ -121,6 +102,19 @@ def test_no_spelling_of_a_loopback_address_reaches_it_on_any_path(server, intern
     codes = errors_on_every_path(server, image_host, internal_urls(internal, SPELLINGS[spelling]))
     assert sum(internal.hits.values()) == before, internal.hits
     assert codes == {path: ["PERMISSION_DENIED"] * len(SPELLINGS[spelling]) for path in codes}, codes
+
+
+def test_decode_worker_processes_that_download_refuse_every_spelling_too(internal):
+    """--decode-pool processes: the workers download, with the same guard (as shipped there)."""
+    spellings = [spellings[0] for spellings in SPELLINGS.values()] + [SPELLINGS["IPv6 carrying the IPv4"][2]]
+    pooled = InProcessServer(_config(decode_pool="processes", decode_workers=2), FakeModel())
+    before = sum(internal.hits.values())
+    try:
+        codes = error_codes(pooled.address, internal_urls(internal, spellings))
+    finally:
+        pooled.stop()
+    assert sum(internal.hits.values()) == before
+    assert codes == {path: ["PERMISSION_DENIED"] * len(spellings) for path in codes}, codes
 
 
 def test_the_refusal_says_what_was_refused_never_where_an_internal_name_points(image_host):

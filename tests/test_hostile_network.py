@@ -117,6 +117,15 @@ def test_decode_worker_processes_that_download_refuse_every_spelling_too(interna
     assert codes == {path: ["PERMISSION_DENIED"] * len(spellings) for path in codes}, codes
 
 
+@pytest.mark.parametrize(("address", "forbidden"), [
+    ("64:ff9b::808:808", False), ("2002:808:808::", False), ("::ffff:8.8.8.8", False), ("2606:4700::1111", False),  # carry 8.8.8.8 / public
+    ("64:ff9b::a00:1", True), ("2002:a9fe:a9fe::", True), ("::ffff:169.254.169.254", True), ("::10.0.0.1", True),  # carry private ones
+    ("64:ff9b:1::808:808", True), ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", True), ("::1", True), ("::", True),  # never public
+])
+def test_an_ipv6_address_is_judged_as_the_ipv4_it_carries(address, forbidden):
+    assert is_forbidden(address) is forbidden
+
+
 def test_the_refusal_says_what_was_refused_never_where_an_internal_name_points(image_host):
     """A name is still judged on what it resolves to (here localhost, also spelled in circled
     letters; the guard as shipped); the caller is told the name is refused, not the address
@@ -210,10 +219,10 @@ def fetch_hosts(server: InProcessServer) -> set[str]:
 
 def test_the_metrics_port_names_no_callers_host_unless_asked(internal, image_host):
     """By default every fetch counts under host="all"; --metrics-host-labels names the hosts
-    fetched from, and still gives a host refused before any request no label of its own."""
+    reached, and still gives a host refused or not resolved (and retried) no label of its own."""
     urls = [image_host.url("img/photo0.png"), internal_urls(internal, ["127.0.0.2"])[0], "http://internal-db.corp.invalid:5432/x.png"]
     for labels in (False, True):
-        started = guarded_server(metrics_host_labels=labels)
+        started = guarded_server(metrics_host_labels=labels, fetch_attempts=2, fetch_backoff_s=0.05)  # a DNS failure is retried
         try:
             with clipserve.CLIP(started.address) as clip:
                 clip.score_batch([("q", url) for url in urls])

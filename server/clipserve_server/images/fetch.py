@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
+
 import aiohttp
 from yarl import URL
 
@@ -22,7 +23,7 @@ from ..utils.config import FetchHeader, fetch_headers
 from ..utils.errors import ErrorKind, ItemError
 from .fetch_events import FetchEvents
 from .hosts import HostGate
-from .netguard import ForbiddenAddressError, GuardedResolver, literal_ip, valid_name
+from .netguard import ForbiddenAddressError, GuardedResolver, describe_address, literal_ip, valid_name
 from .retry import DEFAULT_RETRY, RETRY_STATUSES, RetryPolicy, parse_retry_after
 
 if TYPE_CHECKING:
@@ -274,8 +275,7 @@ class ImageFetcher:
         # Literal IPs never reach the resolver, so they are checked here (and again, with every
         # other address, when the connection is opened).
         if ip is not None and not self._allow_private and self._guard.is_forbidden(ip):
-            spelled = "" if ip == host.strip("[]") else f" ({host[:80]!r})"
-            raise _forbidden(where, f"{ip}{spelled} is not a public address")
+            raise _forbidden(where, f"{describe_address(ip, host)} is not a public address")
         return host
 
     def _refused(self, url: str, exc: ForbiddenAddressError) -> FetchError:

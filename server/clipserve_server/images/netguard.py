@@ -48,7 +48,7 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     """The IPv4 address an IPv6 address stands for, if it is one of the forms that carry one."""
     if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d
         return ip.ipv4_mapped
-    if int(ip) >> 32 == 0:  # ::a.b.c.d (IPv4-compatible, deprecated); :: and ::1 land on 0.0.0.x
+    if int(ip) >> 32 == 0 and int(ip) > 1:  # ::a.b.c.d (IPv4-compatible, deprecated), not :: or ::1
         return ipaddress.IPv4Address(int(ip))
     if ip in _NAT64:
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
@@ -106,6 +106,17 @@ def literal_ip(host: str) -> str | None:
     except ValueError:
         legacy = _legacy_ipv4(candidate[:-1] if candidate.endswith(".") else candidate)
         return str(legacy) if legacy is not None else None
+
+
+def describe_address(ip: str, host: str) -> str:
+    """A literal address for an error message: as written when not canonical, and the IPv4
+    address an IPv6 one carries (``::ffff:7f00:1 (127.0.0.1)``)."""
+    parts = [] if ip == host.strip("[]") else [repr(host[:80])]
+    address = ipaddress.ip_address(ip)
+    carried = embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else None
+    if carried is not None:
+        parts.append(f"it carries {carried}")
+    return ip + (f" ({', '.join(parts)})" if parts else "")
 
 
 def valid_name(host: str) -> bool:

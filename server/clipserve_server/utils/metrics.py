@@ -95,20 +95,21 @@ class Metrics:
 
     def fetch_attempt(self, host: str, outcome: str) -> None:
         """One download attempt ended (``images.fetch_events.FetchEvents``)."""
-        self.fetch_attempts.labels(host=self._host_label(host, outcome), outcome=outcome).inc()
+        self.fetch_attempts.labels(host=self._host_label(host, earns=outcome not in _REFUSED), outcome=outcome).inc()
 
     def fetch_retry(self, host: str, wait_s: float, retry_after: bool) -> None:
-        label = self._host_label(host)
+        label = self._host_label(host, earns=False)  # the attempt before it said whether the host earned one
         self.fetch_retries.labels(host=label).inc()
         if retry_after:
             self.fetch_retry_after_seconds.labels(host=label).inc(wait_s)
 
-    def _host_label(self, host: str, outcome: str = "") -> str:
+    def _host_label(self, host: str, *, earns: bool) -> str:
+        """``host``'s label; ``earns``: it may get one of its own now, if any are left."""
         if not self._host_labels:
             return ALL_HOSTS
         if host in self._fetch_hosts:
             return host
-        if len(self._fetch_hosts) < FETCH_HOST_LABELS and outcome not in _REFUSED:
+        if earns and len(self._fetch_hosts) < FETCH_HOST_LABELS:
             self._fetch_hosts.add(host)
             return host
         return "other"

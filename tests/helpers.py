@@ -48,9 +48,11 @@ class ImageHost:
     /loop              302 to itself forever
     /huge              declares a 1 GiB body
     any path in ``redirects``: 302 to the URL given there
+
+    ``address``: the loopback address it listens on (127.0.0.2 stands for another host).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, address: str = "127.0.0.1") -> None:
         self.images: dict[str, bytes] = {}
         self.redirects: dict[str, str] = {}  # path -> absolute Location
         self.slow_img_delay = 0.05
@@ -105,13 +107,13 @@ class ImageHost:
 
             def _redirect(self, location: str) -> None:
                 self.send_response(302)
-                self.send_header("Location", location)
+                self.send_header("Location", location.encode().decode("latin-1"))  # its UTF-8 bytes, as a web server sends them
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = ThreadingHTTPServer((address, 0), Handler)
         self._httpd.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self.base = f"http://{address}:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
 
@@ -198,6 +200,31 @@ class InProcessServer:
         self.call(self.server.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+
+
+def error_codes(address: str, urls: list[str]) -> dict[str, list[str | None]]:
+    """The error code (None: scored) each URL gets through Score, ScoreBatch, Embed and the Open
+    Inference Protocol's batch model (ModelInfer), each called as its users call it."""
+    import clipserve
+    import tritonclient.grpc as triton
+
+    codes: dict[str, list[str | None]] = {"Score": []}
+    with clipserve.CLIP(address, timeout=60) as clip:
+        for url in urls:
+            try:
+                clip.score("q", url)
+                codes["Score"].append(None)
+            except clipserve.ClipServeError as exc:
+                codes["Score"].append(exc.code.name if exc.code else "UNKNOWN")
+        codes["ScoreBatch"] = [r.error_code for r in clip.score_batch([("q", url) for url in urls])]
+        codes["Embed"] = [r.error_code for r in clip.embed_images(urls)]
+    with triton.InferenceServerClient(address) as client:
+        inputs = [triton.InferInput("text", [len(urls)], "BYTES"), triton.InferInput("image_url", [len(urls)], "BYTES")]
+        inputs[0].set_data_from_numpy(np.array([b"q"] * len(urls), dtype=object))
+        inputs[1].set_data_from_numpy(np.array([url.encode() for url in urls], dtype=object))
+        errors = client.infer(model_name="default", inputs=inputs).as_numpy("error")
+    codes["ModelInfer"] = [error.decode().split(":", 1)[0] or None for error in errors]
+    return codes
 
 
 def hub_cache(root: Path, repo_id: str, files: Path) -> Path:

@@ -35,7 +35,7 @@ def other_host() -> Iterator[FlakyHost]:
 
 
 def serve(*args: str, metrics: bool = False) -> ServerProcess:
-    return ServerProcess(["--model", "fake", "--allow-private-networks", *args], metrics=metrics)
+    return ServerProcess(["--model", "fake", "--allow-private-networks", "--metrics-host-labels", *args], metrics=metrics)
 
 
 @pytest.mark.parametrize("pool", POOLS)

@@ -29,7 +29,10 @@ def local_path(image_url: str) -> Path | None:
     Plain paths and ``file://`` URLs are local; every other scheme (http, https, and those the
     server refuses, such as ftp) goes to the server as a URL so that it can answer for it.
     """
-    parts = urlsplit(image_url)
+    try:
+        parts = urlsplit(image_url)
+    except ValueError:  # a malformed URL (a bad IPv6 bracket...): the server says what is wrong
+        return None
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
             return None  # file://otherhost/... is for the server to refuse

@@ -86,7 +86,7 @@ class ClipServer:
         self._server: grpc.aio.Server | None = None
         self._in_flight = InFlightCalls()
         self._loader: asyncio.Task | None = None
-        self.metrics = Metrics()
+        self.metrics = Metrics(host_labels=config.metrics_host_labels)
         self.port: int | None = None
 
     async def start(self) -> int:

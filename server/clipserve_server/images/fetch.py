@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
-from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+from yarl import URL
 
 from ..utils.config import FetchHeader, fetch_headers
 from ..utils.errors import ErrorKind, ItemError
 from .fetch_events import FetchEvents
 from .hosts import HostGate
-from .netguard import ForbiddenAddressError, GuardedResolver, literal_ip
+from .netguard import ForbiddenAddressError, GuardedResolver, describe_address, literal_ip, valid_name
 from .retry import DEFAULT_RETRY, RETRY_STATUSES, RetryPolicy, parse_retry_after
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 _CHUNK = 64 * 1024
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class FetchError(ItemError):
@@ -128,6 +130,7 @@ class ImageFetcher:
         connector = aiohttp.TCPConnector(
             limit=self._concurrency,
             resolver=None if self._allow_private else self._guard,
+            socket_factory=None if self._allow_private else self._guard.socket_factory,
             ttl_dns_cache=60,
         )
         self._session = aiohttp.ClientSession(
@@ -154,7 +157,7 @@ class ImageFetcher:
 
     async def _attempts(self, url: str, deadline: float, failed: list[FetchError]) -> bytes:
         loop = asyncio.get_running_loop()
-        host = urlsplit(url).hostname or ""
+        host = _host_of(url)
         while True:
             try:
                 data = await self._follow(url, deadline)
@@ -180,8 +183,7 @@ class ImageFetcher:
         loop = asyncio.get_running_loop()
         current = url
         for _ in range(self._max_redirects + 1):
-            self._check_url(current, original=url)
-            hop_host = urlsplit(current).hostname or ""
+            hop_host = self._check_url(current, original=url)
             async with self._hosts.slot(hop_host):
                 left = deadline - loop.time()
                 try:
@@ -192,7 +194,10 @@ class ImageFetcher:
                     raise FetchError(ErrorKind.TIMEOUT, f"{url}: no answer within {self._attempt_timeout_s:g}s", outcome="timeout", retry=True) from None
             if isinstance(answer, bytes):
                 return answer
-            current = urljoin(current, answer)
+            try:
+                current = str(URL(current).join(URL(answer)))
+            except (ValueError, UnicodeError):  # the host's fault, not the caller's
+                raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: redirected to an invalid URL {answer[:200]!r}", outcome="redirects") from None
         raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: more than {self._max_redirects} redirects", outcome="redirects")
 
     async def _request(self, url: str, current: str, hop_host: str) -> bytes | str:
@@ -220,10 +225,13 @@ class ImageFetcher:
             raise
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, ForbiddenAddressError):
-                raise _forbidden(url, str(exc.os_error)) from None
-            raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: cannot connect: {exc.os_error or exc}", outcome="connect_error", retry=True) from None
+                raise self._refused(url, exc.os_error) from None
+            outcome = "dns_error" if isinstance(exc, aiohttp.ClientConnectorDNSError) else "connect_error"
+            raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: cannot connect: {exc.os_error or exc}", outcome=outcome, retry=True) from None
         except ForbiddenAddressError as exc:
-            raise _forbidden(url, str(exc)) from None
+            raise self._refused(url, exc) from None
+        except aiohttp.InvalidURL as exc:
+            raise FetchError(ErrorKind.INVALID_INPUT, f"{url}: not a valid URL ({exc})", outcome="invalid") from None
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
             raise  # _follow tells the budget from this request's time
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError) as exc:
@@ -237,14 +245,21 @@ class ImageFetcher:
         the pattern names; a redirect elsewhere goes without them."""
         if not self._headers:
             return None
-        first, now = urlsplit(original), urlsplit(current)
-        if (first.scheme, first.hostname, first.port) != (now.scheme, now.hostname, now.port):
+        first, now = URL(original), URL(current)  # both checked by _check_url already
+        if (first.scheme, first.raw_host, first.port) != (now.scheme, now.raw_host, now.port):
             return None
-        return {header.name: header.value for header in self._headers if header.matches(now.hostname or "")} or None
+        return {header.name: header.value for header in self._headers if header.matches(now.raw_host or "")} or None
 
-    def _check_url(self, current: str, *, original: str) -> None:
-        parts = urlsplit(current)
+    def _check_url(self, current: str, *, original: str) -> str:
+        """Refuses what must not be fetched, judging the host as the client will connect to
+        it; returns that host."""
         where = original if current == original else f"{original} (redirected to {current})"
+        malformed = ErrorKind.INVALID_INPUT if current == original else ErrorKind.FETCH_FAILED  # a bad Location is the host's doing
+        try:
+            parts = URL(current)  # as aiohttp parses it: IDNA/NFKC applied to the host
+            host, _ = parts.raw_host, parts.port
+        except (ValueError, UnicodeError) as exc:  # bad brackets, a 300-character label, a bad port...
+            raise FetchError(malformed, f"{where}: not a valid URL ({exc})", outcome="invalid") from None
         if parts.scheme not in ("http", "https"):
             raise FetchError(
                 ErrorKind.INVALID_INPUT,
@@ -252,12 +267,20 @@ class ImageFetcher:
                 + ("; send local files as image_bytes" if parts.scheme in ("file", "") else ""),
                 outcome="invalid",
             )
-        if not parts.hostname:
-            raise FetchError(ErrorKind.INVALID_INPUT, f"{where}: the URL has no host", outcome="invalid")
-        ip = literal_ip(parts.hostname)
-        # Literal IPs never reach the resolver, so they are checked here.
+        if not host:
+            raise FetchError(malformed, f"{where}: the URL has no host", outcome="invalid")
+        ip = literal_ip(host)
+        if ip is None and not valid_name(host):
+            raise FetchError(malformed, f"{where}: {host[:80]!r} is not a valid host name", outcome="invalid")
+        # Literal IPs never reach the resolver, so they are checked here (and again, with every
+        # other address, when the connection is opened).
         if ip is not None and not self._allow_private and self._guard.is_forbidden(ip):
-            raise _forbidden(where, f"{ip} is not a public address")
+            raise _forbidden(where, f"{describe_address(ip, host)} is not a public address")
+        return host
+
+    def _refused(self, url: str, exc: ForbiddenAddressError) -> FetchError:
+        log.info("refused to fetch from a non-public address", extra={"url": url[:200], "address": exc.address})
+        return _forbidden(url, str(exc))
 
     def _timed_out(self, url: str, attempts: int) -> FetchError:
         tried = f" after {attempts} attempts" if attempts > 1 else ""
@@ -291,6 +314,14 @@ def _after(last: FetchError, attempts: int, note: str = "") -> FetchError:
     if attempts < 2 and not note:
         return last
     return FetchError(last.kind, f"{last.message} after {attempts} attempt{'s' if attempts > 1 else ''}{note}", outcome=last.outcome)
+
+
+def _host_of(url: str) -> str:
+    """The URL's host as the client connects to it ('' when there is none or it is malformed)."""
+    try:
+        return URL(url).raw_host or ""
+    except (ValueError, UnicodeError):
+        return ""
 
 
 def _forbidden(where: str, why: str) -> FetchError:

@@ -30,6 +30,7 @@ from .batcher import Batcher
 from .cache import EmbeddingCache
 from .instances import InstancePool, InstanceStats
 from .soon import Soon, awaited, both, from_future, then
+from .uploads import UploadChecks
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class ScoringEngine:
         self.config = config
         self.text_cache = EmbeddingCache(config.text_cache_size)
         self.image_cache = EmbeddingCache(config.image_cache_size)
+        self._uploads = UploadChecks()
         self._batcher = Batcher(
             instances or InstancePool.single(model.forward, device=model.description.device),
             max_batch_size=config.max_batch_size,
@@ -147,24 +149,36 @@ class ScoringEngine:
         if source.data is None:
             # Named by hash alone: join what is cached or being encoded, or ask for the bytes.
             found = self.image_cache.find(key)
-            if found is None:
-                raise ItemError(
-                    ErrorKind.IMAGE_NEEDED,
-                    f"image sha256:{source.sha256} is not on this server (never uploaded here, or evicted): send image_bytes",
-                )
-            return found
-        # A claimed hash keys the upload at once, so that references to it that arrive while
-        # it is being hashed and encoded join it; the claim is checked before it is used.
-        if key is None and len(source.data) < _HASH_OFF_LOOP_BYTES:
+            if found is not None:
+                return found
+            if self._uploads.pending(key):  # an upload of it is being checked: see what it proves
+                return from_future(asyncio.ensure_future(self._after_uploads(key, source)))
+            raise _bytes_needed(source)
+        # Bytes join or become the entry of the hash they have, never of the one they claim:
+        # a false claim fails this upload alone (uploads.py).
+        if len(source.data) < _HASH_OFF_LOOP_BYTES:
             key = "sha256:" + _sha256(source.data)
-        if key is None:  # a large upload without a hash: hash it off the loop first
-            return from_future(asyncio.ensure_future(self._unnamed_upload(source, wait)))
-        return self.image_cache.lookup(key, lambda: self._encode_image(source, wait, check_sha256=source.sha256))
+            _check_claim(source, key)
+            return self.image_cache.lookup(key, lambda: self._encode_image(source, wait))
+        return from_future(asyncio.ensure_future(self._large_upload(source, wait)))
 
-    async def _unnamed_upload(self, source: ImageSource, wait: bool) -> Embedding:
+    async def _large_upload(self, source: ImageSource, wait: bool) -> Embedding:
         assert source.data is not None
-        key = "sha256:" + await self._content_hash(source.data)
-        return await awaited(self.image_cache.lookup(key, lambda: self._encode_image(source, wait)))
+        with self._uploads.checking(_image_key(source)):  # hash references to the claim wait for it
+            key = "sha256:" + await self._content_hash(source.data)
+            _check_claim(source, key)
+            entry = self.image_cache.lookup(key, lambda: self._encode_image(source, wait))
+        return await awaited(entry)
+
+    async def _after_uploads(self, key: str, source: ImageSource) -> Embedding:
+        """A hash reference that came while uploads claiming that hash were being checked."""
+        while True:
+            await self._uploads.one_ends(key)
+            found = self.image_cache.find(key)
+            if found is not None:
+                return await awaited(found)
+            if not self._uploads.pending(key):  # no upload proved it
+                raise _bytes_needed(source)
 
     async def _pixels_embedding(self, pixels: np.ndarray, wait: bool) -> Embedding:
         """Decoded pixels are cached by their content (shape and values), like uploads."""
@@ -177,12 +191,10 @@ class ScoringEngine:
         preprocessed = await asyncio.get_running_loop().run_in_executor(None, self.model.preprocess_array, pixels)
         return Embedding.of(await self._batcher.encode_image(preprocessed, wait=wait))
 
-    async def _encode_image(self, source: ImageSource, wait: bool, check_sha256: str | None = None) -> Embedding:
+    async def _encode_image(self, source: ImageSource, wait: bool) -> Embedding:
         if source.data is None:
             pixels = await self._fetched_pixels(source.url or "", source.describe())
         else:
-            if check_sha256 is not None and await self._content_hash(source.data) != check_sha256:
-                raise ItemError(ErrorKind.INVALID_INPUT, f"{source.describe()}: image_sha256 does not match the uploaded bytes")
             pixels = await self._decoder.decode(source.data, source.describe())
         return Embedding.of(await self._batcher.encode_image(pixels, wait=wait))
 
@@ -214,6 +226,18 @@ def _image_key(source: ImageSource) -> str | None:
     if source.data is None or source.sha256 is not None:
         return "sha256:" + (source.sha256 or "")
     return None
+
+
+def _check_claim(source: ImageSource, key: str) -> None:
+    """Refuses an upload whose bytes do not have the hash it claims (naming that upload only)."""
+    if source.sha256 is not None and key != "sha256:" + source.sha256:
+        raise ItemError(ErrorKind.INVALID_INPUT, f"{source.describe()}: image_sha256 does not match the uploaded bytes")
+
+
+def _bytes_needed(source: ImageSource) -> ItemError:
+    return ItemError(
+        ErrorKind.IMAGE_NEEDED, f"image sha256:{source.sha256} is not on this server (never uploaded here, or evicted): send image_bytes"
+    )
 
 
 def _sha256(data: bytes | memoryview) -> str:

@@ -97,7 +97,10 @@ def _array(tensor: Any, raw: bytes | None, shape: tuple[int, ...]) -> np.ndarray
         array = np.asarray(getattr(tensor.contents, field), dtype=dtype)
     if array.size != count:
         raise invalid(f"input {name!r} has {array.size} elements; its shape {_shape(shape)} needs {count}")
-    return array.reshape(shape)
+    try:
+        return array.reshape(shape)
+    except ValueError:  # no elements, but dimensions no array can have ([0, 2**62, 3])
+        raise invalid(f"input {name!r}: no array can have the shape {_shape(shape)}") from None
 
 
 def _unpack_bytes(raw: bytes, name: str) -> list[bytes]:

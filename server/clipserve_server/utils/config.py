@@ -176,6 +176,7 @@ class ServerConfig:
     tls_key: str = dataclasses.field(default="", metadata={"help": "PEM private key for --tls-cert"})
     tls_client_ca: str = dataclasses.field(default="", metadata={"help": "PEM CA bundle: require client certificates signed by it (mutual TLS)"})
     metrics_port: int = dataclasses.field(default=0, metadata={"help": "serve Prometheus metrics at http://HOST:PORT/metrics (0: off)"})
+    metrics_host_labels: bool = dataclasses.field(default=False, metadata={"help": "label the fetch metrics with the image hosts callers name (the first 50 hosts reached; the rest, and hosts refused or not resolved, as 'other'); off, every host counts as host='all', so the metrics port shows no caller's hosts"})
     log_level: str = dataclasses.field(default="INFO", metadata={"help": "DEBUG | INFO | WARNING | ERROR"})
     log_format: str = dataclasses.field(default="text", metadata={"help": "text | json (one JSON object per line)", "choices": ("text", "json")})
 

@@ -14,16 +14,42 @@ def _context(record: logging.LogRecord) -> dict[str, object]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD}
 
 
+def escape(text: str) -> str:
+    """``text`` with its control characters (newlines, tabs, escapes, C1, line and paragraph
+    separators) written as escapes: a value from a caller (a request id, a URL, an error
+    message) can never start a line of its own, so it cannot forge a record."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _value(value: object) -> str:
+    if isinstance(value, str) and (" " in value or not value.isprintable()):
+        return repr(value)  # quoted, and repr escapes what is not printable
+    return escape(str(value))
+
+
 class TextFormatter(logging.Formatter):
-    """The usual one-line format, followed by the record's context as key=value pairs."""
+    """The usual one-line format, followed by the record's context as key=value pairs. Every
+    value and the message are escaped; a traceback's lines are indented, so that any line that
+    starts at the margin starts a record."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's naming)
+        return super().formatMessage(logging.makeLogRecord({**vars(record), "message": escape(record.message)}))
+
+    def formatException(self, ei) -> str:  # noqa: N802, ANN001 (logging's naming and signature)
+        return "\n".join("    " + line for line in super().formatException(ei).splitlines())
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        context = " ".join(f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}" for k, v in _context(record).items())
-        return f"{line} {context}" if context else line
+        context = " ".join(f"{k}={_value(v)}" for k, v in _context(record).items())
+        if not context:
+            return line
+        first, newline, rest = line.partition("\n")  # the context goes on the record's own line
+        return f"{first} {context}{newline}{rest}"
 
 
 class JsonFormatter(logging.Formatter):

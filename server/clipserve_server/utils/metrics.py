@@ -12,9 +12,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-# Hosts that get a label of their own in the fetch metrics; later ones share "other", so that
-# a benchmark over thousands of hosts does not make thousands of series.
+# With --metrics-host-labels, hosts that get a label of their own in the fetch metrics; later
+# ones share "other", so that a benchmark over thousands of hosts does not make thousands of
+# series. Without it every host is "all": the hosts are the callers' data.
 FETCH_HOST_LABELS = 50
+ALL_HOSTS = "all"
+# Attempts that reached no host (a forbidden or malformed URL, a name that does not resolve)
+# never earn a host a label: any caller could spend the labels on made-up names.
+_REFUSED = frozenset({"forbidden", "invalid", "dns_error"})
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 # (name, engine) for every loaded model: what the registry's ``engines()`` gives.
@@ -58,7 +63,9 @@ class _EngineCollector(Collector):
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, host_labels: bool = False) -> None:
+        """``host_labels``: the fetch metrics name the image hosts (--metrics-host-labels)."""
+        self._host_labels = host_labels
         self.registry = CollectorRegistry()
         r = self.registry
         self.calls = Counter("clipserve_requests", "RPCs by method and final status code", ["rpc", "code"], registry=r)
@@ -88,18 +95,21 @@ class Metrics:
 
     def fetch_attempt(self, host: str, outcome: str) -> None:
         """One download attempt ended (``images.fetch_events.FetchEvents``)."""
-        self.fetch_attempts.labels(host=self._host_label(host), outcome=outcome).inc()
+        self.fetch_attempts.labels(host=self._host_label(host, earns=outcome not in _REFUSED), outcome=outcome).inc()
 
     def fetch_retry(self, host: str, wait_s: float, retry_after: bool) -> None:
-        label = self._host_label(host)
+        label = self._host_label(host, earns=False)  # the attempt before it said whether the host earned one
         self.fetch_retries.labels(host=label).inc()
         if retry_after:
             self.fetch_retry_after_seconds.labels(host=label).inc(wait_s)
 
-    def _host_label(self, host: str) -> str:
+    def _host_label(self, host: str, *, earns: bool) -> str:
+        """``host``'s label; ``earns``: it may get one of its own now, if any are left."""
+        if not self._host_labels:
+            return ALL_HOSTS
         if host in self._fetch_hosts:
             return host
-        if len(self._fetch_hosts) < FETCH_HOST_LABELS:
+        if earns and len(self._fetch_hosts) < FETCH_HOST_LABELS:
             self._fetch_hosts.add(host)
             return host
         return "other"

@@ -20,7 +20,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 pa = pytest.importorskip("pyarrow")
-import pyarrow.parquet  # noqa: E402
+import pyarrow.parquet  # noqa: E402,F401  (pa.parquet)
 import psutil  # noqa: E402
 
 import clipserve  # noqa: E402

@@ -32,7 +32,20 @@ def quiet_ray_data() -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # ERROR: its warnings are about its own settings ("progress bars disabled") or false alarms
+    # (a pool whose actors hold every CPU "will hang": it does not, it needs no other task).
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+def _clip_error(exc: BaseException) -> ClipServeError:
+    """The ClipServeError an actor raised, from the Ray exceptions wrapping it; else one
+    saying the job failed."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ClipServeError):
+            return seen
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return ClipServeError(grpc.StatusCode.UNAVAILABLE, f"the Ray job failed: {exc}")
 
 
 def _code(error: str | None) -> str | None:
@@ -112,16 +125,16 @@ class RayEngine:
         dataset = ray.data.from_arrow(blocks).map_batches(
             fn,
             fn_constructor_kwargs={"address": self.address, "model": self.model, **kwargs, **self._client},
-            compute=ray.data.ActorPoolStrategy(size=self.concurrency),  # actors restarted, batches retried: batches.py
+            # No more actors than blocks. Actors restarted, batches retried: see batches.py.
+            compute=ray.data.ActorPoolStrategy(size=min(self.concurrency, len(blocks))),
             batch_size=self.batch_size,
             batch_format="pyarrow",
             num_cpus=self.num_cpus,
         )
         try:
             parts = [ray.get(ref) for ref in dataset.to_arrow_refs()]
-        except ray.exceptions.RayError as exc:
-            cause = exc.cause if isinstance(getattr(exc, "cause", None), ClipServeError) else None
-            raise cause or ClipServeError(grpc.StatusCode.UNAVAILABLE, f"the Ray job failed: {exc}") from exc
+        except Exception as exc:  # a batch's call failed as a whole (batches.py), or Ray did
+            raise _clip_error(exc) from exc
         out = pa.concat_tables(parts) if parts else table.slice(0, 0)
         rows = out.column(_ROW).to_pylist()
         order = sorted(range(len(rows)), key=rows.__getitem__)
@@ -135,5 +148,5 @@ def connect(address: str | None) -> None:
     """Join the Ray cluster at ``address`` ("auto": the one this machine runs; None: a local
     one started here), unless this process already has; quietly."""
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
     quiet_ray_data()

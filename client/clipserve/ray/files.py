@@ -57,8 +57,8 @@ def staged(job: Any, keep_output: bool) -> Iterator[Any]:
     ``keep_output``: --resume, --retry-failed) too; what the run wrote beside the output
     (the file, a ``.ids.jsonl``) is copied back when it ends, also when it failed half way,
     as a local output would be left for --resume."""
-    remote = {f.name: uri_of(getattr(job, f.name)) for f in dataclasses.fields(job) if isinstance(getattr(job, f.name), Path)}
-    remote = {name: uri for name, uri in remote.items() if uri is not None}
+    uris = {f.name: uri_of(getattr(job, f.name)) for f in dataclasses.fields(job) if isinstance(getattr(job, f.name), Path)}
+    remote = {name: uri for name, uri in uris.items() if uri is not None}
     if not remote:
         yield job
         return

@@ -168,13 +168,16 @@ def test_an_actor_killed_mid_job_costs_no_row_and_repeats_none(fleet, images):
     """kill -9 of a client actor: Ray starts it again and runs its batch again; each row once."""
     table = _pairs_table(images, 2000, "actor").set_column(1, "query_text", pa.array([f"actor query {i}" for i in range(2000)]))
     me = os.getpid()
-    batches: list = []
+    batches, after_kill = [], 0
     for batch in _score_job(fleet.address, table).iter_batches(batch_format="pyarrow", batch_size=None):
         if not batches:
             workers = [p for p in psutil.process_iter(["cmdline"]) if "MapWorker(MapBatches(ScoreBatches))" in " ".join(p.info["cmdline"] or []) and p.pid != me]
             assert workers, "no client actor process found"
             workers[0].kill()
+        else:
+            after_kill += 1
         batches.append(batch)
+    assert after_kill > 0  # the kill came before the job's end
     rows = pa.concat_tables(batches).column("row").to_pylist()
     assert sorted(rows) == list(range(2000))
     assert pa.concat_tables(batches).column("clip_score").null_count == 0

@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 START_TIMEOUT_S = 600.0  # a replica's start: imports, the model's download and load, conversion
 STOP_TIMEOUT_S = 60.0  # a server's grace to stop on SIGTERM before it is killed
 _HEALTH_POLL_S = 0.5
+_RESTART_PAUSE_S = 1.0
 _FAILED_STARTS = 3  # starts in a row that die before serving, after which a replica gives up
 _LOG_LINES = 200  # the last lines of a server's output, kept for error messages
 _LISTENING = "clipserve listening on "
@@ -102,6 +103,7 @@ class ReplicaKeeper:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout``); its exit code."""
         with self._changed:
             self._stopping = True
+            self._changed.notify_all()
             proc = self._proc
         if proc is None:
             return None
@@ -128,7 +130,7 @@ class ReplicaKeeper:
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     text=True,
-                    preexec_fn=_die_with_parent,  # noqa: PLW1509 (the keeper starts no other threads' children)
+                    preexec_fn=_die_with_parent,  # with the keeper thread: it lives as long as the actor
                 )
             listened = self._drain(proc)
             code = proc.wait()
@@ -142,6 +144,7 @@ class ReplicaKeeper:
                     return
                 self.restarts += 1
                 self._log.append(f"[clipserve.ray] the server exited ({code}); starting it again on port {self.port}\n")
+                self._changed.wait(_RESTART_PAUSE_S)  # a server that crashes at once does not spin; stop() wakes it
 
     def _drain(self, proc: subprocess.Popen[str]) -> bool:
         """Keep the server's last lines (its pipe must never fill); True if it listened."""

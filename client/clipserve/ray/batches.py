@@ -88,6 +88,8 @@ class ScoreBatches(_Batches):
         query_column: the texts.
         image_column: the images: http(s) URLs the servers fetch, or paths the actor reads
             and uploads (so they must exist where the actor runs).
+        score_column: the column to add.
+        error_column: also add each row's error to this column.
         model: which of the servers' models; None for their default.
         **client: more ``clipserve.CLIP`` arguments (``timeout``, ``auth_token``, TLS files).
     """
@@ -123,8 +125,11 @@ class EmbedBatches(_Batches):
         address: the fleet, as for ``ScoreBatches``.
         column: what to embed: texts, or image URLs / paths.
         kind: ``"image"`` or ``"text"``.
+        embedding_column: the column to add.
+        error_column: also add each row's error to this column.
         raw: the model's own features instead of unit vectors.
-        model, **client: as for ``ScoreBatches``.
+        model: which of the servers' models; None for their default.
+        **client: more ``clipserve.CLIP`` arguments, as for ``ScoreBatches``.
     """
 
     def __init__(

@@ -76,7 +76,9 @@ class _Batches:
         self.clip = CLIP(address, model=model or "", **client)
 
     def __del__(self) -> None:
-        self.clip.close()
+        clip = getattr(self, "clip", None)  # None when __init__ failed
+        if clip is not None:
+            clip.close()
 
 
 class ScoreBatches(_Batches):

@@ -126,6 +126,13 @@ def test_leaving_a_fleet_stops_every_server_also_one_whose_actor_was_killed(ray_
     _wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family), "fleet processes gone")
 
 
+def test_a_replica_that_cannot_start_fails_the_fleet_at_once_with_its_output(ray_cluster):
+    fleet = Fleet("fake", replicas=1, num_cpus=0, flags=["--no-such-flag"])
+    with pytest.raises(RuntimeError, match="no-such-flag"):
+        fleet.start()
+    assert fleet.actors == []  # stopped, not left behind
+
+
 # -- Ray Data jobs ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("batch_format", ["pyarrow", "pandas"])

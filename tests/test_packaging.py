@@ -60,9 +60,27 @@ def test_serve_without_the_server_extra_prints_a_hint_not_a_traceback():
     assert "Traceback" not in done.stderr
 
 
+def test_the_sdk_and_cli_import_no_ray_and_engine_ray_without_it_says_what_to_install(tmp_path):
+    """ray is an extra: `import clipserve` and the CLI's parsers never import it (also where it
+    is installed, as here), and --engine ray without it is a one-line hint, not a traceback."""
+    (tmp_path / "q.jsonl").write_text('{"query_text": "a", "image_url": "x.png"}\n')
+    imports = """
+import clipserve, clipserve.cli
+clipserve.cli.build_parser()
+assert 'ray' not in sys.modules and not any(m.startswith(('ray.', 'pandas')) for m in sys.modules), sorted(sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", "import sys" + imports], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    blocked = BLOCK_TORCH.replace("'aiohttp'}", "'aiohttp', 'ray'}") + imports + f"sys.exit(clipserve.cli.main(['score-file', {str(tmp_path / 'q.jsonl')!r}, '--engine', 'ray']))"
+    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "pip install 'clipserve[ray]'" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_base_dependencies_hold_no_server_packages():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     base = " ".join(project["dependencies"]).lower()
-    for heavy in ("torch", "transformers", "pillow", "numpy", "aiohttp"):
+    for heavy in ("torch", "transformers", "pillow", "numpy", "aiohttp", "ray", "pandas"):
         assert heavy not in base
+    assert project["optional-dependencies"]["ray"] == ["ray[data]>=2.40"]
     assert any(dep.startswith("torchvision") for dep in project["optional-dependencies"]["server"])

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import grpc
 
 from ._pipes import quiet_on_closed_pipe
+from .ray import files as ray_files  # no ray imported: its flags, and --engine ray
 from .report import command as report_command
 
 _SERVER_MODULES = ("torch", "transformers", "PIL", "aiohttp", "grpc_reflection")
@@ -144,8 +146,23 @@ def _cannot_plot(args: argparse.Namespace) -> bool:
     return problem is not None
 
 
+@contextlib.contextmanager
+def _engine(args: argparse.Namespace, job, **client):
+    """(what scores, the job) for a file tool: the SDK's client, or with --engine ray a Ray Data
+    job per chunk, the job's URIs staged locally (clipserve.ray.files)."""
+    from . import CLIP
+
+    args.chunk_size = args.chunk_size or ray_files.CHUNK_ROWS[args.engine]
+    if args.engine == "ray":
+        with ray_files.ray_engine(args, job, timeout=args.timeout, **_security(args), **client) as engine_and_job:
+            yield engine_and_job
+        return
+    with CLIP(args.address, timeout=args.timeout, model=args.model, **_security(args), **client) as clip:
+        yield clip, job
+
+
 def _cmd_embed_file(args: argparse.Namespace) -> int:
-    from . import CLIP, ClipServeError
+    from . import ClipServeError
     from ._embedfile import EmbedJob, embed_file
     from ._rows import RunFailed
 
@@ -160,7 +177,7 @@ def _cmd_embed_file(args: argparse.Namespace) -> int:
         raw=args.raw,
     )
     try:
-        with CLIP(args.address, timeout=args.timeout, model=args.model, **_security(args)) as clip:
+        with _engine(args, job) as (clip, job):
             summary = embed_file(clip, job, resume=args.resume, chunk_size=args.chunk_size, progress=not args.no_progress)
     except (RunFailed, ClipServeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -177,7 +194,7 @@ def _cmd_embed_file(args: argparse.Namespace) -> int:
 
 
 def _cmd_score_file(args: argparse.Namespace) -> int:
-    from . import CLIP, ClipServeError
+    from . import ClipServeError
     from ._scorefile import FileJob, RunFailed, job_settings_from_config, retry_failed, score_file
 
     if _cannot_plot(args):
@@ -197,7 +214,7 @@ def _cmd_score_file(args: argparse.Namespace) -> int:
     images = settings.pop("images", None)
     job = FileJob(qrels=qrels, output=Path(output), images=Path(images) if images else None, **settings)
     try:
-        with CLIP(args.address, config=args.config, timeout=args.timeout, model=args.model, **_security(args)) as clip:
+        with _engine(args, job, config=args.config) as (clip, job):
             if args.retry_failed:
                 summary = retry_failed(clip, job, chunk_size=args.chunk_size, progress=not args.no_progress)
             else:
@@ -277,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="re-score, in the output file, the rows whose score is null or missing; every other row stays byte for byte",
     )
-    score_file.add_argument("--chunk-size", type=int, default=1024, help="rows scored and written at a time")
+    score_file.add_argument("--chunk-size", type=int, default=None, help="rows scored and written at a time (default: 1024; 65536 with --engine ray, a Ray Data job each)")
     score_file.add_argument(
         "--plot", default=None, metavar="PNG", help="also chart the output: scores overall and per query, failures by code (needs clipserve[plot])"
     )
@@ -285,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     score_file.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_address(score_file)
     _add_model(score_file)
+    ray_files.add_arguments(score_file)
     score_file.set_defaults(func=_cmd_score_file, timeout=None)
 
     embed_file = sub.add_parser(
@@ -304,13 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     embed_file.add_argument("--id-column", default=None, help="the column that names each row in the output (default: every input column; row numbers for .npy)")
     embed_file.add_argument("--raw", action="store_true", help="the model's own features instead of unit vectors")
     embed_file.add_argument("--resume", action="store_true", help="keep the chunks an interrupted run saved and embed the rest")
-    embed_file.add_argument("--chunk-size", type=int, default=1024, help="rows embedded and saved at a time")
+    embed_file.add_argument("--chunk-size", type=int, default=None, help="rows embedded and saved at a time (default: 1024; 65536 with --engine ray, a Ray Data job each)")
     embed_file.add_argument(
         "--plot", default=None, metavar="PNG", help="also chart the output: how alike the vectors are, their lengths, failures by code (needs clipserve[plot])"
     )
     embed_file.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_address(embed_file)
     _add_model(embed_file)
+    ray_files.add_arguments(embed_file)
     embed_file.set_defaults(func=_cmd_embed_file, timeout=None)
 
     info = sub.add_parser("info", help="print a model's info, batching and cache statistics as JSON")

@@ -17,7 +17,8 @@ import torch
 import clipserve
 from clipserve_server.utils.config import ServerConfig
 from clipserve_server.inference.batcher import Batcher
-from clipserve_server.images.decode_pool import DecodeJob, ProcessDecoder, ThreadDecoder, build_decoder
+from clipserve_server.images.decode_pool import ProcessDecoder, ThreadDecoder, build_decoder
+from clipserve_server.images.decode_protocol import DecodeJob
 from clipserve_server.utils.errors import ErrorKind, ItemError
 from clipserve_server.models.fake_model import FakeModel
 from clipserve_server.images.fetch import FetchError, FetchSettings

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clipserve_server.images.decode_pool import DecodeJob, ThreadDecoder
+from clipserve_server.images.decode_pool import ThreadDecoder
+from clipserve_server.images.decode_protocol import DecodeJob
 from clipserve_server.images.device_decode import DeviceBatches, jpeg_batch_decoder
 
 from .helpers import make_image

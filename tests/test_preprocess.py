@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from clipserve_server.images.decode import decode_image, decode_rgb_tensor
-from clipserve_server.images.decode_pool import DecodeJob
+from clipserve_server.images.decode_protocol import DecodeJob
 from clipserve_server.images.preprocess import StockPipeline, TorchvisionPipeline, build_pipeline
 
 

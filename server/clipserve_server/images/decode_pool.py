@@ -32,9 +32,9 @@ from PIL import Image
 from ..utils.config import ServerConfig
 from ..utils.errors import ErrorKind, ItemError
 from ..utils.threads import decode_thread_setup
-from .decode import decode_image, decode_rgb_tensor, open_image, torchvision_decodes_exactly
+from .decode import open_image
+from .decode_protocol import READY, REPLY, REQUEST, RESULT_SLOT_BYTES, SIZE, STATUS, UPLOAD_SLOTS, DecodeJob, results_size
 from .device_decode import BatchDecodeFn, DeviceBatches
-from .decode_worker import READY, REPLY, REQUEST, RESULT_SLOT_BYTES, SIZE, STATUS, UPLOAD_SLOTS, results_size
 from .fetch import FetchError, FetchSettings
 from .fetch_events import FetchEvents, replay
 
@@ -46,35 +46,6 @@ log = logging.getLogger(__name__)
 AUTO_PROCESSES_ABOVE = 4
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-@dataclass(frozen=True)
-class DecodeJob:
-    """Bytes -> model input, for one image. Picklable: worker processes get it at start."""
-
-    preprocess: Callable[[Image.Image], Any]
-    max_pixels: int
-    draft_size: tuple[int, int] | None = None  # --jpeg-draft: the model's input size
-
-    @property
-    def _decodes_to_tensor(self) -> bool:
-        return hasattr(self.preprocess, "from_chw") and self.draft_size is None
-
-    def warm(self) -> None:
-        """What the first image would pay for otherwise: checking torchvision's decoders."""
-        if self._decodes_to_tensor:
-            torchvision_decodes_exactly()
-
-    def __call__(self, data: bytes, name: str) -> Any:
-        if self._decodes_to_tensor:  # the exact pipeline takes a decoded tensor: skip PIL
-            chw = decode_rgb_tensor(data, max_pixels=self.max_pixels, name=name)
-            if chw is not None:
-                return self.preprocess.from_chw(chw)  # type: ignore[attr-defined]
-        image = decode_image(data, max_pixels=self.max_pixels, name=name, draft_size=self.draft_size)
-        try:
-            return self.preprocess(image)
-        except Exception as exc:
-            raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: the model's image processor rejected it: {exc}") from exc
 
 
 class Decoder(Protocol):

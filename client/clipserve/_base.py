@@ -21,12 +21,10 @@ from ._retry import RETRYABLE_CODES, Deadline, RetryPolicy
 from ._run import ClientStats, Lane, Run, Take, unreachable
 from ._types import SimilarityInput
 from ._uploads import FileDigests, Send
+from ._wire import DEFAULT_MAX_IMAGE_BYTES
 from .v1 import scorer_pb2
 
 log = logging.getLogger("clipserve")
-
-# The server's default --max-image-bytes.
-DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 
 
 class ClientBase:
@@ -79,7 +77,7 @@ class ClientBase:
         certificate_chain: PemSource = None,
         private_key: PemSource = None,
         auth_token: str | None = None,
-        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        max_upload_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         model: str = "",
     ) -> None:
         file_config = load_client_config(config) if config is not None else None

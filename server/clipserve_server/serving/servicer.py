@@ -14,6 +14,7 @@ import grpc
 from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
 
 from clipserve import __version__
+from clipserve._wire import MAX_IN_FLIGHT_KEY
 from ..inference.engine import ScoringEngine
 from ..inference.soon import Later, Soon, awaited
 from ..utils.domain import CacheStats, EmbedItem, ImageSource, ScoreItem
@@ -29,8 +30,6 @@ _END_OF_INPUT = object()
 # Most answers in one ScoreResponseChunk / EmbedResponseChunk: 128 embeddings of 1024 floats
 # are ~0.5 MiB, well inside a client's default 4 MiB receive limit.
 _ANSWERS_PER_CHUNK = 128
-# Initial metadata of every stream (protos/: "Windows"): how many items the server reads ahead.
-MAX_IN_FLIGHT_KEY = "clipserve-max-in-flight"
 
 ScoreRequest = scorer_pb2.ScoreRequest | MalformedRequest
 EmbedRequest = scorer_pb2.EmbedRequest | MalformedRequest

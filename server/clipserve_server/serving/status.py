@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+from clipserve._wire import IMAGE_BYTES_NEEDED
 
 from ..utils.errors import ErrorKind
 
@@ -24,7 +25,7 @@ _CODES: dict[ErrorKind, grpc.StatusCode] = {
 
 
 # ItemError.reason on the wire, where the code alone is ambiguous.
-_REASONS: dict[ErrorKind, str] = {ErrorKind.IMAGE_NEEDED: "IMAGE_BYTES_NEEDED"}
+_REASONS: dict[ErrorKind, str] = {ErrorKind.IMAGE_NEEDED: IMAGE_BYTES_NEEDED}
 
 
 def grpc_code(kind: ErrorKind) -> grpc.StatusCode:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from clipserve._wire import DEFAULT_MAX_IMAGE_BYTES
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -160,7 +162,7 @@ class ServerConfig:
         metadata={"help": "HOST_PATTERN=Name: value, repeatable: a request header (e.g. Authorization) sent only to hosts matching the pattern (fnmatch, e.g. '*.example.org'), never after a redirect to another host, never logged"},
     )
     fetch_concurrency: int = dataclasses.field(default=64, metadata={"help": "simultaneous image downloads"})
-    max_image_bytes: int = dataclasses.field(default=32 * 1024 * 1024, metadata={"help": "largest image file accepted (download or upload)"})
+    max_image_bytes: int = dataclasses.field(default=DEFAULT_MAX_IMAGE_BYTES, metadata={"help": "largest image file accepted (download or upload)"})
     max_image_pixels: int = dataclasses.field(default=50_000_000, metadata={"help": "largest width*height decoded (decompression-bomb guard)"})
     max_redirects: int = dataclasses.field(default=5, metadata={"help": "HTTP redirects followed per image"})
     allow_private_networks: bool = dataclasses.field(default=False, metadata={"help": "allow image URLs on loopback/private/link-local addresses"})

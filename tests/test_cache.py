@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from clipserve_server.inference.cache import EmbeddingCache
-from clipserve_server.inference.soon import awaited
+from clipserve_server.inference.promises import awaited
 
 
 class Counter:

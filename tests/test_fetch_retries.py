@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 import pytest
 
 from clipserve_server.images.fetch import FetchError, ImageFetcher
-from clipserve_server.images.hosts import HostGate
+from clipserve_server.images.host_limits import HostGate
 from clipserve_server.images.retry import BACKOFF_CAP_S, RetryPolicy, parse_retry_after
 from clipserve_server.utils.errors import ErrorKind
 

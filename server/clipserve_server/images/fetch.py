@@ -21,7 +21,7 @@ import aiohttp
 from ..utils.config import FetchHeader, fetch_headers
 from ..utils.errors import ErrorKind, ItemError
 from .fetch_events import FetchEvents
-from .hosts import HostGate
+from .host_limits import HostGate
 from .netguard import ForbiddenAddressError, GuardedResolver, literal_ip
 from .retry import DEFAULT_RETRY, RETRY_STATUSES, RetryPolicy, parse_retry_after
 

@@ -29,7 +29,7 @@ from ..utils.metrics import Metrics
 from .batcher import Batcher
 from .cache import EmbeddingCache
 from .instances import InstancePool, InstanceStats
-from .soon import Soon, awaited, both, from_future, then
+from .promises import Soon, awaited, both, from_future, then
 
 log = logging.getLogger(__name__)
 

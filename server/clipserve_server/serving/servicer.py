@@ -16,13 +16,13 @@ from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
 from clipserve import __version__
 from clipserve._wire import MAX_IN_FLIGHT_KEY
 from ..inference.engine import ScoringEngine
-from ..inference.soon import Later, Soon, awaited
+from ..inference.promises import Later, Soon, awaited
 from ..utils.domain import CacheStats, EmbedItem, ImageSource, ScoreItem
 from ..utils.errors import ErrorKind, ItemError
 from ..utils.metrics import Metrics
+from .lenient_decoding import MalformedRequest, parse_embed_chunk, parse_embed_request, parse_score_chunk, parse_score_request
 from .registry import ModelRegistry
 from .status import grpc_code, reason
-from .wire import MalformedRequest, parse_embed_chunk, parse_embed_request, parse_score_chunk, parse_score_request
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from clipserve_server.utils.errors import ErrorKind, ItemError
-from clipserve_server.inference.soon import Later, awaited, both, from_future, then
+from clipserve_server.inference.promises import Later, awaited, both, from_future, then
 
 
 def test_ready_values_are_combined_at_once():

@@ -228,12 +228,12 @@ def test_embed_file_writes_npy_with_ids_and_resumes(fake_server, tmp_path):
     assert ids == [{"id": f"q{i}", "error": None} for i in range(10)]
 
     # An interrupted run left its first chunks: --resume embeds only the rest.
-    from clipserve._embedfile import EmbedJob, _save_part
+    from clipserve._embedfile import EmbedFileJob, _save_part
 
     with clipserve.CLIP(fake_server.address) as clip:
         first = clip.embed_texts([r["text"] for r in rows[:4]], raw=True)
     (tmp_path / "q.npy").unlink()
-    parts = EmbedJob(tmp_path / "queries.csv", tmp_path / "q.npy", "text", images=False).parts
+    parts = EmbedFileJob(tmp_path / "queries.csv", tmp_path / "q.npy", "text", images=False).parts
     parts.mkdir()
     _save_part(parts, 0, first, 16)
     resumed = embed_file_cli(*args, "--raw", "--resume")

@@ -12,7 +12,7 @@ import pytest
 
 from clipserve_server.images.fetch import FetchError, ImageFetcher
 from clipserve_server.images.host_limits import HostGate
-from clipserve_server.images.retry import BACKOFF_CAP_S, RetryPolicy, parse_retry_after
+from clipserve_server.images.retry import BACKOFF_CAP_S, EqualJitterRetry, parse_retry_after
 from clipserve_server.utils.errors import ErrorKind
 
 from .flaky_host import MODES, FlakyHost
@@ -30,7 +30,7 @@ def host() -> Iterator[FlakyHost]:
 
 def fetch_all(urls: list[str], **settings) -> list[bytes | FetchError]:
     """Fetch ``urls`` at once with a fresh fetcher; each result is the body or the error."""
-    options = {"timeout_s": 10.0, "max_bytes": 1 << 20, "max_redirects": 3, "allow_private_networks": True, "concurrency": 64, "retry": RetryPolicy(4, 0.05), **settings}
+    options = {"timeout_s": 10.0, "max_bytes": 1 << 20, "max_redirects": 3, "allow_private_networks": True, "concurrency": 64, "retry": EqualJitterRetry(4, 0.05), **settings}
 
     async def main() -> list:
         fetcher = ImageFetcher(**options)
@@ -53,7 +53,7 @@ def test_retry_after_is_read_as_seconds_or_as_an_http_date():
 
 
 def test_backoff_doubles_per_retry_with_jitter_and_a_cap():
-    policy, rng = RetryPolicy(attempts=10, backoff_s=0.5), random.Random(1)
+    policy, rng = EqualJitterRetry(attempts=10, backoff_s=0.5), random.Random(1)
     for retry, ceiling in ((1, 0.5), (2, 1.0), (3, 2.0), (7, BACKOFF_CAP_S)):
         waits = [policy.backoff(retry, rng) for _ in range(200)]
         assert all(ceiling / 2 <= w <= ceiling for w in waits)
@@ -103,7 +103,7 @@ def test_a_refused_address_is_never_requested(host):
 
 def test_the_error_after_the_last_attempt_names_the_attempts_and_the_reason(host):
     url = host.add("down.png", IMAGE, "always503")
-    [error] = fetch_all([url], retry=RetryPolicy(3, 0.05))
+    [error] = fetch_all([url], retry=EqualJitterRetry(3, 0.05))
     assert isinstance(error, FetchError) and error.kind is ErrorKind.FETCH_FAILED
     assert error.message == f"{url}: HTTP 503 Service Unavailable after 3 attempts"
     assert len(host.times(url)) == 3

@@ -28,7 +28,7 @@ from ._types import EmbeddingResult
 
 
 @dataclass(frozen=True)
-class EmbedJob:
+class EmbedFileJob:
     input: Path
     output: Path
     column: str
@@ -67,7 +67,7 @@ def _numpy() -> Any:
     return numpy
 
 
-def embed_file(clip: Any, job: EmbedJob, *, resume: bool = False, chunk_size: int = 1024, progress: bool = True) -> EmbedSummary:
+def embed_file(clip: Any, job: EmbedFileJob, *, resume: bool = False, chunk_size: int = 1024, progress: bool = True) -> EmbedSummary:
     """Embed ``job.column`` of every row of ``job.input`` into ``job.output`` with ``clip``."""
     _numpy()  # before any work: say at once that it is missing
     started = time.monotonic()
@@ -161,7 +161,7 @@ def _load_parts(parts: Path) -> tuple[Any, list[str | None]]:
 
 # -- the output ---------------------------------------------------------------------------------------
 
-def _assemble(job: EmbedJob, rows: list[dict[str, Any]], dim: int) -> None:
+def _assemble(job: EmbedFileJob, rows: list[dict[str, Any]], dim: int) -> None:
     matrix, errors = _load_parts(job.parts)
     if job.output.suffix.lower() == ".npy":
         replace_atomically(job.output, lambda path: _write_npy(path, matrix.reshape(len(rows), dim)))

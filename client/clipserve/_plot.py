@@ -102,7 +102,7 @@ def _short(text: str, width: int = 30) -> str:
 # -- embed-file ----------------------------------------------------------------------------------
 
 def plot_embed_file(chart: Path, job: Any) -> None:
-    """Chart ``job.output`` (an ``EmbedJob``'s, .npy or .parquet): how alike the rows are
+    """Chart ``job.output`` (an ``EmbedFileJob``'s, .npy or .parquet): how alike the rows are
     (cosine similarity to the mean vector: a spike near 1 is near-duplicates or a degenerate
     input), the vectors' lengths, and the failures by code."""
     import numpy as np

@@ -145,12 +145,12 @@ def _cannot_plot(args: argparse.Namespace) -> bool:
 
 def _cmd_embed_file(args: argparse.Namespace) -> int:
     from . import CLIP, ClipServeError
-    from ._embedfile import EmbedJob, embed_file
+    from ._embedfile import EmbedFileJob, embed_file
     from ._rows import RunFailed
 
     if _cannot_plot(args):
         return 2
-    job = EmbedJob(
+    job = EmbedFileJob(
         input=Path(args.input),
         output=Path(args.output),
         column=args.text_column or args.image_column,

@@ -23,7 +23,7 @@ from ..utils.errors import ErrorKind, ItemError
 from .fetch_events import FetchEvents
 from .host_limits import HostGate
 from .netguard import ForbiddenAddressError, GuardedResolver, literal_ip
-from .retry import DEFAULT_RETRY, RETRY_STATUSES, RetryPolicy, parse_retry_after
+from .retry import DEFAULT_RETRY, RETRY_STATUSES, EqualJitterRetry, parse_retry_after
 
 if TYPE_CHECKING:
     from ..utils.config import ServerConfig
@@ -58,7 +58,7 @@ class FetchSettings:
     allow_private_networks: bool
     concurrency: int
     attempt_timeout_s: float = 10.0
-    retry: RetryPolicy = DEFAULT_RETRY
+    retry: EqualJitterRetry = DEFAULT_RETRY
     host_connections: int = 32
     headers: tuple[FetchHeader, ...] = ()
 
@@ -66,7 +66,7 @@ class FetchSettings:
     def of(cls, config: ServerConfig) -> FetchSettings:
         return cls(
             config.fetch_timeout_s, config.max_image_bytes, config.max_redirects, config.allow_private_networks, config.fetch_concurrency,
-            attempt_timeout_s=config.fetch_attempt_timeout_s, retry=RetryPolicy(config.fetch_attempts, config.fetch_backoff_s),
+            attempt_timeout_s=config.fetch_attempt_timeout_s, retry=EqualJitterRetry(config.fetch_attempts, config.fetch_backoff_s),
             host_connections=config.fetch_host_connections, headers=fetch_headers(config.fetch_header),
         )
 
@@ -102,7 +102,7 @@ class ImageFetcher:
         allow_private_networks: bool,
         concurrency: int,
         attempt_timeout_s: float | None = None,
-        retry: RetryPolicy = DEFAULT_RETRY,
+        retry: EqualJitterRetry = DEFAULT_RETRY,
         host_connections: int = 32,
         headers: Sequence[FetchHeader] = (),
         events: FetchEvents | None = None,

@@ -21,10 +21,11 @@ BACKOFF_CAP_S = 8.0
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
+class EqualJitterRetry:
     """``attempts`` in all (the first included); the wait before retry n (1, 2, ...) is drawn
-    from [b/2, b] with b = min(``backoff_s`` * 2**(n-1), BACKOFF_CAP_S): jittered, so that items
-    that failed together do not all come back together."""
+    from [b/2, b] with b = min(``backoff_s`` * 2**(n-1), BACKOFF_CAP_S): "equal jitter", so that
+    items that failed together do not all come back together, yet each waits at least half its
+    step (the SDK's ``clipserve.RetryPolicy`` draws from [0, b], "full jitter", for whole calls)."""
 
     attempts: int = 4
     backoff_s: float = 0.5
@@ -34,7 +35,7 @@ class RetryPolicy:
         return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
 
-DEFAULT_RETRY = RetryPolicy()
+DEFAULT_RETRY = EqualJitterRetry()
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:

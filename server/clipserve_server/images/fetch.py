@@ -3,7 +3,7 @@
 Redirects are followed by hand so that every hop's scheme and address is checked, and so that a
 ``--fetch-header`` reaches only the host it was meant for. A transient failure is tried again
 (``retry``) within the item's one budget, ``--fetch-timeout-s``; each request holds one of its
-host's slots (``hosts``). The server's event loop fetches with it, or each decode worker process
+host's slots (``host_limits``). The server's event loop fetches with it, or each decode worker process
 does (``decode_worker``): the same class and settings either way.
 """
 

@@ -202,7 +202,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         """Start one item's ``work``; put its outcome (or its error) into ``response`` with
         ``fill`` and hand the response to ``deliver``: now, if the outcome is ready (a cached
         pair), else from a callback when it is. Returns what is still to come, if anything
-        (the stream cancels it when it ends early). No task per item: see soon.py."""
+        (the stream cancels it when it ends early). No task per item: see promises.py."""
         started = time.monotonic()
         self._received(request)
         model = ""
@@ -347,7 +347,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
 
 def add_scorer_to_server(servicer: ScorerServicer, server: grpc.aio.Server) -> None:
     """Like the generated ``add_ScorerServicer_to_server``, but requests are decoded by
-    ``wire`` so that one malformed message costs one item, not the stream."""
+    ``lenient_decoding`` so that one malformed message costs one item, not the stream."""
     score_response = scorer_pb2.ScoreResponse.SerializeToString
     handlers = {
         "Score": grpc.unary_unary_rpc_method_handler(servicer.Score, request_deserializer=parse_score_request, response_serializer=score_response),

@@ -166,7 +166,9 @@ def test_a_worker_that_dies_fails_only_its_image_and_is_replaced(tmp_path, monke
 # -- worker processes download what they decode ------------------------------------------------------
 
 def downloads(allow_private_networks: bool = True, concurrency: int = 8) -> FetchSettings:
-    return FetchSettings(timeout_s=20, max_bytes=1 << 20, max_redirects=3, allow_private_networks=allow_private_networks, concurrency=concurrency)
+    """The download settings the server hands its worker processes, from its config."""
+    config = ServerConfig(fetch_timeout_s=20, max_image_bytes=1 << 20, max_redirects=3, allow_private_networks=allow_private_networks, fetch_concurrency=concurrency)
+    return FetchSettings.of(config)
 
 
 def test_worker_processes_download_urls_with_the_servers_own_fetcher(image_host):

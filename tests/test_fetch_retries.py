@@ -4,15 +4,18 @@ how many requests it sends one host at a time (in process, over real loopback HT
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
 
-from clipserve_server.images.fetch import FetchError, ImageFetcher
+from clipserve_server.images.fetch import FetchError, FetchSettings, ImageFetcher
+from clipserve_server.images.fetch_events import FetchTally
 from clipserve_server.images.host_limits import HostGate
-from clipserve_server.images.retry import BACKOFF_CAP_S, EqualJitterRetry, parse_retry_after
+from clipserve_server.images.retry import EqualJitterRetry, parse_retry_after
+from clipserve_server.utils.config import FETCH_BACKOFF_CAP_S, FETCH_RETRY_STATUSES, ServerConfig
 from clipserve_server.utils.errors import ErrorKind
 
 from .flaky_host import MODES, FlakyHost
@@ -28,12 +31,14 @@ def host() -> Iterator[FlakyHost]:
     flaky.close()
 
 
-def fetch_all(urls: list[str], **settings) -> list[bytes | FetchError]:
-    """Fetch ``urls`` at once with a fresh fetcher; each result is the body or the error."""
-    options = {"timeout_s": 10.0, "max_bytes": 1 << 20, "max_redirects": 3, "allow_private_networks": True, "concurrency": 64, "retry": EqualJitterRetry(4, 0.05), **settings}
+def fetch_all(urls: list[str], **config) -> list[bytes | FetchError]:
+    """Fetch ``urls`` at once with a fresh fetcher, built as the server builds its own from a
+    ``ServerConfig`` (its defaults, bar a quick backoff and these ``config`` fields); each result
+    is the body or the error."""
+    settings = FetchSettings.of(ServerConfig(**{"allow_private_networks": True, "fetch_timeout_s": 10.0, "max_image_bytes": 1 << 20, "fetch_backoff_s": 0.05, **config}))
 
     async def main() -> list:
-        fetcher = ImageFetcher(**options)
+        fetcher = ImageFetcher(settings, events=FetchTally())
         await fetcher.start()
         try:
             return await asyncio.gather(*(fetcher.fetch(url) for url in urls), return_exceptions=True)
@@ -54,7 +59,7 @@ def test_retry_after_is_read_as_seconds_or_as_an_http_date():
 
 def test_backoff_doubles_per_retry_with_jitter_and_a_cap():
     policy, rng = EqualJitterRetry(attempts=10, backoff_s=0.5), random.Random(1)
-    for retry, ceiling in ((1, 0.5), (2, 1.0), (3, 2.0), (7, BACKOFF_CAP_S)):
+    for retry, ceiling in ((1, 0.5), (2, 1.0), (3, 2.0), (7, FETCH_BACKOFF_CAP_S)):
         waits = [policy.backoff(retry, rng) for _ in range(200)]
         assert all(ceiling / 2 <= w <= ceiling for w in waits)
         assert max(waits) - min(waits) > ceiling / 4  # jittered: failures together do not come back together
@@ -81,7 +86,7 @@ def test_a_retry_after_is_honoured_by_the_hosts_clock(host):
     [
         ("status/404", {}, ErrorKind.NOT_FOUND),
         ("status/403", {}, ErrorKind.FETCH_FAILED),
-        ("ok/big.png", {"max_bytes": 100}, ErrorKind.INVALID_INPUT),
+        ("ok/big.png", {"max_image_bytes": 100}, ErrorKind.INVALID_INPUT),
     ],
     ids=["404", "403", "over the size cap"],
 )
@@ -103,7 +108,7 @@ def test_a_refused_address_is_never_requested(host):
 
 def test_the_error_after_the_last_attempt_names_the_attempts_and_the_reason(host):
     url = host.add("down.png", IMAGE, "always503")
-    [error] = fetch_all([url], retry=EqualJitterRetry(3, 0.05))
+    [error] = fetch_all([url], fetch_attempts=3)
     assert isinstance(error, FetchError) and error.kind is ErrorKind.FETCH_FAILED
     assert error.message == f"{url}: HTTP 503 Service Unavailable after 3 attempts"
     assert len(host.times(url)) == 3
@@ -112,7 +117,7 @@ def test_the_error_after_the_last_attempt_names_the_attempts_and_the_reason(host
 def test_a_retry_after_past_the_budget_fails_at_once_instead_of_waiting(host):
     """Retry-After: 1 against a 0.5 s budget: one request, and the error says why no second."""
     url = host.add("later.png", IMAGE, "429")
-    [error] = fetch_all([url], timeout_s=0.5)
+    [error] = fetch_all([url], fetch_timeout_s=0.5)
     assert isinstance(error, FetchError) and error.kind is ErrorKind.FETCH_FAILED
     assert "HTTP 429" in error.message and "Retry-After of 1s would not fit in the 0.5s fetch budget" in error.message
     assert len(host.times(url)) == 1
@@ -121,7 +126,7 @@ def test_a_retry_after_past_the_budget_fails_at_once_instead_of_waiting(host):
 def test_one_hosts_simultaneous_requests_never_exceed_its_cap(host):
     host.hold_s = 0.05  # each answer takes a while, so that requests pile up
     urls = [host.add(f"many{i}.png", IMAGE) for i in range(24)]
-    assert fetch_all(urls, host_connections=3) == [IMAGE] * 24
+    assert fetch_all(urls, fetch_host_connections=3) == [IMAGE] * 24
     assert host.most_active <= 3
 
 
@@ -149,3 +154,19 @@ def test_a_429_slows_down_that_host_only():
             await slot.__aexit__(None, None, None)
 
     asyncio.run(main())
+
+
+def test_the_fetch_defaults_are_the_configs_alone():
+    """``FetchSettings`` has no defaults of its own: what a fetcher does by default is what
+    ``ServerConfig`` (and so ``--help``) says."""
+    assert all(field.default is dataclasses.MISSING for field in dataclasses.fields(FetchSettings))
+    settings = FetchSettings.of(ServerConfig())
+    config = ServerConfig()
+    assert (settings.retry.attempts, settings.retry.backoff_s) == (config.fetch_attempts, config.fetch_backoff_s)
+    assert (settings.attempt_timeout_s, settings.host_connections) == (config.fetch_attempt_timeout_s, config.fetch_host_connections)
+
+
+def test_the_help_names_the_retried_statuses_and_the_backoff_cap():
+    help_text = {field.name: field.metadata["help"] for field in dataclasses.fields(ServerConfig)}
+    assert all(str(status) in help_text["fetch_attempts"] for status in FETCH_RETRY_STATUSES)
+    assert f"at most {FETCH_BACKOFF_CAP_S:g} s" in help_text["fetch_backoff_s"]

@@ -13,8 +13,10 @@ import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import clipserve
+from clipserve_server.utils.config import ServerConfig
 from clipserve_server.utils.errors import ErrorKind, ItemError
-from clipserve_server.images.fetch import ImageFetcher
+from clipserve_server.images.fetch import FetchSettings, ImageFetcher
+from clipserve_server.images.fetch_events import FetchTally
 from clipserve_server.images.netguard import ForbiddenAddressError, GuardedResolver
 
 from .conftest import ServerProcess
@@ -148,7 +150,8 @@ class FixedResolver:
 
 def fetch_with(resolver: GuardedResolver, url: str) -> bytes:
     async def main() -> bytes:
-        fetcher = ImageFetcher(timeout_s=5, max_bytes=1 << 20, max_redirects=3, allow_private_networks=False, concurrency=4, resolver=resolver)
+        settings = FetchSettings.of(ServerConfig(fetch_timeout_s=5, max_image_bytes=1 << 20, max_redirects=3, fetch_concurrency=4))
+        fetcher = ImageFetcher(settings, events=FetchTally(), resolver=resolver)
         await fetcher.start()
         try:
             return await fetcher.fetch(url)

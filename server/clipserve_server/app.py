@@ -154,7 +154,7 @@ class ClipServer:
         self._decoder = build_decoder([models[0] for models in loaded], self.config, self.metrics)
         await self._decoder.start()
         # One fetcher for every model: one count of each host's connections.
-        self._fetcher = FetchSettings.of(self.config).fetcher(self.metrics)
+        self._fetcher = ImageFetcher(FetchSettings.of(self.config), events=self.metrics)
         await self._fetcher.start()
         slots = {device.name: threading.BoundedSemaphore(instances) for device in devices}
         for job, (spec, models) in enumerate(zip(specs, loaded)):

@@ -31,14 +31,14 @@ import numpy as np
 from ..utils.errors import ErrorKind, ItemError
 from ..utils.threads import single_threaded_torch
 from .decode_protocol import READY, REPLY, REQUEST, RESULT_SLOT_BYTES, SIZE, STATUS, UPLOAD_SLOTS, DecodeJob, results_size
-from .fetch import FetchError, FetchSettings
+from .fetch import FetchError, FetchSettings, ImageFetcher
 from .fetch_events import FetchTally
 
 class _Worker:
     def __init__(self, jobs: Sequence[DecodeJob], fetch: FetchSettings | None, replies: IO[bytes], images: mmap.mmap, image_slot_bytes: int, results: mmap.mmap, slots: int) -> None:
         self._jobs = jobs
         self._tally = FetchTally()
-        self._fetcher = fetch.fetcher(self._tally) if fetch is not None else None
+        self._fetcher = ImageFetcher(fetch, events=self._tally) if fetch is not None else None
         self._replies = replies
         self._images = images
         self._image_slot_bytes = image_slot_bytes

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..images.decode_pool import JobDecoder
 from ..images.fetch import FetchError, FetchSettings, ImageFetcher
+from ..images.fetch_events import FetchTally
 from ..models.model import Embedding, EmbeddingModel
 from ..utils.config import ServerConfig
 from ..utils.domain import CacheStats, EmbedItem, ImageSource, ModelDescription, ScoreItem
@@ -70,7 +71,7 @@ class ScoringEngine:
             on_batch=metrics.batch_observer(name) if metrics else None,
         )
         self._owns_fetcher = fetcher is None
-        self._fetcher = fetcher or FetchSettings.of(config).fetcher(metrics)
+        self._fetcher = fetcher or ImageFetcher(FetchSettings.of(config), events=metrics or FetchTally())
         self._decoder = decoder
 
     @property

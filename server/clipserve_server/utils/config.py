@@ -41,6 +41,12 @@ MIN_STREAM_WINDOW = 256
 # --max-queue-size 0: room for two streams' windows, at least MIN_QUEUE_SIZE.
 QUEUE_WINDOWS = 2
 MIN_QUEUE_SIZE = 1024
+# Download statuses that say "not now" rather than "no" (images/retry.py retries them), and the
+# longest wait between two attempts without a Retry-After: written here, in the bottom layer, so
+# that --help says what the fetcher does.
+FETCH_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+FETCH_BACKOFF_CAP_S = 8.0
+_RETRIED = "/".join(str(status) for status in sorted(FETCH_RETRY_STATUSES))
 
 # Keys of the adapter's [similarity_config] table that mean the same thing here.
 _SIMILARITY_KEYS = {"model": "model", "device": "device", "torch_dtype": "dtype", "use_safetensors": "use_safetensors"}
@@ -153,8 +159,8 @@ class ServerConfig:
     image_cache_size: int = dataclasses.field(default=50_000, metadata={"help": "image embeddings kept (LRU)"})
     fetch_timeout_s: float = dataclasses.field(default=15.0, metadata={"help": "total seconds allowed to download one image"})
     fetch_attempt_timeout_s: float = dataclasses.field(default=10.0, metadata={"help": "longest one HTTP request of a download may take, connect to last byte; a request that runs out is retried while --fetch-timeout-s, the total, allows (0: no limit but the total)"})
-    fetch_attempts: int = dataclasses.field(default=4, metadata={"help": "tries per image, the first included, after a transient failure (connect error, timeout, reset, HTTP 408/429/500/502/503/504); all within --fetch-timeout-s (1: never retry)"})
-    fetch_backoff_s: float = dataclasses.field(default=0.5, metadata={"help": "wait before the first retry, doubling for each next one (jittered, at most 8 s); a Retry-After header from the host replaces it"})
+    fetch_attempts: int = dataclasses.field(default=4, metadata={"help": "tries per image, the first included, after a transient failure (connect error, timeout, reset, HTTP " + _RETRIED + "); all within --fetch-timeout-s (1: never retry)"})
+    fetch_backoff_s: float = dataclasses.field(default=0.5, metadata={"help": f"wait before the first retry, doubling for each next one (jittered, at most {FETCH_BACKOFF_CAP_S:g} s); a Retry-After header from the host replaces it"})
     fetch_host_connections: int = dataclasses.field(default=32, metadata={"help": "most simultaneous downloads from one host, across the server (decode worker processes each get an equal share); a host answering 429 gets fewer"})
     fetch_header: tuple[str, ...] = dataclasses.field(
         default=(),

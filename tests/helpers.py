@@ -20,6 +20,8 @@ import numpy as np
 from PIL import Image
 
 from clipserve_server.app import ClipServer
+from clipserve_server.inference.batcher import Batcher
+from clipserve_server.inference.instances import Instance, InstancePool
 from clipserve_server.utils.config import ServerConfig
 from clipserve_server.models.fake_model import FakeModel
 from clipserve_server.models.model import EmbeddingModel
@@ -230,3 +232,23 @@ def json_objects(text: str) -> list[str]:
         obj, end = decoder.raw_decode(text, index)
         objects.append(json.dumps(obj))
         index = end
+
+
+def make_batcher(
+    forward: Callable[[list, list], Any] | InstancePool,
+    *,
+    max_batch_size: int,
+    max_delay_s: float,
+    max_queue_size: int,
+    forward_timeout_s: float = 0.0,
+    on_dead: Callable[[BaseException], None] = lambda exc: None,
+    thread_setup: Callable[[], None] | None = None,
+) -> Batcher:
+    """A ``Batcher`` wired as the engine wires one, for tests of batching alone: ``forward`` is
+    the model's instances, or one function (then one instance of it, whose thread runs
+    ``thread_setup`` first); no forward timeout and no metrics unless asked."""
+    instances = forward if isinstance(forward, InstancePool) else InstancePool([Instance("", 0, forward, thread_setup)])
+    return Batcher(
+        instances, max_batch_size=max_batch_size, max_delay_s=max_delay_s, max_queue_size=max_queue_size,
+        forward_timeout_s=forward_timeout_s, on_dead=on_dead, on_batch=lambda items, seconds: None,
+    )

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from clipserve_server.inference.batcher import Batcher
 from clipserve_server.utils.errors import ErrorKind, ItemError
+from .helpers import make_batcher
 
 
 class Recorder:
@@ -38,7 +38,7 @@ def run(coroutine):
 def test_each_item_gets_its_own_row():
     async def main():
         forward = Recorder()
-        batcher = Batcher(forward, max_batch_size=8, max_delay_s=0.01, max_queue_size=100)
+        batcher = make_batcher(forward, max_batch_size=8, max_delay_s=0.01, max_queue_size=100)
         batcher.start()
         results = await asyncio.gather(*(batcher.encode_text("x" * n, wait=True) for n in range(1, 6)), *(batcher.encode_image(n, wait=True) for n in range(10, 13)))
         await batcher.stop()
@@ -52,7 +52,7 @@ def test_each_item_gets_its_own_row():
 def test_batches_are_capped_at_max_batch_size():
     async def main():
         forward = Recorder()
-        batcher = Batcher(forward, max_batch_size=4, max_delay_s=0.05, max_queue_size=100)
+        batcher = make_batcher(forward, max_batch_size=4, max_delay_s=0.05, max_queue_size=100)
         batcher.start()
         await asyncio.gather(*(batcher.encode_image(n, wait=True) for n in range(10)))
         await batcher.stop()
@@ -63,7 +63,7 @@ def test_batches_are_capped_at_max_batch_size():
 
 def test_a_full_batch_goes_without_waiting_for_the_delay():
     async def main():
-        batcher = Batcher(Recorder(), max_batch_size=2, max_delay_s=30.0, max_queue_size=100)
+        batcher = make_batcher(Recorder(), max_batch_size=2, max_delay_s=30.0, max_queue_size=100)
         batcher.start()
         started = time.monotonic()
         await asyncio.gather(batcher.encode_image(1, wait=True), batcher.encode_image(2, wait=True))
@@ -76,7 +76,7 @@ def test_a_full_batch_goes_without_waiting_for_the_delay():
 
 def test_a_partial_batch_goes_once_the_delay_has_passed():
     async def main():
-        batcher = Batcher(Recorder(), max_batch_size=100, max_delay_s=0.05, max_queue_size=100)
+        batcher = make_batcher(Recorder(), max_batch_size=100, max_delay_s=0.05, max_queue_size=100)
         batcher.start()
         row = await batcher.encode_image(7, wait=True)
         await batcher.stop()
@@ -88,7 +88,7 @@ def test_a_partial_batch_goes_once_the_delay_has_passed():
 def test_a_failing_forward_fails_every_item_of_its_batch_and_the_loop_goes_on():
     async def main():
         forward = Recorder(fail=RuntimeError("CUDA out of memory"))
-        batcher = Batcher(forward, max_batch_size=8, max_delay_s=0.01, max_queue_size=100)
+        batcher = make_batcher(forward, max_batch_size=8, max_delay_s=0.01, max_queue_size=100)
         batcher.start()
         first = await asyncio.gather(*(batcher.encode_image(n, wait=True) for n in range(3)), return_exceptions=True)
         forward.fail = None
@@ -106,7 +106,7 @@ def test_a_failing_forward_fails_every_item_of_its_batch_and_the_loop_goes_on():
 def test_cancelled_items_never_reach_the_model():
     async def main():
         forward = Recorder(delay=0.2)
-        batcher = Batcher(forward, max_batch_size=1, max_delay_s=0.0, max_queue_size=100)
+        batcher = make_batcher(forward, max_batch_size=1, max_delay_s=0.0, max_queue_size=100)
         batcher.start()
         busy = asyncio.ensure_future(batcher.encode_image(1, wait=True))  # occupies the model
         await asyncio.sleep(0.05)
@@ -123,7 +123,7 @@ def test_cancelled_items_never_reach_the_model():
 
 def test_a_full_queue_rejects_unary_work_and_holds_back_streams():
     async def main():
-        batcher = Batcher(Recorder(delay=0.2), max_batch_size=1, max_delay_s=0.0, max_queue_size=2)
+        batcher = make_batcher(Recorder(delay=0.2), max_batch_size=1, max_delay_s=0.0, max_queue_size=2)
         batcher.start()
         first = asyncio.ensure_future(batcher.encode_image(1, wait=True))
         await asyncio.sleep(0.05)  # the model holds item 1; the queue has room for two
@@ -145,7 +145,7 @@ def test_a_dead_loop_fails_waiting_items_and_reports_itself():
     deaths: list[BaseException] = []
 
     async def main():
-        batcher = Batcher(Recorder(), max_batch_size=4, max_delay_s=0.01, max_queue_size=10, on_dead=deaths.append)
+        batcher = make_batcher(Recorder(), max_batch_size=4, max_delay_s=0.01, max_queue_size=10, on_dead=deaths.append)
 
         async def broken_next_batch():
             raise RuntimeError("bug in the loop")
@@ -166,7 +166,7 @@ def test_a_dead_loop_fails_waiting_items_and_reports_itself():
 
 def test_stop_fails_what_is_still_queued():
     async def main():
-        batcher = Batcher(Recorder(delay=0.3), max_batch_size=1, max_delay_s=0.0, max_queue_size=10)
+        batcher = make_batcher(Recorder(delay=0.3), max_batch_size=1, max_delay_s=0.0, max_queue_size=10)
         batcher.start()
         items = [asyncio.ensure_future(batcher.encode_image(n, wait=True)) for n in range(3)]
         await asyncio.sleep(0.05)

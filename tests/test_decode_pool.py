@@ -16,16 +16,16 @@ import torch
 
 import clipserve
 from clipserve_server.utils.config import ServerConfig
-from clipserve_server.inference.batcher import Batcher
 from clipserve_server.images.decode_pool import ProcessDecoder, ThreadDecoder, build_decoder
 from clipserve_server.images.decode_protocol import DecodeJob
 from clipserve_server.utils.errors import ErrorKind, ItemError
 from clipserve_server.models.fake_model import FakeModel
 from clipserve_server.images.fetch import FetchError, FetchSettings
+from clipserve_server.images.fetch_events import FetchTally
 from clipserve_server.utils.threads import model_thread_setup
 
 from .conftest import ServerProcess
-from .helpers import make_image
+from .helpers import make_batcher, make_image
 
 
 def run(coroutine):
@@ -44,12 +44,12 @@ def test_decode_threads_run_torch_on_one_thread_each_and_leave_the_model_thread_
     setup = model_thread_setup()  # as the server does, before any decode thread runs
 
     async def main():
-        decoder = ThreadDecoder(job, 2)
+        decoder = ThreadDecoder([job], 2)
         try:
             decoded = await asyncio.gather(*(decoder.decode(jpeg(), f"img{i}") for i in range(4)))
             # The model thread starts only now (its first batch), after the decode threads:
             # torch would start it with their one thread, had it not its own setup.
-            batcher = Batcher(lambda texts, images: (np.zeros((0, 1)), np.full((len(images), 1), torch.get_num_threads())),
+            batcher = make_batcher(lambda texts, images: (np.zeros((0, 1)), np.full((len(images), 1), torch.get_num_threads())),
                               max_batch_size=1, max_delay_s=0.0, max_queue_size=1, thread_setup=setup)
             batcher.start()
             try:
@@ -83,8 +83,8 @@ def test_a_decode_thread_that_starts_while_the_model_thread_prepares_its_first_b
 
     async def main():
         loop = asyncio.get_running_loop()
-        batcher = Batcher(forward, max_batch_size=1, max_delay_s=0.0, max_queue_size=1, thread_setup=model_thread_init)
-        decoder = ThreadDecoder(DecodeJob(lambda image: torch.get_num_threads(), max_pixels=10**6), 1)
+        batcher = make_batcher(forward, max_batch_size=1, max_delay_s=0.0, max_queue_size=1, thread_setup=model_thread_init)
+        decoder = ThreadDecoder([DecodeJob(lambda image: torch.get_num_threads(), max_pixels=10**6)], 1)
         batcher.start()
         try:
             first_batch = asyncio.ensure_future(batcher.encode_image(b"pixels", wait=True))
@@ -116,8 +116,8 @@ def test_worker_processes_give_the_same_pixels_and_errors_as_threads(tiny_checkp
         finally:
             await decoder.close()
 
-    by_thread, _ = run(decode_all(ThreadDecoder(job, 2)))
-    by_process, errors = run(decode_all(ProcessDecoder(job, 1, max_image_bytes=16 << 20)))
+    by_thread, _ = run(decode_all(ThreadDecoder([job], 2)))
+    by_process, errors = run(decode_all(ProcessDecoder([job], 1, max_image_bytes=16 << 20, fetch=downloads(), events=FetchTally())))
     for a, b in zip(by_thread, by_process):
         assert a.dtype == b.dtype and np.array_equal(a, b)
     for error, words in zip(errors, bad.values()):
@@ -147,7 +147,7 @@ def test_a_worker_that_dies_fails_only_its_image_and_is_replaced(tmp_path, monke
     hostile, fine = make_image(1, 1), [make_image(10 + i, 10) for i in range(3)]
 
     async def main():
-        decoder = ProcessDecoder(job, 1, max_image_bytes=1 << 20)
+        decoder = ProcessDecoder([job], 1, max_image_bytes=1 << 20, fetch=downloads(), events=FetchTally())
         await decoder.start()
         try:
             # All four go to the one worker: the hostile one first, the others wait behind it.
@@ -179,8 +179,9 @@ def test_worker_processes_download_urls_with_the_servers_own_fetcher(image_host)
     names = ["photo0.png", "photo1.jpg", "photo2.jpg"]
 
     async def main():
-        by_thread = ThreadDecoder(job, 1)
-        public, guarded = ProcessDecoder(job, 1, max_image_bytes=1 << 20, fetch=downloads()), ProcessDecoder(job, 1, max_image_bytes=1 << 20, fetch=downloads(False))
+        by_thread = ThreadDecoder([job], 1)
+        public = ProcessDecoder([job], 1, max_image_bytes=1 << 20, fetch=downloads(), events=FetchTally())
+        guarded = ProcessDecoder([job], 1, max_image_bytes=1 << 20, fetch=downloads(False), events=FetchTally())
         for decoder in (by_thread, public, guarded):
             await decoder.start()
         try:
@@ -209,7 +210,7 @@ def test_worker_processes_download_urls_with_the_servers_own_fetcher(image_host)
 async def one_downloading_worker(job: DecodeJob, image_host):
     """One worker process that downloads; the image host's /gated/ URLs hang until the gate opens."""
     image_host.gate.clear()
-    decoder = ProcessDecoder(job, 1, max_image_bytes=1 << 20, fetch=downloads(concurrency=4))
+    decoder = ProcessDecoder([job], 1, max_image_bytes=1 << 20, fetch=downloads(concurrency=4), events=FetchTally())
     await decoder.start()
     try:
         yield decoder
@@ -285,7 +286,7 @@ def test_downloads_in_flight_when_a_worker_dies_go_to_its_replacement(tmp_path, 
 )
 def test_auto_picks_worker_processes_only_where_threads_stop_scaling(settings, kind):
     async def main():
-        return build_decoder([FakeModel()], ServerConfig(**settings))
+        return build_decoder([FakeModel()], ServerConfig(**settings), FetchTally())
 
     assert type(run(main())) is kind
 
@@ -308,7 +309,7 @@ def decode_with(device: FakeDevice, data: bytes, max_pixels: int = 10**6):
     job = DecodeJob(lambda image: "decoded on the CPU", max_pixels=max_pixels)
 
     async def main():
-        decoder = ThreadDecoder(job, 1, on_device=device)
+        decoder = ThreadDecoder([job], 1, on_device=[device], max_device_batch=64)
         try:
             return await decoder.decode(data, "img")
         finally:

@@ -12,7 +12,6 @@ import pytest
 from prometheus_client import generate_latest
 
 import clipserve
-from clipserve_server.inference.batcher import Batcher
 from clipserve_server.inference.instances import Instance, InstancePool
 from clipserve_server.models.fake_model import FakeModel
 from clipserve_server.models.memory import GIB, ModelsTooLarge, check_fits, weight_bytes
@@ -20,7 +19,7 @@ from clipserve_server.utils.config import ServerConfig, load_config, model_specs
 from clipserve_server.utils.errors import ErrorKind, ItemError
 
 from .conftest import ServerProcess
-from .helpers import InProcessServer, make_image
+from .helpers import InProcessServer, make_batcher, make_image
 from .test_faults import health, wait_until
 
 
@@ -63,7 +62,7 @@ def test_two_instances_run_two_batches_at_once_each_whole_and_answer_each_item_f
     sides = [Side(1, barrier), Side(2, barrier)]
 
     async def main():
-        batcher = Batcher(pool_of(sides, ["cpu", "cpu"]), max_batch_size=4, max_delay_s=0.05, max_queue_size=100)
+        batcher = make_batcher(pool_of(sides, ["cpu", "cpu"]), max_batch_size=4, max_delay_s=0.05, max_queue_size=100)
         batcher.start()
         rows = await asyncio.gather(*(batcher.encode_image(n, wait=True) for n in range(8)))
         await batcher.stop()
@@ -84,7 +83,7 @@ def test_two_devices_share_the_work_before_either_runs_two_forwards():
     devices = ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
 
     async def main():
-        batcher = Batcher(pool_of(sides, devices), max_batch_size=2, max_delay_s=0.05, max_queue_size=100)
+        batcher = make_batcher(pool_of(sides, devices), max_batch_size=2, max_delay_s=0.05, max_queue_size=100)
         batcher.start()
         await asyncio.gather(*(batcher.encode_image(n, wait=True) for n in range(4)))
         await batcher.stop()
@@ -109,7 +108,7 @@ def test_a_dying_instance_fails_its_batch_and_what_waits_and_reports_itself(how)
         instances = [Instance("cpu", 0, Side(0), thread_setup=broken_setup), Instance("cpu", 1, Side(1))]
 
     async def main():
-        batcher = Batcher(InstancePool(instances), max_batch_size=4, max_delay_s=0.0, max_queue_size=100, on_dead=deaths.append)
+        batcher = make_batcher(InstancePool(instances), max_batch_size=4, max_delay_s=0.0, max_queue_size=100, on_dead=deaths.append)
         batcher.start()
         with pytest.raises(ItemError) as first:
             await batcher.encode_image(1, wait=True)

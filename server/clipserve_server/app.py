@@ -140,8 +140,7 @@ class ClipServer:
         """Load every model on every device (refusing at once a set that cannot fit), then serve
         them all."""
         specs = self.config.models
-        if self._model_factory is load_configured_model:
-            await asyncio.get_running_loop().run_in_executor(None, check_fits, specs, self.config)
+        await asyncio.get_running_loop().run_in_executor(None, check_fits, specs, self.config)
         devices = resolve_devices(self.config.device)
         loaded: list[list[EmbeddingModel]] = []  # per model, one per device: weights once per device
         for spec in specs:

@@ -35,10 +35,10 @@ from .fetch import FetchError, FetchSettings, ImageFetcher
 from .fetch_events import FetchTally
 
 class _Worker:
-    def __init__(self, jobs: Sequence[DecodeJob], fetch: FetchSettings | None, replies: IO[bytes], images: mmap.mmap, image_slot_bytes: int, results: mmap.mmap, slots: int) -> None:
+    def __init__(self, jobs: Sequence[DecodeJob], fetch: FetchSettings, replies: IO[bytes], images: mmap.mmap, image_slot_bytes: int, results: mmap.mmap, slots: int) -> None:
         self._jobs = jobs
         self._tally = FetchTally()
-        self._fetcher = ImageFetcher(fetch, events=self._tally) if fetch is not None else None
+        self._fetcher = ImageFetcher(fetch, events=self._tally)
         self._replies = replies
         self._images = images
         self._image_slot_bytes = image_slot_bytes
@@ -48,8 +48,7 @@ class _Worker:
 
     async def serve(self, requests: asyncio.StreamReader) -> None:
         """Answer every request until the server closes the pipe."""
-        if self._fetcher is not None:
-            await self._fetcher.start()
+        await self._fetcher.start()
         self._replies.write(READY)
         self._replies.flush()
         try:
@@ -70,13 +69,10 @@ class _Worker:
         finally:
             for task in list(self._downloads):
                 task.cancel()
-            if self._fetcher is not None:
-                await self._fetcher.close()
+            await self._fetcher.close()
 
     async def _download_and_decode(self, slot: int, job: int, url: str, name: str) -> None:
         try:
-            if self._fetcher is None:
-                raise ItemError(ErrorKind.INTERNAL, f"{name}: this decode worker was started without download settings")
             data = await self._fetcher.fetch(url)
         except ItemError as exc:
             self._reply(slot, False, (exc.kind.name, exc.message, isinstance(exc, FetchError)))

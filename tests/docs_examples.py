@@ -127,7 +127,7 @@ def examples_of(path: Path) -> list[Example]:
 def cli_commands() -> dict[str, argparse.ArgumentParser]:
     """Each ``clipserve`` command and its parser (``serve``'s flags are the server's own)."""
     from clipserve.cli import build_parser
-    from clipserve_server.utils.config import build_parser as serve_parser
+    from clipserve_server.config_loaders import build_parser as serve_parser
 
     parser = build_parser()
     commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from clipserve_server.utils.config import load_config
+from clipserve_server.config_loaders import load_config
 
 from .conftest import ROOT, ServerProcess
 from .helpers import make_image

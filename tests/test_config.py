@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 import os
 
 import pytest
 
-from clipserve_server.utils.config import ModelSpec, ServerConfig, fetch_headers, load_config
+from clipserve_server.config_loaders import load_config
+from clipserve_server.utils.config import ModelSpec, ServerConfig, fetch_headers
 
 # The benchmark maker's config.toml, as its loader accepts it: the server takes the model from it.
 BENCHMARK_TOML = """
@@ -187,3 +189,14 @@ def test_a_fetch_header_is_never_printed_not_even_when_refused():
         with pytest.raises(ValueError, match="HOST_PATTERN=Name: value") as refused:
             load_config(["--fetch-header", entry], environ={})
         assert "hunter2" not in str(refused.value)
+
+
+def test_no_cache_empties_both_caches_however_the_config_is_built():
+    """``cache=False`` is normalised by the config itself, not only by the flag loader."""
+    for config in (ServerConfig(cache=False), load_config(["--no-cache"], environ={}), replace(ServerConfig(), cache=False)):
+        assert (config.text_cache_size, config.image_cache_size) == (0, 0)
+
+
+def test_the_models_are_read_once():
+    config = ServerConfig(model=("a=fake", "b=fake"))
+    assert config.models is config.models

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from clipserve_server.utils.config import load_config
+from clipserve_server.config_loaders import load_config
 
 from .conftest import ServerProcess
 from .docs_examples import (

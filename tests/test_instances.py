@@ -15,7 +15,8 @@ import clipserve
 from clipserve_server.inference.instances import Instance, InstancePool
 from clipserve_server.models.fake_model import FakeModel
 from clipserve_server.models.memory import GIB, ModelsTooLarge, check_fits, weight_bytes
-from clipserve_server.utils.config import ServerConfig, load_config, model_specs
+from clipserve_server.config_loaders import load_config
+from clipserve_server.utils.config import ServerConfig, model_specs
 from clipserve_server.utils.errors import ErrorKind, ItemError
 
 from .conftest import ServerProcess

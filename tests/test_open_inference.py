@@ -311,7 +311,7 @@ def test_the_bearer_token_and_tls_guard_the_protocol_as_the_rest_of_the_port(mak
 def test_the_alias_is_configurable_and_never_hides_a_model(make_fake_server):
     """--v2-alias names the alias ('' turns it off); where a model has that name, the model's own
     name wins and the alias is off (a configuration that names a model "clip" still starts)."""
-    from clipserve_server.utils.config import load_config
+    from clipserve_server.config_loaders import load_config
 
     assert load_config(["--model", "fake", "--v2-alias", "openai-clip"]).v2_alias == "openai-clip"
     assert load_config(["--model", "fake", "--v2-alias", ""]).v2_alias == ""

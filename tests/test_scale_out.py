@@ -17,7 +17,7 @@ import pytest
 import clipserve
 import clipserve._replicas
 from clipserve._replicas import Discovery, ReplicaAddress, split_address
-from clipserve_server.utils.config import load_config
+from clipserve_server.config_loaders import load_config
 
 from .conftest import ServerProcess
 from .helpers import GatedModel, make_image

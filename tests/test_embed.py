@@ -228,7 +228,7 @@ def test_embed_file_writes_npy_with_ids_and_resumes(fake_server, tmp_path):
     assert ids == [{"id": f"q{i}", "error": None} for i in range(10)]
 
     # An interrupted run left its first chunks: --resume embeds only the rest.
-    from clipserve._embedfile import EmbedFileJob, _save_part
+    from clipserve.files.embedfile import EmbedFileJob, _save_part
 
     with clipserve.CLIP(fake_server.address) as clip:
         first = clip.embed_texts([r["text"] for r in rows[:4]], raw=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipserve._plot import EMBED_CHART_PX, FAILURE_COLOR, MAX_QUERIES, SCORE_CHART_PX, SCORE_COLOR, _spread_by_median
+from clipserve.files.plot import EMBED_CHART_PX, FAILURE_COLOR, MAX_QUERIES, SCORE_CHART_PX, SCORE_COLOR, _spread_by_median
 
 from .helpers import make_image
 from .test_score_file import QUERIES, write_jsonl

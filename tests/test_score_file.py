@@ -346,7 +346,7 @@ def test_retry_failed_with_every_row_scored_writes_nothing_and_needs_no_server(t
 
 
 def test_a_rewrite_that_fails_half_way_leaves_the_file_whole(tmp_path):
-    from clipserve._inplace import open_scored
+    from clipserve.files.inplace import open_scored
 
     path = tmp_path / "scored.jsonl"
     write_jsonl(path, [{"query_text": q, "image_id": "im", "clip_score": None} for q in ("a", "b", "c")])
@@ -409,7 +409,7 @@ class ServerGoneAfter:
 
 
 def test_a_server_lost_mid_run_leaves_an_output_that_resume_carries_on(tmp_path):
-    from clipserve._scorefile import FileJob, RunFailed, score_file
+    from clipserve.files.scorefile import FileJob, RunFailed, score_file
 
     rows = [{"query_text": "q" * (i + 1), "image_id": f"im{i}", "image_url": f"https://example.com/{i}.jpg"} for i in range(10)]
     write_jsonl(tmp_path / "qrels.jsonl", rows)
@@ -422,7 +422,7 @@ def test_a_server_lost_mid_run_leaves_an_output_that_resume_carries_on(tmp_path)
 
 
 def test_a_server_lost_mid_retry_keeps_what_was_rescored(tmp_path):
-    from clipserve._scorefile import FileJob, RunFailed, retry_failed
+    from clipserve.files.scorefile import FileJob, RunFailed, retry_failed
 
     rows = [{"query_text": "q" * (i + 1), "image_url": f"https://example.com/{i}.jpg", "clip_score": None if i % 2 else 0.5} for i in range(6)]
     write_jsonl(tmp_path / "out.jsonl", rows)

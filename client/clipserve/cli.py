@@ -135,7 +135,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cannot_plot(args: argparse.Namespace) -> bool:
     """--plot without matplotlib: said at once (exit status 2), not after an hour's run."""
-    from ._plot import missing
+    from .files.plot import missing
 
     problem = missing() if args.plot else None
     if problem:
@@ -145,8 +145,8 @@ def _cannot_plot(args: argparse.Namespace) -> bool:
 
 def _cmd_embed_file(args: argparse.Namespace) -> int:
     from . import CLIP, ClipServeError
-    from ._embedfile import EmbedFileJob, embed_file
-    from ._rows import RunFailed
+    from .files.embedfile import EmbedFileJob, embed_file
+    from .files.rows import RunFailed
 
     if _cannot_plot(args):
         return 2
@@ -168,7 +168,7 @@ def _cmd_embed_file(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
 
     def draw() -> None:
-        from ._plot import plot_embed_file
+        from .files.plot import plot_embed_file
 
         plot_embed_file(Path(args.plot), job)
 
@@ -177,7 +177,7 @@ def _cmd_embed_file(args: argparse.Namespace) -> int:
 
 def _cmd_score_file(args: argparse.Namespace) -> int:
     from . import CLIP, ClipServeError
-    from ._scorefile import FileJob, RunFailed, job_settings_from_config, retry_failed, score_file
+    from .files.scorefile import FileJob, RunFailed, job_settings_from_config, retry_failed, score_file
 
     if _cannot_plot(args):
         return 2
@@ -208,7 +208,7 @@ def _cmd_score_file(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
 
     def draw() -> None:
-        from ._plot import plot_score_file
+        from .files.plot import plot_score_file
 
         plot_score_file(Path(args.plot), job, summary.tally.codes)
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ._rows import pyarrow, read_rows
+from .rows import pyarrow, read_rows
 
 DPI = 100
 SCORE_CHART_PX = (1200, 900)

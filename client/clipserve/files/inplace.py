@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from ._rows import RunFailed, kind, parse_jsonl_line, pyarrow, read_text, replace_atomically, split_lines
+from .rows import RunFailed, kind, parse_jsonl_line, pyarrow, read_text, replace_atomically, split_lines
 
 Updates = dict[int, dict[str, Any]]  # row index -> the columns to set in that row
 

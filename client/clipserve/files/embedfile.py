@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._errors import ClipServeError
-from ._rows import RunFailed, pyarrow, read_rows, replace_atomically
-from ._scorefile import Tally
-from ._types import EmbeddingResult
+from .._errors import ClipServeError
+from .._types import EmbeddingResult
+from .rows import RunFailed, pyarrow, read_rows, replace_atomically
+from .scorefile import Tally
 
 
 @dataclass(frozen=True)

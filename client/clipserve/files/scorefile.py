@@ -18,12 +18,12 @@ from typing import Any
 
 import grpc
 
-from ._config import DEFAULT_COL_NAME, read_toml
-from ._errors import ClipServeError
-from ._inplace import Updates, open_scored
-from ._jobs import failed_score
-from ._rows import RunFailed, open_writer, read_rows
-from ._types import SimilarityInput, SimilarityResult
+from .._config import DEFAULT_COL_NAME, read_toml
+from .._errors import ClipServeError
+from .._jobs import failed_score
+from .._types import SimilarityInput, SimilarityResult
+from .inplace import Updates, open_scored
+from .rows import RunFailed, open_writer, read_rows
 
 @dataclass(frozen=True)
 class FileJob:

@@ -19,12 +19,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors import ClipServeError
 from .._types import EmbeddingResult
 from .rows import RunFailed, pyarrow, read_rows, replace_atomically
-from .scorefile import Tally
+from .tally import Tally
+
+if TYPE_CHECKING:
+    from .._client import CLIP
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ def _numpy() -> Any:
     return numpy
 
 
-def embed_file(clip: Any, job: EmbedFileJob, *, resume: bool = False, chunk_size: int = 1024, progress: bool = True) -> EmbedSummary:
+def embed_file(clip: CLIP, job: EmbedFileJob, *, resume: bool = False, chunk_size: int = 1024, progress: bool = True) -> EmbedSummary:
     """Embed ``job.column`` of every row of ``job.input`` into ``job.output`` with ``clip``."""
     _numpy()  # before any work: say at once that it is missing
     started = time.monotonic()

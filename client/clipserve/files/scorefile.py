@@ -10,11 +10,10 @@ re-score, in place, the rows of a scored file whose score is null or missing.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -24,6 +23,10 @@ from .._jobs import failed_score
 from .._types import SimilarityInput, SimilarityResult
 from .inplace import Updates, open_scored
 from .rows import RunFailed, open_writer, read_rows
+from .tally import Tally
+
+if TYPE_CHECKING:
+    from .._client import CLIP
 
 @dataclass(frozen=True)
 class FileJob:
@@ -116,7 +119,7 @@ def _pair(row: dict[str, Any], job: FileJob, urls: dict[str, str]) -> tuple[Simi
     return item, None
 
 
-def _score_rows(clip: Any, rows: Sequence[dict[str, Any]], job: FileJob, urls: dict[str, str]) -> tuple[list[SimilarityResult], ClipServeError | None]:
+def _score_rows(clip: CLIP, rows: Sequence[dict[str, Any]], job: FileJob, urls: dict[str, str]) -> tuple[list[SimilarityResult], ClipServeError | None]:
     """One result per row, in order; and the error that stopped the call, if one did (the
     server could not be reached or refused it): then the rows it did not answer carry it."""
     pairs = [_pair(row, job, urls) for row in rows]
@@ -135,32 +138,6 @@ def _score_rows(clip: Any, rows: Sequence[dict[str, Any]], job: FileJob, urls: d
 
 
 # -- the summary --------------------------------------------------------------------------------------
-
-@dataclass
-class Tally:
-    """Rows scored and failed so far, failures grouped by error code with the first message."""
-
-    ok: int = 0
-    codes: Counter[str] = field(default_factory=Counter)
-    examples: dict[str, str] = field(default_factory=dict)
-
-    def add(self, results: Sequence[SimilarityResult]) -> None:
-        for result in results:
-            if result.error is None:
-                self.ok += 1
-                continue
-            code = result.error_code or "UNKNOWN"
-            self.codes[code] += 1
-            self.examples.setdefault(code, result.error.removeprefix(f"{code}: "))
-
-    @property
-    def failed(self) -> int:
-        return sum(self.codes.values())
-
-    def reasons(self) -> str:
-        """E.g. ``NOT_FOUND x5 (e.g. http://.../im3.jpg: HTTP 404 Not Found)``, commonest first."""
-        return ", ".join(f"{code} x{count} (e.g. {self.examples[code]})" for code, count in self.codes.most_common())
-
 
 @dataclass(frozen=True)
 class Summary:
@@ -191,7 +168,7 @@ class Summary:
         return lines
 
 
-def _answered_since(clip: Any, before: dict[str, int]) -> dict[str, int]:
+def _answered_since(clip: CLIP, before: dict[str, int]) -> dict[str, int]:
     """Pairs each replica answered since ``before`` (a ``clip.stats().items_by_replica``)."""
     now = clip.stats().items_by_replica
     return {name: count - before.get(name, 0) for name, count in now.items() if count > before.get(name, 0)}
@@ -210,13 +187,13 @@ def _progress(progress: bool, total: int, initial: int, name: str) -> Any:
     return tqdm(total=total, initial=initial, unit="pair", desc=f"scoring {name}", dynamic_ncols=True, disable=not progress)
 
 
-def _server_failed(clip: Any, error: ClipServeError, rerun: str) -> RunFailed:
+def _server_failed(clip: CLIP, error: ClipServeError, rerun: str) -> RunFailed:
     # The SDK names the address when it could not reach the server; other refusals do not.
     what = str(error) if clip.address in error.details else f"the server at {clip.address}: {error}"
     return RunFailed(f"{what}; rerun with {rerun} to carry on")
 
 
-def _check_server(clip: Any, rerun: str) -> None:
+def _check_server(clip: CLIP, rerun: str) -> None:
     try:
         clip.model_info()  # fail fast, before reading anything, when the server is not there
     except ClipServeError as exc:
@@ -232,8 +209,8 @@ def _check_resumable(existing: list[dict[str, Any]], rows: list[dict[str, Any]],
                 raise RunFailed(f"{job.output} row {number} does not match {job.qrels} ({column}): cannot resume; remove the output or drop --resume")
 
 
-def score_file(clip: Any, job: FileJob, *, resume: bool = False, chunk_size: int = 1024, progress: bool = True) -> Summary:
-    """Score ``job.qrels`` into ``job.output`` with ``clip`` (a ``CLIP``)."""
+def score_file(clip: CLIP, job: FileJob, *, resume: bool = False, chunk_size: int = 1024, progress: bool = True) -> Summary:
+    """Score ``job.qrels`` into ``job.output`` with ``clip``."""
     started = time.monotonic()
     if job.qrels is None:
         raise RunFailed("no qrels file to score: give it as the argument, or qrels_jsonl in --config")
@@ -268,7 +245,7 @@ def score_file(clip: Any, job: FileJob, *, resume: bool = False, chunk_size: int
     )
 
 
-def retry_failed(clip: Any, job: FileJob, *, chunk_size: int = 1024, progress: bool = True) -> Summary:
+def retry_failed(clip: CLIP, job: FileJob, *, chunk_size: int = 1024, progress: bool = True) -> Summary:
     """Re-score the rows of ``job.output`` whose score is null or missing, in place.
 
     Like the benchmark maker's ``similarity-retry``: a NaN score is a score and is kept, and

@@ -121,7 +121,7 @@ def _print_reply(args: argparse.Namespace, ask: str) -> int:
         except ClipServeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    print(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True), indent=2))
+    print(json.dumps(MessageToDict(reply.proto, always_print_fields_with_no_presence=True), indent=2))
     return 0
 
 

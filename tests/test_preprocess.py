@@ -177,3 +177,13 @@ def test_jpeg_draft_still_gives_the_model_its_full_input(processor):
     exact = pipeline(decode_image(FILES["large-jpeg"], max_pixels=10**8, name="x"))
     assert drafted.shape == exact.shape == (3, 224, 224)
     assert np.abs(drafted.astype(int) - exact.astype(int)).mean() < 8  # close, not equal: the documented drift
+
+
+def test_torch_is_handed_only_writable_arrays(processor, monkeypatch):
+    """A tensor over read-only memory (np.asarray of a PIL image) is undefined behaviour once
+    written to; torch warns once per process, so the arrays are checked, not the warning."""
+    handed, from_numpy = [], torch.from_numpy
+    monkeypatch.setattr(torch, "from_numpy", lambda array: handed.append(array.flags.writeable) or from_numpy(array))
+    pipeline = build_pipeline(processor)
+    pipeline(photo(64, 48))
+    assert handed and all(handed)

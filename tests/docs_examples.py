@@ -1,5 +1,5 @@
 """The code examples of the README, docs/ and the comments of deploy/ manifests, as the test
-of examples runs them (tests/test_docs_examples.py; docs/development.md says how to write one).
+of examples runs them (tests/e2e/test_docs_examples.py; docs/development.md says how to write one).
 
 An example is a fenced block. ``python`` and ``bash`` blocks run, in page order, in one working
 directory per page. A marker on the line before a block changes that:

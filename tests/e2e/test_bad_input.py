@@ -22,6 +22,8 @@ from clipserve_server.models.fake_model import FakeModel
 from ..conftest import FAKE_SERVER_CONFIG, ServerProcess
 from ..helpers import InProcessServer, make_image
 
+pytestmark = pytest.mark.cost(14)  # its CPU cost among the files (tests/conftest.py)
+
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     buffer = io.BytesIO()
@@ -161,7 +163,7 @@ _IMAGES = st.sampled_from(
 def quickly_retrying_server() -> Iterator[InProcessServer]:
     """fake_server's twin, retrying a refused connection (the port-9 URL) as shipped,
     four tries, but 10 ms apart instead of 0.5, 1 and 2 s: 25 examples would otherwise wait on
-    backoff ~3.5 s each. How long retries wait is tests/test_fetch_retries.py's claim."""
+    backoff ~3.5 s each. How long retries wait is tests/unit/test_fetch_retries.py's claim."""
     server = InProcessServer(dataclasses.replace(FAKE_SERVER_CONFIG, fetch_backoff_s=0.01), FakeModel())
     yield server
     server.stop()

@@ -18,6 +18,8 @@ from clipserve_server.config_loaders import load_config
 from ..conftest import ROOT, ServerProcess
 from ..helpers import make_image
 
+pytestmark = pytest.mark.cost(5)  # its CPU cost among the files (tests/conftest.py)
+
 # -- the benchmark maker's loader, as data ------------------------------------------------------------
 # waggle-sensor/imsearch_benchmaker (7d23bdb), imsearch_benchmaker/framework/config.py:
 # BenchmarkConfig._from_dict refuses every key that its dataclasses do not define, in every

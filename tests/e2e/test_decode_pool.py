@@ -27,6 +27,8 @@ from clipserve_server.utils.threads import model_thread_setup
 from ..conftest import ServerProcess
 from ..helpers import make_batcher, make_image
 
+pytestmark = pytest.mark.cost(17)  # its CPU cost among the files (tests/conftest.py)
+
 
 def run(coroutine):
     # A safety net against a hang, not a speed claim: starting three decoder processes took

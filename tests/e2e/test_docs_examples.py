@@ -41,8 +41,10 @@ from ..docs_examples import (
 )
 from ..helpers import ImageHost, make_image
 
+pytestmark = pytest.mark.cost(19)  # its CPU cost among the files (tests/conftest.py)
+
 # Makes DNS_NAME resolve to the replicas in every Python process an example starts (the SDK
-# asks clipserve._replicas.resolve_ips, as tests/test_scale_out.py's stand-in does in-process).
+# asks clipserve._replicas.resolve_ips, as tests/e2e/test_scale_out.py's stand-in does in-process).
 _STAND_IN_RESOLVER = '''
 import json, os
 

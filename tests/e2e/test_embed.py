@@ -20,6 +20,8 @@ from clipserve_server.models.fake_model import FakeModel
 from ..conftest import ServerProcess, free_port
 from ..helpers import grpcurl, json_objects, make_image
 
+pytestmark = pytest.mark.cost(4)  # its CPU cost among the files (tests/conftest.py)
+
 
 @pytest.fixture(scope="session")
 def reference_features(tiny_checkpoint: Path):

@@ -14,6 +14,8 @@ from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
 from ..conftest import ServerProcess
 from ..helpers import grpcurl, json_objects, make_image
 
+pytestmark = pytest.mark.cost(12)  # its CPU cost among the files (tests/conftest.py)
+
 QUERIES = ["a dog on the beach", "a red car", "the cat in the hat", "x"]
 
 

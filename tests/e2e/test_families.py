@@ -27,6 +27,8 @@ from clipserve_server.images.preprocess import SplitTransformPipeline, build_tra
 from ..conftest import ServerProcess
 from ..helpers import hub_cache, make_image
 
+pytestmark = pytest.mark.cost(20)  # its CPU cost among the files (tests/conftest.py)
+
 QUERIES = ["a dog on the beach", "A small red car", "photo of a boat, in the sun", "ünïcode and 🚗"]
 # The issue asks for a random-weight ViT-B-32. Measured here, it added ~23 s to this module (it is
 # built, loaded three times in the server and once in the test, and run on 2 busy cores), so the

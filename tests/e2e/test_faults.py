@@ -16,6 +16,8 @@ from clipserve_server.models.fake_model import FakeModel
 from ..conftest import ServerProcess, free_port
 from ..helpers import GatedModel, make_image
 
+pytestmark = pytest.mark.cost(13)  # its CPU cost among the files (tests/conftest.py)
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 

@@ -14,6 +14,8 @@ from ..conftest import ServerProcess
 from ..flaky_host import MODES, FlakyHost
 from ..helpers import make_image
 
+pytestmark = pytest.mark.cost(15)  # its CPU cost among the files (tests/conftest.py)
+
 # Both ways the server can download: on its event loop (threads decode) or in the decode worker
 # processes, which each hold a share of each host's connections.
 POOLS = {"threads": ["--decode-pool", "threads"], "processes": ["--decode-pool", "processes", "--decode-workers", "2"]}

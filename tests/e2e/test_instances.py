@@ -23,6 +23,8 @@ from ..conftest import ServerProcess
 from ..helpers import InProcessServer, make_batcher, make_image
 from .test_faults import health, wait_until
 
+pytestmark = pytest.mark.cost(3)  # its CPU cost among the files (tests/conftest.py)
+
 
 class InstanceCrash(BaseException):
     """Not an ordinary error: what a thread that cannot go on raises."""

@@ -12,6 +12,8 @@ import clipserve
 
 from ..helpers import make_image
 
+pytestmark = pytest.mark.cost(6)  # its CPU cost among the files (tests/conftest.py)
+
 CLIENTS = 16
 ITEMS_PER_CLIENT = 80
 

@@ -13,12 +13,14 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.cost(18)  # its CPU cost among the files (tests/conftest.py)
+
 HUB_ID = "openai/clip-vit-base-patch32"
 _LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")
 
 
 NO_BACKOFF = """\
-# Loaded at the start of the test's server process only (tests/test_model_loading.py).
+# Loaded at the start of the test's server process only (tests/e2e/test_model_loading.py).
 try:
     import time as _time
     import types as _types

@@ -23,6 +23,8 @@ from clipserve_server.models.fake_model import FakeModel
 from ..conftest import ServerProcess
 from ..helpers import grpcurl, make_image
 
+pytestmark = pytest.mark.cost(7)  # its CPU cost among the files (tests/conftest.py)
+
 
 def clip_embeddings(client: triton.InferenceServerClient, text: str, image: np.ndarray | None = None, **kwargs) -> tuple[np.ndarray, np.ndarray]:
     """The call a Triton CLIP user's app makes (waggle-sensor's sage-nrp-image-search,

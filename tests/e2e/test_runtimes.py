@@ -25,6 +25,8 @@ from clipserve_server.utils.config import ServerConfig
 from ..conftest import ServerProcess
 from ..helpers import InProcessServer, make_image
 
+pytestmark = pytest.mark.cost(16)  # its CPU cost among the files (tests/conftest.py)
+
 QUERIES = ["a dog on the beach", "a red car", "x"]
 
 

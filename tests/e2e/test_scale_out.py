@@ -22,6 +22,8 @@ from clipserve_server.config_loaders import load_config
 from ..conftest import ServerProcess
 from ..helpers import GatedModel, make_image
 
+pytestmark = pytest.mark.cost(8)  # its CPU cost among the files (tests/conftest.py)
+
 
 def start_replicas(*args_per_replica: list[str]) -> list[ServerProcess]:
     """Server processes started together, as an orchestrator does (in no particular order)."""

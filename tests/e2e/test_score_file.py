@@ -17,6 +17,8 @@ import clipserve
 
 from ..helpers import make_image
 
+pytestmark = pytest.mark.cost(1)  # its CPU cost among the files (tests/conftest.py)
+
 QUERIES = ["a dog", "a red car", "snow on a mountain"]
 
 

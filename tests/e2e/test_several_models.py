@@ -17,6 +17,8 @@ from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
 from ..conftest import ServerProcess
 from ..helpers import make_image
 
+pytestmark = pytest.mark.cost(9)  # its CPU cost among the files (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def other_checkpoint(tmp_path_factory) -> Path:

@@ -15,6 +15,8 @@ import clipserve
 from ..conftest import ServerProcess, free_port
 from ..helpers import make_image
 
+pytestmark = pytest.mark.cost(2)  # its CPU cost among the files (tests/conftest.py)
+
 QUERIES, PER_QUERY, FILES = 40, 25, 200
 
 

@@ -23,6 +23,8 @@ from clipserve_server.utils.config import ModelSpec, ServerConfig
 from ..conftest import ServerProcess
 from ..helpers import hub_cache, make_image
 
+pytestmark = pytest.mark.cost(10)  # its CPU cost among the files (tests/conftest.py)
+
 DUAL_HUB_ID = "clipserve-tests/dual-export"
 PAIRS = [("a dog on the beach", 1), ("A small red car", 2), ("photo of a boat", 3)]
 

@@ -14,6 +14,8 @@ from clipserve_server.images.decode import decode_image, decode_rgb_tensor
 from clipserve_server.images.decode_protocol import DecodeJob
 from clipserve_server.images.preprocess import StockPipeline, TorchvisionPipeline, build_pipeline
 
+pytestmark = pytest.mark.cost(11)  # its CPU cost among the files (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def checkpoint_224(tmp_path_factory: pytest.TempPathFactory) -> Path:

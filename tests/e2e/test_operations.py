@@ -83,3 +83,21 @@ def test_what_the_server_loaded_is_out_of_the_cyclic_collectors_sight(make_fake_
     assert gc.get_threshold() == (10_000, 10, 10)
     with clipserve.CLIP(server.address) as clip:
         assert clip.embed_texts(["still serving"])[0].error is None
+
+
+def test_every_unary_call_is_counted_by_its_code(fake_server):
+    """GetModelInfo and ListModels go through the same guard as Score and the Open Inference
+    Protocol's calls: counted by final code, a bad model name refused with NOT_FOUND."""
+    registry = fake_server.server.metrics.registry
+
+    def calls(rpc: str, code: str) -> float:
+        return registry.get_sample_value("clipserve_requests_total", {"rpc": rpc, "code": code}) or 0.0
+
+    before = {key: calls(*key) for key in (("GetModelInfo", "OK"), ("GetModelInfo", "NOT_FOUND"), ("ListModels", "OK"))}
+    with clipserve.CLIP(fake_server.address) as clip:
+        clip.model_info()
+        clip.list_models()
+        with pytest.raises(clipserve.ClipServeError) as refused:
+            clip.model_info("no-such-model")
+    assert refused.value.code.name == "NOT_FOUND"
+    assert {key: calls(*key) - count for key, count in before.items()} == {key: 1.0 for key in before}

@@ -6,7 +6,6 @@ import asyncio
 import collections
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -22,7 +21,7 @@ from ..utils.errors import ErrorKind, ItemError
 from ..utils.metrics import Metrics
 from .lenient_decoding import MalformedRequest, parse_embed_chunk, parse_embed_request, parse_score_chunk, parse_score_request
 from .registry import ModelRegistry
-from .status import grpc_code, reason
+from .status import call_id, grpc_code, guarded_unary, reason
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +73,6 @@ def _cache_stats(stats: CacheStats) -> scorer_pb2.CacheStats:
     )
 
 
-def call_id(context: grpc.aio.ServicerContext) -> str:
-    """The caller's ``x-request-id``, or a fresh id: ties a call's log lines together."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str) and value:
-            return value[:64]
-    return uuid.uuid4().hex[:12]
-
-
 class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
     def __init__(self, registry: ModelRegistry, *, stream_max_in_flight: int, metrics: Metrics) -> None:
         self._registry = registry
@@ -92,23 +83,20 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
     async def Score(self, request: ScoreRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.ScoreResponse:
         started = time.monotonic()
         self._received(request)
-        code, message, model = grpc.StatusCode.OK, "", ""
-        try:
+        model = ""
+
+        async def score() -> scorer_pb2.ScoreResponse:
+            nonlocal model
             model, engine = self._engine(request)
-            score = await awaited(engine.score(to_item(request), wait=False))
-        except ItemError as exc:
-            code, message = grpc_code(exc.kind), exc.message
-        except Exception as exc:
-            log.exception("Score failed unexpectedly", extra={"call_id": call_id(context)})
-            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
-        self._metrics.item_answered("Score", code.name, model, time.monotonic() - started)
-        self._metrics.calls.labels(rpc="Score", code=code.name).inc()
-        if code is not grpc.StatusCode.OK:
-            log.info("Score failed", extra={"call_id": call_id(context), "request_id": request.request_id, "code": code.name, "error": message, "peer": context.peer()})
-            await context.abort(code, message)
-        response = _score_response(request)
-        response.score = score
-        return response
+            response = _score_response(request)
+            response.score = await awaited(engine.score(to_item(request), wait=False))
+            return response
+
+        def answered(code: str) -> None:  # the pair is an item too: its latency, by model
+            self._metrics.item_answered("Score", code, model, time.monotonic() - started)
+
+        extra = {"request_id": getattr(request, "request_id", "")}
+        return await guarded_unary("Score", context, self._metrics, score, on_done=answered, log_extra=extra)
 
     async def ScoreBatch(self, requests: AsyncIterator[ScoreRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[scorer_pb2.ScoreResponse]:
         async for response in self._stream("ScoreBatch", requests, context, self._score_item):
@@ -145,17 +133,19 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
 
     # -- models ------------------------------------------------------------------------------
     async def GetModelInfo(self, request: scorer_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.ModelInfo:
-        try:
-            name, engine = self._engine(request)
-        except ItemError as exc:
-            await context.abort(grpc_code(exc.kind), exc.message)
-        return self._model_info(name, engine)
+        async def info() -> scorer_pb2.ModelInfo:
+            return self._model_info(*self._engine(request))
+
+        return await guarded_unary("GetModelInfo", context, self._metrics, info)
 
     async def ListModels(self, request: scorer_pb2.ListModelsRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.ListModelsResponse:
-        if not self._registry.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the models are still loading; retry shortly")
-        models = [self._model_info(name, engine) for name, engine in self._registry.engines()]
-        return scorer_pb2.ListModelsResponse(models=models, default_model=self._registry.default)
+        async def models() -> scorer_pb2.ListModelsResponse:
+            if not self._registry.ready:
+                raise ItemError(ErrorKind.UNAVAILABLE, "the models are still loading; retry shortly")
+            listed = [self._model_info(name, engine) for name, engine in self._registry.engines()]
+            return scorer_pb2.ListModelsResponse(models=listed, default_model=self._registry.default)
+
+        return await guarded_unary("ListModels", context, self._metrics, models)
 
     def _model_info(self, name: str, engine: ScoringEngine) -> scorer_pb2.ModelInfo:
         d = engine.description

@@ -5,10 +5,20 @@ read from as ``.proto``, for anything the dataclass does not carry."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 from .v1 import scorer_pb2
+
+
+T = TypeVar("T")
+_NESTED = ("text_cache", "image_cache", "instances", "proto")
+
+
+def _plain(cls: type[T], message: Any, **nested: Any) -> T:
+    """``cls`` with each plain field read from the same-named field of ``message``."""
+    plain = {f.name: getattr(message, f.name) for f in fields(cls) if f.name not in _NESTED}  # type: ignore[arg-type]
+    return cls(**plain, **nested)
 
 
 @dataclass(frozen=True)
@@ -21,10 +31,6 @@ class CacheStats:
     misses: int
     hit_rate: float
 
-    @classmethod
-    def from_proto(cls, message: Any) -> CacheStats:
-        return cls(message.capacity, message.entries, message.hits, message.misses, message.hit_rate)
-
 
 @dataclass(frozen=True)
 class InstanceInfo:
@@ -32,68 +38,52 @@ class InstanceInfo:
 
     device: str
     index: int
+    alive: bool  # False once it has failed for good
     forwards: int
     items: int
     busy_seconds: float
-    alive: bool
-
-    @classmethod
-    def from_proto(cls, message: Any) -> InstanceInfo:
-        return cls(message.device, message.index, message.forwards, message.items, message.busy_seconds, message.alive)
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """One model of a server: where it came from, where and how it runs, its batching limits,
-    its caches and its instances, and which replica answered."""
+    """One model of a server: what it is, where and how it runs, how it scores and batches,
+    its caches, and which replica answered."""
 
+    # What it is, and who answered.
     name: str
     model_id: str
     text_model_id: str
     backend: str
+    replica: str
+    server_version: str
+    # Where and how it runs.
     device: str
     dtype: str
-    embedding_dim: int
-    logit_scale: float
-    logit_bias: float
-    max_text_tokens: int
-    max_batch_size: int
-    max_batch_delay_ms: float
-    text_cache: CacheStats
-    image_cache: CacheStats
-    server_version: str
-    compiled: bool
-    normalized: bool
-    replica: str
     instances: tuple[InstanceInfo, ...]
+    compiled: bool
     image_runtime: str
     text_runtime: str
+    # How it scores (logit_scale * cosine + logit_bias) and embeds.
+    logit_scale: float
+    logit_bias: float
+    embedding_dim: int
+    normalized: bool
+    max_text_tokens: int
+    # What it keeps, and how it batches.
+    text_cache: CacheStats
+    image_cache: CacheStats
+    max_batch_size: int
+    max_batch_delay_ms: float
     proto: scorer_pb2.ModelInfo = field(repr=False, compare=False)
 
     @classmethod
     def from_proto(cls, message: scorer_pb2.ModelInfo) -> ModelInfo:
-        return cls(
-            name=message.name,
-            model_id=message.model_id,
-            text_model_id=message.text_model_id,
-            backend=message.backend,
-            device=message.device,
-            dtype=message.dtype,
-            embedding_dim=message.embedding_dim,
-            logit_scale=message.logit_scale,
-            logit_bias=message.logit_bias,
-            max_text_tokens=message.max_text_tokens,
-            max_batch_size=message.max_batch_size,
-            max_batch_delay_ms=message.max_batch_delay_ms,
-            text_cache=CacheStats.from_proto(message.text_cache),
-            image_cache=CacheStats.from_proto(message.image_cache),
-            server_version=message.server_version,
-            compiled=message.compiled,
-            normalized=message.normalized,
-            replica=message.replica,
-            instances=tuple(InstanceInfo.from_proto(instance) for instance in message.instances),
-            image_runtime=message.image_runtime,
-            text_runtime=message.text_runtime,
+        return _plain(
+            cls,
+            message,
+            instances=tuple(_plain(InstanceInfo, instance) for instance in message.instances),
+            text_cache=_plain(CacheStats, message.text_cache),
+            image_cache=_plain(CacheStats, message.image_cache),
             proto=message,
         )
 

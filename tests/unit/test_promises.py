@@ -1,4 +1,4 @@
-"""Values ready now or later (soon.py): what an item waiting on one or two embeddings gets."""
+"""Values ready now or later (inference/promises.py): what an item waiting on one or two embeddings gets."""
 
 from __future__ import annotations
 

@@ -189,7 +189,11 @@ def pixel_drift(checkpoint: Path, images: list[bytes], draft_size: tuple[int, in
 def scaling(checkpoint: Path, images: list[bytes], loop_us: float) -> list[dict]:
     from transformers import AutoProcessor
 
-    from clipserve_server.images.decode_pool import DecodeJob, ProcessDecoder, ThreadDecoder
+    from clipserve_server.images.decode_pool import ProcessDecoder, ThreadDecoder
+    from clipserve_server.images.decode_protocol import DecodeJob
+    from clipserve_server.images.fetch import FetchSettings
+    from clipserve_server.images.fetch_events import FetchTally
+    from clipserve_server.utils.config import ServerConfig
     from clipserve_server.images.preprocess import build_pipeline
 
     job = DecodeJob(build_pipeline(AutoProcessor.from_pretrained(checkpoint).image_processor), max_pixels=10**9)
@@ -218,7 +222,8 @@ def scaling(checkpoint: Path, images: list[bytes], loop_us: float) -> list[dict]
     rows = []
     for spin_us in (0.0, loop_us):
         for kind, workers in (("threads", 1), ("threads", 2), ("processes", 1), ("processes", 2)):
-            decoder = ThreadDecoder(job, workers) if kind == "threads" else ProcessDecoder(job, workers, max_image_bytes=64 << 20)
+            fetch = FetchSettings.of(ServerConfig(max_image_bytes=64 << 20))
+            decoder = ThreadDecoder([job], workers) if kind == "threads" else ProcessDecoder([job], workers, max_image_bytes=64 << 20, fetch=fetch, events=FetchTally())
             rate, loop_cpu = asyncio.run(drive(decoder, spin_us / 1e6))
             rows.append({"pool": kind, "workers": workers, "loop_busy_us_per_image": spin_us, "images_per_s": round(rate, 1), "loop_cpu_us_per_image": round(loop_cpu * 1e6)})
             print(f"  {kind:<9} x{workers}  loop +{spin_us:>4.0f} us/image: {rate:6.1f} images/s, this process's loop {loop_cpu * 1e6:5.0f} us/image", flush=True)

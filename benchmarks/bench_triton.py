@@ -51,7 +51,7 @@ def captioned_images(n: int, seed: int) -> list[tuple[str, np.ndarray]]:
 
 
 def clip_call(client, text: str, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One call as the Triton CLIP user's app makes it (see tests/test_open_inference.py)."""
+    """One call as the Triton CLIP user's app makes it (see tests/e2e/test_open_inference.py)."""
     import tritonclient.grpc as triton
 
     pixels = np.array(image).astype(np.float32)

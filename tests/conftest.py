@@ -23,24 +23,20 @@ from .helpers import ImageHost, InProcessServer, make_image
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# The files whose tests start servers, worker processes or conversions, most CPU first (measured
-# on the 2-core box: per-file CPU seconds, children included). pytest-xdist hands each worker a
-# whole file at a time (--dist loadfile) in collection order (--no-loadscope-reorder: by default
-# it would order files by their number of tests, and a few-test file that starts four servers
-# would come last and leave one worker running it alone). Longest first, the two workers end
-# together. A file missing here keeps its place after these; a renamed one only runs later.
-HEAVY_FIRST = (
-    "test_families.py", "test_docs_examples.py", "test_model_loading.py", "test_decode_pool.py", "test_runtimes.py",
-    "test_flaky_hosts.py", "test_bad_input.py", "test_faults.py", "test_end_to_end.py", "test_ray.py", "test_preprocess.py",
-    "test_which_library.py", "test_several_models.py", "test_scale_out.py", "test_open_inference.py", "test_load.py",
-    "test_benchmark_maker.py", "test_embed.py", "test_instances.py", "test_uploads.py", "test_report.py", "test_score_file.py",
-    "test_hostile_network.py",
-)
+# The files whose tests start servers, worker processes or conversions carry a cost marker
+# (``pytestmark = pytest.mark.cost(N)``: their rank by CPU, children included, measured on the
+# 2-core box; higher is heavier). pytest-xdist hands each worker a whole file at a time
+# (--dist loadfile) in collection order (--no-loadscope-reorder: by default it would order files
+# by their number of tests, and a few-test file that starts four servers would come last and
+# leave one worker running it alone). Heaviest first, the two workers end together. A file with
+# no marker keeps its place after the marked ones.
+def _cost(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("cost")
+    return float(marker.args[0]) if marker is not None else 0.0
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order within a file
+    items.sort(key=_cost, reverse=True)  # stable: tests keep their order within a file
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,5 +1,5 @@
 """The code examples of the README, docs/ and the comments of deploy/ manifests, as the test
-of examples runs them (tests/test_docs_examples.py; docs/development.md says how to write one).
+of examples runs them (tests/e2e/test_docs_examples.py; docs/development.md says how to write one).
 
 An example is a fenced block. ``python`` and ``bash`` blocks run, in page order, in one working
 directory per page. A marker on the line before a block changes that:
@@ -127,7 +127,7 @@ def examples_of(path: Path) -> list[Example]:
 def cli_commands() -> dict[str, argparse.ArgumentParser]:
     """Each ``clipserve`` command and its parser (``serve``'s flags are the server's own)."""
     from clipserve.cli import build_parser
-    from clipserve_server.utils.config import build_parser as serve_parser
+    from clipserve_server.config_loaders import build_parser as serve_parser
 
     parser = build_parser()
     commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices

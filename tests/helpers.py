@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import shutil
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,8 @@ import numpy as np
 from PIL import Image
 
 from clipserve_server.app import ClipServer
+from clipserve_server.inference.batcher import Batcher
+from clipserve_server.inference.instances import Instance, InstancePool
 from clipserve_server.utils.config import ServerConfig
 from clipserve_server.models.fake_model import FakeModel
 from clipserve_server.models.model import EmbeddingModel
@@ -257,3 +260,50 @@ def json_objects(text: str) -> list[str]:
         obj, end = decoder.raw_decode(text, index)
         objects.append(json.dumps(obj))
         index = end
+
+
+def make_batcher(
+    forward: Callable[[list, list], Any] | InstancePool,
+    *,
+    max_batch_size: int,
+    max_delay_s: float,
+    max_queue_size: int,
+    forward_timeout_s: float = 0.0,
+    on_dead: Callable[[BaseException], None] = lambda exc: None,
+    thread_setup: Callable[[], None] | None = None,
+) -> Batcher:
+    """A ``Batcher`` wired as the engine wires one, for tests of batching alone: ``forward`` is
+    the model's instances, or one function (then one instance of it, whose thread runs
+    ``thread_setup`` first); no forward timeout and no metrics unless asked."""
+    instances = forward if isinstance(forward, InstancePool) else InstancePool([Instance("", 0, forward, thread_setup)])
+    return Batcher(
+        instances, max_batch_size=max_batch_size, max_delay_s=max_delay_s, max_queue_size=max_queue_size,
+        forward_timeout_s=forward_timeout_s, on_dead=on_dead, on_batch=lambda items, seconds: None,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_engine(model: EmbeddingModel, config: ServerConfig) -> AsyncIterator[Any]:
+    """One ``ScoringEngine`` with no server around it, wired as the server wires each model's
+    (``ClipServer._load``): the config's decode pool and fetcher, one instance, real metrics."""
+    from clipserve_server.images.decode_pool import build_decoder
+    from clipserve_server.images.fetch import FetchSettings, ImageFetcher
+    from clipserve_server.inference.engine import ScoringEngine
+    from clipserve_server.utils.metrics import Metrics
+
+    metrics = Metrics()
+    decoder = build_decoder([model], config, metrics)
+    fetcher = ImageFetcher(FetchSettings.of(config), events=metrics)
+    await decoder.start()
+    await fetcher.start()
+    engine = ScoringEngine(
+        model, config, name="default", instances=InstancePool([Instance("cpu", 0, model.forward)]),
+        decoder=decoder.for_job(0), fetcher=fetcher, metrics=metrics, on_dead=lambda exc: None,
+    )
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+        await fetcher.close()
+        await decoder.close()

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from clipserve_server.utils.config import ENV_PREFIX, ServerConfig
+from clipserve_server.config_loaders import ENV_PREFIX
+from clipserve_server.utils.config import ServerConfig
 
 from .docs_examples import ROOT, cli_commands
 

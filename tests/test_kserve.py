@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
-from clipserve_server.utils.config import load_config
+from clipserve_server.config_loaders import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"

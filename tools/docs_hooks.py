@@ -55,7 +55,7 @@ def _options_table(parser: argparse.ArgumentParser) -> list[str]:
 
 def cli_reference() -> str:
     from clipserve.cli import build_parser as client_parser
-    from clipserve_server.utils.config import build_parser as serve_parser
+    from clipserve_server.config_loaders import build_parser as serve_parser
 
     parser = client_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -75,7 +75,8 @@ def cli_reference() -> str:
 
 
 def config_reference() -> str:
-    from clipserve_server.utils.config import ENV_PREFIX, ServerConfig, _field_type
+    from clipserve_server.config_loaders import ENV_PREFIX, _field_type
+    from clipserve_server.utils.config import ServerConfig
 
     lines = ["| flag | environment | `[server]` key | default | meaning |", "| --- | --- | --- | --- | --- |"]
     lines.append(

@@ -11,6 +11,7 @@ This package needs no torch; the server lives in the ``clipserve[server]`` extra
 from ._aio import AsyncCLIP
 from ._client import CLIP
 from ._errors import ClipServeError
+from ._info import CacheStats, InstanceInfo, ModelInfo, ModelList
 from ._retry import RetryPolicy
 from ._run import ClientStats
 from ._types import EmbeddingResult, SimilarityInput, SimilarityResult, as_array
@@ -20,9 +21,13 @@ __version__ = "0.2.0"
 __all__ = [
     "AsyncCLIP",
     "CLIP",
+    "CacheStats",
     "ClientStats",
     "ClipServeError",
     "EmbeddingResult",
+    "InstanceInfo",
+    "ModelInfo",
+    "ModelList",
     "RetryPolicy",
     "SimilarityInput",
     "SimilarityResult",

@@ -11,6 +11,7 @@ import grpc
 from ._base import ClientBase, UnaryAttempts
 from ._chunks import Packer, answers
 from ._errors import ClipServeError
+from ._info import ModelInfo, ModelList
 from ._replicas import Replicas
 from ._run import STOP, Lane, Run, Take
 from ._types import EmbeddingResult, SimilarityInput, SimilarityResult
@@ -42,12 +43,18 @@ class _Signal:
 
 
 class AsyncCLIP(ClientBase):
-    __doc__ = (ClientBase.__doc__ or "") + "\n    Every method is a coroutine; use ``async with`` or ``await close()``.\n"
+    """``CLIP`` for asyncio: the same arguments and the same results, on the caller's event
+    loop. Every method is a coroutine; use ``async with`` or ``await close()``.
+
+        >>> async with clipserve.AsyncCLIP("gpu-box:50051") as clip:
+        ...     results = await clip.score_batch(pairs)
+    """
 
     def _open(self) -> None:
         self._replicas = Replicas(self.discovery, self.connection.aio_channel, scorer_pb2_grpc.ScorerStub)
 
     async def close(self) -> None:
+        """Close the connections to every replica."""
         for channel in self._replicas.channels():
             await channel.close()
 
@@ -63,12 +70,15 @@ class AsyncCLIP(ClientBase):
         request = await asyncio.to_thread(self._score_request, query, image_url)
         return (await self._unary(lambda stub: stub.Score, request)).score
 
-    async def model_info(self, model: str | None = None) -> scorer_pb2.ModelInfo:
+    async def model_info(self, model: str | None = None) -> ModelInfo:
+        """Like ``CLIP.model_info``: this client's model (or ``model``), where and how it runs,
+        its caches, and which replica answered; the message itself is its ``.proto``."""
         request = scorer_pb2.GetModelInfoRequest(model=self.model if model is None else model)
-        return await self._unary(lambda stub: stub.GetModelInfo, request)
+        return ModelInfo.from_proto(await self._unary(lambda stub: stub.GetModelInfo, request))
 
-    async def list_models(self) -> scorer_pb2.ListModelsResponse:
-        return await self._unary(lambda stub: stub.ListModels, scorer_pb2.ListModelsRequest())
+    async def list_models(self) -> ModelList:
+        """Like ``CLIP.list_models``: every model the server holds, and its default."""
+        return ModelList.from_proto(await self._unary(lambda stub: stub.ListModels, scorer_pb2.ListModelsRequest()))
 
     async def score_batch(
         self, inputs: Iterable[SimilarityInput | tuple[str, str] | dict[str, Any]], *, progress: bool | None = None
@@ -77,9 +87,11 @@ class AsyncCLIP(ClientBase):
         return await self._batch(self._score_job(inputs), progress)
 
     async def embed_texts(self, texts: Iterable[str], *, raw: bool = False, progress: bool | None = None) -> list[EmbeddingResult]:
+        """Like ``CLIP.embed_texts``: each text's embedding, in order; unit length unless ``raw``."""
         return await self._batch(self._embed_job(texts, images=False, raw=raw), progress)
 
     async def embed_images(self, images: Iterable[str], *, raw: bool = False, progress: bool | None = None) -> list[EmbeddingResult]:
+        """Like ``CLIP.embed_images``: each image's embedding (URL or local file), in order."""
         return await self._batch(self._embed_job(images, images=True, raw=raw), progress)
 
     # -- internals -------------------------------------------------------------------------

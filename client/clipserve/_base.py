@@ -21,49 +21,15 @@ from ._retry import RETRYABLE_CODES, Deadline, RetryPolicy
 from ._run import ClientStats, Lane, Run, Take, unreachable
 from ._types import SimilarityInput
 from ._uploads import FileDigests, Send
+from ._wire import DEFAULT_MAX_IMAGE_BYTES
 from .v1 import scorer_pb2
 
 log = logging.getLogger("clipserve")
 
-# The server's default --max-image-bytes.
-DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
-
 
 class ClientBase:
-    """Scores (query, image) pairs and embeds texts and images on remote clipserve servers
-    (``CLIP``, and ``AsyncCLIP`` for asyncio).
-
-    Args:
-        address: ``host:port`` of the server; several (a list, or separated by commas) to
-            spread the work over; or ``dns:///name:port`` for every address the name resolves
-            to (a Kubernetes headless Service), looked up again every two seconds while calls
-            run. Defaults to the ``CLIPSERVE_ADDRESS`` environment variable, then
-            ``localhost:50051``.
-        config: Path to the benchmark maker's config.toml, for ``[similarity_config].col_name``
-            (the score column of file scoring).
-        timeout: Total seconds allowed for one call, retries included. None: no limit.
-        max_in_flight: Most items a batch call keeps outstanding on each server. By default
-            (None) as many as the server reads ahead of its answers (its
-            ``--stream-max-in-flight``, which it tells each stream; 256 for servers that do
-            not): enough to keep its batches full without queueing the whole input there.
-            Each server starts with 16 and gets one more per answer, so that a short batch
-            still reaches every server.
-        retry: When to retry UNAVAILABLE / RESOURCE_EXHAUSTED, and for how long to wait for a
-            server that cannot be reached (see ``RetryPolicy``; by default 30 s).
-        progress: Show a tqdm progress bar in batch calls by default.
-        tls: Use TLS (implied by any of the PEM arguments).
-        root_certificates: CA bundle that signed the server's certificate (PEM bytes or
-            path); None with ``tls=True`` uses the system roots.
-        certificate_chain: The client certificate, for mutual TLS (PEM bytes or path).
-        private_key: The client certificate's key, for mutual TLS (PEM bytes or path).
-        auth_token: Sent as ``authorization: Bearer <token>``; defaults to
-            ``CLIPSERVE_AUTH_TOKEN``.
-        max_upload_bytes: local files larger than this fail locally with INVALID_ARGUMENT
-            instead of being sent (match the server's ``--max-image-bytes``).
-        model: which of the server's models to use (``list_models()``); "" is its default.
-
-    Use it as a context manager, or call ``close()``, to release the connections.
-    """
+    """What ``CLIP`` and ``AsyncCLIP`` share: the constructor (documented on ``CLIP``), the
+    connection and replicas, the retry policy, and building each call's requests and jobs."""
 
     def __init__(
         self,
@@ -79,7 +45,7 @@ class ClientBase:
         certificate_chain: PemSource = None,
         private_key: PemSource = None,
         auth_token: str | None = None,
-        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        max_upload_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         model: str = "",
     ) -> None:
         file_config = load_client_config(config) if config is not None else None

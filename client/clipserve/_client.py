@@ -13,6 +13,7 @@ import grpc
 from ._base import ClientBase, UnaryAttempts
 from ._chunks import Packer, answers
 from ._errors import ClipServeError
+from ._info import ModelInfo, ModelList
 from ._replicas import Replicas
 from ._run import STOP, Lane, Run, Take
 from ._types import EmbeddingResult, SimilarityInput, SimilarityResult
@@ -23,13 +24,47 @@ _CLOSE_S = 2.0  # how long finished streams get to close cleanly before they are
 
 
 class CLIP(ClientBase):
-    __doc__ = ClientBase.__doc__
+    """Scores (query, image) pairs and embeds texts and images on remote clipserve servers,
+    from any thread (``AsyncCLIP`` is its asyncio twin).
+
+    Args:
+        address: ``host:port`` of the server; several (a list, or separated by commas) to
+            spread the work over; or ``dns:///name:port`` for every address the name resolves
+            to (a Kubernetes headless Service), looked up again every two seconds while calls
+            run. Defaults to the ``CLIPSERVE_ADDRESS`` environment variable, then
+            ``localhost:50051``.
+        config: Path to the benchmark maker's config.toml, for ``[similarity_config].col_name``
+            (the score column of file scoring).
+        timeout: Total seconds allowed for one call, retries included. None: no limit.
+        max_in_flight: Most items a batch call keeps outstanding on each server. By default
+            (None) as many as the server reads ahead of its answers (its
+            ``--stream-max-in-flight``, which it tells each stream; 256 for servers that do
+            not): enough to keep its batches full without queueing the whole input there.
+            Each server starts with 16 and gets one more per answer, so that a short batch
+            still reaches every server.
+        retry: When to retry UNAVAILABLE / RESOURCE_EXHAUSTED, and for how long to wait for a
+            server that cannot be reached (see ``RetryPolicy``; by default 30 s).
+        progress: Show a tqdm progress bar in batch calls by default.
+        tls: Use TLS (implied by any of the PEM arguments).
+        root_certificates: CA bundle that signed the server's certificate (PEM bytes or
+            path); None with ``tls=True`` uses the system roots.
+        certificate_chain: The client certificate, for mutual TLS (PEM bytes or path).
+        private_key: The client certificate's key, for mutual TLS (PEM bytes or path).
+        auth_token: Sent as ``authorization: Bearer <token>``; defaults to
+            ``CLIPSERVE_AUTH_TOKEN``.
+        max_upload_bytes: local files larger than this fail locally with INVALID_ARGUMENT
+            instead of being sent (match the server's ``--max-image-bytes``).
+        model: which of the server's models to use (``list_models()``); "" is its default.
+
+    Use it as a context manager, or call ``close()``, to release the connections.
+    """
 
     def _open(self) -> None:
         self._replicas = Replicas(self.discovery, self.connection.channel, scorer_pb2_grpc.ScorerStub)
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
+        """Close the connections to every replica."""
         for channel in self._replicas.channels():
             channel.close()
 
@@ -44,15 +79,16 @@ class CLIP(ClientBase):
         """The score of one pair; raises ClipServeError (with ``.code``) when it has none."""
         return self._unary(lambda stub: stub.Score, self._score_request(query, image_url)).score
 
-    def model_info(self, model: str | None = None) -> scorer_pb2.ModelInfo:
+    def model_info(self, model: str | None = None) -> ModelInfo:
         """The model (this client's unless ``model`` names another), device, dtype, batching
-        limits and cache statistics, and which replica answered (``replica``)."""
+        limits and cache statistics, and which replica answered (``replica``); the message
+        itself is its ``.proto``."""
         request = scorer_pb2.GetModelInfoRequest(model=self.model if model is None else model)
-        return self._unary(lambda stub: stub.GetModelInfo, request)
+        return ModelInfo.from_proto(self._unary(lambda stub: stub.GetModelInfo, request))
 
-    def list_models(self) -> scorer_pb2.ListModelsResponse:
+    def list_models(self) -> ModelList:
         """Every model the server holds, and which one is its default."""
-        return self._unary(lambda stub: stub.ListModels, scorer_pb2.ListModelsRequest())
+        return ModelList.from_proto(self._unary(lambda stub: stub.ListModels, scorer_pb2.ListModelsRequest()))
 
     def score_batch(
         self, inputs: Iterable[SimilarityInput | tuple[str, str] | dict[str, Any]], *, progress: bool | None = None

@@ -31,6 +31,7 @@ from ._jobs import Job
 from ._replicas import ReplicaAddress
 from ._retry import RETRYABLE_CODES, Deadline, RetryPolicy
 from ._uploads import Send, ServerImages
+from ._wire import IMAGE_BYTES_NEEDED, MAX_IN_FLIGHT_KEY
 
 log = logging.getLogger("clipserve")
 
@@ -38,8 +39,6 @@ R = TypeVar("R")
 
 INITIAL_WINDOW = 16
 DEFAULT_MAX_IN_FLIGHT = 256  # a server that does not say how far it reads ahead
-MAX_IN_FLIGHT_KEY = "clipserve-max-in-flight"  # the stream's initial metadata (protos/: "Windows")
-IMAGE_BYTES_NEEDED = "IMAGE_BYTES_NEEDED"
 _RETRYABLE_NAMES = frozenset(code.name for code in RETRYABLE_CODES)
 _NO_CHUNKS_CODES = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL})
 _LATENCY_WEIGHT = 0.1  # of each new answer in a lane's moving average latency

@@ -124,7 +124,7 @@ def _print_reply(args: argparse.Namespace, ask: str) -> int:
         except ClipServeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    print(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True), indent=2))
+    print(json.dumps(MessageToDict(reply.proto, always_print_fields_with_no_presence=True), indent=2))
     return 0
 
 
@@ -138,7 +138,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cannot_plot(args: argparse.Namespace) -> bool:
     """--plot without matplotlib: said at once (exit status 2), not after an hour's run."""
-    from ._plot import missing
+    from .files.plot import missing
 
     problem = missing() if args.plot else None
     if problem:
@@ -163,12 +163,12 @@ def _engine(args: argparse.Namespace, job, **client):
 
 def _cmd_embed_file(args: argparse.Namespace) -> int:
     from . import ClipServeError
-    from ._embedfile import EmbedJob, embed_file
-    from ._rows import RunFailed
+    from .files.embedfile import EmbedFileJob, embed_file
+    from .files.rows import RunFailed
 
     if _cannot_plot(args):
         return 2
-    job = EmbedJob(
+    job = EmbedFileJob(
         input=Path(args.input),
         output=Path(args.output),
         column=args.text_column or args.image_column,
@@ -186,7 +186,7 @@ def _cmd_embed_file(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
 
     def draw() -> None:
-        from ._plot import plot_embed_file
+        from .files.plot import plot_embed_file
 
         plot_embed_file(Path(args.plot), job)
 
@@ -195,7 +195,7 @@ def _cmd_embed_file(args: argparse.Namespace) -> int:
 
 def _cmd_score_file(args: argparse.Namespace) -> int:
     from . import ClipServeError
-    from ._scorefile import FileJob, RunFailed, job_settings_from_config, retry_failed, score_file
+    from .files.scorefile import FileJob, RunFailed, job_settings_from_config, retry_failed, score_file
 
     if _cannot_plot(args):
         return 2
@@ -226,7 +226,7 @@ def _cmd_score_file(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
 
     def draw() -> None:
-        from ._plot import plot_score_file
+        from .files.plot import plot_score_file
 
         plot_score_file(Path(args.plot), job, summary.tally.codes)
 

@@ -4,10 +4,11 @@ Start it with ``clipserve serve`` (see ``clipserve serve --help``).
 
 The package is grouped by concern; each layer imports only the layers below it:
 
-- ``cli``, ``app``: parse the configuration, load the models, assemble and run the server.
-- ``serving/``: the gRPC edges: clipserve's own servicer (wire format, status codes, auth/TLS),
-  the Open Inference Protocol's (KServe v2 / Triton: ``open_inference``, its models and tensor
-  codec), and the model registry both route through.
+- ``cli``, ``config_loaders``, ``app``: read the configuration (flags, environment, toml), load the
+  models, assemble and run the server.
+- ``serving/``: the gRPC edges: clipserve's own servicer (lenient request decoding, status codes,
+  auth/TLS), the Open Inference Protocol's (KServe v2 / Triton: ``open_inference``, its models
+  and tensor codec), and the model registry both route through.
 - ``inference/``: one model's engine, its dynamic batcher, its instances (forward threads per
   device) and embedding caches.
 - ``models/``: the model interface, one module per family, the device list, loading, memory

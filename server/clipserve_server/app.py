@@ -140,8 +140,7 @@ class ClipServer:
         """Load every model on every device (refusing at once a set that cannot fit), then serve
         them all."""
         specs = self.config.models
-        if self._model_factory is load_configured_model:
-            await asyncio.get_running_loop().run_in_executor(None, check_fits, specs, self.config)
+        await asyncio.get_running_loop().run_in_executor(None, check_fits, specs, self.config)
         devices = resolve_devices(self.config.device)
         loaded: list[list[EmbeddingModel]] = []  # per model, one per device: weights once per device
         for spec in specs:
@@ -154,7 +153,7 @@ class ClipServer:
         self._decoder = build_decoder([models[0] for models in loaded], self.config, self.metrics)
         await self._decoder.start()
         # One fetcher for every model: one count of each host's connections.
-        self._fetcher = FetchSettings.of(self.config).fetcher(self.metrics)
+        self._fetcher = ImageFetcher(FetchSettings.of(self.config), events=self.metrics)
         await self._fetcher.start()
         slots = {device.name: threading.BoundedSemaphore(instances) for device in devices}
         for job, (spec, models) in enumerate(zip(specs, loaded)):

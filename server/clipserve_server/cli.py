@@ -6,7 +6,7 @@ import asyncio
 import signal
 import sys
 
-from .utils.config import load_config
+from .config_loaders import load_config
 from .utils.logs import setup_logging
 
 

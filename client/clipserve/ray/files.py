@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .._replicas import split_address
-from .._rows import RunFailed
+from ..files.rows import RunFailed
 
 ENGINES = ("sdk", "ray")
 CHUNK_ROWS = {"sdk": 1024, "ray": 65536}  # rows per chunk: one Ray Data job each, with its own actor pool

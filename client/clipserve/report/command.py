@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .._rows import RunFailed
+from ..files.rows import RunFailed
 from .data import DEFAULT_QUERY_ID_COLUMN, DEFAULT_RELEVANCE_COLUMN, ReportJob, report_settings_from_config
 
 # The flags that set a ReportJob field of the same name; they override --config.

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .._config import DEFAULT_COL_NAME, read_toml
-from .._rows import RunFailed, read_rows
-from .._scorefile import FileJob, _image_url, _url_map, job_settings_from_config
+from ..files.rows import RunFailed, read_rows
+from ..files.scorefile import FileJob, _image_url, _url_map, job_settings_from_config
 
 # The benchmark maker's BenchmarkConfig defaults.
 DEFAULT_RELEVANCE_COLUMN = "relevance_label"

@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .._rows import RunFailed, replace_atomically
+from ..files.rows import RunFailed, replace_atomically
 from . import metrics
 from .data import ReportJob, Scored, read_scored
 

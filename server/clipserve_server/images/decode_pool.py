@@ -32,9 +32,9 @@ from PIL import Image
 from ..utils.config import ServerConfig
 from ..utils.errors import ErrorKind, ItemError
 from ..utils.threads import decode_thread_setup
-from .decode import decode_image, decode_rgb_tensor, open_image, torchvision_decodes_exactly
+from .decode import open_image
+from .decode_protocol import READY, REPLY, REQUEST, RESULT_SLOT_BYTES, SIZE, STATUS, UPLOAD_SLOTS, DecodeJob, results_size
 from .device_decode import BatchDecodeFn, DeviceBatches
-from .decode_worker import READY, REPLY, REQUEST, RESULT_SLOT_BYTES, SIZE, STATUS, UPLOAD_SLOTS, results_size
 from .fetch import FetchError, FetchSettings
 from .fetch_events import FetchEvents, replay
 
@@ -46,35 +46,6 @@ log = logging.getLogger(__name__)
 AUTO_PROCESSES_ABOVE = 4
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-@dataclass(frozen=True)
-class DecodeJob:
-    """Bytes -> model input, for one image. Picklable: worker processes get it at start."""
-
-    preprocess: Callable[[Image.Image], Any]
-    max_pixels: int
-    draft_size: tuple[int, int] | None = None  # --jpeg-draft: the model's input size
-
-    @property
-    def _decodes_to_tensor(self) -> bool:
-        return hasattr(self.preprocess, "from_chw") and self.draft_size is None
-
-    def warm(self) -> None:
-        """What the first image would pay for otherwise: checking torchvision's decoders."""
-        if self._decodes_to_tensor:
-            torchvision_decodes_exactly()
-
-    def __call__(self, data: bytes, name: str) -> Any:
-        if self._decodes_to_tensor:  # the exact pipeline takes a decoded tensor: skip PIL
-            chw = decode_rgb_tensor(data, max_pixels=self.max_pixels, name=name)
-            if chw is not None:
-                return self.preprocess.from_chw(chw)  # type: ignore[attr-defined]
-        image = decode_image(data, max_pixels=self.max_pixels, name=name, draft_size=self.draft_size)
-        try:
-            return self.preprocess(image)
-        except Exception as exc:
-            raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: the model's image processor rejected it: {exc}") from exc
 
 
 class Decoder(Protocol):
@@ -124,7 +95,7 @@ class ImageModel(Protocol):
     def device_jpeg_decoder(self) -> BatchDecodeFn: ...
 
 
-def build_decoder(models: Sequence[ImageModel], config: ServerConfig, events: FetchEvents | None = None) -> Decoder:
+def build_decoder(models: Sequence[ImageModel], config: ServerConfig, events: FetchEvents) -> Decoder:
     """One pool for ``models``; model i's images go through job i. ``events``: where worker
     processes' downloads are reported."""
     jobs = [DecodeJob(m.image_preprocessor(), config.max_image_pixels, m.decode_size if config.jpeg_draft else None) for m in models]
@@ -137,24 +108,22 @@ def build_decoder(models: Sequence[ImageModel], config: ServerConfig, events: Fe
     return ThreadDecoder(jobs, workers)
 
 
-def _jobs(jobs: DecodeJob | Sequence[DecodeJob]) -> list[DecodeJob]:
-    return [jobs] if isinstance(jobs, DecodeJob) else list(jobs)
-
-
 class ThreadDecoder:
     """Threads of this process; the event loop downloads what they decode. With ``on_device``
     (``--gpu-decode``: a batch decoder per job), JPEGs go to the model's device in batches
-    (device_decode) and everything else, or what the device refuses, to the threads."""
+    (device_decode) and everything else, or what the device refuses, to the threads, at most
+    ``max_device_batch`` (the server's --max-batch-size) in one device call."""
 
     fetches = False
 
     def __init__(
-        self, jobs: DecodeJob | Sequence[DecodeJob], workers: int, *, on_device: BatchDecodeFn | Sequence[BatchDecodeFn] | None = None, max_device_batch: int = 64
+        self, jobs: Sequence[DecodeJob], workers: int, *, on_device: Sequence[BatchDecodeFn] | None = None, max_device_batch: int | None = None
     ) -> None:
-        self._jobs = _jobs(jobs)
+        if on_device is not None and (max_device_batch is None or len(on_device) != len(jobs)):
+            raise ValueError("on_device wants one batch decoder per job, and max_device_batch")
+        self._jobs = list(jobs)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipserve-decode", initializer=decode_thread_setup)
-        decoders = [on_device] if callable(on_device) else list(on_device or [None] * len(self._jobs))
-        self._on_device = [DeviceBatches(d, self._pool, max_device_batch) if d is not None else None for d in decoders]
+        self._on_device = [DeviceBatches(d, self._pool, max_device_batch) for d in on_device] if on_device is not None and max_device_batch else [None] * len(self._jobs)
 
     def for_job(self, job: int) -> JobDecoder:
         return JobDecoder(self, job)
@@ -196,31 +165,27 @@ class _Requeue(Exception):
 
 
 class ProcessDecoder:
-    """Worker processes (``decode_worker``), each sent at most two uploads at a time and, with
-    ``fetch``, a share of the downloads: they fetch the URLs themselves."""
+    """Worker processes (``decode_worker``), each sent at most two uploads at a time and a
+    share of the downloads: they fetch the URLs themselves, and report to ``events``."""
 
-    def __init__(
-        self, jobs: DecodeJob | Sequence[DecodeJob], workers: int, *, max_image_bytes: int, fetch: FetchSettings | None = None, events: FetchEvents | None = None
-    ) -> None:
+    def __init__(self, jobs: Sequence[DecodeJob], workers: int, *, max_image_bytes: int, fetch: FetchSettings, events: FetchEvents) -> None:
         # Each worker fetches with its share of each host's connections: together, within the cap.
-        self._setup = pickle.dumps((_jobs(jobs), fetch.share(workers) if fetch is not None else None), protocol=pickle.HIGHEST_PROTOCOL)
+        self._setup = pickle.dumps((list(jobs), fetch.share(workers)), protocol=pickle.HIGHEST_PROTOCOL)
         self._events = events
         self._size = workers
         self._image_slot_bytes = max_image_bytes
-        self._download_slots = -(-fetch.concurrency // workers) if fetch is not None else 0
+        self._download_slots = -(-fetch.concurrency // workers)
         self._workers: list[_Worker] = []
         self._upload_room = asyncio.Semaphore(workers * UPLOAD_SLOTS)
         self._download_room = asyncio.Semaphore(workers * self._download_slots)
         self._replacing: set[asyncio.Task] = set()
         self._closing = False
 
-    @property
-    def fetches(self) -> bool:
-        return self._download_slots > 0
+    fetches = True
 
     async def start(self) -> None:
         self._workers = list(await asyncio.gather(*(self._spawn() for _ in range(self._size))))
-        log.info("decoding images in %d worker processes%s", self._size, ", which download them too" if self.fetches else "")
+        log.info("decoding images in %d worker processes, which download them too", self._size)
 
     def for_job(self, job: int) -> JobDecoder:
         return JobDecoder(self, job)
@@ -231,7 +196,6 @@ class ProcessDecoder:
         return await self._submit(self._upload_room, False, job, name, data=data)
 
     async def fetch_and_decode(self, url: str, name: str, job: int = 0) -> Any:
-        assert self.fetches, "built without fetch settings"
         return await self._submit(self._download_room, True, job, name, url=url)
 
     async def _submit(self, room: asyncio.Semaphore, download: bool, job: int, name: str, **item: Any) -> Any:
@@ -316,7 +280,7 @@ class _Worker:
         results: mmap.mmap,
         slots: int,
         on_exit: Callable[[_Worker, int | None], None],
-        events: FetchEvents | None = None,
+        events: FetchEvents,
     ) -> None:
         self._events = events
         self._proc = proc
@@ -366,8 +330,7 @@ class _Worker:
                         offset += length
                 self._free[slot >= UPLOAD_SLOTS].append(slot)
                 ok, value, fetched = pickle.loads(payload, buffers=buffers)
-                if self._events is not None:
-                    replay(fetched, self._events)
+                replay(fetched, self._events)
                 if future.done():
                     continue
                 if ok:

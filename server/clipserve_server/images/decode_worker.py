@@ -1,7 +1,8 @@
 """A decode worker process: downloads images (when handed a URL), decodes and preprocesses them.
 
 ``python -m clipserve_server.images.decode_worker IMAGES_FD RESULTS_FD IMAGE_SLOT_BYTES SLOTS``, started by
-``decode_pool.ProcessDecoder``, which owns the other side of everything defined here.
+``decode_pool.ProcessDecoder``, which owns the other side; what both sides agree on (headers,
+memory layout, the job) is in ``decode_protocol``.
 
 Each worker shares two memory files with the server (memfd: no /dev/shm, whose 64 MiB in a
 default container would not do): one with the bytes of each uploaded image in flight, one with
@@ -21,47 +22,23 @@ import asyncio
 import mmap
 import os
 import pickle
-import struct
 import sys
 from collections.abc import Sequence
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import numpy as np
 
 from ..utils.errors import ErrorKind, ItemError
 from ..utils.threads import single_threaded_torch
-from .fetch import FetchError, FetchSettings
+from .decode_protocol import READY, REPLY, REQUEST, RESULT_SLOT_BYTES, SIZE, STATUS, UPLOAD_SLOTS, DecodeJob, results_size
+from .fetch import FetchError, FetchSettings, ImageFetcher
 from .fetch_events import FetchTally
 
-if TYPE_CHECKING:
-    from .decode_pool import DecodeJob
-
-# server -> worker, once: the size of the pickled (jobs, fetch settings), then the pickle.
-# Then, per item: slot, job, URL bytes (0: an upload in the slot's image memory), upload bytes,
-# name bytes; then the URL and the name.
-REQUEST = struct.Struct("<IIIII")
-# worker -> server, per item: slot, pickle bytes, out-of-band buffers; then their sizes, then the
-# pickle of (ok, value, fetch events). value: the result, or (ErrorKind name, message, whether a
-# download failed); fetch events: what the worker's downloads did since its last reply
-# (``FetchTally.drain``), for the server's metrics.
-REPLY = struct.Struct("<III")
-SIZE = struct.Struct("<Q")
-STATUS = struct.Struct("<I")  # 1 + the slot being decoded, 0 while none is: who is to blame for a crash
-UPLOAD_SLOTS = 2  # slots 0 and 1 carry uploads: one being decoded, the next waiting
-RESULT_SLOT_BYTES = 32 << 20  # float32 pixel_values up to 3x1600x1600; larger results go in the pipe
-READY = b"R"
-
-
-def results_size(slots: int) -> int:
-    """The results file: one result area per slot, then the status word."""
-    return slots * RESULT_SLOT_BYTES + STATUS.size
-
-
 class _Worker:
-    def __init__(self, jobs: Sequence[DecodeJob], fetch: FetchSettings | None, replies: IO[bytes], images: mmap.mmap, image_slot_bytes: int, results: mmap.mmap, slots: int) -> None:
+    def __init__(self, jobs: Sequence[DecodeJob], fetch: FetchSettings, replies: IO[bytes], images: mmap.mmap, image_slot_bytes: int, results: mmap.mmap, slots: int) -> None:
         self._jobs = jobs
         self._tally = FetchTally()
-        self._fetcher = fetch.fetcher(self._tally) if fetch is not None else None
+        self._fetcher = ImageFetcher(fetch, events=self._tally)
         self._replies = replies
         self._images = images
         self._image_slot_bytes = image_slot_bytes
@@ -71,8 +48,7 @@ class _Worker:
 
     async def serve(self, requests: asyncio.StreamReader) -> None:
         """Answer every request until the server closes the pipe."""
-        if self._fetcher is not None:
-            await self._fetcher.start()
+        await self._fetcher.start()
         self._replies.write(READY)
         self._replies.flush()
         try:
@@ -93,13 +69,10 @@ class _Worker:
         finally:
             for task in list(self._downloads):
                 task.cancel()
-            if self._fetcher is not None:
-                await self._fetcher.close()
+            await self._fetcher.close()
 
     async def _download_and_decode(self, slot: int, job: int, url: str, name: str) -> None:
         try:
-            if self._fetcher is None:
-                raise ItemError(ErrorKind.INTERNAL, f"{name}: this decode worker was started without download settings")
             data = await self._fetcher.fetch(url)
         except ItemError as exc:
             self._reply(slot, False, (exc.kind.name, exc.message, isinstance(exc, FetchError)))

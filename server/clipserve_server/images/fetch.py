@@ -3,7 +3,7 @@
 Redirects are followed by hand so that every hop's scheme and address is checked, and so that a
 ``--fetch-header`` reaches only the host it was meant for. A transient failure is tried again
 (``retry``) within the item's one budget, ``--fetch-timeout-s``; each request holds one of its
-host's slots (``hosts``). The server's event loop fetches with it, or each decode worker process
+host's slots (``host_limits``). The server's event loop fetches with it, or each decode worker process
 does (``decode_worker``): the same class and settings either way.
 """
 
@@ -12,19 +12,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 import aiohttp
 from yarl import URL
 
-from ..utils.config import FetchHeader, fetch_headers
+from ..utils.config import FETCH_RETRY_STATUSES, FetchHeader, fetch_headers
 from ..utils.errors import ErrorKind, ItemError
 from .fetch_events import FetchEvents
-from .hosts import HostGate
+from .host_limits import HostGate
 from .netguard import ForbiddenAddressError, GuardedResolver, describe_address, literal_ip, valid_name
-from .retry import DEFAULT_RETRY, RETRY_STATUSES, RetryPolicy, parse_retry_after
+from .retry import EqualJitterRetry, parse_retry_after
 
 if TYPE_CHECKING:
     from ..utils.config import ServerConfig
@@ -52,24 +52,25 @@ class FetchError(ItemError):
 @dataclass(frozen=True)
 class FetchSettings:
     """The server's download settings, as ``ImageFetcher`` takes them; picklable, for the decode
-    worker processes that fetch."""
+    worker processes that fetch. No defaults: they are the config's (``of``), written once there."""
 
-    timeout_s: float
+    timeout_s: float  # one image's whole budget, every attempt and wait included
+    attempt_timeout_s: float  # one request's; 0: no limit but the whole budget
     max_bytes: int
     max_redirects: int
     allow_private_networks: bool
     concurrency: int
-    attempt_timeout_s: float = 10.0
-    retry: RetryPolicy = DEFAULT_RETRY
-    host_connections: int = 32
-    headers: tuple[FetchHeader, ...] = ()
+    retry: EqualJitterRetry
+    host_connections: int
+    headers: tuple[FetchHeader, ...]
 
     @classmethod
     def of(cls, config: ServerConfig) -> FetchSettings:
         return cls(
-            config.fetch_timeout_s, config.max_image_bytes, config.max_redirects, config.allow_private_networks, config.fetch_concurrency,
-            attempt_timeout_s=config.fetch_attempt_timeout_s, retry=RetryPolicy(config.fetch_attempts, config.fetch_backoff_s),
-            host_connections=config.fetch_host_connections, headers=fetch_headers(config.fetch_header),
+            timeout_s=config.fetch_timeout_s, attempt_timeout_s=config.fetch_attempt_timeout_s, max_bytes=config.max_image_bytes,
+            max_redirects=config.max_redirects, allow_private_networks=config.allow_private_networks, concurrency=config.fetch_concurrency,
+            retry=EqualJitterRetry(config.fetch_attempts, config.fetch_backoff_s), host_connections=config.fetch_host_connections,
+            headers=fetch_headers(config.fetch_header),
         )
 
     def share(self, processes: int) -> FetchSettings:
@@ -77,52 +78,23 @@ class FetchSettings:
         so that together they keep within the cap (at least one each)."""
         return dataclasses.replace(self, host_connections=max(1, self.host_connections // processes))
 
-    def fetcher(self, events: FetchEvents | None = None) -> ImageFetcher:
-        return ImageFetcher(
-            timeout_s=self.timeout_s, max_bytes=self.max_bytes, max_redirects=self.max_redirects,
-            allow_private_networks=self.allow_private_networks, concurrency=self.concurrency,
-            attempt_timeout_s=self.attempt_timeout_s, retry=self.retry, host_connections=self.host_connections,
-            headers=self.headers, events=events,
-        )
-
-
-class _NoEvents:
-    def fetch_attempt(self, host: str, outcome: str) -> None:
-        pass
-
-    def fetch_retry(self, host: str, wait_s: float, retry_after: bool) -> None:
-        pass
 
 
 class ImageFetcher:
-    def __init__(
-        self,
-        *,
-        timeout_s: float,
-        max_bytes: int,
-        max_redirects: int,
-        allow_private_networks: bool,
-        concurrency: int,
-        attempt_timeout_s: float | None = None,
-        retry: RetryPolicy = DEFAULT_RETRY,
-        host_connections: int = 32,
-        headers: Sequence[FetchHeader] = (),
-        events: FetchEvents | None = None,
-        resolver: GuardedResolver | None = None,
-    ) -> None:
-        """``timeout_s``: one image's whole budget, every attempt and wait included;
-        ``attempt_timeout_s``: one request's (default: the whole budget). ``resolver`` replaces
-        the default guarded resolver (tests use it to decide which addresses count as forbidden)."""
-        self._timeout_s = timeout_s
-        self._attempt_timeout_s = attempt_timeout_s or timeout_s
-        self._max_bytes = max_bytes
-        self._max_redirects = max_redirects
-        self._allow_private = allow_private_networks
-        self._concurrency = concurrency
-        self._retry = retry
-        self._hosts = HostGate(host_connections)
-        self._headers = tuple(headers)
-        self._events: FetchEvents = events or _NoEvents()
+    def __init__(self, settings: FetchSettings, *, events: FetchEvents, resolver: GuardedResolver | None = None) -> None:
+        """``events``: where each attempt and retry is reported (the metrics, or a worker's
+        tally). ``resolver`` replaces the default guarded resolver (tests use it to decide which
+        addresses count as forbidden)."""
+        self._timeout_s = settings.timeout_s
+        self._attempt_timeout_s = settings.attempt_timeout_s or settings.timeout_s
+        self._max_bytes = settings.max_bytes
+        self._max_redirects = settings.max_redirects
+        self._allow_private = settings.allow_private_networks
+        self._concurrency = settings.concurrency
+        self._retry = settings.retry
+        self._hosts = HostGate(settings.host_connections)
+        self._headers = settings.headers
+        self._events = events
         self._guard = resolver or GuardedResolver()
         self._session: aiohttp.ClientSession | None = None
 
@@ -216,7 +188,7 @@ class ImageFetcher:
                         self._hosts.slow_down(hop_host)
                     reason = f"{url}: HTTP {status} {response.reason or ''}".rstrip()
                     kind = ErrorKind.NOT_FOUND if status in (404, 410) else ErrorKind.FETCH_FAILED
-                    retry = status in RETRY_STATUSES
+                    retry = status in FETCH_RETRY_STATUSES
                     after = parse_retry_after(response.headers.get("Retry-After")) if retry else None
                     raise FetchError(kind, reason, outcome=f"http_{status}", retry=retry, retry_after=after)
                 self._hosts.succeeded(hop_host)

@@ -14,27 +14,22 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
-# Statuses that say "not now" rather than "no": a later attempt may well succeed.
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-# The longest wait between two attempts without a Retry-After, whatever the attempt number.
-BACKOFF_CAP_S = 8.0
+from ..utils.config import FETCH_BACKOFF_CAP_S
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
+class EqualJitterRetry:
     """``attempts`` in all (the first included); the wait before retry n (1, 2, ...) is drawn
-    from [b/2, b] with b = min(``backoff_s`` * 2**(n-1), BACKOFF_CAP_S): jittered, so that items
-    that failed together do not all come back together."""
+    from [b/2, b] with b = min(``backoff_s`` * 2**(n-1), FETCH_BACKOFF_CAP_S): "equal jitter", so that
+    items that failed together do not all come back together, yet each waits at least half its
+    step (the SDK's ``clipserve.RetryPolicy`` draws from [0, b], "full jitter", for whole calls)."""
 
-    attempts: int = 4
-    backoff_s: float = 0.5
+    attempts: int
+    backoff_s: float
 
     def backoff(self, retry: int, rng: random.Random | None = None) -> float:
-        ceiling = min(self.backoff_s * 2 ** (retry - 1), BACKOFF_CAP_S)
+        ceiling = min(self.backoff_s * 2 ** (retry - 1), FETCH_BACKOFF_CAP_S)
         return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
-
-
-DEFAULT_RETRY = RetryPolicy()
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..utils.errors import ErrorKind, ItemError
-from .instances import ForwardFn, Instance, InstancePool, is_fatal
+from .instances import Instance, InstancePool, is_fatal
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +48,25 @@ class _Job:
 class Batcher:
     def __init__(
         self,
-        forward: ForwardFn | InstancePool,
+        instances: InstancePool,
         *,
         max_batch_size: int,
         max_delay_s: float,
         max_queue_size: int,
-        forward_timeout_s: float | None = None,
-        on_dead: Callable[[BaseException], None] | None = None,
-        on_batch: Callable[[int, float], None] | None = None,
-        thread_setup: Callable[[], None] | None = None,
+        forward_timeout_s: float,
+        on_dead: Callable[[BaseException], None],
+        on_batch: Callable[[int, float], None],
     ) -> None:
-        """``forward``: the model's instances, or one function (then one instance, whose thread
-        runs ``thread_setup`` first: see threads.model_thread_setup)."""
-        self._instances = forward if isinstance(forward, InstancePool) else InstancePool.single(forward, thread_setup=thread_setup)
+        """``instances``: the model's forward workers; ``forward_timeout_s``: how long a forward
+        may run before its instance counts as wedged (0: forever); ``on_dead``: told when the
+        batcher can take no more work; ``on_batch``: (items, seconds) after each successful forward."""
+        self._instances = instances
         self._forward_timeout_s = forward_timeout_s or None
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_delay_s
         self._max_queue_size = max_queue_size
         self._on_dead = on_dead
-        self._on_batch = on_batch  # (items, seconds) after each successful forward
+        self._on_batch = on_batch
         self._queue: collections.deque[_Job] = collections.deque()
         self._work = asyncio.Event()
         self._space = asyncio.Event()
@@ -191,8 +191,7 @@ class Batcher:
             return
         seconds = time.monotonic() - started
         self._instances.release(instance, len(batch), seconds)
-        if self._on_batch is not None:
-            self._on_batch(len(batch), seconds)
+        self._on_batch(len(batch), seconds)
         text_rows = iter(text_embeddings)
         image_rows = iter(image_embeddings)
         for job in batch:
@@ -262,5 +261,4 @@ class Batcher:
         self._dead = True
         self._failure = failure
         self._fail_queued(failure)
-        if self._on_dead is not None:
-            self._on_dead(exc)
+        self._on_dead(exc)

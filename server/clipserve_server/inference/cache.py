@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..models.model import Embedding
 from ..utils.domain import CacheStats
-from .soon import Later, Soon, outcome
+from .promises import Later, Soon, outcome
 
 
 @dataclass

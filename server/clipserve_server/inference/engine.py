@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..images.decode_pool import JobDecoder
-from ..images.fetch import FetchError, FetchSettings, ImageFetcher
+from ..images.fetch import FetchError, ImageFetcher
 from ..models.model import Embedding, EmbeddingModel
 from ..utils.config import ServerConfig
 from ..utils.domain import CacheStats, EmbedItem, ImageSource, ModelDescription, ScoreItem
@@ -29,7 +29,7 @@ from ..utils.metrics import Metrics
 from .batcher import Batcher
 from .cache import EmbeddingCache
 from .instances import InstancePool, InstanceStats
-from .soon import Soon, awaited, both, from_future, then
+from .promises import Soon, awaited, both, from_future, then
 from .uploads import UploadChecks
 
 log = logging.getLogger(__name__)
@@ -44,18 +44,17 @@ class ScoringEngine:
         model: EmbeddingModel,
         config: ServerConfig,
         *,
-        on_dead: Callable[[BaseException], None] | None = None,
+        name: str,
+        instances: InstancePool,
         decoder: JobDecoder,
-        metrics: Metrics | None = None,
-        name: str = "default",
-        instances: InstancePool | None = None,
-        fetcher: ImageFetcher | None = None,
+        fetcher: ImageFetcher,
+        metrics: Metrics,
+        on_dead: Callable[[BaseException], None],
     ) -> None:
-        """``decoder``: this model's view of the server's decode pool (which the server starts
-        and closes). ``instances``: the model's forward workers, one or more per device
-        (default: one running ``model.forward``). ``fetcher``: the server's, shared by its
-        models so that its per-host cap holds for them all (the server starts and closes it;
-        default: one of the engine's own)."""
+        """``name``: the model's, in requests and metrics; ``instances``: its forward workers,
+        one or more per device; ``decoder``: its view of the server's decode pool; ``fetcher``:
+        the server's, shared by its models so that its per-host cap holds for them all (the
+        server starts and closes both); ``on_dead``: told when the engine can score no more."""
         self.model = model
         self._metrics = metrics
         self.config = config
@@ -63,16 +62,15 @@ class ScoringEngine:
         self.image_cache = EmbeddingCache(config.image_cache_size)
         self._uploads = UploadChecks()
         self._batcher = Batcher(
-            instances or InstancePool.single(model.forward, device=model.description.device),
+            instances,
             max_batch_size=config.max_batch_size,
             max_delay_s=config.max_batch_delay_s,
             max_queue_size=config.resolved_max_queue_size,
             forward_timeout_s=config.forward_timeout_s,
             on_dead=on_dead,
-            on_batch=metrics.batch_observer(name) if metrics else None,
+            on_batch=metrics.batch_observer(name),
         )
-        self._owns_fetcher = fetcher is None
-        self._fetcher = fetcher or FetchSettings.of(config).fetcher(metrics)
+        self._fetcher = fetcher
         self._decoder = decoder
 
     @property
@@ -100,14 +98,10 @@ class ScoringEngine:
         return self.text_cache.stats(), self.image_cache.stats()
 
     async def start(self) -> None:
-        if self._owns_fetcher:
-            await self._fetcher.start()
         self._batcher.start()
 
     async def stop(self) -> None:
         await self._batcher.stop()
-        if self._owns_fetcher:
-            await self._fetcher.close()
 
     # -- scoring ---------------------------------------------------------------------------
     def score(self, item: ScoreItem, *, wait: bool) -> Soon[float]:
@@ -204,8 +198,7 @@ class ScoringEngine:
                 return await self._decoder.fetch_and_decode(url, name)
             return await self._decoder.decode(await self._fetcher.fetch(url), name)
         except FetchError as exc:
-            if self._metrics is not None:
-                self._metrics.fetch_failures.labels(reason=exc.kind.name.lower()).inc()
+            self._metrics.fetch_failures.labels(reason=exc.kind.name.lower()).inc()
             raise
 
     async def _content_hash(self, data: bytes | memoryview) -> str:

@@ -93,11 +93,6 @@ class InstancePool:
         self.instances = list(instances)
         self._freed = asyncio.Event()
 
-    @classmethod
-    def single(cls, forward: ForwardFn, *, device: str = "", thread_setup: Callable[[], None] | None = None) -> InstancePool:
-        """One instance: one forward at a time, as a model without ``--instances`` runs."""
-        return cls([Instance(device, 0, forward, thread_setup)])
-
     async def acquire(self) -> Instance:
         """Wait for a free instance and take it: on the device with the fewest busy instances,
         so that two devices share the work before either runs two forwards at once."""

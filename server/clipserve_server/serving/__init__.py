@@ -1,2 +1,2 @@
-"""The gRPC edges: the servicer, its wire format and status codes, auth/TLS, and the model
+"""The gRPC edges: the servicer, its lenient request decoding and status codes, auth/TLS, and the model
 registry the servicer routes through."""

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..inference.engine import ScoringEngine
-from ..inference.soon import awaited
+from ..inference.promises import awaited
 from ..utils.domain import EmbedItem, ImageSource, ScoreItem
 from ..utils.errors import ItemError
 from .status import grpc_code

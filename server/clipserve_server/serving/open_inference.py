@@ -10,8 +10,6 @@ gRPC answers them UNIMPLEMENTED.
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,11 +21,9 @@ from ..utils.metrics import Metrics
 from . import oip_messages as pb
 from .oip_models import BatchScores, ClipFeatures, describe
 from .registry import ModelRegistry
-from .servicer import call_id
-from .status import grpc_code
+from .status import guarded_unary
 from .tensors import raw_bytes, read_inputs
 
-log = logging.getLogger(__name__)
 
 _RPC = "ModelInfer"
 
@@ -39,24 +35,36 @@ class OpenInferenceServicer:
         self._metrics = metrics
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerLiveResponse(live=True)
+        async def live() -> Any:
+            return pb.ServerLiveResponse(live=True)
+
+        return await self._answer("ServerLive", context, live)
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        # As the standard health service: not ready once a model's batcher or instance has died.
-        alive = all(engine.alive for _, engine in self._registry.engines())
-        return pb.ServerReadyResponse(ready=self._registry.ready and not self._registry.closing and alive)
+        async def ready() -> Any:
+            # As the standard health service: not ready once a model's batcher or instance has died.
+            alive = all(engine.alive for _, engine in self._registry.engines())
+            return pb.ServerReadyResponse(ready=self._registry.ready and not self._registry.closing and alive)
+
+        return await self._answer("ServerReady", context, ready)
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            _, engine = self._model(request.name)
-        except ItemError as exc:
-            if exc.kind is not ErrorKind.UNAVAILABLE:  # loading or stopping: not ready; unknown: an error
-                await context.abort(grpc_code(exc.kind), exc.message)
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=engine.alive)
+        async def ready() -> Any:
+            try:
+                _, engine = self._model(request.name)
+            except ItemError as exc:
+                if exc.kind is not ErrorKind.UNAVAILABLE:  # loading or stopping: not ready; unknown: an error
+                    raise
+                return pb.ModelReadyResponse(ready=False)
+            return pb.ModelReadyResponse(ready=engine.alive)
+
+        return await self._answer("ModelReady", context, ready)
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerMetadataResponse(name="clipserve", version=__version__, extensions=[])
+        async def metadata() -> Any:
+            return pb.ServerMetadataResponse(name="clipserve", version=__version__, extensions=[])
+
+        return await self._answer("ServerMetadata", context, metadata)
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def metadata() -> Any:
@@ -98,21 +106,8 @@ class OpenInferenceServicer:
         return BatchScores(engine), engine
 
     async def _answer(self, rpc: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[Any]]) -> Any:
-        """``work``'s answer, or the call ended with the status its error maps to."""
-        started = time.monotonic()
-        code, message = grpc.StatusCode.OK, ""
-        try:
-            response = await work()
-        except ItemError as exc:
-            code, message = grpc_code(exc.kind), exc.message
-        except Exception as exc:
-            log.exception("%s failed unexpectedly", rpc, extra={"call_id": call_id(context)})
-            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
-        self._metrics.calls.labels(rpc=rpc, code=code.name).inc()
-        if code is not grpc.StatusCode.OK:
-            log.info("%s refused", rpc, extra={"call_id": call_id(context), "code": code.name, "error": message, "peer": context.peer(), "seconds": round(time.monotonic() - started, 3)})
-            await context.abort(code, message)
-        return response
+        """``work``'s answer through the one unary guard (serving/status.py)."""
+        return await guarded_unary(rpc, context, self._metrics, work)
 
 
 def add_open_inference_to_server(servicer: OpenInferenceServicer, server: grpc.aio.Server) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import collections
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -14,14 +13,15 @@ import grpc
 from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
 
 from clipserve import __version__
+from clipserve._wire import MAX_IN_FLIGHT_KEY
 from ..inference.engine import ScoringEngine
-from ..inference.soon import Later, Soon, awaited
+from ..inference.promises import Later, Soon, awaited
 from ..utils.domain import CacheStats, EmbedItem, ImageSource, ScoreItem
 from ..utils.errors import ErrorKind, ItemError
 from ..utils.metrics import Metrics
+from .lenient_decoding import MalformedRequest, parse_embed_chunk, parse_embed_request, parse_score_chunk, parse_score_request
 from .registry import ModelRegistry
-from .status import grpc_code, reason
-from .wire import MalformedRequest, parse_embed_chunk, parse_embed_request, parse_score_chunk, parse_score_request
+from .status import call_id, grpc_code, guarded_unary, reason
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,6 @@ _END_OF_INPUT = object()
 # Most answers in one ScoreResponseChunk / EmbedResponseChunk: 128 embeddings of 1024 floats
 # are ~0.5 MiB, well inside a client's default 4 MiB receive limit.
 _ANSWERS_PER_CHUNK = 128
-# Initial metadata of every stream (protos/: "Windows"): how many items the server reads ahead.
-MAX_IN_FLIGHT_KEY = "clipserve-max-in-flight"
 
 ScoreRequest = scorer_pb2.ScoreRequest | MalformedRequest
 EmbedRequest = scorer_pb2.EmbedRequest | MalformedRequest
@@ -75,14 +73,6 @@ def _cache_stats(stats: CacheStats) -> scorer_pb2.CacheStats:
     )
 
 
-def call_id(context: grpc.aio.ServicerContext) -> str:
-    """The caller's ``x-request-id``, or a fresh id: ties a call's log lines together."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str) and value:
-            return value[:64]
-    return uuid.uuid4().hex[:12]
-
-
 class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
     def __init__(self, registry: ModelRegistry, *, stream_max_in_flight: int, metrics: Metrics) -> None:
         self._registry = registry
@@ -93,23 +83,20 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
     async def Score(self, request: ScoreRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.ScoreResponse:
         started = time.monotonic()
         self._received(request)
-        code, message, model = grpc.StatusCode.OK, "", ""
-        try:
+        model = ""
+
+        async def score() -> scorer_pb2.ScoreResponse:
+            nonlocal model
             model, engine = self._engine(request)
-            score = await awaited(engine.score(to_item(request), wait=False))
-        except ItemError as exc:
-            code, message = grpc_code(exc.kind), exc.message
-        except Exception as exc:
-            log.exception("Score failed unexpectedly", extra={"call_id": call_id(context)})
-            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
-        self._metrics.item_answered("Score", code.name, model, time.monotonic() - started)
-        self._metrics.calls.labels(rpc="Score", code=code.name).inc()
-        if code is not grpc.StatusCode.OK:
-            log.info("Score failed", extra={"call_id": call_id(context), "request_id": request.request_id, "code": code.name, "error": message, "peer": context.peer()})
-            await context.abort(code, message)
-        response = _score_response(request)
-        response.score = score
-        return response
+            response = _score_response(request)
+            response.score = await awaited(engine.score(to_item(request), wait=False))
+            return response
+
+        def answered(code: str) -> None:  # the pair is an item too: its latency, by model
+            self._metrics.item_answered("Score", code, model, time.monotonic() - started)
+
+        extra = {"request_id": getattr(request, "request_id", "")}
+        return await guarded_unary("Score", context, self._metrics, score, on_done=answered, log_extra=extra)
 
     async def ScoreBatch(self, requests: AsyncIterator[ScoreRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[scorer_pb2.ScoreResponse]:
         async for response in self._stream("ScoreBatch", requests, context, self._score_item):
@@ -146,17 +133,19 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
 
     # -- models ------------------------------------------------------------------------------
     async def GetModelInfo(self, request: scorer_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.ModelInfo:
-        try:
-            name, engine = self._engine(request)
-        except ItemError as exc:
-            await context.abort(grpc_code(exc.kind), exc.message)
-        return self._model_info(name, engine)
+        async def info() -> scorer_pb2.ModelInfo:
+            return self._model_info(*self._engine(request))
+
+        return await guarded_unary("GetModelInfo", context, self._metrics, info)
 
     async def ListModels(self, request: scorer_pb2.ListModelsRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.ListModelsResponse:
-        if not self._registry.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the models are still loading; retry shortly")
-        models = [self._model_info(name, engine) for name, engine in self._registry.engines()]
-        return scorer_pb2.ListModelsResponse(models=models, default_model=self._registry.default)
+        async def models() -> scorer_pb2.ListModelsResponse:
+            if not self._registry.ready:
+                raise ItemError(ErrorKind.UNAVAILABLE, "the models are still loading; retry shortly")
+            listed = [self._model_info(name, engine) for name, engine in self._registry.engines()]
+            return scorer_pb2.ListModelsResponse(models=listed, default_model=self._registry.default)
+
+        return await guarded_unary("ListModels", context, self._metrics, models)
 
     def _model_info(self, name: str, engine: ScoringEngine) -> scorer_pb2.ModelInfo:
         d = engine.description
@@ -200,58 +189,10 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
     def _answer(
         self, rpc: str, request: Any, ids: dict[str, str], response: Any, work: Callable[[ScoringEngine], Soon[Any]], fill: Callable[[Any], None], deliver: Deliver
     ) -> Later | None:
-        """Start one item's ``work``; put its outcome (or its error) into ``response`` with
-        ``fill`` and hand the response to ``deliver``: now, if the outcome is ready (a cached
-        pair), else from a callback when it is. Returns what is still to come, if anything
-        (the stream cancels it when it ends early). No task per item: see soon.py."""
-        started = time.monotonic()
+        """Start one item's ``work`` (see ``_ItemCall``); returns what is still to come, if
+        anything (the stream cancels it when it ends early)."""
         self._received(request)
-        model = ""
-        error: Exception | None = None
-        try:
-            model, engine = self._engine(request)
-            outcome = work(engine)
-            if isinstance(outcome, Later):
-                outcome.add_callback(lambda later: self._landed(rpc, request, ids, response, model, started, later, fill, deliver))
-                return outcome
-            fill(outcome)
-        except Exception as exc:
-            error = exc
-        self._finish(rpc, request, ids, response, model, started, error)
-        deliver(response)
-        return None
-
-    def _landed(
-        self, rpc: str, request: Any, ids: dict[str, str], response: Any, model: str, started: float, outcome: Later, fill: Callable[[Any], None], deliver: Deliver
-    ) -> None:
-        """A waiting item's outcome has come: fill, count and hand over its response."""
-        error: Exception | None = None
-        try:
-            fill(outcome.result())
-        except Exception as exc:
-            error = exc
-        self._finish(rpc, request, ids, response, model, started, error)
-        deliver(response)
-
-    def _finish(self, rpc: str, request: Any, ids: dict[str, str], response: Any, model: str, started: float, error: BaseException | None) -> None:
-        """Put ``error`` (if any) into ``response``; count and log the item's outcome."""
-        if isinstance(error, ItemError):
-            response.error.code = grpc_code(error.kind).name
-            response.error.message = error.message
-            response.error.reason = reason(error.kind)
-        elif error is not None:  # a bug must cost one item, never the stream or a lost answer
-            log.error("an item failed unexpectedly", exc_info=error, extra={**ids, "request_id": request.request_id})
-            response.error.code = grpc.StatusCode.INTERNAL.name
-            response.error.message = f"internal error: {type(error).__name__}: {error}"
-        if response.error.reason:
-            # Not an outcome but a step of the upload protocol: the caller resends the item.
-            self._metrics.bytes_requested.inc()
-            return
-        code = response.error.code or grpc.StatusCode.OK.name
-        model = model if model in self._registry.names else ""  # never a label per unknown name
-        self._metrics.item_answered(rpc, code, model, time.monotonic() - started)
-        if error is not None:
-            log.info("item failed", extra={**ids, "request_id": request.request_id, "code": code, "error": response.error.message})
+        return _ItemCall(self, rpc, request, ids, response, fill, deliver).start(work)
 
     async def _stream(
         self,
@@ -273,82 +214,176 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         started = time.monotonic()
         failed = 0
         final_code = grpc.StatusCode.CANCELLED
-        # At most `limit` items are read but not yet answered: when that many are out we stop
-        # reading, and gRPC flow control slows the client down.
-        limit = self._stream_max_in_flight
+        window = _StreamWindow(self._stream_max_in_flight)
         # Told to the client up front: the SDK keeps that many outstanding, so that a server
         # set up for a big model on a GPU is fed as deep as it reads, with no setting per client.
-        await context.send_initial_metadata(((MAX_IN_FLIGHT_KEY, str(limit)),))
-        room = asyncio.Event()
-        # Answers in completion order, then the reader's end (or its failure); a deque and an
-        # event rather than an asyncio.Queue: two cheap calls per item instead of coroutines.
-        ready: collections.deque[Any] = collections.deque()
-        arrived = asyncio.Event()
-        waiting: set[Later] = set()  # items whose outcome is still to come
-        sent = answered = 0
-
-        def deliver(answer: Any) -> None:
-            ready.append(answer)
-            arrived.set()
+        await context.send_initial_metadata(((MAX_IN_FLIGHT_KEY, str(window.limit)),))
 
         async def read() -> None:
-            nonlocal sent
             try:
                 async for message in messages:
                     for request in message if pack is not None else (message,):
-                        while sent - answered >= limit:
-                            room.clear()
-                            await room.wait()
-                        later = answer_one(rpc, request, ids, deliver)
-                        if later is not None and not later.settled:
-                            waiting.add(later)
-                            later.add_callback(waiting.discard)
-                        sent += 1
+                        await window.room()
+                        window.sent(answer_one(rpc, request, ids, window.deliver))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # reading failed (the client went away): end the stream with it
-                deliver(exc)
+                window.deliver(exc)
                 return
-            deliver(_END_OF_INPUT)
+            window.deliver(_END_OF_INPUT)
 
         reader = asyncio.ensure_future(read())
-        input_done = False
         try:
-            while not (input_done and answered == sent):
-                while not ready:
-                    arrived.clear()
-                    await arrived.wait()
-                batch = [ready.popleft() for _ in range(min(len(ready), _ANSWERS_PER_CHUNK))]
+            while not window.drained:
+                batch = await window.ready_batch()
                 done = [x for x in batch if x is not _END_OF_INPUT and not isinstance(x, Exception)]
-                input_done = input_done or any(x is _END_OF_INPUT for x in batch)
+                if any(x is _END_OF_INPUT for x in batch):
+                    window.input_done = True
                 if done:
                     if pack is not None:
                         yield pack(items=done)
                     else:
                         for response in done:
                             yield response
-                    answered += len(done)
+                    window.answered(len(done))
                     failed += sum(response.HasField("error") for response in done)
-                    room.set()
                 for error in (x for x in batch if isinstance(x, Exception)):
                     raise error  # reading failed: after the answers that were ready
             final_code = grpc.StatusCode.OK
         finally:
             reader.cancel()
-            for later in list(waiting):
-                later.cancel()
+            window.cancel_waiting()
             self._metrics.calls.labels(rpc=rpc, code=final_code.name).inc()
             log.info(
                 "%s %s",
                 rpc,
                 "finished" if final_code is grpc.StatusCode.OK else "ended early",
-                extra={**ids, "items": answered, "failed": failed, "seconds": round(time.monotonic() - started, 3), "code": final_code.name},
+                extra={**ids, "items": window.answered_count, "failed": failed, "seconds": round(time.monotonic() - started, 3), "code": final_code.name},
             )
+
+
+class _ItemCall:
+    """One item of a call: its request, the response being filled, and how its outcome is
+    counted and handed over (``deliver``) when it comes: now, if it is ready (a cached pair),
+    else from a callback. No task per item: see promises.py."""
+
+    __slots__ = ("_servicer", "_rpc", "_request", "_ids", "_response", "_fill", "_deliver", "_model", "_started")
+
+    def __init__(self, servicer: ScorerServicer, rpc: str, request: Any, ids: dict[str, str], response: Any, fill: Callable[[Any], None], deliver: Deliver) -> None:
+        self._servicer = servicer
+        self._rpc = rpc
+        self._request = request
+        self._ids = ids
+        self._response = response
+        self._fill = fill
+        self._deliver = deliver
+        self._model = ""
+        self._started = time.monotonic()
+
+    def start(self, work: Callable[[ScoringEngine], Soon[Any]]) -> Later | None:
+        error: Exception | None = None
+        try:
+            self._model, engine = self._servicer._engine(self._request)
+            outcome = work(engine)
+            if isinstance(outcome, Later):
+                outcome.add_callback(self._landed)
+                return outcome
+            self._fill(outcome)
+        except Exception as exc:
+            error = exc
+        self._finish(error)
+        return None
+
+    def _landed(self, outcome: Later) -> None:
+        """A waiting item's outcome has come: fill, count and hand over its response."""
+        error: Exception | None = None
+        try:
+            self._fill(outcome.result())
+        except Exception as exc:
+            error = exc
+        self._finish(error)
+
+    def _finish(self, error: BaseException | None) -> None:
+        """Put ``error`` (if any) into the response; count and log the outcome; deliver."""
+        response, metrics = self._response, self._servicer._metrics
+        if isinstance(error, ItemError):
+            response.error.code = grpc_code(error.kind).name
+            response.error.message = error.message
+            response.error.reason = reason(error.kind)
+        elif error is not None:  # a bug must cost one item, never the stream or a lost answer
+            log.error("an item failed unexpectedly", exc_info=error, extra={**self._ids, "request_id": self._request.request_id})
+            response.error.code = grpc.StatusCode.INTERNAL.name
+            response.error.message = f"internal error: {type(error).__name__}: {error}"
+        if response.error.reason:
+            # Not an outcome but a step of the upload protocol: the caller resends the item.
+            metrics.bytes_requested.inc()
+        else:
+            code = response.error.code or grpc.StatusCode.OK.name
+            model = self._model if self._model in self._servicer._registry.names else ""  # never a label per unknown name
+            metrics.item_answered(self._rpc, code, model, time.monotonic() - self._started)
+            if error is not None:
+                log.info("item failed", extra={**self._ids, "request_id": self._request.request_id, "code": code, "error": response.error.message})
+        self._deliver(response)
+
+
+class _StreamWindow:
+    """What a stream has read and not yet answered. At most ``limit`` items are out: then the
+    reader waits, and gRPC flow control slows the client down. Answers queue in completion
+    order, then the reader's end (or its failure): a deque and an event rather than an
+    asyncio.Queue, two cheap calls per item instead of coroutines."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.input_done = False
+        self.answered_count = 0
+        self._sent = 0
+        self._room = asyncio.Event()
+        self._ready: collections.deque[Any] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._waiting: set[Later] = set()  # items whose outcome is still to come
+
+    def deliver(self, answer: Any) -> None:
+        self._ready.append(answer)
+        self._arrived.set()
+
+    async def room(self) -> None:
+        """Until the window has room for one more item."""
+        while self._sent - self.answered_count >= self.limit:
+            self._room.clear()
+            await self._room.wait()
+
+    def sent(self, later: Later | None) -> None:
+        """One more item is out; ``later``: its outcome, if still to come."""
+        if later is not None and not later.settled:
+            self._waiting.add(later)
+            later.add_callback(self._waiting.discard)
+        self._sent += 1
+
+    @property
+    def drained(self) -> bool:
+        """The input has ended and every item read is answered."""
+        return self.input_done and self.answered_count == self._sent
+
+    async def ready_batch(self) -> list[Any]:
+        """What is ready (at most _ANSWERS_PER_CHUNK), once something is."""
+        while not self._ready:
+            self._arrived.clear()
+            await self._arrived.wait()
+        return [self._ready.popleft() for _ in range(min(len(self._ready), _ANSWERS_PER_CHUNK))]
+
+    def answered(self, count: int) -> None:
+        self.answered_count += count
+        self._room.set()
+
+    def cancel_waiting(self) -> None:
+        """The stream ended early: withdraw from every outcome still to come."""
+        for later in list(self._waiting):
+            later.cancel()
 
 
 def add_scorer_to_server(servicer: ScorerServicer, server: grpc.aio.Server) -> None:
     """Like the generated ``add_ScorerServicer_to_server``, but requests are decoded by
-    ``wire`` so that one malformed message costs one item, not the stream."""
+    ``lenient_decoding`` so that one malformed message costs one item, not the stream."""
     score_response = scorer_pb2.ScoreResponse.SerializeToString
     handlers = {
         "Score": grpc.unary_unary_rpc_method_handler(servicer.Score, request_deserializer=parse_score_request, response_serializer=score_response),

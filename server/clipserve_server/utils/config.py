@@ -1,34 +1,21 @@
-"""Server configuration: defaults < config files < ``CLIPSERVE_*`` env < command-line flags.
-
-Everything is read once, at start-up, into one frozen ``ServerConfig`` that is handed to the
-components; nothing reads the environment at import time or later.
-
-Config files (``--config``, repeatable, later ones win): clipserve's own ``clipserve.toml``
-(a ``[server]`` table taking any flag by name, and ``[models.NAME]`` tables), and the benchmark
-maker's ``config.toml``, from whose ``[similarity_config]`` the model, device, dtype and
-safetensors choice are read (nothing of clipserve's ever goes into that file: its loader
-refuses keys it does not know).
+"""Server configuration: one frozen ``ServerConfig``, read once at start-up (by
+``clipserve_server.config_loaders``: defaults < config files < ``CLIPSERVE_*`` env < flags) and
+handed to the components; nothing reads the environment at import time or later. Its
+``__post_init__`` checks and normalises it, however it was built.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import fnmatch
+import functools
 import os
 import re
-import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from clipserve._wire import DEFAULT_MAX_IMAGE_BYTES
 
-ENV_PREFIX = "CLIPSERVE_"
 DTYPES = ("float32", "float16", "bfloat16", "auto")
 DECODE_POOLS = ("auto", "threads", "processes")
 # What runs the towers' forward (models/runtimes/): auto = openvino on CPU when installed, else torch.
@@ -39,11 +26,13 @@ MIN_STREAM_WINDOW = 256
 # --max-queue-size 0: room for two streams' windows, at least MIN_QUEUE_SIZE.
 QUEUE_WINDOWS = 2
 MIN_QUEUE_SIZE = 1024
+# Download statuses that say "not now" rather than "no" (images/retry.py retries them), and the
+# longest wait between two attempts without a Retry-After: written here, in the bottom layer, so
+# that --help says what the fetcher does.
+FETCH_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+FETCH_BACKOFF_CAP_S = 8.0
+_RETRIED = "/".join(str(status) for status in sorted(FETCH_RETRY_STATUSES))
 
-# Keys of the adapter's [similarity_config] table that mean the same thing here.
-_SIMILARITY_KEYS = {"model": "model", "device": "device", "torch_dtype": "dtype", "use_safetensors": "use_safetensors"}
-# What a [models.NAME] table of clipserve.toml may hold: the per-model flags.
-_MODEL_TABLE_KEYS = {"source": "model", "text_model": "text_model", "pretrained": "pretrained"}
 # NAME=VALUE in --model, --text-model, --pretrained (a name has no ':' or '/', so that neither
 # a hub id nor "fake:forward_ms=30" reads as one).
 _NAMED = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.-]*)=(.+)", re.DOTALL)
@@ -151,8 +140,8 @@ class ServerConfig:
     image_cache_size: int = dataclasses.field(default=50_000, metadata={"help": "image embeddings kept (LRU)"})
     fetch_timeout_s: float = dataclasses.field(default=15.0, metadata={"help": "total seconds allowed to download one image"})
     fetch_attempt_timeout_s: float = dataclasses.field(default=10.0, metadata={"help": "longest one HTTP request of a download may take, connect to last byte; a request that runs out is retried while --fetch-timeout-s, the total, allows (0: no limit but the total)"})
-    fetch_attempts: int = dataclasses.field(default=4, metadata={"help": "tries per image, the first included, after a transient failure (connect error, timeout, reset, HTTP 408/429/500/502/503/504); all within --fetch-timeout-s (1: never retry)"})
-    fetch_backoff_s: float = dataclasses.field(default=0.5, metadata={"help": "wait before the first retry, doubling for each next one (jittered, at most 8 s); a Retry-After header from the host replaces it"})
+    fetch_attempts: int = dataclasses.field(default=4, metadata={"help": "tries per image, the first included, after a transient failure (connect error, timeout, reset, HTTP " + _RETRIED + "); all within --fetch-timeout-s (1: never retry)"})
+    fetch_backoff_s: float = dataclasses.field(default=0.5, metadata={"help": f"wait before the first retry, doubling for each next one (jittered, at most {FETCH_BACKOFF_CAP_S:g} s); a Retry-After header from the host replaces it"})
     fetch_host_connections: int = dataclasses.field(default=32, metadata={"help": "most simultaneous downloads from one host, across the server (decode worker processes each get an equal share); a host answering 429 gets fewer"})
     fetch_header: tuple[str, ...] = dataclasses.field(
         default=(),
@@ -160,7 +149,7 @@ class ServerConfig:
         metadata={"help": "HOST_PATTERN=Name: value, repeatable: a request header (e.g. Authorization) sent only to hosts matching the pattern (fnmatch, e.g. '*.example.org'), never after a redirect to another host, never logged"},
     )
     fetch_concurrency: int = dataclasses.field(default=64, metadata={"help": "simultaneous image downloads"})
-    max_image_bytes: int = dataclasses.field(default=32 * 1024 * 1024, metadata={"help": "largest image file accepted (download or upload)"})
+    max_image_bytes: int = dataclasses.field(default=DEFAULT_MAX_IMAGE_BYTES, metadata={"help": "largest image file accepted (download or upload)"})
     max_image_pixels: int = dataclasses.field(default=50_000_000, metadata={"help": "largest width*height decoded (decompression-bomb guard)"})
     max_redirects: int = dataclasses.field(default=5, metadata={"help": "HTTP redirects followed per image"})
     allow_private_networks: bool = dataclasses.field(default=False, metadata={"help": "allow image URLs on loopback/private/link-local addresses"})
@@ -188,6 +177,9 @@ class ServerConfig:
         return "" if self.v2_alias in names else self.v2_alias
 
     def __post_init__(self) -> None:
+        if not self.cache:  # --no-cache (cache=False) empties both caches, however the config is built
+            object.__setattr__(self, "text_cache_size", 0)
+            object.__setattr__(self, "image_cache_size", 0)
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
         if self.dtype not in DTYPES:
@@ -198,7 +190,7 @@ class ServerConfig:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {self.runtime!r}")
         if self.compile and self.runtime not in ("auto", "torch"):
             raise ValueError(f"--compile is torch.compile of the torch runtime's image tower: it does not go with --runtime {self.runtime}")
-        model_specs(self.model, self.text_model, self.pretrained)  # refuse a bad list of models now
+        _ = self.models  # refuse a bad list of models now (read once, then cached)
         devices = device_entries(self.device)  # refuse an empty entry now
         if self.gpu_decode and "cpu" in devices:
             raise ValueError("gpu_decode decodes on the model's CUDA device: it needs --device cuda (or auto on a machine with CUDA)")
@@ -210,7 +202,7 @@ class ServerConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
 
-    @property
+    @functools.cached_property
     def models(self) -> tuple[ModelSpec, ...]:
         return model_specs(self.model, self.text_model, self.pretrained)
 
@@ -246,125 +238,3 @@ def device_entries(device: str) -> list[str]:
     if not all(entries):
         raise ValueError(f"device {device!r}: an empty entry in the list")
     return entries
-
-
-def _field_type(field: dataclasses.Field) -> type:
-    annotation = str(field.type)
-    if annotation.startswith("tuple"):
-        return tuple
-    if annotation.startswith("bool"):
-        return bool
-    if annotation.startswith("int"):
-        return int
-    if annotation.startswith("float"):
-        return float
-    return str
-
-
-def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
-    kind = _field_type(field)
-    if kind is tuple:
-        # A list (TOML), or one string: several entries separated by ";" (environment).
-        entries = value if isinstance(value, (list, tuple)) else str(value).split(";")
-        if not all(isinstance(entry, str) for entry in entries):
-            raise ValueError(f"{source}: expected text, got {value!r}")
-        return tuple(entry.strip() for entry in entries if entry.strip())
-    if isinstance(value, str):
-        text = value.strip()
-        if kind is bool:
-            lowered = text.lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"{source}: expected true/false, got {value!r}")
-        try:
-            return kind(text)
-        except ValueError:
-            raise ValueError(f"{source}: expected {kind.__name__}, got {value!r}") from None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is not str and not isinstance(value, kind):
-        raise ValueError(f"{source}: expected {kind.__name__}, got {value!r}")
-    return value
-
-
-def from_toml(path: str | Path) -> dict[str, Any]:
-    """Settings from a config file: the benchmark maker's ``[similarity_config]`` keys, and
-    clipserve's own ``[server]`` and ``[models.NAME]`` tables."""
-    with open(path, "rb") as fh:
-        data = tomllib.load(fh)
-    known = {f.name: f for f in fields(ServerConfig)}
-    values: dict[str, Any] = {}
-    for key, name in _SIMILARITY_KEYS.items():
-        if key in data.get("similarity_config", {}):
-            values[name] = _coerce(known[name], data["similarity_config"][key], f"{path}: [similarity_config].{key}")
-    for key, value in data.get("server", {}).items():
-        if key not in known:
-            raise ValueError(f"{path}: unknown key [server].{key}")
-        values[key] = _coerce(known[key], value, f"{path}: [server].{key}")
-    models = data.get("models", {})
-    if models:
-        per_model: dict[str, list[str]] = {name: [] for name in _MODEL_TABLE_KEYS.values()}
-        for name, table in models.items():
-            if not isinstance(table, dict) or "source" not in table:
-                raise ValueError(f"{path}: [models.{name}] needs source = \"<hub id or folder>\"")
-            for key, value in table.items():
-                if key not in _MODEL_TABLE_KEYS:
-                    raise ValueError(f"{path}: unknown key [models.{name}].{key} (it takes {', '.join(_MODEL_TABLE_KEYS)})")
-                per_model[_MODEL_TABLE_KEYS[key]].append(f"{name}={value}")
-        values.update({flag: tuple(entries) for flag, entries in per_model.items() if entries})
-    return values
-
-
-def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for field in fields(ServerConfig):
-        name = ENV_PREFIX + field.name.upper()
-        if name in environ and environ[name] != "":
-            values[field.name] = _coerce(field, environ[name], name)
-    return values
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="clipserve serve",
-        description="Serve a CLIP-family model over gRPC. Every flag can also be set as "
-        f"{ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}MAX_BATCH_SIZE; several models separated by ';') or in the [server] "
-        "table of a --config file; flags win over the environment, which wins over the files.",
-    )
-    parser.add_argument(
-        "--config",
-        action="append",
-        default=None,
-        help="clipserve.toml ([server], [models.NAME]) or the benchmark maker's config.toml (its [similarity_config] model, "
-        f"device, torch_dtype); repeatable, later files win (env: {ENV_PREFIX}CONFIG)",
-    )
-    for field in fields(ServerConfig):
-        flag = "--" + field.name.replace("_", "-")
-        help_text = f"{field.metadata.get('help', '')} (default: {field.default})"
-        kind = _field_type(field)
-        if kind is bool:
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif kind is tuple:
-            parser.add_argument(flag, dest=field.name, action="append", default=None, help=help_text)
-        else:
-            parser.add_argument(flag, dest=field.name, type=kind, default=None, help=help_text, choices=field.metadata.get("choices"))
-    return parser
-
-
-def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
-    """Build the one frozen config from flags, environment and file (see module docstring)."""
-    environ = os.environ if environ is None else environ
-    args = build_parser().parse_args(argv)
-    config_paths = args.config or [p for p in environ.get(ENV_PREFIX + "CONFIG", "").split(os.pathsep) if p]
-    values: dict[str, Any] = {}
-    for path in config_paths:
-        values.update(from_toml(path))
-    values.update(from_env(environ))
-    values.update({k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k != "config" and v is not None})
-    # --no-cache is the documented switch; it empties both caches.
-    if values.get("cache") is False:
-        values["text_cache_size"] = 0
-        values["image_cache_size"] = 0
-    return ServerConfig(**values)

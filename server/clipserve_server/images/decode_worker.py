@@ -46,7 +46,9 @@ REQUEST = struct.Struct("<IIIII")
 # (``FetchTally.drain``), for the server's metrics.
 REPLY = struct.Struct("<III")
 SIZE = struct.Struct("<Q")
-STATUS = struct.Struct("<I")  # 1 + the slot being decoded, 0 while none is: who is to blame for a crash
+# 1 + the slot being decoded (0 while none is: who is to blame for a crash), and the count of
+# decodes begun (the server's budget watch tells one decode from the next in the same slot).
+STATUS = struct.Struct("<II")
 UPLOAD_SLOTS = 2  # slots 0 and 1 carry uploads: one being decoded, the next waiting
 RESULT_SLOT_BYTES = 32 << 20  # float32 pixel_values up to 3x1600x1600; larger results go in the pipe
 READY = b"R"
@@ -68,6 +70,7 @@ class _Worker:
         self._results = results
         self._status = slots * RESULT_SLOT_BYTES
         self._downloads: set[asyncio.Task] = set()
+        self._begun = 0
 
     async def serve(self, requests: asyncio.StreamReader) -> None:
         """Answer every request until the server closes the pipe."""
@@ -109,7 +112,8 @@ class _Worker:
             self._decode(slot, job, data, name)
 
     def _decode(self, slot: int, job: int, data: bytes, name: str) -> None:
-        self._results[self._status : self._status + STATUS.size] = STATUS.pack(slot + 1)
+        self._begun += 1
+        self._results[self._status : self._status + STATUS.size] = STATUS.pack(slot + 1, self._begun)
         try:
             ok, value = True, self._jobs[job](data, name)
         except ItemError as exc:
@@ -117,7 +121,7 @@ class _Worker:
         except Exception as exc:  # a bug: this image fails, the worker goes on
             ok, value = False, (ErrorKind.INTERNAL.name, f"{name}: decoding failed: {type(exc).__name__}: {exc}", False)
         # Cleared before the reply: once the server has it, it may reuse the slot.
-        self._results[self._status : self._status + STATUS.size] = STATUS.pack(0)
+        self._results[self._status : self._status + STATUS.size] = STATUS.pack(0, self._begun)
         self._reply(slot, ok, value)
 
     def _reply(self, slot: int, ok: bool, value: Any) -> None:

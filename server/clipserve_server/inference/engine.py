@@ -21,6 +21,7 @@ import numpy as np
 
 from ..images.decode_pool import JobDecoder
 from ..images.fetch import FetchError, FetchSettings, ImageFetcher
+from ..images.geometry import DEFAULT_LIMITS, ImageLimits, check_size
 from ..models.model import Embedding, EmbeddingModel
 from ..utils.config import ServerConfig
 from ..utils.domain import CacheStats, EmbedItem, ImageSource, ModelDescription, ScoreItem
@@ -29,6 +30,7 @@ from ..utils.metrics import Metrics
 from .batcher import Batcher
 from .cache import EmbeddingCache
 from .instances import InstancePool, InstanceStats
+from .queries import cut_query, query_char_limit
 from .soon import Soon, awaited, both, from_future, then
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class ScoringEngine:
         config: ServerConfig,
         *,
         on_dead: Callable[[BaseException], None] | None = None,
+        on_alive: Callable[[], None] | None = None,
         decoder: JobDecoder,
         metrics: Metrics | None = None,
         name: str = "default",
@@ -51,14 +54,15 @@ class ScoringEngine:
         fetcher: ImageFetcher | None = None,
     ) -> None:
         """``decoder``: this model's view of the server's decode pool (which the server starts
-        and closes). ``instances``: the model's forward workers, one or more per device
+        and closes). ``on_dead``, ``on_alive``: the model stopped serving (a dead or wedged
+        instance), and serves again (a wedged forward finished). ``instances``: the model's forward workers, one or more per device
         (default: one running ``model.forward``). ``fetcher``: the server's, shared by its
         models so that its per-host cap holds for them all (the server starts and closes it;
         default: one of the engine's own)."""
         self.model = model
         self._metrics = metrics
         self.config = config
-        self.text_cache = EmbeddingCache(config.text_cache_size)
+        self.text_cache = EmbeddingCache(config.text_cache_size, max_bytes=config.text_cache_mb << 20)
         self.image_cache = EmbeddingCache(config.image_cache_size)
         self._batcher = Batcher(
             instances or InstancePool.single(model.forward, device=model.description.device),
@@ -67,11 +71,14 @@ class ScoringEngine:
             max_queue_size=config.resolved_max_queue_size,
             forward_timeout_s=config.forward_timeout_s,
             on_dead=on_dead,
+            on_alive=on_alive,
             on_batch=metrics.batch_observer(name) if metrics else None,
         )
         self._owns_fetcher = fetcher is None
         self._fetcher = fetcher or FetchSettings.of(config).fetcher(metrics)
         self._decoder = decoder
+        self._max_query_chars = query_char_limit(config.max_query_chars, model.description.max_text_tokens)
+        self._image_limits = ImageLimits(config.max_image_aspect_ratio, config.max_jpeg_scans)
 
     @property
     def description(self) -> ModelDescription:
@@ -113,8 +120,8 @@ class ScoringEngine:
         find their query cached, many their image too), else a ``Later`` of it that waits
         only for what is missing. ``wait``: queue for room when the server is full (streams) rather
         than fail with OVERLOADED (unary calls). Bad input raises ItemError here."""
-        query = validate_query(item.query)
-        validate_image(item.image, self.config.max_image_bytes, self.config.max_image_pixels)
+        query = cut_query(validate_query(item.query), self._max_query_chars)
+        validate_image(item.image, self.config.max_image_bytes, self.config.max_image_pixels, self._image_limits)
         image = self._image_embedding(item.image, wait)  # first: it may refuse at once (IMAGE_BYTES_NEEDED)
         return both(self._text_embedding(query, wait), image, self.model.score)
 
@@ -124,10 +131,10 @@ class ScoringEngine:
         It comes from the same caches and batches as scoring: an Embed of an image already
         scored costs no forward pass, and the other way round."""
         if item.text is not None:
-            embedding = self._text_embedding(validate_query(item.text), wait)
+            embedding = self._text_embedding(cut_query(validate_query(item.text), self._max_query_chars), wait)
         else:
             assert item.image is not None
-            validate_image(item.image, self.config.max_image_bytes, self.config.max_image_pixels)
+            validate_image(item.image, self.config.max_image_bytes, self.config.max_image_pixels, self._image_limits)
             embedding = self._image_embedding(item.image, wait)
         return then(embedding, _raw if item.raw else Embedding.unit)
 
@@ -231,11 +238,12 @@ def validate_query(query: str) -> str:
 _SHA256_HEX = frozenset("0123456789abcdef")
 
 
-def validate_image(source: ImageSource, max_bytes: int, max_pixels: int = 0) -> None:
+def validate_image(source: ImageSource, max_bytes: int, max_pixels: int = 0, limits: ImageLimits = DEFAULT_LIMITS) -> None:
     if source.pixels is not None:
+        # Before the processor resizes them: the short side is scaled up to the model's input.
         height, width = source.pixels.shape[:2]
-        if max_pixels and height * width > max_pixels:
-            raise ItemError(ErrorKind.INVALID_INPUT, f"{source.describe()}: over the {max_pixels}-pixel image limit")
+        if max_pixels:
+            check_size(width, height, max_pixels=max_pixels, limits=limits, name=source.describe())
         return
     if source.url is None and source.data is None and source.sha256 is None:
         raise ItemError(ErrorKind.INVALID_INPUT, "the request has no image_url, image_bytes or image_sha256")

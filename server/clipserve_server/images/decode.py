@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from ..utils.errors import ErrorKind, ItemError
-from .geometry import DEFAULT_LIMITS, FORMATS, ImageLimits, check_before_open, check_size
+from .geometry import DEFAULT_LIMITS, FORMATS, ImageLimits, check_before_open, check_jpeg_work, check_size
 
 # Our own pixel limit applies (checked from the header); PIL's global one would only warn. Set
 # once here: warnings.catch_warnings() per image would be slower and is not thread-safe.
@@ -67,6 +67,8 @@ def open_image(data: bytes, *, max_pixels: int, name: str, limits: ImageLimits =
     with _decode_errors(name, max_pixels):
         image = Image.open(io.BytesIO(data), formats=FORMATS)
         check_size(*image.size, max_pixels=max_pixels, limits=limits, name=name)
+        if image.format in ("JPEG", "MPO"):
+            check_jpeg_work(data, *image.size, max_pixels=max_pixels, name=name)
         return image
 
 

@@ -7,7 +7,8 @@ The pixel limit alone does not bound an image's cost:
   entry (an embedded PNG of any size), WebP allocates its whole canvas. Their sizes are read
   here from the bytes first, and only the formats listed in ``FORMATS`` may be opened at all;
 - each scan of a progressive JPEG is a pass over the whole image, and nothing in libjpeg
-  bounds their number: scans are counted from the markers first.
+  bounds their number: scans are counted from the markers first, and bounded alone and times
+  the image's pixels.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "DIB", "TIFF", "ICO", "PPM")
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _JPEG_SOS = b"\xff\xda"  # never inside entropy-coded data (0xFF is stuffed there): one per scan
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# A scan is a pass over every pixel: a JPEG may make at most this many full-size images' worth
+# of passes (an ordinary progressive photo at the pixel limit makes ~10); ~1.5 s of decoding.
+SCAN_PASSES = 24
 _ICO_ENTRY = struct.Struct("<BBBBHHII")  # width, height, colours, reserved, planes, bits, size, offset
 
 
@@ -33,7 +37,7 @@ class ImageLimits:
     """The header checks beside the pixel limit (ServerConfig's fields of the same names)."""
 
     max_aspect_ratio: float = 100.0
-    max_jpeg_scans: int = 256
+    max_jpeg_scans: int = 100
 
 
 DEFAULT_LIMITS = ImageLimits()
@@ -50,6 +54,14 @@ def check_size(width: int, height: int, *, max_pixels: int, limits: ImageLimits,
     short, long = min(width, height), max(width, height)
     if short < 1 or long / short > limits.max_aspect_ratio:
         raise refuse(name, f"{width}x{height} has an aspect ratio of {long / max(short, 1):g}, over the {limits.max_aspect_ratio:g}:1 limit (--max-image-aspect-ratio)")
+
+
+def check_jpeg_work(data: bytes, width: int, height: int, *, max_pixels: int, name: str) -> None:
+    """A JPEG's scans times its pixels, within SCAN_PASSES images at the pixel limit: within
+    the scan limit a 7000x7000 JPEG of 100 scans would still decode for ~9 s."""
+    scans = data.count(_JPEG_SOS)
+    if scans * width * height > SCAN_PASSES * max_pixels:
+        raise refuse(name, f"the JPEG's {scans} scans of {width}x{height} pixels are more decoding work than {SCAN_PASSES} images at the {max_pixels}-pixel limit (--max-image-pixels)")
 
 
 def check_before_open(data: bytes, *, max_pixels: int, limits: ImageLimits, name: str) -> None:

@@ -165,7 +165,7 @@ class ServerConfig:
     max_image_bytes: int = dataclasses.field(default=32 * 1024 * 1024, metadata={"help": "largest image file accepted (download or upload)"})
     max_image_pixels: int = dataclasses.field(default=50_000_000, metadata={"help": "largest width*height decoded (decompression-bomb guard)"})
     max_image_aspect_ratio: float = dataclasses.field(default=100.0, metadata={"help": "longest side / shortest side of an image (file or pixel tensor), checked from the header before decoding: the processor scales the short side up to the model's input, so a 600000x1 image would be resized to 134 million pixels"})
-    max_jpeg_scans: int = dataclasses.field(default=256, metadata={"help": "most scans (SOS markers) in a JPEG, counted before decoding: each scan of a progressive JPEG costs a pass over the whole image (ordinary ones have 1-12)"})
+    max_jpeg_scans: int = dataclasses.field(default=100, metadata={"help": "most scans (SOS markers) in a JPEG, counted before decoding: each scan of a progressive JPEG costs a pass over the whole image (ordinary ones have 1-12, optimised ones a few more)"})
     decode_timeout_s: float = dataclasses.field(default=10.0, metadata={"help": "longest one image may take to decode and preprocess in a worker process (--decode-pool processes): past it the worker is killed and replaced and the image fails (0: no limit; decode threads cannot be stopped)"})
     max_redirects: int = dataclasses.field(default=5, metadata={"help": "HTTP redirects followed per image"})
     allow_private_networks: bool = dataclasses.field(default=False, metadata={"help": "allow image URLs on loopback/private/link-local addresses"})

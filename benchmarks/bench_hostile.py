@@ -126,6 +126,20 @@ def hostile_requests(address: str):
     ]
 
 
+def another_caller(address: str, image: bytes, done: threading.Event, latencies: list[float]) -> None:
+    """Score an ordinary pair every 50 ms until ``done``, noting each call's latency."""
+    with grpc.insecure_channel(address) as channel:
+        stub = scorer_pb2_grpc.ScorerStub(channel)
+        while not done.is_set():
+            started = time.monotonic()
+            try:
+                stub.Score(scorer_pb2.ScoreRequest(query="a photo of a cat", image_bytes=image), timeout=120)
+            except grpc.RpcError:
+                pass
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.05)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--server-path", default=str(ROOT), help="the checkout whose server runs")
@@ -160,20 +174,7 @@ def main() -> None:
         before = peak_rss_mb(proc.pid)
         latencies: list[float] = []
         done = threading.Event()
-
-        def other() -> None:
-            with grpc.insecure_channel(address) as channel:
-                stub = scorer_pb2_grpc.ScorerStub(channel)
-                while not done.is_set():
-                    started = time.monotonic()
-                    try:
-                        stub.Score(scorer_pb2.ScoreRequest(query="a photo of a cat", image_bytes=image), timeout=120)
-                    except grpc.RpcError:
-                        pass
-                    latencies.append(time.monotonic() - started)
-                    time.sleep(0.05)
-
-        thread = threading.Thread(target=other)
+        thread = threading.Thread(target=another_caller, args=(address, image, done, latencies))
         thread.start()
         time.sleep(0.3)
         started = time.monotonic()

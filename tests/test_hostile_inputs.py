@@ -222,8 +222,14 @@ def test_a_wedged_forward_that_finishes_later_brings_the_model_back():
 
     async def scenario() -> None:
         events: list[str] = []
+        alive = asyncio.Event()
+
+        def came_back() -> None:
+            events.append("alive")
+            alive.set()
+
         batcher = Batcher(forward, max_batch_size=4, max_delay_s=0, max_queue_size=16, forward_timeout_s=0.2,
-                          on_dead=lambda exc: events.append("dead"), on_alive=lambda: events.append("alive"))
+                          on_dead=lambda exc: events.append("dead"), on_alive=came_back)
         batcher.start()
         wedge.set()
         with pytest.raises(ItemError) as info:
@@ -231,8 +237,7 @@ def test_a_wedged_forward_that_finishes_later_brings_the_model_back():
         assert "did not finish" in info.value.message and events == ["dead"] and not batcher.alive
         wedge.clear()
         gate.set()  # the wedged pass finishes after all
-        while "alive" not in events:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(alive.wait(), 60)
         assert batcher.alive
         assert (await batcher.encode_text("again", wait=True)).shape == (4,)
         await batcher.stop()
@@ -249,6 +254,7 @@ _LIMITS = {
     "CLIPSERVE_DECODE_WORKERS": "2",
     "CLIPSERVE_DECODE_TIMEOUT_S": "1",
     "CLIPSERVE_MAX_JPEG_SCANS": "100000",  # so that the slow JPEG reaches the decode budget
+    "CLIPSERVE_MAX_JPEG_SCAN_PASSES": "100000",
     "CLIPSERVE_MAX_ITEMS_PER_MESSAGE": "1024",
 }
 

@@ -68,7 +68,7 @@ def open_image(data: bytes, *, max_pixels: int, name: str, limits: ImageLimits =
         image = Image.open(io.BytesIO(data), formats=FORMATS)
         check_size(*image.size, max_pixels=max_pixels, limits=limits, name=name)
         if image.format in ("JPEG", "MPO"):
-            check_jpeg_work(data, *image.size, max_pixels=max_pixels, name=name)
+            check_jpeg_work(data, *image.size, max_pixels=max_pixels, limits=limits, name=name)
         return image
 
 

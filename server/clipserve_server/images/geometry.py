@@ -26,9 +26,6 @@ FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "DIB", "TIFF", "ICO", "PPM")
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _JPEG_SOS = b"\xff\xda"  # never inside entropy-coded data (0xFF is stuffed there): one per scan
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# A scan is a pass over every pixel: a JPEG may make at most this many full-size images' worth
-# of passes (an ordinary progressive photo at the pixel limit makes ~10); ~1.5 s of decoding.
-SCAN_PASSES = 24
 _ICO_ENTRY = struct.Struct("<BBBBHHII")  # width, height, colours, reserved, planes, bits, size, offset
 
 
@@ -38,6 +35,9 @@ class ImageLimits:
 
     max_aspect_ratio: float = 100.0
     max_jpeg_scans: int = 100
+    # A scan is a pass over every pixel: at most this many passes over an image at the pixel
+    # limit (an ordinary progressive photo there makes ~10; 24 are ~1.5 s of decoding).
+    max_jpeg_scan_passes: float = 24.0
 
 
 DEFAULT_LIMITS = ImageLimits()
@@ -56,12 +56,13 @@ def check_size(width: int, height: int, *, max_pixels: int, limits: ImageLimits,
         raise refuse(name, f"{width}x{height} has an aspect ratio of {long / max(short, 1):g}, over the {limits.max_aspect_ratio:g}:1 limit (--max-image-aspect-ratio)")
 
 
-def check_jpeg_work(data: bytes, width: int, height: int, *, max_pixels: int, name: str) -> None:
-    """A JPEG's scans times its pixels, within SCAN_PASSES images at the pixel limit: within
-    the scan limit a 7000x7000 JPEG of 100 scans would still decode for ~9 s."""
+def check_jpeg_work(data: bytes, width: int, height: int, *, max_pixels: int, limits: ImageLimits, name: str) -> None:
+    """A JPEG's scans times its pixels, within ``max_jpeg_scan_passes`` images at the pixel
+    limit: within the scan limit a 7000x7000 JPEG of 100 scans would still decode for ~9 s."""
     scans = data.count(_JPEG_SOS)
-    if scans * width * height > SCAN_PASSES * max_pixels:
-        raise refuse(name, f"the JPEG's {scans} scans of {width}x{height} pixels are more decoding work than {SCAN_PASSES} images at the {max_pixels}-pixel limit (--max-image-pixels)")
+    passes = scans * width * height / max_pixels
+    if passes > limits.max_jpeg_scan_passes:
+        raise refuse(name, f"the JPEG's {scans} scans of {width}x{height} pixels are {passes:.0f} passes over an image at the {max_pixels}-pixel limit, over the {limits.max_jpeg_scan_passes:g}-pass limit (--max-jpeg-scan-passes)")
 
 
 def check_before_open(data: bytes, *, max_pixels: int, limits: ImageLimits, name: str) -> None:

@@ -166,6 +166,7 @@ class ServerConfig:
     max_image_pixels: int = dataclasses.field(default=50_000_000, metadata={"help": "largest width*height decoded (decompression-bomb guard)"})
     max_image_aspect_ratio: float = dataclasses.field(default=100.0, metadata={"help": "longest side / shortest side of an image (file or pixel tensor), checked from the header before decoding: the processor scales the short side up to the model's input, so a 600000x1 image would be resized to 134 million pixels"})
     max_jpeg_scans: int = dataclasses.field(default=100, metadata={"help": "most scans (SOS markers) in a JPEG, counted before decoding: each scan of a progressive JPEG costs a pass over the whole image (ordinary ones have 1-12, optimised ones a few more)"})
+    max_jpeg_scan_passes: float = dataclasses.field(default=24.0, metadata={"help": "most decoding work a JPEG may take, in passes over an image at --max-image-pixels: its scans x width x height / --max-image-pixels, from the header (an ordinary progressive photo at the pixel limit takes ~10; 100 scans of 7000x7000 would take 98, ~9 s of decoding)"})
     decode_timeout_s: float = dataclasses.field(default=10.0, metadata={"help": "longest one image may take to decode and preprocess in a worker process (--decode-pool processes): past it the worker is killed and replaced and the image fails (0: no limit; decode threads cannot be stopped)"})
     max_redirects: int = dataclasses.field(default=5, metadata={"help": "HTTP redirects followed per image"})
     allow_private_networks: bool = dataclasses.field(default=False, metadata={"help": "allow image URLs on loopback/private/link-local addresses"})
@@ -214,6 +215,8 @@ class ServerConfig:
         for name in ("max_batch_delay_ms", "fetch_timeout_s", "fetch_attempt_timeout_s", "fetch_backoff_s", "grace_period_s", "forward_timeout_s", "text_cache_size", "image_cache_size", "max_redirects", "decode_workers", "stream_max_in_flight", "max_queue_size", "port", "metrics_port", "memory_budget_gb", "max_query_chars", "decode_timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if self.max_jpeg_scan_passes <= 0:
+            raise ValueError("max_jpeg_scan_passes must be positive")
         if self.max_image_aspect_ratio < 1:
             raise ValueError("max_image_aspect_ratio must be at least 1")
 

@@ -16,6 +16,7 @@ from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clipserve_server.images.decode_pool import DecodeJob
+from clipserve_server.utils.config import ServerConfig
 from clipserve_server.utils.domain import ImageSource
 from clipserve_server.utils.errors import ErrorKind, ItemError
 
@@ -49,9 +50,16 @@ def _refused(call, *words: str) -> str:
 # -- image geometry -------------------------------------------------------------------------------
 
 
+def _limits():
+    """A server's image limits, as shipped."""
+    from clipserve_server.images.geometry import ImageLimits
+
+    return ImageLimits.of(ServerConfig())
+
+
 def test_a_long_thin_image_is_refused_before_anything_resizes_it():
     resized: list[tuple[int, int]] = []
-    job = DecodeJob(lambda image: resized.append(image.size), max_pixels=50_000_000)
+    job = DecodeJob(lambda image: resized.append(image.size), max_pixels=50_000_000, limits=_limits())
     _refused(lambda: job(thin_png(600_000), "thin.png"), "600000x1", "aspect ratio")
     assert resized == []
     job(thin_png(90, 1), "banner.png")  # 90:1 is within the default 100:1
@@ -62,7 +70,7 @@ def test_a_thin_pixel_tensor_is_refused_before_the_processor_resizes_it():
     from clipserve_server.inference.engine import validate_image
 
     pixels = np.zeros((1, 600_000, 3), dtype=np.float32)  # what ModelInfer's FP32 [1, N, 3] carries
-    _refused(lambda: validate_image(ImageSource(pixels=pixels), 1 << 25, 50_000_000), "aspect ratio")
+    _refused(lambda: validate_image(ImageSource(pixels=pixels), 1 << 25, 50_000_000, _limits()), "aspect ratio")
 
 
 @pytest.mark.parametrize(("kind", "data", "plugin"), [("ico", ico_with_png(9000, 9000), "IcoImagePlugin.IcoImageFile"), ("webp", webp_canvas(9000, 9000), "WebPImagePlugin.WebPImageFile")])
@@ -83,7 +91,7 @@ def test_a_jpeg_of_many_scans_is_refused_from_its_markers_before_decoding(monkey
     from PIL import ImageFile
 
     loaded = _Spy(monkeypatch, ImageFile.ImageFile, "load")
-    job = DecodeJob(lambda image: image.size, max_pixels=max_pixels)
+    job = DecodeJob(lambda image: image.size, max_pixels=max_pixels, limits=_limits())
     _refused(lambda: job(many_scans_jpeg(scans, size), "scans.jpg"), "scans", "limit")
     assert loaded.calls == 0
 

@@ -131,7 +131,7 @@ class ImageModel(Protocol):
 def build_decoder(models: Sequence[ImageModel], config: ServerConfig, events: FetchEvents | None = None) -> Decoder:
     """One pool for ``models``; model i's images go through job i. ``events``: where worker
     processes' downloads are reported."""
-    limits = ImageLimits(config.max_image_aspect_ratio, config.max_jpeg_scans, config.max_jpeg_scan_passes)
+    limits = ImageLimits.of(config)
     jobs = [DecodeJob(m.image_preprocessor(), config.max_image_pixels, m.decode_size if config.jpeg_draft else None, limits) for m in models]
     workers = config.resolved_decode_workers
     if config.gpu_decode:

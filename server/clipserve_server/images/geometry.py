@@ -13,9 +13,12 @@ The pixel limit alone does not bound an image's cost:
 
 from __future__ import annotations
 
+import math
 import struct
+import sys
 from dataclasses import dataclass
 
+from ..utils.config import ServerConfig
 from ..utils.errors import ErrorKind, ItemError
 
 # The PIL plugins an image may be opened with: the formats of the web and of photo collections
@@ -31,13 +34,17 @@ _ICO_ENTRY = struct.Struct("<BBBBHHII")  # width, height, colours, reserved, pla
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """The header checks beside the pixel limit (ServerConfig's fields of the same names)."""
+    """The header checks beside the pixel limit: a server's come from its config (``of``);
+    these defaults bound nothing (the decode functions called by a tool or a test)."""
 
-    max_aspect_ratio: float = 100.0
-    max_jpeg_scans: int = 100
-    # A scan is a pass over every pixel: at most this many passes over an image at the pixel
-    # limit (an ordinary progressive photo there makes ~10; 24 are ~1.5 s of decoding).
-    max_jpeg_scan_passes: float = 24.0
+    max_aspect_ratio: float = math.inf
+    max_jpeg_scans: int = sys.maxsize
+    # A scan is a pass over every pixel: at most this many passes over an image at the pixel limit.
+    max_jpeg_scan_passes: float = math.inf
+
+    @classmethod
+    def of(cls, config: ServerConfig) -> ImageLimits:
+        return cls(config.max_image_aspect_ratio, config.max_jpeg_scans, config.max_jpeg_scan_passes)
 
 
 DEFAULT_LIMITS = ImageLimits()

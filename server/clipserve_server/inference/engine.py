@@ -78,7 +78,7 @@ class ScoringEngine:
         self._fetcher = fetcher or FetchSettings.of(config).fetcher(metrics)
         self._decoder = decoder
         self._max_query_chars = query_char_limit(config.max_query_chars, model.description.max_text_tokens)
-        self._image_limits = ImageLimits(config.max_image_aspect_ratio, config.max_jpeg_scans, config.max_jpeg_scan_passes)
+        self._image_limits = ImageLimits.of(config)
 
     @property
     def description(self) -> ModelDescription:

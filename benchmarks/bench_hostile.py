@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,10 +23,12 @@ import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from clipserve.v1 import scorer_pb2, scorer_pb2_grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
+from bench_throughput import serve  # noqa: E402  (one way to start a server, for every benchmark)
 from tests.helpers import make_image  # noqa: E402
 from tests.hostile import empty_items_chunk, ico_with_png, malformed_request, many_scans_jpeg, thin_png  # noqa: E402
 
@@ -148,19 +149,9 @@ def main() -> None:
 
     checkpoint = build_checkpoint(Path(tempfile.mkdtemp()) / "tiny", arch="tiny", seed=1234)
     path = Path(args.server_path)
-    env = {**os.environ, "PYTHONPATH": f"{path / 'server'}:{path / 'client'}", "CLIPSERVE_FORWARD_TIMEOUT_S": "5"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clipserve.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--model", str(checkpoint), "--device", "cpu",
-         "--runtime", "torch", "--decode-pool", "processes", "--decode-workers", "2", "--no-cache"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
-    assert proc.stdout is not None
-    address = ""
-    for line in proc.stdout:
-        if line.startswith("clipserve listening on "):
-            address = "127.0.0.1:" + line.strip().rsplit(":", 1)[1]
-        if line.startswith("clipserve ready"):
-            break
+    # Inherited by the server: that checkout's code; a flag old code also has, as an environment variable.
+    os.environ.update(PYTHONPATH=f"{path / 'server'}:{path / 'client'}", CLIPSERVE_FORWARD_TIMEOUT_S="5")
+    proc, address = serve("--model", str(checkpoint), "--device", "cpu", "--runtime", "torch", "--decode-pool", "processes", "--decode-workers", "2", "--no-cache")
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
     print(f"server: {path}; load: {os.getloadavg()}")
     print("| hostile request | peak RSS growth | other caller's worst latency | health after | answer |")

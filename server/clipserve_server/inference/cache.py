@@ -16,8 +16,8 @@ from ..models.model import Embedding
 from ..utils.domain import CacheStats
 from .soon import Later, Soon, outcome
 
-# What an entry costs beyond its key's characters and its vector: the str, the Embedding, the
-# OrderedDict's node (measured with tracemalloc, rounded up).
+# What an entry costs beyond its key's characters and its vector, estimated generously: the str
+# and array headers, the Embedding, the OrderedDict's node.
 _ENTRY_OVERHEAD_BYTES = 256
 
 

@@ -28,7 +28,7 @@ def query_char_limit(max_query_chars: int, max_text_tokens: int) -> int:
 
 @functools.lru_cache(maxsize=8)
 def _first_counted(count: int) -> re.Pattern[str]:
-    return re.compile(r"(?:\s*\S){%d}" % count)
+    return re.compile(r"(?:\s*+\S){%d}" % count)  # possessive: a long whitespace run is never backtracked
 
 
 def cut_query(query: str, max_chars: int) -> str:

@@ -270,6 +270,7 @@ def make_batcher(
     max_queue_size: int,
     forward_timeout_s: float = 0.0,
     on_dead: Callable[[BaseException], None] = lambda exc: None,
+    on_alive: Callable[[], None] = lambda: None,
     thread_setup: Callable[[], None] | None = None,
 ) -> Batcher:
     """A ``Batcher`` wired as the engine wires one, for tests of batching alone: ``forward`` is
@@ -278,7 +279,7 @@ def make_batcher(
     instances = forward if isinstance(forward, InstancePool) else InstancePool([Instance("", 0, forward, thread_setup)])
     return Batcher(
         instances, max_batch_size=max_batch_size, max_delay_s=max_delay_s, max_queue_size=max_queue_size,
-        forward_timeout_s=forward_timeout_s, on_dead=on_dead, on_batch=lambda items, seconds: None,
+        forward_timeout_s=forward_timeout_s, on_dead=on_dead, on_alive=on_alive, on_batch=lambda items, seconds: None,
     )
 
 
@@ -298,7 +299,7 @@ async def running_engine(model: EmbeddingModel, config: ServerConfig) -> AsyncIt
     await fetcher.start()
     engine = ScoringEngine(
         model, config, name="default", instances=InstancePool([Instance("cpu", 0, model.forward)]),
-        decoder=decoder.for_job(0), fetcher=fetcher, metrics=metrics, on_dead=lambda exc: None,
+        decoder=decoder.for_job(0), fetcher=fetcher, metrics=metrics, on_dead=lambda exc: None, on_alive=lambda: None,
     )
     await engine.start()
     try:

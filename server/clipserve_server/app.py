@@ -104,13 +104,17 @@ class ClipServer:
             ]
         )
         add_scorer_to_server(
-            ScorerServicer(self._registry, stream_max_in_flight=self.config.resolved_stream_max_in_flight, metrics=self.metrics), self._server
+            ScorerServicer(self._registry, stream_max_in_flight=self.config.resolved_stream_max_in_flight, metrics=self.metrics),
+            self._server,
+            max_items_per_message=self.config.max_items_per_message,
         )
         alias = self.config.resolved_v2_alias
         if self.config.v2_alias and not alias:
             log.warning("a model is named %r, so the Open Inference Protocol serves it under that name with the batch signature; "
                         "set --v2-alias to another name for the Triton CLIP signature", self.config.v2_alias)
-        add_open_inference_to_server(OpenInferenceServicer(self._registry, alias=alias, metrics=self.metrics), self._server)
+        add_open_inference_to_server(
+            OpenInferenceServicer(self._registry, alias=alias, metrics=self.metrics, max_items=self.config.max_items_per_message), self._server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         # From one pool that holds every service's schema, the protocol's private one included
         # (oip_messages: it cannot be in the default pool).
@@ -172,6 +176,7 @@ class ClipServer:
                 self.config,
                 decoder=self._decoder.for_job(job),
                 on_dead=self._engine_died,
+                on_alive=self._engine_recovered,
                 metrics=self.metrics,
                 name=spec.name,
                 instances=pool,
@@ -211,6 +216,11 @@ class ClipServer:
     def _engine_died(self, exc: BaseException) -> None:
         # Health must never claim SERVING for a server that cannot score.
         asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+
+    def _engine_recovered(self) -> None:
+        # A wedged forward finished after all: SERVING again once every model can score.
+        if not self._registry.closing and all(engine.alive for _, engine in self._registry.engines()):
+            asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.SERVING))
 
     async def _set_health(self, status: int) -> None:
         for service in _SCORING_SERVICES:

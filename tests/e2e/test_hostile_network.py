@@ -23,7 +23,8 @@ from clipserve.v1 import scorer_pb2, scorer_pb2_grpc
 
 import clipserve
 from clipserve_server.images import fetch as fetch_module
-from clipserve_server.images.fetch import ImageFetcher
+from clipserve_server.images.fetch import FetchSettings, ImageFetcher
+from clipserve_server.images.fetch_events import FetchTally
 from clipserve_server.images.netguard import GuardedResolver, is_forbidden
 from clipserve_server.models.fake_model import FakeModel
 from clipserve_server.utils.config import ServerConfig
@@ -152,7 +153,8 @@ def test_the_connector_refuses_an_address_that_no_earlier_check_saw(internal, mo
     monkeypatch.setattr(fetch_module, "literal_ip", lambda host: None)
 
     async def fetch() -> bytes:
-        fetcher = ImageFetcher(timeout_s=5, max_bytes=1 << 20, max_redirects=3, allow_private_networks=False, concurrency=4)
+        settings = FetchSettings.of(ServerConfig(fetch_timeout_s=5, max_image_bytes=1 << 20, max_redirects=3, fetch_concurrency=4))
+        fetcher = ImageFetcher(settings, events=FetchTally())
         await fetcher.start()
         try:
             return await fetcher.fetch(internal_urls(internal, ["127.0.0.2"])[0])

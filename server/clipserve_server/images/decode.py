@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from ..utils.errors import ErrorKind, ItemError
+from .geometry import DEFAULT_LIMITS, FORMATS, ImageLimits, check_before_open, check_jpeg_work, check_size
 
 # Our own pixel limit applies (checked from the header); PIL's global one would only warn. Set
 # once here: warnings.catch_warnings() per image would be slower and is not thread-safe.
@@ -31,22 +32,24 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 
 log = logging.getLogger(__name__)
 
+Image.init()  # every plugin registered now: Image.open(formats=...) looks them up by name
+
 _PNG_BIT_DEPTH = 24  # offset of IHDR's bit depth: 8-byte signature, chunk length and type, width, height
 
 
-def decode_image(data: bytes, *, max_pixels: int, name: str, draft_size: tuple[int, int] | None = None) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int, name: str, draft_size: tuple[int, int] | None = None, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
     """Open ``data``, take its first frame and convert it to RGB.
 
     Raises ItemError (INVALID_INPUT) for bytes that are not an image, truncated or corrupt
-    files, and images over ``max_pixels`` (checked from the header, before decoding, so a
-    decompression bomb costs nothing).
+    files, and images over ``max_pixels`` or ``limits`` (checked from the header, before
+    decoding, so a decompression bomb costs nothing: geometry.py).
 
     ``draft_size`` (width, height), JPEG only, is the opt-in inexact fast path: libjpeg decodes
     at 1/2, 1/4 or 1/8 scale (DCT scaling), the smallest scale that keeps both sides at or above
     ``draft_size``, so that the processor's resize still only ever shrinks the image.
     """
     with _decode_errors(name, max_pixels):
-        image = open_image(data, max_pixels=max_pixels, name=name)
+        image = open_image(data, max_pixels=max_pixels, name=name, limits=limits)
         if draft_size is not None and image.format == "JPEG":
             image.draft(None, draft_size)
         image.seek(0)  # animated / multi-frame files: the first frame
@@ -55,18 +58,17 @@ def decode_image(data: bytes, *, max_pixels: int, name: str, draft_size: tuple[i
         return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def open_image(data: bytes, *, max_pixels: int, name: str) -> Image.Image:
-    """Read only the header of ``data``: format, mode and size, with the pixel limit checked."""
+def open_image(data: bytes, *, max_pixels: int, name: str, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """Read only the header of ``data``: format, mode and size, with the limits checked (the
+    sizes that some plugins act on while opening are checked before PIL sees the bytes)."""
     if not data:
         raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: the image is empty (0 bytes)")
+    check_before_open(data, max_pixels=max_pixels, limits=limits, name=name)
     with _decode_errors(name, max_pixels):
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ItemError(
-                ErrorKind.INVALID_INPUT,
-                f"{name}: {width}x{height} is {width * height} pixels, over the {max_pixels}-pixel limit",
-            )
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+        check_size(*image.size, max_pixels=max_pixels, limits=limits, name=name)
+        if image.format in ("JPEG", "MPO"):
+            check_jpeg_work(data, *image.size, max_pixels=max_pixels, limits=limits, name=name)
         return image
 
 
@@ -78,19 +80,19 @@ def _decode_errors(name: str, max_pixels: int) -> Iterator[None]:
     except ItemError:
         raise
     except UnidentifiedImageError:
-        raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: not a recognised image format") from None
+        raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: not a recognised image format (accepted: {', '.join(FORMATS)})") from None
     except Image.DecompressionBombError as exc:  # PIL's own, coarser guard fired first
         raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: over the {max_pixels}-pixel limit ({exc})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: corrupt or truncated image: {exc}") from None
 
 
-def decode_rgb_tensor(data: bytes, *, max_pixels: int, name: str) -> Any | None:
+def decode_rgb_tensor(data: bytes, *, max_pixels: int, name: str, limits: ImageLimits = DEFAULT_LIMITS) -> Any | None:
     """A plain 8-bit RGB JPEG or PNG's pixels as a uint8 (3, H, W) tensor, channels-last in
     memory, decoded by torchvision; None for any other file, or one torchvision refuses (PIL
     then decodes it, or says what is wrong with it). The header and the pixel limit are checked
     first, as in ``decode_image``."""
-    header = open_image(data, max_pixels=max_pixels, name=name)
+    header = open_image(data, max_pixels=max_pixels, name=name, limits=limits)
     plain_jpeg = header.format == "JPEG" and header.mode == "RGB"
     plain_png = header.format == "PNG" and header.mode == "RGB" and "transparency" not in header.info and data[_PNG_BIT_DEPTH] == 8
     if not (plain_jpeg or plain_png) or not torchvision_decodes_exactly():

@@ -21,6 +21,7 @@ import mmap
 import os
 import pickle
 import sys
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,7 +37,9 @@ from .decode import open_image
 from .decode_protocol import READY, REPLY, REQUEST, RESULT_SLOT_BYTES, SIZE, STATUS, UPLOAD_SLOTS, DecodeJob, results_size
 from .device_decode import BatchDecodeFn, DeviceBatches
 from .fetch import FetchError, FetchSettings
+from .fairness import FairShare
 from .fetch_events import FetchEvents, replay
+from .geometry import ImageLimits
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +101,16 @@ class ImageModel(Protocol):
 def build_decoder(models: Sequence[ImageModel], config: ServerConfig, events: FetchEvents) -> Decoder:
     """One pool for ``models``; model i's images go through job i. ``events``: where worker
     processes' downloads are reported."""
-    jobs = [DecodeJob(m.image_preprocessor(), config.max_image_pixels, m.decode_size if config.jpeg_draft else None) for m in models]
+    limits = ImageLimits.of(config)
+    jobs = [DecodeJob(m.image_preprocessor(), config.max_image_pixels, m.decode_size if config.jpeg_draft else None, limits) for m in models]
     workers = config.resolved_decode_workers
     if config.gpu_decode:
         # nvJPEG leaves little CPU work per image, and the CUDA context lives in this process.
         return ThreadDecoder(jobs, workers, on_device=[m.device_jpeg_decoder() for m in models], max_device_batch=config.max_batch_size)
     if config.decode_pool == "processes" or (config.decode_pool == "auto" and workers > AUTO_PROCESSES_ABOVE):
-        return ProcessDecoder(jobs, workers, max_image_bytes=config.max_image_bytes, fetch=FetchSettings.of(config), events=events)
+        return ProcessDecoder(
+            jobs, workers, max_image_bytes=config.max_image_bytes, fetch=FetchSettings.of(config), events=events, decode_timeout_s=config.decode_timeout_s
+        )
     return ThreadDecoder(jobs, workers)
 
 
@@ -112,7 +118,11 @@ class ThreadDecoder:
     """Threads of this process; the event loop downloads what they decode. With ``on_device``
     (``--gpu-decode``: a batch decoder per job), JPEGs go to the model's device in batches
     (device_decode) and everything else, or what the device refuses, to the threads, at most
-    ``max_device_batch`` (the server's --max-batch-size) in one device call."""
+    ``max_device_batch`` (the server's --max-batch-size) in one device call.
+
+    What threads cannot do: a thread cannot be stopped, so an image has no time budget here
+    (the header checks, geometry.py, bound what it may cost; ``--decode-pool processes`` adds
+    the budget). The threads are shared fairly between callers (fairness.py)."""
 
     fetches = False
 
@@ -123,6 +133,7 @@ class ThreadDecoder:
             raise ValueError("on_device wants one batch decoder per job, and max_device_batch")
         self._jobs = list(jobs)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipserve-decode", initializer=decode_thread_setup)
+        self._share = FairShare(workers)
         self._on_device = [DeviceBatches(d, self._pool, max_device_batch) for d in on_device] if on_device is not None and max_device_batch else [None] * len(self._jobs)
 
     def for_job(self, job: int) -> JobDecoder:
@@ -136,13 +147,14 @@ class ThreadDecoder:
         on_device = self._on_device[job]
         if on_device is not None and data.startswith(_JPEG_MAGIC):
             # The header only (no pixels decoded): the limits hold before the device sees it.
-            header = open_image(data, max_pixels=self._jobs[job].max_pixels, name=name)
+            header = open_image(data, max_pixels=self._jobs[job].max_pixels, name=name, limits=self._jobs[job].limits)
             if header.mode in ("RGB", "L"):  # CMYK and friends: the CPU decodes them exactly
                 try:
                     return await on_device.decode(data)
                 except RuntimeError as exc:  # a JPEG that nvJPEG does not take: the CPU path decodes it
                     log.debug("%s: nvJPEG refused it (%s); decoding on the CPU", name, exc)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._jobs[job], data, name)
+        async with self._share.slot():
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._jobs[job], data, name)
 
     async def fetch_and_decode(self, url: str, name: str, job: int = 0) -> Any:
         raise NotImplementedError("the event loop downloads for decode threads")
@@ -166,9 +178,20 @@ class _Requeue(Exception):
 
 class ProcessDecoder:
     """Worker processes (``decode_worker``), each sent at most two uploads at a time and a
-    share of the downloads: they fetch the URLs themselves, and report to ``events``."""
+    share of the downloads: they fetch the URLs themselves, and report to ``events``. An image
+    that takes longer than ``decode_timeout_s`` to decode kills its worker (which is replaced)
+    and fails; slots go to callers fairly (fairness.py)."""
 
-    def __init__(self, jobs: Sequence[DecodeJob], workers: int, *, max_image_bytes: int, fetch: FetchSettings, events: FetchEvents) -> None:
+    def __init__(
+        self,
+        jobs: Sequence[DecodeJob],
+        workers: int,
+        *,
+        max_image_bytes: int,
+        fetch: FetchSettings,
+        events: FetchEvents,
+        decode_timeout_s: float,
+    ) -> None:
         # Each worker fetches with its share of each host's connections: together, within the cap.
         self._setup = pickle.dumps((list(jobs), fetch.share(workers)), protocol=pickle.HIGHEST_PROTOCOL)
         self._events = events
@@ -176,8 +199,9 @@ class ProcessDecoder:
         self._image_slot_bytes = max_image_bytes
         self._download_slots = -(-fetch.concurrency // workers)
         self._workers: list[_Worker] = []
-        self._upload_room = asyncio.Semaphore(workers * UPLOAD_SLOTS)
-        self._download_room = asyncio.Semaphore(workers * self._download_slots)
+        self._decode_timeout_s = decode_timeout_s
+        self._upload_room = FairShare(workers * UPLOAD_SLOTS)
+        self._download_room = FairShare(workers * self._download_slots)
         self._replacing: set[asyncio.Task] = set()
         self._closing = False
 
@@ -198,8 +222,8 @@ class ProcessDecoder:
     async def fetch_and_decode(self, url: str, name: str, job: int = 0) -> Any:
         return await self._submit(self._download_room, True, job, name, url=url)
 
-    async def _submit(self, room: asyncio.Semaphore, download: bool, job: int, name: str, **item: Any) -> Any:
-        async with room:  # as many as the workers have slots for: a free slot is (nearly) certain
+    async def _submit(self, room: FairShare, download: bool, job: int, name: str, **item: Any) -> Any:
+        async with room.slot():  # as many as the workers have slots for: a free slot is (nearly) certain
             while True:
                 ready = [worker for worker in self._workers if worker.has_room(download)]
                 if not ready:  # fewer workers than the room counts: one died
@@ -239,7 +263,7 @@ class ProcessDecoder:
             await proc.stdout.readexactly(len(READY))
         except asyncio.IncompleteReadError:
             raise RuntimeError(f"an image decoder process failed to start (exit code {await proc.wait()}); its error is above") from None
-        return _Worker(proc, images.map, self._image_slot_bytes, results.map, slots, self._lost, self._events)
+        return _Worker(proc, images.map, self._image_slot_bytes, results.map, slots, self._lost, self._events, self._decode_timeout_s)
 
     def _lost(self, worker: _Worker, code: int | None) -> None:
         if worker in self._workers:
@@ -281,8 +305,11 @@ class _Worker:
         slots: int,
         on_exit: Callable[[_Worker, int | None], None],
         events: FetchEvents,
+        decode_timeout_s: float,
     ) -> None:
         self._events = events
+        self._decode_timeout_s = decode_timeout_s
+        self._over_budget = -1  # the slot whose image ran past the budget (its worker was killed)
         self._proc = proc
         self._images = images
         self._image_slot_bytes = image_slot_bytes
@@ -292,6 +319,27 @@ class _Worker:
         self._free = {False: list(range(UPLOAD_SLOTS)), True: list(range(UPLOAD_SLOTS, slots))}  # by "is a download"
         self._pending: dict[int, asyncio.Future] = {}
         self._reader = asyncio.ensure_future(self._read())
+        self._watch = asyncio.ensure_future(self._watch_budget()) if decode_timeout_s > 0 else None
+
+    def _decoding(self) -> tuple[int, int]:
+        """(1 + the slot being decoded or 0, the worker's count of decodes begun)."""
+        return STATUS.unpack(self._results[self._status : self._status + STATUS.size])
+
+    async def _watch_budget(self) -> None:
+        """Kill the worker when one decode has run past the budget: a process can be stopped
+        where a thread cannot (its C decoder never returns to Python), and is replaced."""
+        interval = min(0.25, self._decode_timeout_s / 4)
+        seen, since = self._decoding(), time.monotonic()
+        while self._proc.returncode is None:
+            await asyncio.sleep(interval)
+            now, current = time.monotonic(), self._decoding()
+            if current != seen:
+                seen, since = current, now
+            elif current[0] and now - since > self._decode_timeout_s:
+                self._over_budget = current[0] - 1
+                log.warning("an image took longer than the %gs decode budget: killing its decoder process", self._decode_timeout_s)
+                self._proc.kill()
+                return
 
     def load(self) -> int:
         return len(self._pending)
@@ -343,12 +391,16 @@ class _Worker:
         code = await self._proc.wait()
         # The item being decoded fails (it may be what killed the worker); the others, waiting
         # or downloading, go to another worker.
-        culprit = STATUS.unpack(self._results[self._status : self._status + STATUS.size])[0] - 1
+        culprit = self._decoding()[0] - 1
         for slot, future in self._pending.items():
-            if not future.done():
-                future.set_exception(
-                    ItemError(ErrorKind.INTERNAL, f"the image decoder process died while decoding this image (exit code {code})") if slot == culprit else _Requeue()
-                )
+            if future.done():
+                continue
+            if slot == self._over_budget:
+                future.set_exception(ItemError(ErrorKind.INVALID_INPUT, f"decoding this image took longer than the {self._decode_timeout_s:g}s budget (--decode-timeout-s)"))
+            elif slot == culprit:
+                future.set_exception(ItemError(ErrorKind.INTERNAL, f"the image decoder process died while decoding this image (exit code {code})"))
+            else:
+                future.set_exception(_Requeue())
         self._pending.clear()
         self._on_exit(self, code)
 
@@ -360,3 +412,5 @@ class _Worker:
         except asyncio.TimeoutError:
             self._proc.kill()
         await self._reader
+        if self._watch is not None:
+            self._watch.cancel()

@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..utils.errors import ErrorKind, ItemError
 from .decode import decode_image, decode_rgb_tensor, torchvision_decodes_exactly
+from .geometry import DEFAULT_LIMITS, ImageLimits
 
 # server -> worker, once: the size of the pickled (jobs, fetch settings), then the pickle.
 # Then, per item: slot, job, URL bytes (0: an upload in the slot's image memory), upload bytes,
@@ -27,7 +28,9 @@ REQUEST = struct.Struct("<IIIII")
 # (``FetchTally.drain``), for the server's metrics.
 REPLY = struct.Struct("<III")
 SIZE = struct.Struct("<Q")
-STATUS = struct.Struct("<I")  # 1 + the slot being decoded, 0 while none is: who is to blame for a crash
+# 1 + the slot being decoded (0 while none is: who is to blame for a crash), and the count of
+# decodes begun (the server's budget watch tells one decode from the next in the same slot).
+STATUS = struct.Struct("<II")
 UPLOAD_SLOTS = 2  # slots 0 and 1 carry uploads: one being decoded, the next waiting
 RESULT_SLOT_BYTES = 32 << 20  # float32 pixel_values up to 3x1600x1600; larger results go in the pipe
 READY = b"R"
@@ -45,6 +48,7 @@ class DecodeJob:
     preprocess: Callable[[Image.Image], Any]
     max_pixels: int
     draft_size: tuple[int, int] | None = None  # --jpeg-draft: the model's input size
+    limits: ImageLimits = DEFAULT_LIMITS
 
     @property
     def _decodes_to_tensor(self) -> bool:
@@ -57,10 +61,10 @@ class DecodeJob:
 
     def __call__(self, data: bytes, name: str) -> Any:
         if self._decodes_to_tensor:  # the exact pipeline takes a decoded tensor: skip PIL
-            chw = decode_rgb_tensor(data, max_pixels=self.max_pixels, name=name)
+            chw = decode_rgb_tensor(data, max_pixels=self.max_pixels, name=name, limits=self.limits)
             if chw is not None:
                 return self.preprocess.from_chw(chw)  # type: ignore[attr-defined]
-        image = decode_image(data, max_pixels=self.max_pixels, name=name, draft_size=self.draft_size)
+        image = decode_image(data, max_pixels=self.max_pixels, name=name, draft_size=self.draft_size, limits=self.limits)
         try:
             return self.preprocess(image)
         except Exception as exc:

@@ -45,6 +45,7 @@ class _Worker:
         self._results = results
         self._status = slots * RESULT_SLOT_BYTES
         self._downloads: set[asyncio.Task] = set()
+        self._begun = 0
 
     async def serve(self, requests: asyncio.StreamReader) -> None:
         """Answer every request until the server closes the pipe."""
@@ -82,7 +83,8 @@ class _Worker:
             self._decode(slot, job, data, name)
 
     def _decode(self, slot: int, job: int, data: bytes, name: str) -> None:
-        self._results[self._status : self._status + STATUS.size] = STATUS.pack(slot + 1)
+        self._begun += 1
+        self._results[self._status : self._status + STATUS.size] = STATUS.pack(slot + 1, self._begun)
         try:
             ok, value = True, self._jobs[job](data, name)
         except ItemError as exc:
@@ -90,7 +92,7 @@ class _Worker:
         except Exception as exc:  # a bug: this image fails, the worker goes on
             ok, value = False, (ErrorKind.INTERNAL.name, f"{name}: decoding failed: {type(exc).__name__}: {exc}", False)
         # Cleared before the reply: once the server has it, it may reuse the slot.
-        self._results[self._status : self._status + STATUS.size] = STATUS.pack(0)
+        self._results[self._status : self._status + STATUS.size] = STATUS.pack(0, self._begun)
         self._reply(slot, ok, value)
 
     def _reply(self, slot: int, ok: bool, value: Any) -> None:

@@ -8,7 +8,9 @@ and goes on to the next free one: forwards on different instances overlap. Each 
 are resolved when its forward returns, with an error if it failed. If the loop itself ever dies,
 an instance dies, or a forward pass outlives ``forward_timeout_s`` (a wedged GPU), every waiting
 future fails and ``on_dead`` is told, so that health turns NOT_SERVING instead of requests
-hanging.
+hanging. A wedged forward that does finish after all gives its instance back: the batcher then
+serves again and ``on_alive`` is told (a slow pass is not a dead device); one that never
+finishes leaves the server NOT_SERVING, for the orchestrator to restart.
 """
 
 from __future__ import annotations
@@ -56,10 +58,12 @@ class Batcher:
         forward_timeout_s: float,
         on_dead: Callable[[BaseException], None],
         on_batch: Callable[[int, float], None],
+        on_alive: Callable[[], None],
     ) -> None:
         """``instances``: the model's forward workers; ``forward_timeout_s``: how long a forward
         may run before its instance counts as wedged (0: forever); ``on_dead``: told when the
-        batcher can take no more work; ``on_batch``: (items, seconds) after each successful forward."""
+        batcher can take no more work; ``on_batch``: (items, seconds) after each successful forward; ``on_alive``: told when it
+        serves again after a wedged forward finished."""
         self._instances = instances
         self._forward_timeout_s = forward_timeout_s or None
         self._max_batch_size = max_batch_size
@@ -67,6 +71,10 @@ class Batcher:
         self._max_queue_size = max_queue_size
         self._on_dead = on_dead
         self._on_batch = on_batch
+        self._on_alive = on_alive  # serving again after a wedged forward finished
+        self._wedged: set[Instance] = set()  # instances whose forward outlived the timeout and may yet finish
+        self._recoverable = True  # every death so far was a wedge
+        self._stopping = False
         self._queue: collections.deque[_Job] = collections.deque()
         self._work = asyncio.Event()
         self._space = asyncio.Event()
@@ -82,6 +90,7 @@ class Batcher:
 
     async def stop(self) -> None:
         """Fail whatever is still queued and stop the loop (in-flight forwards finish first)."""
+        self._stopping = True
         if self._failure is None:
             self._failure = ItemError(ErrorKind.UNAVAILABLE, "the server is shutting down")
         if self._task is not None:
@@ -174,7 +183,16 @@ class Batcher:
             # A thread cannot be killed: fail this batch, then die so that health turns
             # NOT_SERVING and the orchestrator restarts us, instead of hanging every caller.
             self._fail_jobs(batch, ItemError(ErrorKind.INTERNAL, f"the model did not finish this batch within {self._forward_timeout_s:g}s"))
-            self._died(instance, WedgedError(f"a forward pass has been running for over {self._forward_timeout_s:g}s"))
+            self._wedged.add(instance)
+            forward.add_done_callback(lambda _: self._unwedged(instance))
+            self._died(
+                instance,
+                WedgedError(
+                    f"a forward pass has been running for over {self._forward_timeout_s:g}s (--forward-timeout-s): health is NOT_SERVING "
+                    "until it finishes, and turns SERVING again by itself if it does; if it never does, restart the server"
+                ),
+                recoverable=True,
+            )
             return
         except asyncio.CancelledError:
             self._fail_jobs(batch, ItemError(ErrorKind.UNAVAILABLE, "the server is shutting down"))
@@ -247,15 +265,35 @@ class Batcher:
         log.critical("the batching loop died; failing queued items", exc_info=exc)
         self._die(ItemError(ErrorKind.UNAVAILABLE, f"the server's batching loop died: {type(exc).__name__}: {exc}"), exc)
 
-    def _died(self, instance: Instance, exc: BaseException) -> None:
-        """``instance`` cannot go on: stop taking work (the other instances finish theirs)."""
+    def _died(self, instance: Instance, exc: BaseException, *, recoverable: bool = False) -> None:
+        """``instance`` cannot go on: stop taking work (the other instances finish theirs).
+        ``recoverable``: it is wedged, and may come back (``_unwedged``)."""
+        self._recoverable = self._recoverable and recoverable
         instance.alive = False
         log.critical("%s; failing queued items", exc)
         self._die(ItemError(ErrorKind.UNAVAILABLE, f"the server's model instance died: {type(exc).__name__}: {exc}"), exc)
         if self._task is not None:
             self._task.cancel()
 
+    def _unwedged(self, instance: Instance) -> None:
+        """A wedged instance's forward has finished after all: it takes work again, and once
+        no instance is wedged (and nothing worse happened) the batcher serves again."""
+        self._wedged.discard(instance)
+        if self._stopping or not self._recoverable:
+            return
+        instance.alive = True
+        self._instances.release(instance)
+        if self._wedged or not self._dead:
+            return
+        log.warning("the wedged forward pass has finished: serving again")
+        self._dead = False
+        self._failure = None
+        self.start()
+        self._on_alive()
+
     def _die(self, failure: ItemError, exc: BaseException) -> None:
+        if not isinstance(exc, (WedgedError, InstanceDied)):
+            self._recoverable = False  # the loop itself died
         if self._dead:
             return
         self._dead = True

@@ -1,6 +1,8 @@
 """Embedding caches: LRU-bounded, with concurrent requests for one key sharing one encode.
 
-All state is touched only from the event loop thread, so no lock is needed.
+All state is touched only from the event loop thread, so no lock is needed. Besides entries,
+a cache may be bounded by bytes (``max_bytes``: keys and embeddings counted), so that long keys
+(queries of thousands of characters) cannot hold more memory than was meant.
 """
 
 from __future__ import annotations
@@ -13,6 +15,14 @@ from dataclasses import dataclass, field
 from ..models.model import Embedding
 from ..utils.domain import CacheStats
 from .promises import Later, Soon, outcome
+
+# What an entry costs beyond its key's characters and its vector, estimated generously: the str
+# and array headers, the Embedding, the OrderedDict's node.
+_ENTRY_OVERHEAD_BYTES = 256
+
+
+def entry_bytes(key: str, value: Embedding) -> int:
+    return len(key) + value.raw.nbytes + _ENTRY_OVERHEAD_BYTES
 
 
 @dataclass
@@ -34,8 +44,11 @@ class EmbeddingCache:
     thousands of pairs can wait for one image at the cost of a plain call each when it lands.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, max_bytes: int = 0) -> None:
+        """``capacity``: most entries; ``max_bytes``: most bytes (0: no bound but entries)."""
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._entries: collections.OrderedDict[str, Embedding] = collections.OrderedDict()
         self._flights: dict[str, _Flight] = {}
         self.hits = 0
@@ -91,15 +104,22 @@ class EmbeddingCache:
         flight.waiters += 1
         return follower
 
+    def _store(self, key: str, value: Embedding) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        if self.max_bytes:  # counted only where bounded
+            self.bytes += entry_bytes(key, value)
+        while len(self._entries) > self.capacity or (self.max_bytes and self.bytes > self.max_bytes):
+            old_key, old_value = self._entries.popitem(last=False)
+            if self.max_bytes:
+                self.bytes -= entry_bytes(old_key, old_value)
+
     def _landed(self, key: str, flight: _Flight, task: asyncio.Task) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
         value, error = outcome(task)  # cancelled: every follower withdrew, or the server is stopping
         if error is None and self.capacity > 0:  # failures are not cached: the next request tries again
-            self._entries[key] = value
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            self._store(key, value)
         for follower in flight.followers:  # each runs its waiters' callbacks, in one go
             if error is None:
                 follower.set_result(value)

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..images.decode_pool import JobDecoder
 from ..images.fetch import FetchError, ImageFetcher
+from ..images.geometry import DEFAULT_LIMITS, ImageLimits, check_size
 from ..models.model import Embedding, EmbeddingModel
 from ..utils.config import ServerConfig
 from ..utils.domain import CacheStats, EmbedItem, ImageSource, ModelDescription, ScoreItem
@@ -30,12 +31,15 @@ from .batcher import Batcher
 from .cache import EmbeddingCache
 from .instances import InstancePool, InstanceStats
 from .promises import Soon, awaited, both, from_future, then
+from .queries import cut_query, query_char_limit
 from .uploads import UploadChecks
 
 log = logging.getLogger(__name__)
 
 # Hashing a large upload takes milliseconds: do it off the event loop.
 _HASH_OFF_LOOP_BYTES = 256 * 1024
+# Cutting a query of megabytes takes milliseconds (0.3 s for 40 MB of whitespace): off the loop too.
+_CUT_OFF_LOOP_CHARS = 1 << 20
 
 
 class ScoringEngine:
@@ -50,15 +54,17 @@ class ScoringEngine:
         fetcher: ImageFetcher,
         metrics: Metrics,
         on_dead: Callable[[BaseException], None],
+        on_alive: Callable[[], None],
     ) -> None:
         """``name``: the model's, in requests and metrics; ``instances``: its forward workers,
         one or more per device; ``decoder``: its view of the server's decode pool; ``fetcher``:
         the server's, shared by its models so that its per-host cap holds for them all (the
-        server starts and closes both); ``on_dead``: told when the engine can score no more."""
+        server starts and closes both); ``on_dead``, ``on_alive``: told when the engine can score
+        no more (a dead or wedged instance), and when it serves again (a wedged forward finished)."""
         self.model = model
         self._metrics = metrics
         self.config = config
-        self.text_cache = EmbeddingCache(config.text_cache_size)
+        self.text_cache = EmbeddingCache(config.text_cache_size, max_bytes=config.text_cache_mb << 20)
         self.image_cache = EmbeddingCache(config.image_cache_size)
         self._uploads = UploadChecks()
         self._batcher = Batcher(
@@ -68,10 +74,13 @@ class ScoringEngine:
             max_queue_size=config.resolved_max_queue_size,
             forward_timeout_s=config.forward_timeout_s,
             on_dead=on_dead,
+            on_alive=on_alive,
             on_batch=metrics.batch_observer(name),
         )
         self._fetcher = fetcher
         self._decoder = decoder
+        self._max_query_chars = query_char_limit(config.max_query_chars, model.description.max_text_tokens)
+        self._image_limits = ImageLimits.of(config)
 
     @property
     def description(self) -> ModelDescription:
@@ -109,23 +118,39 @@ class ScoringEngine:
         find their query cached, many their image too), else a ``Later`` of it that waits
         only for what is missing. ``wait``: queue for room when the server is full (streams) rather
         than fail with OVERLOADED (unary calls). Bad input raises ItemError here."""
-        query = validate_query(item.query)
-        validate_image(item.image, self.config.max_image_bytes, self.config.max_image_pixels)
-        image = self._image_embedding(item.image, wait)  # first: it may refuse at once (IMAGE_BYTES_NEEDED)
-        return both(self._text_embedding(query, wait), image, self.model.score)
+        if len(item.query) > _CUT_OFF_LOOP_CHARS:
+            return from_future(asyncio.ensure_future(self._score_long_query(item, wait)))
+        return self._score(cut_query(item.query, self._max_query_chars), item.image, wait)
+
+    def _score(self, query: str, image: ImageSource, wait: bool) -> Soon[float]:
+        """``score`` of a query already cut (queries.py)."""
+        validate_query(query)
+        validate_image(image, self.config.max_image_bytes, self.config.max_image_pixels, self._image_limits)
+        image_embedding = self._image_embedding(image, wait)  # first: it may refuse at once (IMAGE_BYTES_NEEDED)
+        return both(self._text_embedding(query, wait), image_embedding, self.model.score)
+
+    async def _score_long_query(self, item: ScoreItem, wait: bool) -> float:
+        query = await asyncio.to_thread(cut_query, item.query, self._max_query_chars)
+        return await awaited(self._score(query, item.image, wait))
 
     # -- embedding -------------------------------------------------------------------------
     def embed(self, item: EmbedItem, *, wait: bool) -> Soon[np.ndarray]:
         """One text's or image's vector: unit length, or the model's own features (``raw``).
         It comes from the same caches and batches as scoring: an Embed of an image already
         scored costs no forward pass, and the other way round."""
+        if item.text is not None and len(item.text) > _CUT_OFF_LOOP_CHARS:
+            return from_future(asyncio.ensure_future(self._embed_long_text(item.text, item.raw, wait)))
         if item.text is not None:
-            embedding = self._text_embedding(validate_query(item.text), wait)
+            embedding = self._text_embedding(validate_query(cut_query(item.text, self._max_query_chars)), wait)
         else:
             assert item.image is not None
-            validate_image(item.image, self.config.max_image_bytes, self.config.max_image_pixels)
+            validate_image(item.image, self.config.max_image_bytes, self.config.max_image_pixels, self._image_limits)
             embedding = self._image_embedding(item.image, wait)
         return then(embedding, _raw if item.raw else Embedding.unit)
+
+    async def _embed_long_text(self, text: str, raw: bool, wait: bool) -> np.ndarray:
+        cut = validate_query(await asyncio.to_thread(cut_query, text, self._max_query_chars))
+        return await awaited(then(self._text_embedding(cut, wait), _raw if raw else Embedding.unit))
 
     # -- both ------------------------------------------------------------------------------
     def _text_embedding(self, query: str, wait: bool) -> Soon[Embedding]:
@@ -248,11 +273,12 @@ def validate_query(query: str) -> str:
 _SHA256_HEX = frozenset("0123456789abcdef")
 
 
-def validate_image(source: ImageSource, max_bytes: int, max_pixels: int = 0) -> None:
+def validate_image(source: ImageSource, max_bytes: int, max_pixels: int = 0, limits: ImageLimits = DEFAULT_LIMITS) -> None:
     if source.pixels is not None:
+        # Before the processor resizes them: the short side is scaled up to the model's input.
         height, width = source.pixels.shape[:2]
-        if max_pixels and height * width > max_pixels:
-            raise ItemError(ErrorKind.INVALID_INPUT, f"{source.describe()}: over the {max_pixels}-pixel image limit")
+        if max_pixels:
+            check_size(width, height, max_pixels=max_pixels, limits=limits, name=source.describe())
         return
     if source.url is None and source.data is None and source.sha256 is None:
         raise ItemError(ErrorKind.INVALID_INPUT, "the request has no image_url, image_bytes or image_sha256")

@@ -19,6 +19,7 @@ from clipserve import __version__
 from ..utils.errors import ErrorKind, ItemError
 from ..utils.metrics import Metrics
 from . import oip_messages as pb
+from . import parsing
 from .oip_models import BatchScores, ClipFeatures, describe
 from .registry import ModelRegistry
 from .status import guarded_unary
@@ -29,8 +30,10 @@ _RPC = "ModelInfer"
 
 
 class OpenInferenceServicer:
-    def __init__(self, registry: ModelRegistry, *, alias: str, metrics: Metrics) -> None:
+    def __init__(self, registry: ModelRegistry, *, alias: str, metrics: Metrics, max_items: int) -> None:
+        """``max_items``: the largest batch of one ModelInfer call (--max-items-per-message)."""
         self._registry = registry
+        self._max_items = max_items
         self._alias = alias
         self._metrics = metrics
 
@@ -76,7 +79,7 @@ class OpenInferenceServicer:
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def infer() -> Any:
             model, _ = self._model(request.model_name)
-            arrays = read_inputs(request, model.inputs, request.model_name)
+            arrays = read_inputs(request, model.inputs, request.model_name, max_items=self._max_items)
             outputs = await model.infer(arrays)
             response = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
             wanted = [output.name for output in request.outputs] or [spec.name for spec in model.outputs]
@@ -120,8 +123,9 @@ def add_open_inference_to_server(servicer: OpenInferenceServicer, server: grpc.a
         "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
         "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
     }
+    # Raw bytes in, parsed off the event loop when large (a ModelInfer of a big batch).
     handlers = {
-        name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), request_deserializer=request.FromString, response_serializer=response.SerializeToString)
+        name: grpc.unary_unary_rpc_method_handler(parsing.unary(getattr(servicer, name), request.FromString), response_serializer=response.SerializeToString)
         for name, (request, response) in methods.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(pb.SERVICE, handlers),))

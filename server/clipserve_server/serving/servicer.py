@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -16,9 +18,11 @@ from clipserve import __version__
 from clipserve._wire import MAX_IN_FLIGHT_KEY
 from ..inference.engine import ScoringEngine
 from ..inference.promises import Later, Soon, awaited
+from ..utils.callers import CALLER
 from ..utils.domain import CacheStats, EmbedItem, ImageSource, ScoreItem
 from ..utils.errors import ErrorKind, ItemError
 from ..utils.metrics import Metrics
+from . import parsing
 from .lenient_decoding import MalformedRequest, parse_embed_chunk, parse_embed_request, parse_score_chunk, parse_score_request
 from .registry import ModelRegistry
 from .status import call_id, grpc_code, guarded_unary, reason
@@ -211,6 +215,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
             self._metrics.calls.labels(rpc=rpc, code=grpc_code(error.kind).name).inc()
             await context.abort(grpc_code(error.kind), error.message)
         ids = {"call_id": call_id(context), "peer": context.peer()}
+        CALLER.set(uuid.uuid4().hex)  # decode workers are shared fairly between calls (the reader's task inherits it)
         started = time.monotonic()
         failed = 0
         final_code = grpc.StatusCode.CANCELLED
@@ -248,6 +253,9 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
                     window.answered(len(done))
                     failed += sum(response.HasField("error") for response in done)
                 for error in (x for x in batch if isinstance(x, Exception)):
+                    if isinstance(error, ItemError):  # a message refused whole (lenient_decoding.TooManyItems)
+                        final_code = grpc_code(error.kind)
+                        await context.abort(final_code, error.message)
                     raise error  # reading failed: after the answers that were ready
             final_code = grpc.StatusCode.OK
         finally:
@@ -381,21 +389,25 @@ class _StreamWindow:
             later.cancel()
 
 
-def add_scorer_to_server(servicer: ScorerServicer, server: grpc.aio.Server) -> None:
+def add_scorer_to_server(servicer: ScorerServicer, server: grpc.aio.Server, *, max_items_per_message: int) -> None:
     """Like the generated ``add_ScorerServicer_to_server``, but requests are decoded by
-    ``lenient_decoding`` so that one malformed message costs one item, not the stream."""
+    ``lenient_decoding`` so that one malformed message costs one item, not the stream; large
+    ones off the event loop (parsing.py); chunks of more than ``max_items_per_message`` refused
+    unparsed."""
     score_response = scorer_pb2.ScoreResponse.SerializeToString
+    score_chunk = functools.partial(parse_score_chunk, max_items=max_items_per_message)
+    embed_chunk = functools.partial(parse_embed_chunk, max_items=max_items_per_message)
     handlers = {
-        "Score": grpc.unary_unary_rpc_method_handler(servicer.Score, request_deserializer=parse_score_request, response_serializer=score_response),
-        "ScoreBatch": grpc.stream_stream_rpc_method_handler(servicer.ScoreBatch, request_deserializer=parse_score_request, response_serializer=score_response),
+        "Score": grpc.unary_unary_rpc_method_handler(parsing.unary(servicer.Score, parse_score_request), response_serializer=score_response),
+        "ScoreBatch": grpc.stream_stream_rpc_method_handler(parsing.streaming(servicer.ScoreBatch, parse_score_request), response_serializer=score_response),
         "Embed": grpc.stream_stream_rpc_method_handler(
-            servicer.Embed, request_deserializer=parse_embed_request, response_serializer=scorer_pb2.EmbedResponse.SerializeToString
+            parsing.streaming(servicer.Embed, parse_embed_request), response_serializer=scorer_pb2.EmbedResponse.SerializeToString
         ),
         "ScoreChunks": grpc.stream_stream_rpc_method_handler(
-            servicer.ScoreChunks, request_deserializer=parse_score_chunk, response_serializer=scorer_pb2.ScoreResponseChunk.SerializeToString
+            parsing.streaming(servicer.ScoreChunks, score_chunk), response_serializer=scorer_pb2.ScoreResponseChunk.SerializeToString
         ),
         "EmbedChunks": grpc.stream_stream_rpc_method_handler(
-            servicer.EmbedChunks, request_deserializer=parse_embed_chunk, response_serializer=scorer_pb2.EmbedResponseChunk.SerializeToString
+            parsing.streaming(servicer.EmbedChunks, embed_chunk), response_serializer=scorer_pb2.EmbedResponseChunk.SerializeToString
         ),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
             servicer.GetModelInfo,

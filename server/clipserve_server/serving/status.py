@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import grpc
 from clipserve._wire import IMAGE_BYTES_NEEDED
 
+from ..utils.callers import CALLER
 from ..utils.errors import ErrorKind, ItemError
 from ..utils.metrics import Metrics
 
@@ -68,6 +69,7 @@ async def guarded_unary(
     every unary RPC of both protocols. Each call is counted by its final code (the calls metric,
     and ``on_done`` with the code's name); a refused one is logged; a bug is INTERNAL."""
     started = time.monotonic()
+    CALLER.set(uuid.uuid4().hex)  # decode workers are shared fairly between calls
     code, message = grpc.StatusCode.OK, ""
     try:
         response = await work()

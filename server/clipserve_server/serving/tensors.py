@@ -54,10 +54,11 @@ def _shape(shape: Sequence[int]) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
 
 
-def read_inputs(request: Any, specs: Sequence[TensorSpec], model: str) -> dict[str, np.ndarray]:
+def read_inputs(request: Any, specs: Sequence[TensorSpec], model: str, *, max_items: int) -> dict[str, np.ndarray]:
     """The inputs of a ModelInferRequest by name, each checked against its spec (datatype,
     rank, fixed dimensions) and against its own shape. Which inputs must be there is the
-    model's to say; an input the model does not take is refused."""
+    model's to say; an input the model does not take is refused. A batch ([-1] input) of more
+    than ``max_items`` is refused from its shape, before any element is read."""
     known = {spec.name: spec for spec in specs}
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
@@ -74,6 +75,8 @@ def read_inputs(request: Any, specs: Sequence[TensorSpec], model: str) -> dict[s
         shape = tuple(tensor.shape)
         if len(shape) != len(spec.shape) or any(want not in (-1, got) for want, got in zip(spec.shape, shape)) or min(shape, default=0) < 0:
             raise invalid(f"input {tensor.name!r} has shape {_shape(shape)}; model {model!r} takes {_shape(spec.shape)} (-1: any size)")
+        if spec.shape == (-1,) and shape[0] > max_items:
+            raise invalid(f"input {tensor.name!r} has {shape[0]} elements, over the {max_items}-item limit of one call (--max-items-per-message {max_items}); send them in several calls")
         arrays[tensor.name] = _array(tensor, raw[index] if raw else None, shape)
     return arrays
 
@@ -85,7 +88,9 @@ def _array(tensor: Any, raw: bytes | None, shape: tuple[int, ...]) -> np.ndarray
     if raw is None and not field:
         raise invalid(f"input {name!r}: {tensor.datatype} travels in raw_input_contents only")
     if tensor.datatype == "BYTES":
-        values = _unpack_bytes(raw, name) if raw is not None else list(tensor.contents.bytes_contents)
+        if raw is None and len(tensor.contents.bytes_contents) != count:  # counted before it is copied out
+            raise invalid(f"input {name!r} has {len(tensor.contents.bytes_contents)} elements; its shape {_shape(shape)} needs {count}")
+        values = _unpack_bytes(raw, name, count) if raw is not None else list(tensor.contents.bytes_contents)
         array = np.empty(len(values), dtype=object)
         array[:] = values
     elif raw is not None:
@@ -103,9 +108,11 @@ def _array(tensor: Any, raw: bytes | None, shape: tuple[int, ...]) -> np.ndarray
         raise invalid(f"input {name!r}: no array can have the shape {_shape(shape)}") from None
 
 
-def _unpack_bytes(raw: bytes, name: str) -> list[bytes]:
-    values, offset = [], 0
-    while offset < len(raw):
+def _unpack_bytes(raw: bytes, name: str, count: int) -> list[bytes]:
+    """At most ``count`` + 1 elements (one more is enough to say the shape is wrong)."""
+    values: list[bytes] = []
+    offset = 0
+    while offset < len(raw) and len(values) <= count:
         if offset + _LENGTH.size > len(raw):
             raise invalid(f"input {name!r}: BYTES element {len(values)} has a truncated length prefix")
         (length,) = _LENGTH.unpack_from(raw, offset)

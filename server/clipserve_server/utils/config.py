@@ -138,6 +138,8 @@ class ServerConfig:
     cache: bool = dataclasses.field(default=True, metadata={"help": "cache text and image embeddings"})
     text_cache_size: int = dataclasses.field(default=100_000, metadata={"help": "text embeddings kept (LRU)"})
     image_cache_size: int = dataclasses.field(default=50_000, metadata={"help": "image embeddings kept (LRU)"})
+    text_cache_mb: int = dataclasses.field(default=256, metadata={"help": "most MiB the text cache holds, keys and embeddings counted (LRU, beside --text-cache-size); a key is the query as the model reads it, cut to --max-query-chars"})
+    max_query_chars: int = dataclasses.field(default=0, metadata={"help": "a query is cut to this many characters before it is tokenized (characters the tokenizer drops, such as whitespace, not counted), so a huge query costs no more than one that fills the model's tokens (0: 64 x the model's max text tokens, which no query that fits in the tokens reaches)"})
     fetch_timeout_s: float = dataclasses.field(default=15.0, metadata={"help": "total seconds allowed to download one image"})
     fetch_attempt_timeout_s: float = dataclasses.field(default=10.0, metadata={"help": "longest one HTTP request of a download may take, connect to last byte; a request that runs out is retried while --fetch-timeout-s, the total, allows (0: no limit but the total)"})
     fetch_attempts: int = dataclasses.field(default=4, metadata={"help": "tries per image, the first included, after a transient failure (connect error, timeout, reset, HTTP " + _RETRIED + "); all within --fetch-timeout-s (1: never retry)"})
@@ -151,6 +153,10 @@ class ServerConfig:
     fetch_concurrency: int = dataclasses.field(default=64, metadata={"help": "simultaneous image downloads"})
     max_image_bytes: int = dataclasses.field(default=DEFAULT_MAX_IMAGE_BYTES, metadata={"help": "largest image file accepted (download or upload)"})
     max_image_pixels: int = dataclasses.field(default=50_000_000, metadata={"help": "largest width*height decoded (decompression-bomb guard)"})
+    max_image_aspect_ratio: float = dataclasses.field(default=100.0, metadata={"help": "longest side / shortest side of an image (file or pixel tensor), checked from the header before decoding: the processor scales the short side up to the model's input, so a 600000x1 image would be resized to 134 million pixels"})
+    max_jpeg_scans: int = dataclasses.field(default=100, metadata={"help": "most scans (SOS markers) in a JPEG, counted before decoding: each scan of a progressive JPEG costs a pass over the whole image (ordinary ones have 1-12, optimised ones a few more)"})
+    max_jpeg_scan_passes: float = dataclasses.field(default=24.0, metadata={"help": "most decoding work a JPEG may take, in passes over an image at --max-image-pixels: its scans x width x height / --max-image-pixels, from the header (an ordinary progressive photo at the pixel limit takes ~10; 100 scans of 7000x7000 would take 98, ~9 s of decoding)"})
+    decode_timeout_s: float = dataclasses.field(default=10.0, metadata={"help": "longest one image may take to decode and preprocess in a worker process (--decode-pool processes): past it the worker is killed and replaced and the image fails (0: no limit; decode threads cannot be stopped)"})
     max_redirects: int = dataclasses.field(default=5, metadata={"help": "HTTP redirects followed per image"})
     allow_private_networks: bool = dataclasses.field(default=False, metadata={"help": "allow image URLs on loopback/private/link-local addresses"})
     decode_workers: int = dataclasses.field(default=0, metadata={"help": "image decode/preprocess threads or processes (0: one per core)"})
@@ -159,6 +165,7 @@ class ServerConfig:
     gpu_decode: bool = dataclasses.field(default=False, metadata={"help": "decode JPEGs with nvJPEG and resize them on the model's CUDA device: least CPU per photo, not bit-exact (needs --device cuda)"})
     v2_alias: str = dataclasses.field(default="clip", metadata={"help": "the Open Inference Protocol (KServe v2, Triton's gRPC API) serves the default model under this name too, with a Triton CLIP model's signature: text BYTES [1] + image FP32 [H, W, 3] -> text_embedding, image_embedding FP32 [1, D] ('': no alias; every model is also served under its own name with a batch scoring signature)"})
     max_message_mb: int = dataclasses.field(default=48, metadata={"help": "largest gRPC request message in MiB"})
+    max_items_per_message: int = dataclasses.field(default=4096, metadata={"help": "most items in one ScoreChunks/EmbedChunks message and in one ModelInfer call (its batch), counted on the wire before they are parsed; more is INVALID_ARGUMENT (the SDK sends 64 per chunk)"})
     grace_period_s: float = dataclasses.field(default=10.0, metadata={"help": "seconds in-flight calls get to finish on shutdown"})
     auth_token_file: str = dataclasses.field(default="", metadata={"help": "require 'authorization: Bearer <token>' with the token in this file (health stays open)"})
     tls_cert: str = dataclasses.field(default="", metadata={"help": "PEM certificate chain: serve TLS"})
@@ -195,12 +202,16 @@ class ServerConfig:
         if self.gpu_decode and "cpu" in devices:
             raise ValueError("gpu_decode decodes on the model's CUDA device: it needs --device cuda (or auto on a machine with CUDA)")
         fetch_headers(self.fetch_header)  # refuse a malformed header now, not at the first download
-        for name in ("max_batch_size", "instances", "fetch_concurrency", "fetch_attempts", "fetch_host_connections", "max_image_bytes", "max_image_pixels", "max_message_mb"):
+        for name in ("max_batch_size", "instances", "fetch_concurrency", "fetch_attempts", "fetch_host_connections", "max_image_bytes", "max_image_pixels", "max_message_mb", "max_items_per_message", "max_jpeg_scans", "text_cache_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("max_batch_delay_ms", "fetch_timeout_s", "fetch_attempt_timeout_s", "fetch_backoff_s", "grace_period_s", "forward_timeout_s", "text_cache_size", "image_cache_size", "max_redirects", "decode_workers", "stream_max_in_flight", "max_queue_size", "port", "metrics_port", "memory_budget_gb"):
+        for name in ("max_batch_delay_ms", "fetch_timeout_s", "fetch_attempt_timeout_s", "fetch_backoff_s", "grace_period_s", "forward_timeout_s", "text_cache_size", "image_cache_size", "max_redirects", "decode_workers", "stream_max_in_flight", "max_queue_size", "port", "metrics_port", "memory_budget_gb", "max_query_chars", "decode_timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if self.max_jpeg_scan_passes <= 0:
+            raise ValueError("max_jpeg_scan_passes must be positive")
+        if self.max_image_aspect_ratio < 1:
+            raise ValueError("max_image_aspect_ratio must be at least 1")
 
     @functools.cached_property
     def models(self) -> tuple[ModelSpec, ...]:

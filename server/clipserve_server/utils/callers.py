@@ -1,0 +1,12 @@
+"""Which call the work under way is for, without passing it through every layer.
+
+The servicer sets ``CALLER`` at the start of each call; tasks started for the call (its
+stream's reader, the encodes it starts) copy the context, so the decode pool can share its
+workers fairly between calls (images/fairness.py) knowing nothing of gRPC.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("clipserve_caller", default="")

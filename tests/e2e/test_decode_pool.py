@@ -119,7 +119,7 @@ def test_worker_processes_give_the_same_pixels_and_errors_as_threads(tiny_checkp
             await decoder.close()
 
     by_thread, _ = run(decode_all(ThreadDecoder([job], 2)))
-    by_process, errors = run(decode_all(ProcessDecoder([job], 1, max_image_bytes=16 << 20, fetch=downloads(), events=FetchTally())))
+    by_process, errors = run(decode_all(ProcessDecoder([job], 1, max_image_bytes=16 << 20, fetch=downloads(), events=FetchTally(), decode_timeout_s=0)))
     for a, b in zip(by_thread, by_process):
         assert a.dtype == b.dtype and np.array_equal(a, b)
     for error, words in zip(errors, bad.values()):
@@ -149,7 +149,7 @@ def test_a_worker_that_dies_fails_only_its_image_and_is_replaced(tmp_path, monke
     hostile, fine = make_image(1, 1), [make_image(10 + i, 10) for i in range(3)]
 
     async def main():
-        decoder = ProcessDecoder([job], 1, max_image_bytes=1 << 20, fetch=downloads(), events=FetchTally())
+        decoder = ProcessDecoder([job], 1, max_image_bytes=1 << 20, fetch=downloads(), events=FetchTally(), decode_timeout_s=0)
         await decoder.start()
         try:
             # All four go to the one worker: the hostile one first, the others wait behind it.
@@ -182,8 +182,8 @@ def test_worker_processes_download_urls_with_the_servers_own_fetcher(image_host)
 
     async def main():
         by_thread = ThreadDecoder([job], 1)
-        public = ProcessDecoder([job], 1, max_image_bytes=1 << 20, fetch=downloads(), events=FetchTally())
-        guarded = ProcessDecoder([job], 1, max_image_bytes=1 << 20, fetch=downloads(False), events=FetchTally())
+        public = ProcessDecoder([job], 1, max_image_bytes=1 << 20, fetch=downloads(), events=FetchTally(), decode_timeout_s=0)
+        guarded = ProcessDecoder([job], 1, max_image_bytes=1 << 20, fetch=downloads(False), events=FetchTally(), decode_timeout_s=0)
         for decoder in (by_thread, public, guarded):
             await decoder.start()
         try:
@@ -212,7 +212,7 @@ def test_worker_processes_download_urls_with_the_servers_own_fetcher(image_host)
 async def one_downloading_worker(job: DecodeJob, image_host):
     """One worker process that downloads; the image host's /gated/ URLs hang until the gate opens."""
     image_host.gate.clear()
-    decoder = ProcessDecoder([job], 1, max_image_bytes=1 << 20, fetch=downloads(concurrency=4), events=FetchTally())
+    decoder = ProcessDecoder([job], 1, max_image_bytes=1 << 20, fetch=downloads(concurrency=4), events=FetchTally(), decode_timeout_s=0)
     await decoder.start()
     try:
         yield decoder

@@ -118,7 +118,7 @@ def test_plain_8_bit_rgb_jpegs_and_pngs_skip_pil(name):
     assert (chw is not None) == (name in DECODED_TO_A_TENSOR)
     if chw is not None:
         assert chw.dtype == torch.uint8 and chw.permute(1, 2, 0).is_contiguous()  # channels-last: the fast resize layout
-        assert torch.equal(chw.permute(1, 2, 0), torch.from_numpy(np.asarray(decode_image(FILES[name], max_pixels=10_000_000, name=name))))
+        assert torch.equal(chw.permute(1, 2, 0), torch.from_numpy(np.array(decode_image(FILES[name], max_pixels=10_000_000, name=name))))
 
 
 def test_a_truncated_file_fails_as_pil_says(processor):

@@ -32,57 +32,54 @@ log = logging.getLogger(__name__)
 _RPC = "ModelInfer"
 
 
-class OpenInferenceServicer:
-    def __init__(self, registry: ModelRegistry, *, alias: str, metrics: Metrics) -> None:
+def server_metadata() -> dict[str, Any]:
+    return {"name": "clipserve", "version": __version__, "extensions": []}
+
+
+class InferenceModels:
+    """The protocol's models over the registry, whichever face asks (gRPC here, REST in
+    http/kserve.py): what a name means, readiness, metadata and ModelInfer itself."""
+
+    def __init__(self, registry: ModelRegistry, *, alias: str) -> None:
         self._registry = registry
         self._alias = alias
-        self._metrics = metrics
 
-    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerLiveResponse(live=True)
-
-    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    @property
+    def server_ready(self) -> bool:
         # As the standard health service: not ready once a model's batcher or instance has died.
         alive = all(engine.alive for _, engine in self._registry.engines())
-        return pb.ServerReadyResponse(ready=self._registry.ready and not self._registry.closing and alive)
+        return self._registry.ready and not self._registry.closing and alive
 
-    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def model_ready(self, name: str) -> bool:
+        """Whether ``name`` is ready; an unknown name raises (NOT_FOUND), a loading one is not."""
         try:
-            _, engine = self._model(request.name)
+            _, engine = self.model(name)
         except ItemError as exc:
-            if exc.kind is not ErrorKind.UNAVAILABLE:  # loading or stopping: not ready; unknown: an error
-                await context.abort(grpc_code(exc.kind), exc.message)
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=engine.alive)
+            if exc.kind is not ErrorKind.UNAVAILABLE:
+                raise
+            return False
+        return bool(engine.alive)
 
-    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return pb.ServerMetadataResponse(name="clipserve", version=__version__, extensions=[])
+    def metadata(self, name: str) -> dict[str, Any]:
+        model, engine = self.model(name)
+        return {"name": name, "versions": ["1"], "platform": engine.description.backend, **describe(model)}
 
-    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def metadata() -> Any:
-            model, engine = self._model(request.name)
-            return pb.ModelMetadataResponse(name=request.name, versions=["1"], platform=engine.description.backend, **describe(model))
+    async def infer(self, request: Any) -> Any:
+        """A ModelInferRequest's ModelInferResponse (every output raw), or an ItemError."""
+        model, _ = self.model(request.model_name)
+        arrays = read_inputs(request, model.inputs, request.model_name)
+        outputs = await model.infer(arrays)
+        response = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+        wanted = [output.name for output in request.outputs] or [spec.name for spec in model.outputs]
+        datatypes = {spec.name: spec.datatype for spec in model.outputs}
+        for name in wanted:
+            if name not in datatypes:
+                raise ItemError(ErrorKind.INVALID_INPUT, f"model {request.model_name!r} has no output {name!r} (it gives {', '.join(datatypes)})")
+            response.outputs.add(name=name, datatype=datatypes[name], shape=outputs[name].shape)
+            response.raw_output_contents.append(raw_bytes(outputs[name], datatypes[name]))
+        return response
 
-        return await self._answer("ModelMetadata", context, metadata)
-
-    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def infer() -> Any:
-            model, _ = self._model(request.model_name)
-            arrays = read_inputs(request, model.inputs, request.model_name)
-            outputs = await model.infer(arrays)
-            response = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
-            wanted = [output.name for output in request.outputs] or [spec.name for spec in model.outputs]
-            datatypes = {spec.name: spec.datatype for spec in model.outputs}
-            for name in wanted:
-                if name not in datatypes:
-                    raise ItemError(ErrorKind.INVALID_INPUT, f"model {request.model_name!r} has no output {name!r} (it gives {', '.join(datatypes)})")
-                response.outputs.add(name=name, datatype=datatypes[name], shape=outputs[name].shape)
-                response.raw_output_contents.append(raw_bytes(outputs[name], datatypes[name]))
-            return response
-
-        return await self._answer(_RPC, context, infer)
-
-    def _model(self, name: str) -> tuple[Any, Any]:
+    def model(self, name: str) -> tuple[Any, Any]:
         """The model ``name`` names (its signature) and the engine it runs on."""
         if not name:
             raise ItemError(ErrorKind.INVALID_INPUT, "the request names no model")
@@ -96,6 +93,36 @@ class OpenInferenceServicer:
                 raise ItemError(exc.kind, f"{exc.message}, and the alias {self._alias!r}") from None
             raise
         return BatchScores(engine), engine
+
+
+class OpenInferenceServicer:
+    def __init__(self, models: InferenceModels, *, metrics: Metrics) -> None:
+        self._models = models
+        self._metrics = metrics
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerReadyResponse(ready=self._models.server_ready)
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return pb.ModelReadyResponse(ready=self._models.model_ready(request.name))
+        except ItemError as exc:
+            await context.abort(grpc_code(exc.kind), exc.message)
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerMetadataResponse(**server_metadata())
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def metadata() -> Any:
+            return pb.ModelMetadataResponse(**self._models.metadata(request.name))
+
+        return await self._answer("ModelMetadata", context, metadata)
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._answer(_RPC, context, lambda: self._models.infer(request))
 
     async def _answer(self, rpc: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[Any]]) -> Any:
         """``work``'s answer, or the call ended with the status its error maps to."""

@@ -1,4 +1,4 @@
-"""The one place where domain errors become gRPC status codes."""
+"""The one place where domain errors become gRPC status codes, and HTTP statuses for the HTTP face."""
 
 from __future__ import annotations
 
@@ -23,6 +23,22 @@ _CODES: dict[ErrorKind, grpc.StatusCode] = {
 }
 
 
+# The same kinds over HTTP (serving/http/). A failed image is a 4xx that no client retries
+# (the openai client retries 408, 429 and every 5xx), for the reason FETCH_FAILED is not
+# UNAVAILABLE above; only the server's own state (overloaded, loading, a bug) is retried.
+_HTTP_STATUSES: dict[ErrorKind, int] = {
+    ErrorKind.INVALID_INPUT: 400,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.FORBIDDEN: 403,
+    ErrorKind.FETCH_FAILED: 422,
+    ErrorKind.IMAGE_NEEDED: 422,
+    ErrorKind.TIMEOUT: 422,
+    ErrorKind.OVERLOADED: 429,
+    ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.INTERNAL: 500,
+}
+
+
 # ItemError.reason on the wire, where the code alone is ambiguous.
 _REASONS: dict[ErrorKind, str] = {ErrorKind.IMAGE_NEEDED: "IMAGE_BYTES_NEEDED"}
 
@@ -33,3 +49,7 @@ def grpc_code(kind: ErrorKind) -> grpc.StatusCode:
 
 def reason(kind: ErrorKind) -> str:
     return _REASONS.get(kind, "")
+
+
+def http_status(kind: ErrorKind) -> int:
+    return _HTTP_STATUSES[kind]

@@ -205,7 +205,7 @@ class ServerConfig:
         devices = device_entries(self.device)  # refuse an empty entry now
         if self.gpu_decode and "cpu" in devices:
             raise ValueError("gpu_decode decodes on the model's CUDA device: it needs --device cuda (or auto on a machine with CUDA)")
-        self.resolved_http_port  # refuse a bad --http-port now
+        _ = self.resolved_http_port  # refuse a bad --http-port now (it raises)
         fetch_headers(self.fetch_header)  # refuse a malformed header now, not at the first download
         for name in ("max_batch_size", "instances", "fetch_concurrency", "fetch_attempts", "fetch_host_connections", "max_image_bytes", "max_image_pixels", "max_message_mb"):
             if getattr(self, name) < 1:

@@ -34,6 +34,7 @@ HEAVY_FIRST = (
     "test_flaky_hosts.py", "test_bad_input.py", "test_faults.py", "test_end_to_end.py", "test_preprocess.py",
     "test_which_library.py", "test_several_models.py", "test_scale_out.py", "test_open_inference.py", "test_load.py",
     "test_benchmark_maker.py", "test_embed.py", "test_instances.py", "test_uploads.py", "test_score_file.py",
+    "test_http_ports.py", "test_http_weaviate.py", "test_http_kserve.py", "test_http_openai.py", "test_http_load.py", "test_http_hardening.py",
 )
 
 

@@ -9,6 +9,7 @@ import base64
 import json
 import socket
 import ssl
+import threading
 import urllib.error
 import urllib.request
 
@@ -19,7 +20,7 @@ import trustme
 
 import clipserve
 
-from .helpers import make_image
+from .helpers import GatedModel, make_image
 
 _JSON = {"Content-Type": "application/json"}
 
@@ -126,3 +127,26 @@ def test_the_vectors_are_unit_length_on_the_fake_model_too(fake_server):
     status, body = call(base_of(fake_server), "/v1/embeddings", {"input": ["a", "b"]})
     vectors = np.array([item["embedding"] for item in json.loads(body)["data"]])
     assert status == 200 and np.allclose(np.linalg.norm(vectors, axis=1), 1.0)
+
+
+def test_a_full_queue_is_429_naming_the_input_and_the_server_recovers(make_fake_server):
+    """Unary semantics, as gRPC's Score: while the model is held and its queue full, a request
+    is refused at once with 429 (which the openai client retries with backoff)."""
+    model = GatedModel()
+    server = make_fake_server(model, max_queue_size=2, max_batch_size=1)
+    base = base_of(server)
+    model.hold()
+    first: list[int] = []
+    holder = threading.Thread(target=lambda: first.append(call(base, "/v1/embeddings", {"input": "held in the forward pass"})[0]))
+    holder.start()
+    try:
+        assert model.held.wait(60)
+        status, body = call(base, "/v1/embeddings", {"input": [f"queued {i}" for i in range(4)]})
+        assert status == 429
+        error = json.loads(body)["error"]
+        assert error["type"] == "rate_limit_error" and "input[" in error["message"] and "queue is full" in error["message"]
+    finally:
+        model.release()
+        holder.join(60)
+    assert first == [200]
+    assert answers(base)

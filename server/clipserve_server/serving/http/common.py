@@ -100,8 +100,9 @@ def decode_base64(text: str, name: str) -> bytes:
 
 async def embed_all(engine: ScoringEngine, items: list[EmbedItem], names: list[str], *, rpc: str, model: str, metrics: Metrics) -> list[np.ndarray]:
     """Every item's unit vector, from the engine's caches and batches as gRPC's Embed, each
-    counted as an item of ``rpc``; the first failure in input order is raised, its message
-    naming the item (``names[i]``). Unary-call semantics: a full queue refuses (OVERLOADED)."""
+    counted as an item of ``rpc``. A failure ends the call: the first failed item in input order
+    is raised, its message naming it (``names[i]``). Unary-call semantics: a full queue refuses
+    (OVERLOADED)."""
 
     async def one(item: EmbedItem) -> np.ndarray:
         started = time.monotonic()
@@ -111,16 +112,28 @@ async def embed_all(engine: ScoringEngine, items: list[EmbedItem], names: list[s
         except ItemError as exc:
             code = grpc_code(exc.kind).name
             raise
+        except asyncio.CancelledError:  # another item of the call failed first
+            code = "CANCELLED"
+            raise
         except Exception:
             code = "INTERNAL"
             raise
         finally:
             metrics.item_answered(rpc, code, model, time.monotonic() - started)
 
-    outcomes = await asyncio.gather(*(one(item) for item in items), return_exceptions=True)
-    for name, outcome in zip(names, outcomes):
-        if isinstance(outcome, ItemError):
-            raise ItemError(outcome.kind, f"{name}: {outcome.message}")
-        if isinstance(outcome, BaseException):
-            raise outcome
-    return list(outcomes)  # type: ignore[arg-type]
+    if not items:
+        return []
+
+    tasks = [asyncio.ensure_future(one(item)) for item in items]
+    try:
+        # The first failure ends the request (it has one answer): what is still queued for it is
+        # withdrawn rather than waited for (a full queue answers at once, not after the rest).
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+    for name, task in zip(names, tasks):
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            raise ItemError(error.kind, f"{name}: {error.message}") if isinstance(error, ItemError) else error
+    return [task.result() for task in tasks]

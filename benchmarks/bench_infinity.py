@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"best of {args.repeat} (median in brackets), cold {unit}{' over HTTP (clipserve /v1/embeddings, infinity /embeddings)' if args.http else ''}; load average {min(all_loads):.2f}-{max(all_loads):.2f} on {os.cpu_count()} CPUs")
     for side in ("clipserve", "infinity"):
         print(f"  {side:<10} {best[side]:9.1f} ({median[side]:.1f})   runs: {', '.join(f'{v:.1f}' for v in samples[side])}; "
-              f"start-up {min(startup[side]):.1f} s; failed pairs {failures[side]}")
+              f"start-up {min(startup[side]):.1f} s; failed {'images' if args.http else 'pairs'} {failures[side]}")
     print(f"  clipserve / infinity: {best['clipserve'] / best['infinity']:.2f}x best, {median['clipserve'] / median['infinity']:.2f}x median ({'issue #35' if args.http else 'issue #22'} asks >= 1.3x)")
     print(f"  {'vectors' if args.http else 'scores'} agree within {args.tolerance:g} on {len(scores['clipserve'])} {'images' if args.http else 'pairs'} every run: {'yes' if agree else 'NO'} (max difference {max_diff:.2e})")
     print(f"  clipserve ran: {clipserve_settings}")

@@ -82,7 +82,6 @@ class HttpFace:
             keepalive_timeout=config.http_idle_timeout_s,
             shutdown_timeout=config.grace_period_s,
         )
-        self.port: int | None = None
 
     async def start(self, port: int) -> int:
         """Listen on ``port`` (0: any free one); returns the bound port."""
@@ -93,8 +92,7 @@ class HttpFace:
         except BaseException:
             await self._runner.cleanup()
             raise
-        self.port = int(self._runner.addresses[0][1])
-        return self.port
+        return int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:
         """Stop listening; requests in flight get the grace period to finish."""

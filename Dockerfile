@@ -1,7 +1,7 @@
 # clipserve server image for NVIDIA GPUs.
 #
 #   docker build -t clipserve .
-#   docker run --gpus all -p 50051:50051 -v clipserve-models:/models clipserve \
+#   docker run --gpus all -p 50051:50051 -p 51051:51051 -v clipserve-models:/models clipserve \
 #       --model openai/clip-vit-base-patch32
 #
 # The torch wheel brings its own CUDA libraries (cuDNN, cuBLAS, ...); the base image provides
@@ -45,9 +45,11 @@ WORKDIR /home/clipserve
 # need a C++ compiler at run time, which this image leaves out; see docs/configuration.md.)
 ENV CLIPSERVE_HOST=0.0.0.0 \
     CLIPSERVE_PORT=50051 \
+    CLIPSERVE_HTTP_PORT=51051 \
     CLIPSERVE_DEVICE=auto \
     CLIPSERVE_DTYPE=auto
-EXPOSE 50051
+# gRPC, and the HTTP face (OpenAI embeddings, KServe v2 REST, Weaviate: docs/http/).
+EXPOSE 50051 51051
 VOLUME ["/models"]
 
 # The standard gRPC health service: SERVING once the model is loaded and warm. (Shell form:

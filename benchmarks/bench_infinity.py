@@ -46,6 +46,12 @@ Setting up infinity (python 3.11; the torch of this environment, from its wheel)
     /work/infinity-venv/bin/pip install "infinity-emb[server,vision,torch]==0.0.78" \\
         torch==2.14.1 torchvision==0.29.1 aiohttp   # aiohttp: image URLs (not in 0.0.78's extras)
 
+``--http`` compares the HTTP faces instead (#35): every distinct image embedded once, by the
+same aiohttp client with the same requests (--request-size image URLs, ``encoding_format``
+base64, --concurrency in flight), through clipserve's ``POST /v1/embeddings`` (a fresh server
+with ``--http-port``) and infinity's ``POST /embeddings``: images/s, and the unit vectors of a
+sample of images must agree within --tolerance.
+
 It prints pairs/s per run with the load average before it, best and median of each side and
 their ratio, both sides' versions and settings, and writes the table as JSON (--out). Smoke
 test (a second, a few images): ``--arch tiny --images 4 --queries 2 --per-query 3 --repeat 1``.
@@ -83,6 +89,7 @@ CLIPSERVE_PACKAGES = ("clipserve", "torch", "transformers", "openvino", "numpy",
 # infinity 0.0.78's default INFINITY_MEDIA_URL_BLACKLIST without localhost and 127.0.0.0/8.
 MEDIA_BLACKLIST = "0.0.0.0/8;10.0.0.0/8;100.64.0.0/10;169.254.0.0/16;172.16.0.0/12;192.168.0.0/16;224.0.0.0/4;::/128;fc00::/7;fe80::/10;ff00::/8"
 SERVED_NAME = "clip"
+OUT = ROOT / "benchmarks" / "results" / "infinity.json"
 
 
 # -- the checkpoint, and infinity's view of it ---------------------------------------------------
@@ -189,23 +196,22 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-async def infinity_pass(base: str, pairs: list[tuple[str, str]], scale: float, bias: float, request_size: int, concurrency: int) -> tuple[float, np.ndarray, int, str | None]:
-    """Embed the distinct queries and image URLs (requests of ``request_size`` inputs,
-    ``concurrency`` in flight), then score every pair here. Returns pairs/s, the scores (NaN
-    where a pair failed), the number of failed pairs and the first error."""
+async def embeddings_pass(url: str, model: str, batches: list[tuple[str, list[str]]], concurrency: int) -> tuple[float, dict[tuple[str, str], np.ndarray], list[str]]:
+    """POST each (modality, inputs) batch to an OpenAI-style embeddings ``url`` (``modality``
+    as infinity takes it, ``encoding_format`` base64 as the OpenAI client asks for),
+    ``concurrency`` requests in flight. Returns the seconds from the first request to the last
+    answer, the vectors by (modality, input) and the errors."""
     import aiohttp
 
-    texts = list(dict.fromkeys(q for q, _ in pairs))
-    urls = list(dict.fromkeys(u for _, u in pairs))
     vectors: dict[tuple[str, str], np.ndarray] = {}
     errors: list[str] = []
     gate = asyncio.Semaphore(concurrency)
 
     async def embed(session: aiohttp.ClientSession, modality: str, inputs: list[str]) -> None:
-        body = {"model": SERVED_NAME, "input": inputs, "modality": modality, "encoding_format": "base64"}
+        body = {"model": model, "input": inputs, "modality": modality, "encoding_format": "base64"}
         async with gate:
             try:
-                async with session.post(f"{base}/embeddings", json=body) as response:
+                async with session.post(url, json=body) as response:
                     if response.status != 200:
                         errors.append(f"{modality} request: HTTP {response.status} {(await response.text())[:300]}")
                         return
@@ -219,14 +225,37 @@ async def infinity_pass(base: str, pairs: list[tuple[str, str]], scale: float, b
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         started = time.perf_counter()
-        await asyncio.gather(
-            *(embed(session, "text", texts[i : i + request_size]) for i in range(0, len(texts), request_size)),
-            *(embed(session, "image", urls[i : i + request_size]) for i in range(0, len(urls), request_size)),
-        )
-        scores = score_pairs(pairs, vectors, scale, bias)
-        elapsed = time.perf_counter() - started
+        await asyncio.gather(*(embed(session, modality, inputs) for modality, inputs in batches))
+        return time.perf_counter() - started, vectors, errors
+
+
+def batched(modality: str, inputs: list[str], size: int) -> list[tuple[str, list[str]]]:
+    return [(modality, inputs[i : i + size]) for i in range(0, len(inputs), size)]
+
+
+async def infinity_pass(base: str, pairs: list[tuple[str, str]], scale: float, bias: float, request_size: int, concurrency: int) -> tuple[float, np.ndarray, int, str | None]:
+    """Embed the distinct queries and image URLs (requests of ``request_size`` inputs,
+    ``concurrency`` in flight), then score every pair here. Returns pairs/s, the scores (NaN
+    where a pair failed), the number of failed pairs and the first error."""
+    texts = list(dict.fromkeys(q for q, _ in pairs))
+    urls = list(dict.fromkeys(u for _, u in pairs))
+    started = time.perf_counter()
+    _, vectors, errors = await embeddings_pass(f"{base}/embeddings", SERVED_NAME, batched("text", texts, request_size) + batched("image", urls, request_size), concurrency)
+    scores = score_pairs(pairs, vectors, scale, bias)
+    elapsed = time.perf_counter() - started
     failed = int(np.isnan(scores).sum())
     return len(pairs) / elapsed, scores, failed, (errors[0] if errors else None)
+
+
+def measure_images_http(url: str, model: str, urls: list[str], sample: list[str], args: argparse.Namespace) -> tuple[float, np.ndarray, int, str | None]:
+    """--http: every distinct image embedded once through ``url`` (either side's OpenAI-style
+    endpoint, the same client): images/s, the sample's unit vectors, failed images, first error."""
+    seconds, vectors, errors = asyncio.run(embeddings_pass(url, model, batched("image", urls, args.request_size), args.concurrency))
+    dim = len(next(iter(vectors.values()))) if vectors else 1
+    chosen = np.stack([vectors.get(("image", u), np.full(dim, np.nan, dtype=np.float32)).astype(np.float64) for u in sample])
+    with np.errstate(invalid="ignore"):
+        chosen /= np.linalg.norm(chosen, axis=1, keepdims=True)
+    return len(urls) / seconds, chosen, len(urls) - sum(1 for u in urls if ("image", u) in vectors), (errors[0] if errors else None)
 
 
 def score_pairs(pairs: list[tuple[str, str]], vectors: dict[tuple[str, str], np.ndarray], scale: float, bias: float) -> np.ndarray:
@@ -302,9 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=1e-3)
     parser.add_argument("--startup-timeout", type=float, default=600)
     parser.add_argument("--repeat", type=int, default=3, help="runs of both servers, interleaved; best and median are reported")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "infinity.json")
+    parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--http", action="store_true", help="compare image embeddings over HTTP instead: clipserve's POST /v1/embeddings against infinity's POST /embeddings, "
+                        "every distinct image once, the same client for both (images/s; the sample's unit vectors must agree within --tolerance)")
     args = parser.parse_args(argv)
+    if args.http and args.out == OUT:
+        args.out = OUT.with_name("infinity-http.json")
 
     checkpoint = ensure_checkpoint(args.checkpoint, args.arch, args.seed)
     scratch = Path(tempfile.mkdtemp(prefix="clipserve-bench-infinity-"))
@@ -317,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     pairs = make_workload(base, sorted(corpus), args.queries, args.per_query, args.seed)
     check = sorted(random.Random(args.seed + 2).sample(range(len(pairs)), min(args.check_pairs, len(pairs))))
     sample = [pairs[i] for i in check]
+    urls = list(dict.fromkeys(u for _, u in pairs))
+    image_sample = sorted(random.Random(args.seed + 3).sample(urls, min(args.check_pairs, len(urls))))
+    unit = "images/s" if args.http else "pairs/s"
     print(f"workload: {len(pairs)} pairs, {len({q for q, _ in pairs})} queries, {len({u for _, u in pairs})} distinct images "
           f"({sum(map(len, corpus.values())) / 1e6:.1f} MB corpus); checkpoint {checkpoint} (exp(logit_scale) {scale:.4f}, bias {bias})\n"
           f"infinity {infinity_versions}\nclipserve {clipserve_versions}\n"
@@ -338,13 +374,17 @@ def main(argv: list[str] | None = None) -> int:
             for side in order:
                 started = time.perf_counter()
                 if side == "clipserve":
-                    proc, address = serve("--model", str(checkpoint), "--allow-private-networks")
+                    http_port = free_port()
+                    proc, address = serve("--model", str(checkpoint), "--allow-private-networks", "--http-port", str(http_port))
                 else:
                     proc, address = start_infinity(args.infinity_python, view, args, log)
                 startup[side].append(time.perf_counter() - started)
                 try:
                     loads[side].append(os.getloadavg()[0])
-                    if side == "clipserve":
+                    if args.http:
+                        url, model = (f"http://127.0.0.1:{http_port}/v1/embeddings", "default") if side == "clipserve" else (f"{address}/embeddings", SERVED_NAME)
+                        rate, scores[side], failed, error = measure_images_http(url, model, urls, image_sample, args)
+                    elif side == "clipserve":
                         rate, failed = measure_clipserve(address, pairs)
                         scores[side], clipserve_settings = clipserve_check(address, sample)
                         error = None if not failed else f"{failed} pairs failed in score_batch"
@@ -357,12 +397,13 @@ def main(argv: list[str] | None = None) -> int:
                 failures[side] += failed
                 if error:
                     first_error.setdefault(side, error)
+            # --http: the sample images' unit vectors; else the sample pairs' scores.
             diff = float(np.nanmax(np.abs(scores["clipserve"] - scores["infinity"]))) if check else 0.0
             if np.isnan(scores["clipserve"]).any() or np.isnan(scores["infinity"]).any():
                 diff = float("inf")
             max_diff = max(max_diff, diff)
-            print(f"run {run}: " + ", ".join(f"{side} {samples[side][-1]:.1f} pairs/s (load {loads[side][-1]:.2f}, start-up {startup[side][-1]:.1f} s)" for side in order)
-                  + f"; max |score difference| on {len(check)} pairs {diff:.2e}", flush=True)
+            print(f"run {run}: " + ", ".join(f"{side} {samples[side][-1]:.1f} {unit} (load {loads[side][-1]:.2f}, start-up {startup[side][-1]:.1f} s)" for side in order)
+                  + f"; max |{'vector' if args.http else 'score'} difference| on {len(scores['clipserve'])} {'images' if args.http else 'pairs'} {diff:.2e}", flush=True)
     finally:
         host.shutdown()
 
@@ -371,23 +412,24 @@ def main(argv: list[str] | None = None) -> int:
     all_loads = loads["clipserve"] + loads["infinity"]
     agree = max_diff <= args.tolerance
     print()
-    print(f"best of {args.repeat} (median in brackets), cold pairs/s; load average {min(all_loads):.2f}-{max(all_loads):.2f} on {os.cpu_count()} CPUs")
+    print(f"best of {args.repeat} (median in brackets), cold {unit}{' over HTTP (clipserve /v1/embeddings, infinity /embeddings)' if args.http else ''}; load average {min(all_loads):.2f}-{max(all_loads):.2f} on {os.cpu_count()} CPUs")
     for side in ("clipserve", "infinity"):
         print(f"  {side:<10} {best[side]:9.1f} ({median[side]:.1f})   runs: {', '.join(f'{v:.1f}' for v in samples[side])}; "
-              f"start-up {min(startup[side]):.1f} s; failed pairs {failures[side]}")
-    print(f"  clipserve / infinity: {best['clipserve'] / best['infinity']:.2f}x best, {median['clipserve'] / median['infinity']:.2f}x median (issue #22 asks >= 1.3x)")
-    print(f"  scores agree within {args.tolerance:g} on {len(check)} pairs every run: {'yes' if agree else 'NO'} (max difference {max_diff:.2e})")
+              f"start-up {min(startup[side]):.1f} s; failed {'images' if args.http else 'pairs'} {failures[side]}")
+    print(f"  clipserve / infinity: {best['clipserve'] / best['infinity']:.2f}x best, {median['clipserve'] / median['infinity']:.2f}x median ({'issue #35' if args.http else 'issue #22'} asks >= 1.3x)")
+    print(f"  {'vectors' if args.http else 'scores'} agree within {args.tolerance:g} on {len(scores['clipserve'])} {'images' if args.http else 'pairs'} every run: {'yes' if agree else 'NO'} (max difference {max_diff:.2e})")
     print(f"  clipserve ran: {clipserve_settings}")
     for side, error in first_error.items():
         print(f"  {side} first error: {error}")
     report = {
+        "mode": "http image embeddings (images/s)" if args.http else "score pairs (pairs/s)",
         "workload": {"pairs": len(pairs), "queries": args.queries, "per_query": args.per_query, "images": args.images, "arch": args.arch, "checkpoint": str(checkpoint), "seed": args.seed},
         "infinity": {"versions": infinity_versions, "engine": "torch", "device": "cpu", "dtype": "float32", "batch_size": args.batch_size,
                      "request_size": args.request_size, "concurrency": args.concurrency},
-        "clipserve": {"versions": clipserve_versions, "flags": ["--model", "CKPT", "--allow-private-networks"], "server": clipserve_settings},
+        "clipserve": {"versions": clipserve_versions, "flags": ["--model", "CKPT", "--allow-private-networks"] + (["--http-port", "PORT"] if args.http else []), "server": clipserve_settings},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_1min": loads},
         "repeat": args.repeat,
-        "pairs_per_s": {side: [round(v, 2) for v in values] for side, values in samples.items()},
+        ("images_per_s" if args.http else "pairs_per_s"): {side: [round(v, 2) for v in values] for side, values in samples.items()},
         "startup_s": {side: [round(v, 2) for v in values] for side, values in startup.items()},
         "best": best, "median": median,
         "ratio_best": best["clipserve"] / best["infinity"], "ratio_median": median["clipserve"] / median["infinity"],

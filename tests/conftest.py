@@ -131,6 +131,8 @@ class ServerProcess:
         self.log: list[str] = []
         self.port = 0
         self.address = ""
+        self.http_port = 0  # the HTTP face's port, from its start-up line (0: not serving HTTP)
+        self.http_address = ""
         if wait:
             self.wait_ready()
 
@@ -138,6 +140,10 @@ class ServerProcess:
         self.port = int(self._wait_for("clipserve listening on ").rsplit(":", 1)[1])
         self.address = f"127.0.0.1:{self.port}"
         self._wait_for("clipserve ready")
+        http = [line for line in self.log if line.startswith("clipserve HTTP on ")]
+        if http:
+            self.http_port = int(http[-1].strip().rsplit(":", 1)[1])
+            self.http_address = f"127.0.0.1:{self.http_port}"
         # Keep draining the server's output, or its logging blocks once the pipe is full.
         self._drain = threading.Thread(target=self._collect, daemon=True)
         self._drain.start()

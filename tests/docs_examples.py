@@ -29,6 +29,7 @@ _MARKER = re.compile(r"^<!--\s*(no-run|file):\s*(.*?)\s*-->$")
 _COMMAND = re.compile(r"(?:^|[\s;&|(])clipserve\s+([a-z][\w-]*)([^&;|#<>\n]*)")
 # Placeholders the examples use, and what they stand for in the test (see docs/development.md).
 PLACEHOLDER_ADDRESSES = ("localhost:50051", "localhost:50052")  # the first and the second server
+PLACEHOLDER_HTTP_ADDRESSES = ("localhost:51051", "localhost:51052")  # their HTTP faces (--http-port auto)
 PLACEHOLDER_IMAGES = re.compile(r"https://example\.com/([\w./-]+)")
 DNS_NAME = "clipserve.default.svc.cluster.local"
 

@@ -17,6 +17,7 @@ from clipserve_server.config_loaders import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
+REST_MANIFEST = ROOT / "deploy" / "kserve" / "inferenceservice-rest.yaml"  # the HTTP face (docs/http/)
 SCHEMA = Path(__file__).resolve().parent / "data" / "kserve_inferenceservice_v1beta1.schema.json"
 
 
@@ -28,6 +29,11 @@ def schema() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def service() -> dict[str, Any]:
     return yaml.safe_load(MANIFEST.read_text())
+
+
+@pytest.fixture(scope="module")
+def rest_service() -> dict[str, Any]:
+    return yaml.safe_load(REST_MANIFEST.read_text())
 
 
 def unknown_fields(document: Any, schema: dict[str, Any], path: str = "") -> list[str]:
@@ -74,3 +80,17 @@ def test_the_predictor_serves_grpc_on_a_gpu_and_probes_the_health_service(servic
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == port["containerPort"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_the_rest_inferenceservice_is_valid_and_serves_the_http_face(rest_service, schema):
+    """The REST variant: valid as the gRPC one; Knative's HTTP/1.1 port (http1) is the one
+    --http-port gives, and the probes ask the protocol's REST readiness there."""
+    jsonschema.validate(rest_service, schema)
+    assert unknown_fields(rest_service, schema) == []
+    container = rest_service["spec"]["predictor"]["containers"][0]
+    (port,) = container["ports"]
+    assert port["name"] == "http1"
+    config = load_config(container["args"], environ={e["name"]: e["value"] for e in container["env"]})
+    assert config.resolved_http_port == port["containerPort"] and config.v2_alias == "clip"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/v2/health/ready", "port": port["containerPort"]}

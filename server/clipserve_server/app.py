@@ -27,8 +27,9 @@ from .models.devices import Device, resolve_devices
 from .models.memory import check_fits
 from .models.model import EmbeddingModel
 from .serving import oip_messages
-from .serving.open_inference import OpenInferenceServicer, add_open_inference_to_server
+from .serving.open_inference import InferenceModels, OpenInferenceServicer, add_open_inference_to_server
 from .serving.drain import InFlightCalls
+from .serving.http.app import HttpFace
 from .serving.registry import ModelRegistry
 from .serving.security import interceptors, server_credentials
 from .serving.servicer import ScorerServicer, add_scorer_to_server
@@ -88,6 +89,8 @@ class ClipServer:
         self._loader: asyncio.Task | None = None
         self.metrics = Metrics(host_labels=config.metrics_host_labels)
         self.port: int | None = None
+        self._http: HttpFace | None = None
+        self.http_port: int | None = None  # the HTTP face's bound port; None when --http-port off
 
     async def start(self) -> int:
         """Bind and start serving; the model loads in the background. Returns the port."""
@@ -112,9 +115,8 @@ class ClipServer:
         if self.config.v2_alias and not alias:
             log.warning("a model is named %r, so the Open Inference Protocol serves it under that name with the batch signature; "
                         "set --v2-alias to another name for the Triton CLIP signature", self.config.v2_alias)
-        add_open_inference_to_server(
-            OpenInferenceServicer(self._registry, alias=alias, metrics=self.metrics, max_items=self.config.max_items_per_message), self._server
-        )
+        inference_models = InferenceModels(self._registry, alias=alias, max_items=self.config.max_items_per_message)
+        add_open_inference_to_server(OpenInferenceServicer(inference_models, metrics=self.metrics), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         # From one pool that holds every service's schema, the protocol's private one included
         # (oip_messages: it cannot be in the default pool).
@@ -129,6 +131,11 @@ class ClipServer:
         self._registry.replica = self.config.replica_name or f"{socket.gethostname()}:{self.port}"
         await self._server.start()
         log.info("listening on %s:%d", self.config.host, self.port)
+        http_port = self.config.resolved_http_port
+        if http_port is not None:
+            self._http = HttpFace(self._registry, inference_models, self.config, self.metrics)
+            self.http_port = await self._http.start(http_port)
+            log.info("HTTP on %s:%d", self.config.host, self.http_port)
         if self.config.metrics_port:
             self.metrics.serve(self.config.host, self.config.metrics_port)
             log.info("metrics on http://%s:%d/metrics", self.config.host, self.config.metrics_port)
@@ -233,11 +240,15 @@ class ClipServer:
         await self._health.enter_graceful_shutdown()
         if self._loader is not None and not self._loader.done():
             self._loader.cancel()
+        # The HTTP face stops listening at once; its requests in flight finish within the grace.
+        http_stopped = asyncio.ensure_future(self._http.stop()) if self._http is not None else None
         if self._server is not None:
             # The calls in flight finish while new ones are still answered UNAVAILABLE (drain.py).
             started = time.monotonic()
             await self._in_flight.wait_idle(grace)
             await self._server.stop(max(0.0, grace - (time.monotonic() - started)))
+        if http_stopped is not None:
+            await http_stopped
         for _, engine in self._registry.engines():
             await engine.stop()
         if self._fetcher is not None:
@@ -262,6 +273,8 @@ async def run(config: ServerConfig, model_factory: ModelFactory = load_configure
             return 2
         # A line tools can wait for (tests start the server with --port 0 and read it).
         print(f"clipserve listening on {config.host}:{port}", flush=True)
+        if server.http_port is not None:
+            print(f"clipserve HTTP on {config.host}:{server.http_port}", flush=True)
         ready = asyncio.ensure_future(server.wait_ready())
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)

@@ -3,7 +3,7 @@ against real servers on the synthetic checkpoint, or says why it cannot (``no-ru
 
 The substitutions, which docs/development.md documents for authors of examples:
 ``localhost:50051`` (and ``$CLIPSERVE_ADDRESS``) is the test's first server, ``localhost:50052``
-its second; ``https://example.com/NAME`` an image on the loopback image host, and any URL under
+its second, ``localhost:51051`` and ``localhost:51052`` their HTTP faces; ``https://example.com/NAME`` an image on the loopback image host, and any URL under
 ``https://example.com/missing/`` a 404; ``dns:///clipserve.default.svc.cluster.local:50051``
 both servers (a stand-in for the system resolver answers that name); ``dog.jpg``, ``cat.png``,
 and ``qrels.jsonl`` with ``images.jsonl`` (three pairs over those two images) are in each
@@ -29,6 +29,7 @@ from ..conftest import ServerProcess
 from ..docs_examples import (
     DNS_NAME,
     PLACEHOLDER_ADDRESSES,
+    PLACEHOLDER_HTTP_ADDRESSES,
     PLACEHOLDER_IMAGES,
     ROOT,
     RUNNABLE,
@@ -113,7 +114,7 @@ def substituted(code: str, addresses: list[str], images: ImageHost) -> str:
             images.add(name, make_image(64, 48, seed=len(images.images), fmt=fmt))
         return images.url(f"img/{name}")
 
-    for placeholder, address in zip(PLACEHOLDER_ADDRESSES, addresses):
+    for placeholder, address in zip(PLACEHOLDER_ADDRESSES + PLACEHOLDER_HTTP_ADDRESSES, addresses):
         code = code.replace(placeholder, address)
     return PLACEHOLDER_IMAGES.sub(image, code)
 
@@ -151,7 +152,7 @@ def test_every_example_of_a_page_runs_against_a_real_server(document, replicas, 
     are written first; the server commands' flags parse; no-run blocks give a reason and still
     parse (Python compiles, `clipserve` lines have today's flags)."""
     examples = examples_of(document)
-    addresses = [server.address for server in replicas]
+    addresses = [server.address for server in replicas] + [server.http_address for server in replicas]
     (tmp_path / "dog.jpg").write_bytes(make_image(64, 48, seed=7, fmt="JPEG"))
     (tmp_path / "cat.png").write_bytes(make_image(48, 64, seed=8))
     for name, text in SAMPLE_FILES.items():

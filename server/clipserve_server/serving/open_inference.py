@@ -29,71 +29,56 @@ from .tensors import raw_bytes, read_inputs
 _RPC = "ModelInfer"
 
 
-class OpenInferenceServicer:
-    def __init__(self, registry: ModelRegistry, *, alias: str, metrics: Metrics, max_items: int) -> None:
+def server_metadata() -> dict[str, Any]:
+    return {"name": "clipserve", "version": __version__, "extensions": []}
+
+
+class InferenceModels:
+    """The protocol's models over the registry, whichever face asks (gRPC here, REST in
+    http/kserve.py): what a name means, readiness, metadata and ModelInfer itself."""
+
+    def __init__(self, registry: ModelRegistry, *, alias: str, max_items: int) -> None:
         """``max_items``: the largest batch of one ModelInfer call (--max-items-per-message)."""
         self._registry = registry
         self._max_items = max_items
         self._alias = alias
-        self._metrics = metrics
 
-    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def live() -> Any:
-            return pb.ServerLiveResponse(live=True)
+    @property
+    def server_ready(self) -> bool:
+        # As the standard health service: not ready once a model's batcher or instance has died.
+        alive = all(engine.alive for _, engine in self._registry.engines())
+        return self._registry.ready and not self._registry.closing and alive
 
-        return await self._answer("ServerLive", context, live)
+    def model_ready(self, name: str) -> bool:
+        """Whether ``name`` is ready; an unknown name raises (NOT_FOUND), a loading one is not."""
+        try:
+            _, engine = self.model(name)
+        except ItemError as exc:
+            if exc.kind is not ErrorKind.UNAVAILABLE:
+                raise
+            return False
+        return bool(engine.alive)
 
-    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def ready() -> Any:
-            # As the standard health service: not ready once a model's batcher or instance has died.
-            alive = all(engine.alive for _, engine in self._registry.engines())
-            return pb.ServerReadyResponse(ready=self._registry.ready and not self._registry.closing and alive)
+    def metadata(self, name: str) -> dict[str, Any]:
+        model, engine = self.model(name)
+        return {"name": name, "versions": ["1"], "platform": engine.description.backend, **describe(model)}
 
-        return await self._answer("ServerReady", context, ready)
+    async def infer(self, request: Any) -> Any:
+        """A ModelInferRequest's ModelInferResponse (every output raw), or an ItemError."""
+        model, _ = self.model(request.model_name)
+        arrays = read_inputs(request, model.inputs, request.model_name, max_items=self._max_items)
+        outputs = await model.infer(arrays)
+        response = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+        wanted = [output.name for output in request.outputs] or [spec.name for spec in model.outputs]
+        datatypes = {spec.name: spec.datatype for spec in model.outputs}
+        for name in wanted:
+            if name not in datatypes:
+                raise ItemError(ErrorKind.INVALID_INPUT, f"model {request.model_name!r} has no output {name!r} (it gives {', '.join(datatypes)})")
+            response.outputs.add(name=name, datatype=datatypes[name], shape=outputs[name].shape)
+            response.raw_output_contents.append(raw_bytes(outputs[name], datatypes[name]))
+        return response
 
-    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def ready() -> Any:
-            try:
-                _, engine = self._model(request.name)
-            except ItemError as exc:
-                if exc.kind is not ErrorKind.UNAVAILABLE:  # loading or stopping: not ready; unknown: an error
-                    raise
-                return pb.ModelReadyResponse(ready=False)
-            return pb.ModelReadyResponse(ready=engine.alive)
-
-        return await self._answer("ModelReady", context, ready)
-
-    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def metadata() -> Any:
-            return pb.ServerMetadataResponse(name="clipserve", version=__version__, extensions=[])
-
-        return await self._answer("ServerMetadata", context, metadata)
-
-    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def metadata() -> Any:
-            model, engine = self._model(request.name)
-            return pb.ModelMetadataResponse(name=request.name, versions=["1"], platform=engine.description.backend, **describe(model))
-
-        return await self._answer("ModelMetadata", context, metadata)
-
-    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def infer() -> Any:
-            model, _ = self._model(request.model_name)
-            arrays = read_inputs(request, model.inputs, request.model_name, max_items=self._max_items)
-            outputs = await model.infer(arrays)
-            response = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
-            wanted = [output.name for output in request.outputs] or [spec.name for spec in model.outputs]
-            datatypes = {spec.name: spec.datatype for spec in model.outputs}
-            for name in wanted:
-                if name not in datatypes:
-                    raise ItemError(ErrorKind.INVALID_INPUT, f"model {request.model_name!r} has no output {name!r} (it gives {', '.join(datatypes)})")
-                response.outputs.add(name=name, datatype=datatypes[name], shape=outputs[name].shape)
-                response.raw_output_contents.append(raw_bytes(outputs[name], datatypes[name]))
-            return response
-
-        return await self._answer(_RPC, context, infer)
-
-    def _model(self, name: str) -> tuple[Any, Any]:
+    def model(self, name: str) -> tuple[Any, Any]:
         """The model ``name`` names (its signature) and the engine it runs on."""
         if not name:
             raise ItemError(ErrorKind.INVALID_INPUT, "the request names no model")
@@ -108,8 +93,48 @@ class OpenInferenceServicer:
             raise
         return BatchScores(engine), engine
 
+
+class OpenInferenceServicer:
+    """The protocol's gRPC face: every RPC through the one unary guard (serving/status.py)."""
+
+    def __init__(self, models: InferenceModels, *, metrics: Metrics) -> None:
+        self._models = models
+        self._metrics = metrics
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def live() -> Any:
+            return pb.ServerLiveResponse(live=True)
+
+        return await self._answer("ServerLive", context, live)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def ready() -> Any:
+            return pb.ServerReadyResponse(ready=self._models.server_ready)
+
+        return await self._answer("ServerReady", context, ready)
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def ready() -> Any:
+            return pb.ModelReadyResponse(ready=self._models.model_ready(request.name))
+
+        return await self._answer("ModelReady", context, ready)
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def metadata() -> Any:
+            return pb.ServerMetadataResponse(**server_metadata())
+
+        return await self._answer("ServerMetadata", context, metadata)
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def metadata() -> Any:
+            return pb.ModelMetadataResponse(**self._models.metadata(request.name))
+
+        return await self._answer("ModelMetadata", context, metadata)
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._answer(_RPC, context, lambda: self._models.infer(request))
+
     async def _answer(self, rpc: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[Any]]) -> Any:
-        """``work``'s answer through the one unary guard (serving/status.py)."""
         return await guarded_unary(rpc, context, self._metrics, work)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -74,3 +75,15 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     chain = Path(config.tls_cert).read_bytes()
     client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def http_ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """The same TLS (and client-certificate requirement) for the HTTP face as for gRPC."""
+    if server_credentials(config) is None:  # also refuses a half-given pair, as for gRPC
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.tls_client_ca:
+        context.load_verify_locations(config.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

@@ -1,5 +1,5 @@
-"""The one place where domain errors become gRPC status codes, and the guard every unary RPC
-answers through."""
+"""The one place where domain errors become gRPC status codes (and HTTP statuses for the HTTP
+face), and the guard every unary RPC answers through."""
 
 from __future__ import annotations
 
@@ -33,6 +33,22 @@ _CODES: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+
+# The same kinds over HTTP (serving/http/). A failed image is a 4xx that no client retries
+# (the openai client retries 408, 429 and every 5xx), for the reason FETCH_FAILED is not
+# UNAVAILABLE above; only the server's own state (overloaded, loading, a bug) is retried.
+_HTTP_STATUSES: dict[ErrorKind, int] = {
+    ErrorKind.INVALID_INPUT: 400,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.FORBIDDEN: 403,
+    ErrorKind.FETCH_FAILED: 422,
+    ErrorKind.IMAGE_NEEDED: 422,
+    ErrorKind.TIMEOUT: 422,
+    ErrorKind.OVERLOADED: 429,
+    ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.INTERNAL: 500,
 }
 
 
@@ -86,3 +102,7 @@ async def guarded_unary(
         log.info("%s refused", rpc, extra={**extra, **(log_extra or {})})
         await context.abort(code, message)
     return response
+
+
+def http_status(kind: ErrorKind) -> int:
+    return _HTTP_STATUSES[kind]

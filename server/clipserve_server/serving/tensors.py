@@ -137,3 +137,26 @@ def text_of(value: bytes, name: str) -> str:
         return value.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise invalid(f"input {name!r}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def raw_from_json(data: Any, datatype: str, name: str) -> bytes:
+    """A tensor's elements as the REST protocol's JSON gives them (a flat or nested list;
+    BYTES as strings) in raw tensor contents, so that both faces read inputs one way."""
+    if datatype not in _DATATYPES:
+        raise invalid(f"input {name!r}: unknown datatype {datatype!r} (one of {', '.join(_DATATYPES)})")
+    try:
+        if datatype == "BYTES":
+            values = np.array(data, dtype=object).reshape(-1)
+            array = np.empty(len(values), dtype=object)
+            array[:] = [value.encode("utf-8") if isinstance(value, str) else bytes(value) for value in values]
+            return raw_bytes(array, datatype)
+        return raw_bytes(np.asarray(data, dtype=_DATATYPES[datatype][0]), datatype)
+    except (TypeError, ValueError) as exc:
+        raise invalid(f"input {name!r}: its data is not a list of {datatype}: {exc}") from None
+
+
+def json_from_raw(raw: bytes, datatype: str) -> list[Any]:
+    """Raw tensor contents as the REST protocol's JSON ``data`` (flat; BYTES as text)."""
+    if datatype == "BYTES":
+        return [value.decode("utf-8", errors="replace") for value in _unpack_bytes(raw, "output")]
+    return np.frombuffer(raw, dtype=_DATATYPES[datatype][0]).tolist()

@@ -32,6 +32,8 @@ MIN_QUEUE_SIZE = 1024
 FETCH_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 FETCH_BACKOFF_CAP_S = 8.0
 _RETRIED = "/".join(str(status) for status in sorted(FETCH_RETRY_STATUSES))
+# --http-port auto: the HTTP face listens this far above the gRPC port.
+HTTP_PORT_OFFSET = 1000
 
 # NAME=VALUE in --model, --text-model, --pretrained (a name has no ':' or '/', so that neither
 # a hub id nor "fake:forward_ms=30" reads as one).
@@ -173,6 +175,8 @@ class ServerConfig:
     tls_client_ca: str = dataclasses.field(default="", metadata={"help": "PEM CA bundle: require client certificates signed by it (mutual TLS)"})
     metrics_port: int = dataclasses.field(default=0, metadata={"help": "serve Prometheus metrics at http://HOST:PORT/metrics (0: off)"})
     metrics_host_labels: bool = dataclasses.field(default=False, metadata={"help": "label the fetch metrics with the image hosts callers name (the first 50 hosts reached; the rest, and hosts refused or not resolved, as 'other'); off, every host counts as host='all', so the metrics port shows no caller's hosts"})
+    http_port: str = dataclasses.field(default="auto", metadata={"help": "port of the HTTP face (OpenAI /v1/embeddings, /v1/score, KServe v2 REST, Weaviate multi2vec-clip; same models, token, TLS and limits as gRPC): a number, 0 (pick a free one), off, or auto (--port + 1000, so 50051 -> 51051 and a second server on 50052 -> 51052; with --port 0, a free one)"})
+    http_idle_timeout_s: float = dataclasses.field(default=15.0, metadata={"help": "the HTTP face closes a connection idle this long between requests, and refuses (408) a request whose body takes longer to arrive"})
     log_level: str = dataclasses.field(default="INFO", metadata={"help": "DEBUG | INFO | WARNING | ERROR"})
     log_format: str = dataclasses.field(default="text", metadata={"help": "text | json (one JSON object per line)", "choices": ("text", "json")})
 
@@ -201,17 +205,36 @@ class ServerConfig:
         devices = device_entries(self.device)  # refuse an empty entry now
         if self.gpu_decode and "cpu" in devices:
             raise ValueError("gpu_decode decodes on the model's CUDA device: it needs --device cuda (or auto on a machine with CUDA)")
+        _ = self.resolved_http_port  # refuse a bad --http-port now (it raises)
         fetch_headers(self.fetch_header)  # refuse a malformed header now, not at the first download
         for name in ("max_batch_size", "instances", "fetch_concurrency", "fetch_attempts", "fetch_host_connections", "max_image_bytes", "max_image_pixels", "max_message_mb", "max_items_per_message", "max_jpeg_scans", "text_cache_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("max_batch_delay_ms", "fetch_timeout_s", "fetch_attempt_timeout_s", "fetch_backoff_s", "grace_period_s", "forward_timeout_s", "text_cache_size", "image_cache_size", "max_redirects", "decode_workers", "stream_max_in_flight", "max_queue_size", "port", "metrics_port", "memory_budget_gb", "max_query_chars", "decode_timeout_s"):
+        for name in ("max_batch_delay_ms", "fetch_timeout_s", "fetch_attempt_timeout_s", "fetch_backoff_s", "grace_period_s", "forward_timeout_s", "text_cache_size", "image_cache_size", "max_redirects", "decode_workers", "stream_max_in_flight", "max_queue_size", "port", "metrics_port", "memory_budget_gb", "http_idle_timeout_s", "max_query_chars", "decode_timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.max_jpeg_scan_passes <= 0:
             raise ValueError("max_jpeg_scan_passes must be positive")
         if self.max_image_aspect_ratio < 1:
             raise ValueError("max_image_aspect_ratio must be at least 1")
+
+    @property
+    def resolved_http_port(self) -> int | None:
+        """The HTTP face's port (0: any free one), or None when it is off."""
+        value = str(self.http_port).strip().lower()
+        if value == "off":
+            return None
+        if value == "auto":
+            if self.port + HTTP_PORT_OFFSET > 65535:
+                raise ValueError(f"--http-port auto is --port + {HTTP_PORT_OFFSET}, past 65535 for --port {self.port}: give --http-port")
+            return self.port + HTTP_PORT_OFFSET if self.port else 0
+        try:
+            port = int(value)
+        except ValueError:
+            raise ValueError(f"http_port must be a port number, 0, auto or off, not {self.http_port!r}") from None
+        if not 0 <= port <= 65535:
+            raise ValueError(f"http_port {port} is not a port number (0-65535)")
+        return port
 
     @functools.cached_property
     def models(self) -> tuple[ModelSpec, ...]:

@@ -78,6 +78,9 @@ class Metrics:
         self.fetch_failures = Counter("clipserve_fetch_failures", "Image downloads that failed, by reason", ["reason"], registry=r)
         self.fetch_attempts = Counter("clipserve_fetch_attempts", "Download attempts (retries included) by host and outcome (ok, http_503, reset, timeout...)", ["host", "outcome"], registry=r)
         self.fetch_retries = Counter("clipserve_fetch_retries", "Downloads tried again after a transient failure, by host", ["host"], registry=r)
+        # The HTTP face (serving/http/): per route and status, as clipserve_requests is per RPC and code.
+        self.http_requests = Counter("clipserve_http_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.http_seconds = Histogram("clipserve_http_request_seconds", "Per HTTP request, from its headers to its answer", ["route"], buckets=_LATENCY_BUCKETS, registry=r)
         self.fetch_retry_after_seconds = Counter("clipserve_fetch_retry_after_seconds", "Seconds waited before retries because the host's Retry-After asked, by host", ["host"], registry=r)
         self._fetch_hosts: set[str] = set()
         # The labelled children every item updates, looked up once: prometheus_client's

@@ -11,7 +11,8 @@ import urllib.request
 
 import pytest
 
-from clipserve_server.utils.config import HTTP_PORT_OFFSET, ServerConfig, load_config
+from clipserve_server.config_loaders import load_config
+from clipserve_server.utils.config import HTTP_PORT_OFFSET, ServerConfig
 
 from ..conftest import ServerProcess
 

@@ -10,10 +10,12 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from ._pipes import quiet_on_closed_pipe
+from .files.flags import add_columns_and_images
 from .ray import files as ray_files  # no ray imported: its flags, and --engine ray
 from .report import command as report_command
 
@@ -161,10 +163,26 @@ def _engine(args: argparse.Namespace, job, **client):
         yield clip, job
 
 
-def _cmd_embed_file(args: argparse.Namespace) -> int:
+def _run_file_tool(args: argparse.Namespace, job: Any, run: Callable[[Any, Any], Any], **client: Any) -> tuple[Any, Any] | None:
+    """``run(clip, job)`` on the engine --engine names, its summary printed: (the summary, the
+    job as run, whose files --engine ray may have staged), or None when the run itself failed
+    (said why on stderr)."""
     from . import ClipServeError
-    from .files.embedfile import EmbedFileJob, embed_file
     from .files.rows import RunFailed
+
+    try:
+        with _engine(args, job, **client) as (clip, job):
+            summary = run(clip, job)
+    except (RunFailed, ClipServeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    for line in summary.lines():
+        print(line, file=sys.stderr)
+    return summary, job
+
+
+def _cmd_embed_file(args: argparse.Namespace) -> int:
+    from .files.embedfile import EmbedFileJob, embed_file
 
     if _cannot_plot(args):
         return 2
@@ -176,14 +194,10 @@ def _cmd_embed_file(args: argparse.Namespace) -> int:
         id_column=args.id_column,
         raw=args.raw,
     )
-    try:
-        with _engine(args, job) as (clip, job):
-            summary = embed_file(clip, job, resume=args.resume, chunk_size=args.chunk_size, progress=not args.no_progress)
-    except (RunFailed, ClipServeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    ran = _run_file_tool(args, job, lambda clip, job: embed_file(clip, job, resume=args.resume, chunk_size=args.chunk_size, progress=not args.no_progress))
+    if ran is None:
         return 1
-    for line in summary.lines():
-        print(line, file=sys.stderr)
+    _, job = ran
 
     def draw() -> None:
         from .files.plot import plot_embed_file
@@ -194,8 +208,7 @@ def _cmd_embed_file(args: argparse.Namespace) -> int:
 
 
 def _cmd_score_file(args: argparse.Namespace) -> int:
-    from . import ClipServeError
-    from .files.scorefile import FileJob, RunFailed, job_settings_from_config, retry_failed, score_file
+    from .files.scorefile import FileJob, job_settings_from_config, retry_failed, score_file
 
     if _cannot_plot(args):
         return 2
@@ -213,17 +226,16 @@ def _cmd_score_file(args: argparse.Namespace) -> int:
     assert output is not None  # checked above: without a qrels file, --retry-failed names the output
     images = settings.pop("images", None)
     job = FileJob(qrels=qrels, output=Path(output), images=Path(images) if images else None, **settings)
-    try:
-        with _engine(args, job, config=args.config) as (clip, job):
-            if args.retry_failed:
-                summary = retry_failed(clip, job, chunk_size=args.chunk_size, progress=not args.no_progress)
-            else:
-                summary = score_file(clip, job, resume=args.resume, chunk_size=args.chunk_size, progress=not args.no_progress)
-    except (RunFailed, ClipServeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+
+    def run(clip: Any, job: Any) -> Any:
+        if args.retry_failed:
+            return retry_failed(clip, job, chunk_size=args.chunk_size, progress=not args.no_progress)
+        return score_file(clip, job, resume=args.resume, chunk_size=args.chunk_size, progress=not args.no_progress)
+
+    ran = _run_file_tool(args, job, run, config=args.config)
+    if ran is None:
         return 1
-    for line in summary.lines():
-        print(line, file=sys.stderr)
+    summary, job = ran
 
     def draw() -> None:
         from .files.plot import plot_score_file
@@ -279,12 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score_file.add_argument("qrels", nargs="?", default=None, help="qrels file (.jsonl, .csv, .parquet)")
     score_file.add_argument("-o", "--output", default=None, help="output file (default: <qrels>_with_score.<ext>)")
-    score_file.add_argument("--images", default=None, help="images file mapping image ids to URLs")
-    score_file.add_argument("--config", default=None, help="the benchmark maker's config.toml")
-    score_file.add_argument("--column-query", default=None, help="query column (default: query_text)")
-    score_file.add_argument("--column-image-id", default=None, help="image id column (default: image_id)")
-    score_file.add_argument("--image-url-column", default=None, help="image URL column, in the images file or the rows (default: image_url)")
-    score_file.add_argument("--image-base-url", default=None, help="URL prefix for images with no URL: <base>/<image id>, as the benchmark maker builds them")
+    add_columns_and_images(score_file)
     score_file.add_argument("--col-name", default=None, help="score column to write (default: clip_score)")
     score_file.add_argument("--error-column", default=None, metavar="NAME", help="also write each row's error (null when scored) to this column")
     again = score_file.add_mutually_exclusive_group()

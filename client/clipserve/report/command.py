@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..files.flags import add_columns_and_images
 from ..files.rows import RunFailed
 from .data import DEFAULT_QUERY_ID_COLUMN, DEFAULT_RELEVANCE_COLUMN, ReportJob, report_settings_from_config
 
@@ -38,13 +39,8 @@ def add_parser(sub: Any) -> None:
     )
     report.add_argument("scored", nargs="?", default=None, help="the scored file (default: qrels_with_score_jsonl in --config)")
     report.add_argument("-o", "--output", default=None, help="the page to write (default: <scored>.html)")
-    report.add_argument("--images", default=None, help="images file mapping image ids to URLs")
-    report.add_argument("--config", default=None, help="the benchmark maker's config.toml")
-    report.add_argument("--column-query", default=None, help="query text column (default: query_text)")
+    add_columns_and_images(report)
     report.add_argument("--column-query-id", default=None, help=f"query id column; rows without it are grouped by query text (default: {DEFAULT_QUERY_ID_COLUMN})")
-    report.add_argument("--column-image-id", default=None, help="image id column (default: image_id)")
-    report.add_argument("--image-url-column", default=None, help="image URL column, in the images file or the rows (default: image_url)")
-    report.add_argument("--image-base-url", default=None, help="URL prefix for images with no URL: <base>/<image id>")
     report.add_argument("--score-column", default=None, help="the score column (default: clip_score)")
     report.add_argument("--relevance-column", default=None, help=f"the label column; above 0 is relevant (default: {DEFAULT_RELEVANCE_COLUMN})")
     report.add_argument(

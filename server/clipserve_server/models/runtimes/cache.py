@@ -53,7 +53,9 @@ def _version(distribution: str) -> str:
         return ""
 
 
-def entry_key(tower: Tower, runtime: str, runtime_version: str, weights: str) -> str:
+def entry_key(tower: Tower, runtime: str, runtime_version: str, weights: str, precision: str = "") -> str:
+    """The entry's name; ``precision``: the runtime's inference precision (f32, bf16), which
+    may differ from the weights' dtype."""
     inputs = [(name, str(value.dtype), value.dim()) for name, value in tower.probes[0].items()]
     parts = {
         "runtime": runtime,
@@ -64,5 +66,6 @@ def entry_key(tower: Tower, runtime: str, runtime_version: str, weights: str) ->
         "dtype": tower.dtype,
         "inputs": inputs,
         "weights": weights,
+        "precision": precision,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]

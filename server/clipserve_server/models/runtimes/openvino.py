@@ -34,7 +34,7 @@ import contextlib
 import os
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,7 @@ def _without_telemetry() -> None:
     convert_impl.tm = telemetry_utils.tm = telemetry_stub
 
 
-def _convert(tower: Tower) -> Any:
+def _convert(tower: Tower, progress: Callable[[str], None]) -> Any:
     import openvino
     import torch
 
@@ -91,6 +91,7 @@ def _convert(tower: Tower) -> Any:
         # Traced here, without torch's check_trace (a second and third forward, about half the
         # time of a tiny model's conversion): the parity check runs more probes than it would.
         traced = torch.jit.trace(traceable(tower), example, check_trace=False, strict=False)
+        progress("traced")
         return openvino.convert_model(traced, example_input=example, share_weights=False)
 
 
@@ -112,14 +113,15 @@ def _quiet_tracing() -> Iterator[None]:
         transformers.logging.set_verbosity(verbosity)
 
 
-def _load_or_convert(tower: Tower, cached: Path | None) -> tuple[Any, bool]:
+def _load_or_convert(tower: Tower, cached: Path | None, progress: Callable[[str], None]) -> tuple[Any, bool]:
     """The converted model and whether it came from the cache."""
     import openvino
 
     core = openvino.Core()
     if cached is not None and cached.with_suffix(".xml").is_file():
         return core.read_model(str(cached.with_suffix(".xml"))), True
-    model = _convert(tower)
+    model = _convert(tower, progress)
+    progress("converted")
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         # Written under a temporary name, then renamed: a server killed mid-write, or two
@@ -136,21 +138,23 @@ def _load_or_convert(tower: Tower, cached: Path | None) -> tuple[Any, bool]:
     return model, False
 
 
-def build(tower: Tower, cached: Path | None, threads: int) -> tuple[Runner, bool]:
-    """A runner for ``tower`` on OpenVINO's CPU plugin, and whether the conversion was cached."""
+def build(tower: Tower, cached: Path | None, threads: int, progress: Callable[[str], None] = lambda stage: None) -> tuple[Runner, bool]:
+    """A runner for ``tower`` on OpenVINO's CPU plugin, and whether the conversion was cached;
+    ``progress`` is told each stage done (traced, converted, compiled)."""
     import numpy as np
     import openvino
     import torch
 
     if tower.device != "cpu" or tower.dtype not in PRECISIONS:
         raise ValueError(f"OpenVINO runs float32 and bfloat16 towers on the CPU here, this one is {tower.dtype} on {tower.device}")
-    model, from_cache = _load_or_convert(tower, cached)
+    model, from_cache = _load_or_convert(tower, cached, progress)
     model = _float32_edges(model)
     core = openvino.Core()
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision(tower.dtype)}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     compiled = core.compile_model(model, "CPU", config)
+    progress("compiled")
     requests = threading.local()
     names = tower.input_names
 

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from ...utils.config import ServerConfig
@@ -78,8 +78,9 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
                 # As many threads as torch's forward would use (see openvino.py).
                 # Each instance on a CPU device gets its share of the cores, as torch's do (app.py).
                 share = config.instances * sum(device.is_cpu for device in resolve_devices(config.device))
-                with _progress(f"{tower.name} tower of {owner}: converting to {runtime} ({openvino.precision(tower.dtype)}) and checking it"):
-                    runner, from_cache = openvino.build(tower, cached, model_threads(share))
+                with _progress(f"{tower.name} tower of {owner}: converting to {runtime} ({openvino.precision(tower.dtype)})") as progress:
+                    runner, from_cache = openvino.build(tower, cached, model_threads(share), progress)
+                    progress("checking against torch")
                 how = "from the cache" if from_cache else ("converted, cached" if cached is not None else "converted")
             else:
                 runner, how = torch_cuda.build(tower, runtime), "compiled"
@@ -110,22 +111,28 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
 
 
 @contextlib.contextmanager
-def _progress(doing: str, first_s: float = 15.0, every_s: float = 60.0) -> Iterator[None]:
-    """A log line while ``doing`` takes long (a ViT-H tower takes minutes to convert on a few
-    cores): after ``first_s``, then every ``every_s``; nothing for the usual few seconds."""
+def _progress(doing: str, first_s: float = 15.0, every_s: float = 60.0) -> Iterator[Callable[[str], None]]:
+    """Log lines while ``doing`` takes long (a ViT-H tower takes minutes to convert on a few
+    cores), nothing for the usual few seconds: one at each stage the converter reports once
+    ``first_s`` have gone by, and one every ``every_s`` in between (when the converter lets go
+    of the GIL: tracing and converting a large model can hold it for minutes)."""
     done = threading.Event()
     started = time.monotonic()
+
+    def say(stage: str) -> None:
+        if time.monotonic() - started >= first_s:
+            log.info("%s: %s, %.0f s so far (once per model: the next start reads it from the conversion cache)", doing, stage, time.monotonic() - started)
 
     def tell() -> None:
         wait = first_s
         while not done.wait(wait):
-            log.info("%s: %.0f s so far (once per model: the next start reads it from the conversion cache)", doing, time.monotonic() - started)
+            say("still working")
             wait = every_s
 
     teller = threading.Thread(target=tell, name="clipserve-progress", daemon=True)
     teller.start()
     try:
-        yield
+        yield say
     finally:
         done.set()
         teller.join()

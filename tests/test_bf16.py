@@ -8,6 +8,7 @@ runs as there. float32 is untouched (test_runtimes.py, test_families.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -113,3 +114,17 @@ def test_a_cpu_with_native_bf16_is_not_told_anything_more(tiny_checkpoint, tmp_p
         apply_runtime(model, ServerConfig(model=(str(tiny_checkpoint),), dtype="bfloat16", runtime_cache=str(tmp_path / "cache")))
     assert not [line for line in runtime_messages(caplog) if "native bfloat16" in line]
     assert model.description.image_runtime == "openvino"
+
+
+def test_a_long_conversion_says_each_stage_it_finishes(tiny_checkpoint, tmp_path, caplog, monkeypatch):
+    """ViT-H's image tower takes minutes: once 15 s have gone by (here: at once), each stage says so."""
+    from clipserve_server.models.runtimes import select
+
+    monkeypatch.setattr(select, "_progress", functools.partial(select._progress, first_s=0.0))
+    model = HFClipModel(str(tiny_checkpoint), device="cpu", dtype="bfloat16")
+    with caplog.at_level(logging.INFO, logger=RUNTIMES_LOGGER):
+        apply_runtime(model, ServerConfig(model=(str(tiny_checkpoint),), dtype="bfloat16", runtime_cache=str(tmp_path / "cache")))
+    for tower in ("image", "text"):
+        doing = f"{tower} tower of {tiny_checkpoint}: converting to openvino (bf16): "
+        stages = [line[len(doing) :].split(",")[0] for line in runtime_messages(caplog) if line.startswith(doing) and "still working" not in line]
+        assert stages == ["traced", "converted", "compiled", "checking against torch"], runtime_messages(caplog)

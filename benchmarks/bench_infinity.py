@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workload: {len(pairs)} pairs, {len({q for q, _ in pairs})} queries, {len({u for _, u in pairs})} distinct images "
           f"({sum(map(len, corpus.values())) / 1e6:.1f} MB corpus); checkpoint {checkpoint} (exp(logit_scale) {scale:.4f}, bias {bias})\n"
           f"infinity {infinity_versions}\nclipserve {clipserve_versions}\n"
-          f"infinity: engine torch, cpu, float32, batch size {args.batch_size}; {args.request_size} inputs a request, {args.concurrency} in flight",
+          f"infinity: engine torch, cpu, {args.dtype}, batch size {args.batch_size}; {args.request_size} inputs a request, {args.concurrency} in flight",
           flush=True)
 
     samples: dict[str, list[float]] = {"clipserve": [], "infinity": []}

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import psutil
 
+from bench_infinity import stop
 from bench_throughput import ROOT, load_average, make_corpus, measure_embed
 from corpus_host import serve_corpus
 
@@ -90,7 +91,7 @@ def start_server(checkpoint: Path, dtype: str, cache: Path, min_available_gb: fl
     address = ""
     for line in proc.stdout:
         lines.append(line.rstrip())
-        if " tower of " in line or "converting" in line:
+        if " tower of " in line:
             print("  server: " + line.rstrip().split(": ", 1)[-1], flush=True)
         if line.startswith("clipserve listening on "):
             address = "127.0.0.1:" + line.strip().rsplit(":", 1)[1]
@@ -103,15 +104,6 @@ def start_server(checkpoint: Path, dtype: str, cache: Path, min_available_gb: fl
     peak = guard.stop()
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # type: ignore[union-attr]  # keep the pipe drained
     return proc, address, seconds, peak, lines
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def reference_per_pair(checkpoint: Path, dtype: str, pairs: list[tuple[str, bytes]]) -> float:

@@ -125,6 +125,6 @@ def test_a_long_conversion_says_each_stage_it_finishes(tiny_checkpoint, tmp_path
     with caplog.at_level(logging.INFO, logger=RUNTIMES_LOGGER):
         apply_runtime(model, ServerConfig(model=(str(tiny_checkpoint),), dtype="bfloat16", runtime_cache=str(tmp_path / "cache")))
     for tower in ("image", "text"):
-        doing = f"{tower} tower of {tiny_checkpoint}: converting to openvino (bf16): "
+        doing = f"{tower} tower of {tiny_checkpoint} for openvino (bf16): "
         stages = [line[len(doing) :].split(",")[0] for line in runtime_messages(caplog) if line.startswith(doing) and "still working" not in line]
         assert stages == ["traced", "converted", "compiled", "checking against torch"], runtime_messages(caplog)

@@ -2,8 +2,7 @@
 
 ``auto``: OpenVINO for float32 and bfloat16 towers on the CPU when it is installed, torch
 otherwise (float16 on the CPU, and CUDA: the CUDA runtimes are opt-in until measured faster
-there). ``--compile`` is
-torch.compile of torch's image tower, so with it auto means torch. Each tower converts on its
+there). ``--compile`` is torch.compile of torch's image tower, so with it auto means torch. Each tower converts on its
 own and is checked on its own: one that fails to convert, or whose features differ from torch's
 by more than the parity tolerance, runs in torch, and one log line says which and why. A
 runtime asked for by name that cannot run on this machine at all (not installed, no CUDA)
@@ -73,12 +72,11 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
                 if folder is not None:
                     if id(tower.module) not in fingerprints:
                         fingerprints[id(tower.module)] = weights_fingerprint(tower.module)
-                    key = entry_key(tower, runtime, openvino.version(), fingerprints[id(tower.module)], openvino.precision(tower.dtype))
-                    cached = folder / key
+                    cached = folder / entry_key(tower, runtime, openvino.version(), fingerprints[id(tower.module)], openvino.precision(tower.dtype))
                 # As many threads as torch's forward would use (see openvino.py).
                 # Each instance on a CPU device gets its share of the cores, as torch's do (app.py).
                 share = config.instances * sum(device.is_cpu for device in resolve_devices(config.device))
-                with _progress(f"{tower.name} tower of {owner}: converting to {runtime} ({openvino.precision(tower.dtype)})") as progress:
+                with _progress(f"{tower.name} tower of {owner} for {runtime} ({openvino.precision(tower.dtype)})") as progress:
                     runner, from_cache = openvino.build(tower, cached, model_threads(share), progress)
                     progress("checking against torch")
                 how = "from the cache" if from_cache else ("converted, cached" if cached is not None else "converted")
@@ -121,7 +119,7 @@ def _progress(doing: str, first_s: float = 15.0, every_s: float = 60.0) -> Itera
 
     def say(stage: str) -> None:
         if time.monotonic() - started >= first_s:
-            log.info("%s: %s, %.0f s so far (once per model: the next start reads it from the conversion cache)", doing, stage, time.monotonic() - started)
+            log.info("%s: %s, %.0f s so far", doing, stage, time.monotonic() - started)
 
     def tell() -> None:
         wait = first_s

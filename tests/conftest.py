@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # would come last and leave one worker running it alone). Longest first, the two workers end
 # together. A file missing here keeps its place after these; a renamed one only runs later.
 HEAVY_FIRST = (
-    "test_families.py", "test_docs_examples.py", "test_model_loading.py", "test_decode_pool.py", "test_runtimes.py",
+    "test_families.py", "test_docs_examples.py", "test_model_loading.py", "test_decode_pool.py", "test_runtimes.py", "test_bf16.py",
     "test_flaky_hosts.py", "test_bad_input.py", "test_faults.py", "test_end_to_end.py", "test_preprocess.py",
     "test_which_library.py", "test_several_models.py", "test_scale_out.py", "test_open_inference.py", "test_load.py",
     "test_benchmark_maker.py", "test_embed.py", "test_instances.py", "test_uploads.py", "test_score_file.py",

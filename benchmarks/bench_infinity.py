@@ -11,10 +11,10 @@ openai/clip-vit-base-patch32, writes the photo corpus of bench_throughput.py, se
 loopback HTTP from a process of its own, draws the same Q x K pairs, and for every run, the two
 servers in alternating order (a shared machine drifts between runs):
 
-- **clipserve**: a fresh ``clipserve serve --model CKPT --allow-private-networks`` (every other
-  setting at its default), one cold pass through the SDK's ``score_batch``.
+- **clipserve**: a fresh ``clipserve serve --model CKPT --allow-private-networks --dtype DTYPE``
+  (every other setting at its default), one cold pass through the SDK's ``score_batch``.
 - **infinity**: a fresh ``infinity_emb v2`` on the same weights (engine torch, device cpu,
-  float32, --batch-size 32: the only engine infinity has for image models; its README's CPU
+  --dtype DTYPE, --batch-size 32: the only engine infinity has for image models; its README's CPU
   advice, the optimum/ONNX engine, serves text models only), driven as its REST API is meant to
   be used to score these pairs: the distinct queries and the distinct image URLs are embedded
   through ``POST /embeddings`` (``modality`` text or image, ``encoding_format`` base64 as the
@@ -26,7 +26,9 @@ servers in alternating order (a shared machine drifts between runs):
 
 Both passes are timed from the first request to the last score. Every run checks that neither
 side failed a pair and that, on --check-pairs pairs, infinity's score equals clipserve's within
---tolerance (the same checkpoint must give the same logits).
+--tolerance (the same checkpoint must give the same logits; in bfloat16, two bf16
+implementations, the same logits within bf16's rounding). --dtype bfloat16 runs both sides
+in bfloat16 (clipserve: OpenVINO at bf16 on the CPU; infinity: torch bfloat16).
 
 infinity-emb 0.0.78 runs on transformers < 5 (its ``vision`` extra pins colpali-engine 0.3.8,
 which pins transformers 4.47), so it gets a view of the checkpoint that such a transformers
@@ -165,7 +167,7 @@ def start_infinity(python: str, model: Path, args: argparse.Namespace, log: Path
     port = free_port()
     command = [
         python, "-m", "infinity_emb.cli", "v2", "--model-id", str(model), "--served-model-name", SERVED_NAME,
-        "--engine", "torch", "--device", "cpu", "--dtype", "float32", "--batch-size", str(args.batch_size),
+        "--engine", "torch", "--device", "cpu", "--dtype", args.dtype, "--batch-size", str(args.batch_size),
         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-compile",
     ]
     env = {**os.environ, "INFINITY_ANONYMOUS_USAGE_STATS": "0", "HF_HUB_OFFLINE": "1", "INFINITY_MEDIA_URL_BLACKLIST": MEDIA_BLACKLIST}
@@ -328,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request-size", type=int, default=32, help="inputs per infinity request (at most 32 image URLs)")
     parser.add_argument("--concurrency", type=int, default=4, help="infinity requests in flight")
     parser.add_argument("--check-pairs", type=int, default=25, help="pairs whose scores must agree, every run")
-    parser.add_argument("--tolerance", type=float, default=1e-3)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="both sides' --dtype (clipserve's other flags at their defaults)")
+    parser.add_argument("--tolerance", type=float, default=None, help="largest score difference allowed between the two (default: 1e-3 in float32; "
+                        "in bfloat16 2e-2 x exp(logit_scale): two bf16 implementations, each ~1e-2 relative off float32)")
     parser.add_argument("--startup-timeout", type=float, default=600)
     parser.add_argument("--repeat", type=int, default=3, help="runs of both servers, interleaved; best and median are reported")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -343,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="clipserve-bench-infinity-"))
     view = infinity_view(checkpoint, scratch / checkpoint.name)
     scale, bias = logit_parameters(checkpoint)
+    if args.tolerance is None:
+        args.tolerance = 1e-3 if args.dtype == "float32" else 2e-2 * scale
     infinity_versions = versions(args.infinity_python, INFINITY_PACKAGES)
     clipserve_versions = versions(sys.executable, CLIPSERVE_PACKAGES)
     corpus = make_corpus(args.images, args.seed)
@@ -356,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workload: {len(pairs)} pairs, {len({q for q, _ in pairs})} queries, {len({u for _, u in pairs})} distinct images "
           f"({sum(map(len, corpus.values())) / 1e6:.1f} MB corpus); checkpoint {checkpoint} (exp(logit_scale) {scale:.4f}, bias {bias})\n"
           f"infinity {infinity_versions}\nclipserve {clipserve_versions}\n"
-          f"infinity: engine torch, cpu, float32, batch size {args.batch_size}; {args.request_size} inputs a request, {args.concurrency} in flight",
+          f"infinity: engine torch, cpu, {args.dtype}, batch size {args.batch_size}; {args.request_size} inputs a request, {args.concurrency} in flight",
           flush=True)
 
     samples: dict[str, list[float]] = {"clipserve": [], "infinity": []}
@@ -375,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                 started = time.perf_counter()
                 if side == "clipserve":
                     http_port = free_port()
-                    proc, address = serve("--model", str(checkpoint), "--allow-private-networks", "--http-port", str(http_port))
+                    proc, address = serve("--model", str(checkpoint), "--allow-private-networks", "--http-port", str(http_port), "--dtype", args.dtype)
                 else:
                     proc, address = start_infinity(args.infinity_python, view, args, log)
                 startup[side].append(time.perf_counter() - started)
@@ -424,9 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "mode": "http image embeddings (images/s)" if args.http else "score pairs (pairs/s)",
         "workload": {"pairs": len(pairs), "queries": args.queries, "per_query": args.per_query, "images": args.images, "arch": args.arch, "checkpoint": str(checkpoint), "seed": args.seed},
-        "infinity": {"versions": infinity_versions, "engine": "torch", "device": "cpu", "dtype": "float32", "batch_size": args.batch_size,
+        "infinity": {"versions": infinity_versions, "engine": "torch", "device": "cpu", "dtype": args.dtype, "batch_size": args.batch_size,
                      "request_size": args.request_size, "concurrency": args.concurrency},
-        "clipserve": {"versions": clipserve_versions, "flags": ["--model", "CKPT", "--allow-private-networks"] + (["--http-port", "PORT"] if args.http else []), "server": clipserve_settings},
+        "clipserve": {"versions": clipserve_versions, "flags": ["--model", "CKPT", "--allow-private-networks", "--dtype", args.dtype] + (["--http-port", "PORT"] if args.http else []), "server": clipserve_settings},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_1min": loads},
         "repeat": args.repeat,
         ("images_per_s" if args.http else "pairs_per_s"): {side: [round(v, 2) for v in values] for side, values in samples.items()},

@@ -199,7 +199,8 @@ def serve(*flags: str) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"server exited with {proc.wait()}")
 
 
-def measure_clipserve(address: str, pairs: list[tuple[str, str]]) -> tuple[float, int]:
+def measure_clipserve(address: str, pairs: list[tuple[str, str]], scores: list[np.ndarray] | None = None) -> tuple[float, int]:
+    """pairs/s of one score_batch of ``pairs``, and how many failed; their scores go into ``scores``."""
     import clipserve
 
     inputs = [clipserve.SimilarityInput(q, u) for q, u in pairs]
@@ -207,8 +208,35 @@ def measure_clipserve(address: str, pairs: list[tuple[str, str]]) -> tuple[float
         started = time.perf_counter()
         results = clip.score_batch(inputs)
         elapsed = time.perf_counter() - started
+        if scores is not None:
+            scores.append(np.array([np.nan if r.error is not None else r.score for r in results]))
+            scores.append(np.array([clip.model_info().logit_scale]))
     failures = sum(1 for r in results if r.error is not None)
     return len(pairs) / elapsed, failures
+
+
+def drift(pairs: list[tuple[str, str]], scores: np.ndarray, baseline: np.ndarray, logit_scale: float) -> dict[str, float]:
+    """How far ``scores`` are from ``baseline``'s on the same pairs: the largest |difference| in
+    units of exp(logit_scale) (a cosine's), and per query whether its images keep their order
+    (every one, and the first), with the mean Kendall tau of the two orders."""
+    by_query: dict[str, list[int]] = {}
+    for i, (query, _) in enumerate(pairs):
+        by_query.setdefault(query, []).append(i)
+    same_order = same_top = 0
+    taus = []
+    for rows in by_query.values():
+        a, b = scores[rows], baseline[rows]
+        same_order += bool((np.argsort(-a, kind="stable") == np.argsort(-b, kind="stable")).all())
+        same_top += int(np.argmax(a) == np.argmax(b))
+        upper = np.triu_indices(len(rows), 1)
+        signs = np.sign(a[:, None] - a[None, :])[upper] * np.sign(b[:, None] - b[None, :])[upper]
+        taus.append(float(signs.mean()))
+    return {
+        "max_abs_diff_over_scale": float(np.nanmax(np.abs(scores - baseline)) / logit_scale),
+        "queries_same_order": same_order / len(by_query),
+        "queries_same_top1": same_top / len(by_query),
+        "mean_kendall_tau": float(np.mean(taus)),
+    }
 
 
 def measure_embed(address: str, items: list[str], kind: str = "images") -> tuple[float, int]:
@@ -248,9 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--embed", action="store_true", help="also (e): embed the distinct images on a cold server, against the image bound")
     parser.add_argument("--repeat", type=int, default=3, help="runs of every mode, interleaved; best and median are reported")
+    parser.add_argument("--baseline-dtype", default="float32", help="with a --dtype other than this: also a cold pass of the server "
+                        "at this dtype (the default runtime), interleaved, its ratio and the score drift between the two ('none': skip)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    baseline_dtype = args.baseline_dtype if args.baseline_dtype not in ("none", args.dtype) else None
 
     from clipserve_server.models.synthetic import build_checkpoint
 
@@ -267,13 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     bounds = [*runtimes, "torch-eager"]
     print(f"workload: {len(pairs)} pairs, {args.queries} queries, {distinct_images} distinct images "
           f"({sum(map(len, corpus.values())) / 1e6:.1f} MB corpus), {len(many_texts)} texts; device={args.device} dtype={args.dtype} "
-          f"runtimes={','.join(runtimes)} compile={args.compile}", flush=True)
+          f"runtimes={','.join(runtimes)} compile={args.compile}" + (f"; baseline {baseline_dtype} at --runtime auto" if baseline_dtype else ""), flush=True)
 
     # Every mode runs --repeat times, the runtimes interleaved within each run (a fresh server,
     # and a fresh conversion cache, for every cold run): a shared machine drifts between runs.
     samples: dict[str, list[float]] = {}
     failures: dict[str, int] = {}
     loads = []
+    drifts: list[dict[str, float]] = []
     reference_pairs = random.Random(1).sample(pairs, min(args.reference_pairs, len(pairs)))
 
     def record(name: str, value: float) -> None:
@@ -283,13 +315,28 @@ def main(argv: list[str] | None = None) -> int:
         loads.append(load_average())
         if not args.skip_reference:
             record("a_reference", in_fresh_process(measure_reference, checkpoint, reference_pairs))
+        if baseline_dtype:
+            # The baseline dtype's server at its defaults, cold, before the others: its scores
+            # are what the others' drift is measured against.
+            baseline_scores: list[np.ndarray] = []
+            proc, address = start_server(checkpoint, argparse.Namespace(**{**vars(args), "dtype": baseline_dtype}), ["--runtime-cache", str(scratch / f"cache-baseline-{run}")])
+            try:
+                cold, cold_failures = measure_clipserve(address, pairs, baseline_scores)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+            record(f"b_cold[{baseline_dtype}]", cold)
+            failures[baseline_dtype] = failures.get(baseline_dtype, 0) + cold_failures
         for runtime in runtimes:
             flags = ["--runtime", runtime, "--runtime-cache", str(scratch / f"cache-{runtime}-{run}")]
             started = time.perf_counter()
             proc, address = start_server(checkpoint, args, flags)
             record(f"startup_cold_cache_s[{runtime}]", time.perf_counter() - started)
             try:
-                cold, cold_failures = measure_clipserve(address, pairs)
+                scores: list[np.ndarray] = []
+                cold, cold_failures = measure_clipserve(address, pairs, scores)
+                if baseline_dtype and runtime == args.runtime:
+                    drifts.append(drift(pairs, scores[0], baseline_scores[0], float(baseline_scores[1][0])))
                 warm, warm_failures = measure_clipserve(address, pairs)
                 record(f"rss_mb[{runtime}]", server_rss_mb(proc))
             finally:
@@ -320,6 +367,11 @@ def main(argv: list[str] | None = None) -> int:
             record(f"d_bound[{runtime}]", bound)
             record(f"d_image_bound[{runtime}]", image_bound)
             record(f"d_text_bound[{runtime}]", text_bound)
+        # Within this run: cold against the faster model-only bound, and against the baseline's cold.
+        faster = max(samples[f"d_bound[{runtime}]"][-1] for runtime in bounds)
+        record("cold_over_faster_bound", samples[f"b_cold[{args.runtime}]"][-1] / faster)
+        if baseline_dtype:
+            record("cold_over_baseline_cold", samples[f"b_cold[{args.runtime}]"][-1] / samples[f"b_cold[{baseline_dtype}]"][-1])
         print(f"run {run} (load {loads[-1]:.2f}): " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in samples.items()), flush=True)
     httpd.shutdown()
 
@@ -359,6 +411,17 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(f"{value:.2f} ({middle:.2f})".rjust(20))
             table.append({"row": label, "runtime": runtime, "best": round(value, 3), "median": round(middle, 3)})
         print(f"{label:<28}" + "".join(cells))
+    # Ratios taken within each run (the machine drifts between runs), best (median).
+    within = [("cold / faster model-only bound", "cold_over_faster_bound")] + ([(f"cold / {baseline_dtype} default's cold", "cold_over_baseline_cold")] if baseline_dtype else [])
+    for label, key in within:
+        print(f"{f'{args.runtime} {label}':<44}{best[key]:.2f} ({median[key]:.2f})")
+        table.append({"row": label, "runtime": args.runtime, "best": round(best[key], 3), "median": round(median[key], 3)})
+    if baseline_dtype:
+        print(f"{baseline_dtype} default cold pairs/s: {best[f'b_cold[{baseline_dtype}]']:.1f} ({median[f'b_cold[{baseline_dtype}]']:.1f})")
+        worst = {k: (max if k.startswith("max") else min)(d[k] for d in drifts) for k in drifts[0]}
+        print(f"{args.dtype} against {baseline_dtype}, same pairs, worst of {len(drifts)} runs: max |score difference| / exp(logit_scale) "
+              f"{worst['max_abs_diff_over_scale']:.2e}; queries ranking their images in the same order {worst['queries_same_order']:.0%}, "
+              f"the same first {worst['queries_same_top1']:.0%}; mean Kendall tau {worst['mean_kendall_tau']:.3f}")
     report = {
         "workload": {"pairs": len(pairs), "queries": args.queries, "per_query": args.per_query, "images": args.images, "distinct_images": distinct_images, "texts": len(many_texts)},
         "settings": {"device": args.device, "dtype": args.dtype, "runtimes": runtimes, "compile": args.compile, "max_batch_size": args.max_batch_size, "max_batch_delay_ms": args.max_batch_delay_ms},
@@ -368,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples": {k: [round(v, 2) for v in values] for k, values in samples.items()},
         "failures": failures,
         "results": table,
+        "drift": drifts,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

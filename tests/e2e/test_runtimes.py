@@ -60,10 +60,10 @@ def runtime_lines(server: ServerProcess) -> list[str]:
 def test_auto_picks_openvino_for_float32_on_the_cpu_and_torch_elsewhere():
     assert choose("auto", "cpu", "float32", compile=False) == "openvino"
     # --compile is torch.compile of torch's image tower; CUDA stays on torch until measured;
-    # OpenVINO runs float32 only.
+    # OpenVINO runs float32 and bfloat16 (test_bf16.py), not float16.
     assert choose("auto", "cpu", "float32", compile=True) == "torch"
     assert choose("auto", "cuda", "float16", compile=False) == "torch"
-    assert choose("auto", "cpu", "bfloat16", compile=False) == "torch"
+    assert choose("auto", "cpu", "float16", compile=False) == "torch"
     assert choose("torch", "cpu", "float32", compile=False) == "torch"
 
 

@@ -1,8 +1,8 @@
 """The conversion cache: converted towers on disk, so that the next start of the same model
 does not convert again.
 
-An entry's name is a hash of everything the conversion depends on: the runtime and its
-version, the libraries that trace the model (torch, transformers, open_clip,
+An entry's name is a hash of everything the conversion depends on: the runtime, its version
+and its inference precision, the libraries that trace the model (torch, transformers, open_clip,
 sentence-transformers), the tower, its inputs (names, dtypes, ranks), and the weights
 themselves, byte for byte (a changed model is a new entry, never a stale one). Entries are
 never rewritten, only added: deleting the folder (``--runtime-cache``, default
@@ -53,7 +53,9 @@ def _version(distribution: str) -> str:
         return ""
 
 
-def entry_key(tower: Tower, runtime: str, runtime_version: str, weights: str) -> str:
+def entry_key(tower: Tower, runtime: str, runtime_version: str, weights: str, precision: str) -> str:
+    """The entry's name; ``precision``: the runtime's inference precision (f32, bf16), which
+    may differ from the weights' dtype."""
     inputs = [(name, str(value.dtype), value.dim()) for name, value in tower.probes[0].items()]
     parts = {
         "runtime": runtime,
@@ -64,5 +66,6 @@ def entry_key(tower: Tower, runtime: str, runtime_version: str, weights: str) ->
         "dtype": tower.dtype,
         "inputs": inputs,
         "weights": weights,
+        "precision": precision,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]

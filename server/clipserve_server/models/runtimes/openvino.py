@@ -14,8 +14,14 @@ within ~2e-6 relative (docs/runtimes.md), and it needs no C++ compiler at run ti
 - The converted model holds its own copy of the weights (``share_weights=False``), so that
   torch's copy can go once both towers run here (``select.release_torch_weights``): shared,
   the compiled model would keep torch's tensors alive.
-- ``INFERENCE_PRECISION_HINT=f32``: the CPU plugin would otherwise run in bf16 on CPUs that have
-  it, which the parity check would then refuse.
+- Precision: a float32 tower runs at ``INFERENCE_PRECISION_HINT=f32`` (the CPU plugin would
+  otherwise run in bf16 on CPUs that have it, which the 1e-4 parity check would then refuse); a
+  bfloat16 tower (``--dtype bfloat16``) at ``bf16``: converted with its bfloat16 weights (half
+  the cache entry), fed and read in float32 (numpy has no bfloat16; the model converts at its
+  edges), and run on the CPU's bf16 dot products (AVX512_BF16, AMX) where it has them. On
+  ViT-B/32 on the 2-core Zen 4 (AVX512_BF16, no AMX) that was ~2x OpenVINO's float32 image
+  tower, with features within 1e-2 of torch's bfloat16 ones (docs/runtimes.md). A CPU without
+  native bf16 runs the hint at float32 (``native_bf16``; select.py says so in the log).
 - Threads: one stream (``PERFORMANCE_HINT=LATENCY``: each forward uses its threads, as torch's
   does) on as many threads as a torch model thread gets (with ``--instances``, each instance's
   share of the cores), so decode threads and the forward share the cores as they do with torch. Several threads may call the runner at once (``--instances``):
@@ -24,8 +30,11 @@ within ~2e-6 relative (docs/runtimes.md), and it needs no C++ compiler at run ti
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +55,22 @@ def version() -> str:
     return openvino.get_version()
 
 
+# The CPU plugin's inference precision for a tower's dtype (the ones it runs here).
+PRECISIONS = {"float32": "f32", "bfloat16": "bf16"}
+
+
+def precision(dtype: str) -> str:
+    return PRECISIONS[dtype]
+
+
+def native_bf16() -> bool:
+    """Whether the CPU plugin runs bf16 natively here (AVX512_BF16 or AMX: its ``BF16``
+    capability); elsewhere a bf16 precision hint runs at float32."""
+    import openvino
+
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def _without_telemetry() -> None:
     """OpenVINO's converter (ovc) sends usage events to Google Analytics unless the user opted out
     (it writes ~/intel/openvino_ga_cid on first use). A server must not phone home, and where the
@@ -56,27 +81,47 @@ def _without_telemetry() -> None:
     convert_impl.tm = telemetry_utils.tm = telemetry_stub
 
 
-def _convert(tower: Tower) -> Any:
+def _convert(tower: Tower, progress: Callable[[str], None]) -> Any:
     import openvino
     import torch
 
     _without_telemetry()
     example = tuple(tower.probes[0].values())
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_tracing():
         # Traced here, without torch's check_trace (a second and third forward, about half the
         # time of a tiny model's conversion): the parity check runs more probes than it would.
         traced = torch.jit.trace(traceable(tower), example, check_trace=False, strict=False)
+        progress("traced")
         return openvino.convert_model(traced, example_input=example, share_weights=False)
 
 
-def _load_or_convert(tower: Tower, cached: Path | None) -> tuple[Any, bool]:
+@contextlib.contextmanager
+def _quiet_tracing() -> Iterator[None]:
+    """Tracing's own noise kept off the user's terminal: a TracerWarning for every Python branch
+    on a tensor (each one checked here by the probes of several shapes instead), torch.jit.trace's
+    deprecation, transformers' warnings on the attributes tracing touches. Conversion runs at
+    load, on the main thread, before anything else could want a warning."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def _load_or_convert(tower: Tower, cached: Path | None, progress: Callable[[str], None]) -> tuple[Any, bool]:
     """The converted model and whether it came from the cache."""
     import openvino
 
     core = openvino.Core()
     if cached is not None and cached.with_suffix(".xml").is_file():
         return core.read_model(str(cached.with_suffix(".xml"))), True
-    model = _convert(tower)
+    model = _convert(tower, progress)
+    progress("converted")
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         # Written under a temporary name, then renamed: a server killed mid-write, or two
@@ -93,20 +138,23 @@ def _load_or_convert(tower: Tower, cached: Path | None) -> tuple[Any, bool]:
     return model, False
 
 
-def build(tower: Tower, cached: Path | None, threads: int) -> tuple[Runner, bool]:
-    """A runner for ``tower`` on OpenVINO's CPU plugin, and whether the conversion was cached."""
+def build(tower: Tower, cached: Path | None, threads: int, progress: Callable[[str], None] = lambda stage: None) -> tuple[Runner, bool]:
+    """A runner for ``tower`` on OpenVINO's CPU plugin, and whether the conversion was cached;
+    ``progress`` is told each stage done (traced, converted, compiled)."""
     import numpy as np
     import openvino
     import torch
 
-    if tower.device != "cpu" or tower.dtype != "float32":
-        raise ValueError(f"OpenVINO runs float32 towers on the CPU here, this one is {tower.dtype} on {tower.device}")
-    model, from_cache = _load_or_convert(tower, cached)
+    if tower.device != "cpu" or tower.dtype not in PRECISIONS:
+        raise ValueError(f"OpenVINO runs float32 and bfloat16 towers on the CPU here, this one is {tower.dtype} on {tower.device}")
+    model, from_cache = _load_or_convert(tower, cached, progress)
+    model = _float32_edges(model)
     core = openvino.Core()
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision(tower.dtype)}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     compiled = core.compile_model(model, "CPU", config)
+    progress("compiled")
     requests = threading.local()
     names = tower.input_names
 
@@ -114,12 +162,37 @@ def build(tower: Tower, cached: Path | None, threads: int) -> tuple[Runner, bool
         request = getattr(requests, "request", None)
         if request is None:
             request = requests.request = compiled.create_infer_request()
-        arrays = [np.ascontiguousarray(inputs[name].detach().numpy()) for name in names]
+        arrays = [np.ascontiguousarray(_numpy_able(inputs[name].detach()).numpy()) for name in names]
         output = request.infer(arrays)[0]
         # The request's output buffer is reused by its next call: copy it out.
         return torch.from_numpy(np.array(output, dtype=np.float32, copy=True))
 
     return run, from_cache
+
+
+def _numpy_able(tensor: Any) -> Any:
+    """A bfloat16 tensor as float32 (exact: every bfloat16 is a float32); others as they are."""
+    import torch
+
+    return tensor.float() if tensor.dtype == torch.bfloat16 else tensor
+
+
+def _float32_edges(model: Any) -> Any:
+    """A bfloat16 model's bfloat16 inputs and outputs taken and given as float32 (converted
+    inside the model); a float32 model unchanged."""
+    import openvino
+
+    bf16 = openvino.Type.bf16
+    inputs = [i for i, port in enumerate(model.inputs) if port.get_element_type() == bf16]
+    outputs = [i for i, port in enumerate(model.outputs) if port.get_element_type() == bf16]
+    if not inputs and not outputs:
+        return model
+    steps = openvino.preprocess.PrePostProcessor(model)
+    for i in inputs:
+        steps.input(i).tensor().set_element_type(openvino.Type.f32)
+    for i in outputs:
+        steps.output(i).tensor().set_element_type(openvino.Type.f32)
+    return steps.build()
 
 
 def drop_source_pages(cached: Path) -> None:

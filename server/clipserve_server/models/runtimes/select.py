@@ -1,20 +1,23 @@
 """Which runtime runs a loaded model's towers, and handing them over (``apply_runtime``).
 
-``auto``: OpenVINO for float32 towers on the CPU when it is installed, torch otherwise (on
-CUDA, torch: the CUDA runtimes are opt-in until measured faster there). ``--compile`` is
-torch.compile of torch's image tower, so with it auto means torch. Each tower converts on its
+``auto``: OpenVINO for float32 and bfloat16 towers on the CPU when it is installed, torch
+otherwise (float16 on the CPU, and CUDA: the CUDA runtimes are opt-in until measured faster
+there). ``--compile`` is torch.compile of torch's image tower, so with it auto means torch. Each tower converts on its
 own and is checked on its own: one that fails to convert, or whose features differ from torch's
 by more than the parity tolerance, runs in torch, and one log line says which and why. A
 runtime asked for by name that cannot run on this machine at all (not installed, no CUDA)
 refuses to start instead; one that does not suit a model's device or dtype (OpenVINO for a
-CUDA or half-precision model) leaves its towers in torch, with the same one log line.
+CUDA or float16 model) leaves its towers in torch, with the same one log line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from ...utils.config import ServerConfig
@@ -36,7 +39,7 @@ TORCH = "torch"
 def choose(runtime: str, device: str, dtype: str, compile: bool) -> str:
     """The runtime the towers of a model on ``device`` in ``dtype`` are to run in."""
     if runtime == "auto":
-        if compile or device != "cpu" or dtype != "float32" or not openvino.available():
+        if compile or device != "cpu" or dtype not in openvino.PRECISIONS or not openvino.available():
             return TORCH
         return openvino.NAME
     if runtime == openvino.NAME and not openvino.available():
@@ -54,6 +57,8 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
     runtime = choose(config.runtime, described.device, described.dtype, config.compile)
     if runtime == TORCH or not towers:
         return
+    if runtime == openvino.NAME and described.dtype == "bfloat16":
+        _say_how_bf16_runs()
     folder = cache_folder(config.runtime_cache)
     fingerprints: dict[int, str] = {}  # towers of one model share its weights: hash them once
     chosen = {}
@@ -67,11 +72,13 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
                 if folder is not None:
                     if id(tower.module) not in fingerprints:
                         fingerprints[id(tower.module)] = weights_fingerprint(tower.module)
-                    cached = folder / entry_key(tower, runtime, openvino.version(), fingerprints[id(tower.module)])
+                    cached = folder / entry_key(tower, runtime, openvino.version(), fingerprints[id(tower.module)], openvino.precision(tower.dtype))
                 # As many threads as torch's forward would use (see openvino.py).
                 # Each instance on a CPU device gets its share of the cores, as torch's do (app.py).
                 share = config.instances * sum(device.is_cpu for device in resolve_devices(config.device))
-                runner, from_cache = openvino.build(tower, cached, model_threads(share))
+                with _progress(f"{tower.name} tower of {owner} for {runtime} ({openvino.precision(tower.dtype)})") as progress:
+                    runner, from_cache = openvino.build(tower, cached, model_threads(share), progress)
+                    progress("checking against torch")
                 how = "from the cache" if from_cache else ("converted, cached" if cached is not None else "converted")
             else:
                 runner, how = torch_cuda.build(tower, runtime), "compiled"
@@ -99,6 +106,44 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
         image_runtime=chosen.get(IMAGE, model.description.image_runtime),
         text_runtime=chosen.get(TEXT, model.description.text_runtime),
     )
+
+
+@contextlib.contextmanager
+def _progress(doing: str, first_s: float = 15.0, every_s: float = 60.0) -> Iterator[Callable[[str], None]]:
+    """Log lines while ``doing`` takes long (a ViT-H tower takes minutes to convert on a few
+    cores), nothing for the usual few seconds: one at each stage the converter reports once
+    ``first_s`` have gone by, and one every ``every_s`` in between (when the converter lets go
+    of the GIL: tracing and converting a large model can hold it for minutes)."""
+    done = threading.Event()
+    started = time.monotonic()
+
+    def say(stage: str) -> None:
+        if time.monotonic() - started >= first_s:
+            log.info("%s: %s, %.0f s so far", doing, stage, time.monotonic() - started)
+
+    def tell() -> None:
+        wait = first_s
+        while not done.wait(wait):
+            say("still working")
+            wait = every_s
+
+    teller = threading.Thread(target=tell, name="clipserve-progress", daemon=True)
+    teller.start()
+    try:
+        yield say
+    finally:
+        done.set()
+        teller.join()
+
+
+def _say_how_bf16_runs() -> None:
+    """On a CPU without native bf16, one line: what --dtype bfloat16 runs as here, and its cost."""
+    if not openvino.native_bf16():
+        log.warning(
+            "this CPU has no native bfloat16 (no AVX512_BF16 or AMX): OpenVINO runs the bfloat16 towers at float32 "
+            "precision, float32's speed and compute (no gain over --dtype float32, which is exact; a tower left in "
+            "torch emulates bfloat16, slower than float32)"
+        )
 
 
 def release_torch_weights(towers: dict[str, Tower], chosen: dict[str, str], owners: dict[str, str]) -> None:

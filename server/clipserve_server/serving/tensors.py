@@ -158,5 +158,7 @@ def raw_from_json(data: Any, datatype: str, name: str) -> bytes:
 def json_from_raw(raw: bytes, datatype: str) -> list[Any]:
     """Raw tensor contents as the REST protocol's JSON ``data`` (flat; BYTES as text)."""
     if datatype == "BYTES":
-        return [value.decode("utf-8", errors="replace") for value in _unpack_bytes(raw, "output")]
+        # The server's own output: every element it holds (each takes at least its length prefix).
+        elements = _unpack_bytes(raw, "output", len(raw) // _LENGTH.size)
+        return [value.decode("utf-8", errors="replace") for value in elements]
     return np.frombuffer(raw, dtype=_DATATYPES[datatype][0]).tolist()

@@ -6,12 +6,14 @@ import json
 import logging
 import time
 
-# Attributes every LogRecord has; anything else was passed through `extra=` and is context.
+# Attributes every LogRecord has; anything else was passed through `extra=` and is context,
+# but for private ones that a library's record factory adds to every record (Ray, imported in
+# the same process, stamps each with _ray_timestamp_ns).
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
 def _context(record: logging.LogRecord) -> dict[str, object]:
-    return {k: v for k, v in vars(record).items() if k not in _STANDARD}
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
 
 
 def escape(text: str) -> str:

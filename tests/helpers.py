@@ -298,7 +298,7 @@ async def running_engine(model: EmbeddingModel, config: ServerConfig) -> AsyncIt
     await decoder.start()
     await fetcher.start()
     engine = ScoringEngine(
-        model, config, name="default", instances=InstancePool([Instance("cpu", 0, model.forward)]),
+        model, config, name="default", instances=InstancePool([Instance("cpu", 0, model.forward, prepare=model.prepare_texts)]),
         decoder=decoder.for_job(0), fetcher=fetcher, metrics=metrics, on_dead=lambda exc: None, on_alive=lambda: None,
     )
     await engine.start()

@@ -174,6 +174,7 @@ class ClipServer:
                     index,
                     model.forward if len(specs) == 1 else _sharing_the_device(model.forward, slots[device.name]),
                     cpu_threads if device.is_cpu else gpu_threads,
+                    prepare=model.prepare_texts,
                 )
                 for device, model in zip(devices, models)
                 for index in range(instances)

@@ -198,6 +198,20 @@ def test_cutting_a_query_never_changes_the_tokens_of_one_that_fits(tiny_checkpoi
     assert len(cut) < 2 * limit and tokens(cut) == tokens(huge[: 4 * limit])
 
 
+def test_texts_tokenized_ahead_of_the_forward_give_the_same_features(tiny_checkpoint):
+    """What the server does now (prepare_texts on the tokenizer thread, then forward) equals
+    tokenizing inside the forward, as before."""
+    from clipserve_server.models.loading import load_model
+    from clipserve_server.models.model import Tokens
+    from clipserve_server.utils.config import ModelSpec
+
+    model = load_model(ModelSpec("default", str(tiny_checkpoint)), ServerConfig(device="cpu", runtime="torch"))
+    texts = ["a dog on a beach", "a cat " * 100, "x"]
+    prepared = model.prepare_texts(texts)
+    assert isinstance(prepared, Tokens) and len(prepared) == 3
+    np.testing.assert_array_equal(model.forward(prepared, [])[0], model.forward(texts, [])[0])
+
+
 def test_the_text_cache_is_bounded_by_bytes():
     from clipserve_server.inference.cache import EmbeddingCache
     from clipserve_server.models.model import Embedding

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
 import pytest
 
+from clipserve_server.inference.instances import Instance, InstancePool
 from clipserve_server.utils.errors import ErrorKind, ItemError
 from ..helpers import make_batcher
 
@@ -175,3 +177,33 @@ def test_stop_fails_what_is_still_queued():
 
     results = run(main())
     assert all(isinstance(r, ItemError) and r.kind is ErrorKind.UNAVAILABLE for r in results)
+
+
+def test_texts_are_tokenized_on_a_thread_of_their_own_outside_the_forward_timeout():
+    """A batch of long queries takes long to tokenize: it holds neither the model's thread nor
+    its --forward-timeout-s (the watchdog would call a slow tokenizer a wedged model)."""
+    threads: dict[str, str] = {}
+
+    def prepare(texts: list[str]) -> list[str]:
+        threads["prepare"] = threading.current_thread().name
+        time.sleep(0.5)  # longer than the forward's timeout below
+        return [text.upper() for text in texts]
+
+    recorder = Recorder()
+
+    def forward(texts, images):
+        threads["forward"] = threading.current_thread().name
+        return recorder(texts, images)
+
+    async def main():
+        died: list[BaseException] = []
+        pool = InstancePool([Instance("", 0, forward, prepare=prepare)])
+        batcher = make_batcher(pool, max_batch_size=4, max_delay_s=0, max_queue_size=16, forward_timeout_s=0.3, on_dead=died.append)
+        batcher.start()
+        row = await batcher.encode_text("abc", wait=True)
+        await batcher.stop()
+        return row, died
+
+    row, died = run(main())
+    assert float(row[0]) == 3.0 and recorder.batches == [(["ABC"], [])] and not died
+    assert threads["prepare"].startswith("clipserve-tokenize") and threads["forward"].startswith("clipserve-model")

@@ -9,7 +9,7 @@ Nothing is lost, and every row comes out once:
   other replicas (and back to this one once its actor has restarted it);
 - an actor that dies mid-batch (its process killed, its node lost) is started again by Ray and
   its unfinished batches run again on an actor of the pool: Ray Data gives its actor pools
-  ``max_restarts=-1`` and ``max_task_retries=-1`` unless told otherwise (tests/test_ray.py
+  ``max_restarts=-1`` and ``max_task_retries=-1`` unless told otherwise (tests/e2e/test_ray.py
   kills one mid-job). A batch's rows come out only with the task that finished it, so none
   twice. (Passing those two to ``map_batches`` as ``**ray_remote_args`` still works but is
   deprecated since Ray 2.60; do not pass ``max_restarts=0``.)

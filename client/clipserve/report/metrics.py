@@ -2,7 +2,7 @@
 ``clip_score`` column, in plain Python: the SDK needs neither NumPy nor scikit-learn.
 
 ``ndcg`` is scikit-learn's ``ndcg_score`` for one query (labels as gains, no cutoff, tied scores
-averaged as ``ignore_ties=False`` does); tests/test_report.py checks it against scikit-learn.
+averaged as ``ignore_ties=False`` does); tests/e2e/test_report.py checks it against scikit-learn.
 ``reciprocal_rank`` is 1 / the rank of the first image with a label above 0, images in score
 order (ties in file order), 0 when none is relevant.
 """

@@ -175,8 +175,18 @@ class Batcher:
         """Run ``batch`` on ``instance`` and answer each of its items."""
         texts = [job.payload for job in batch if job.is_text]
         images = [job.payload for job in batch if not job.is_text]
+        try:  # tokenized off the forward's thread, and before its --forward-timeout-s starts
+            prepared = await instance.prepare(texts)
+        except asyncio.CancelledError:
+            self._fail_jobs(batch, ItemError(ErrorKind.UNAVAILABLE, "the server is shutting down"))
+            raise
+        except Exception as exc:
+            log.error("tokenizing failed for a batch of %d texts", len(texts), exc_info=exc)
+            self._fail_jobs(batch, ItemError(ErrorKind.INTERNAL, f"the model failed on this batch: {type(exc).__name__}: {exc}"))
+            self._instances.release(instance)
+            return
         started = time.monotonic()
-        forward = instance.forward(texts, images)
+        forward = instance.forward(prepared, images)
         try:
             text_embeddings, image_embeddings = await asyncio.wait_for(asyncio.shield(forward), self._forward_timeout_s)
         except asyncio.TimeoutError:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-ForwardFn = Callable[[list[str], list[Any]], tuple[np.ndarray, np.ndarray]]
+ForwardFn = Callable[[Any, list[Any]], tuple[np.ndarray, np.ndarray]]  # texts, or what prepare made of them
 
 
 @dataclass(frozen=True)
@@ -56,20 +56,38 @@ def is_fatal(exc: BaseException) -> bool:
 class Instance:
     """One forward worker: a thread of its own (named ``clipserve-model``) on one device."""
 
-    def __init__(self, device: str, index: int, forward: ForwardFn, thread_setup: Callable[[], None] | None = None) -> None:
-        """``thread_setup`` runs first on the thread (see threads.model_thread_setup)."""
+    def __init__(
+        self,
+        device: str,
+        index: int,
+        forward: ForwardFn,
+        thread_setup: Callable[[], None] | None = None,
+        prepare: Callable[[list[str]], Any] | None = None,
+    ) -> None:
+        """``thread_setup`` runs first on the thread (see threads.model_thread_setup);
+        ``prepare``: the model's ``prepare_texts``, run on a thread of its own (none: the
+        forward takes the texts as they are)."""
         self.device = device
         self.index = index
         self._forward = forward
+        self._prepare = prepare
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipserve-model", initializer=thread_setup)
+        self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipserve-tokenize")
         self.busy = False
         self.alive = True
         self._forwards = 0
         self._items = 0
         self._busy_s = 0.0
 
-    def forward(self, texts: list[str], images: list[Any]) -> asyncio.Future:
-        """Run one batch on this instance's thread."""
+    async def prepare(self, texts: list[str]) -> Any:
+        """``texts`` as the forward takes them (tokenized), made on this instance's tokenizer
+        thread: a batch of long queries holds neither the forward's thread nor its timeout."""
+        if self._prepare is None or not texts:
+            return texts
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer, self._prepare, texts)
+
+    def forward(self, texts: Any, images: list[Any]) -> asyncio.Future:
+        """Run one batch (its texts as ``prepare`` made them) on this instance's thread."""
         return asyncio.get_running_loop().run_in_executor(self._executor, self._forward, texts, images)
 
     def record(self, items: int, seconds: float) -> None:
@@ -82,6 +100,7 @@ class Instance:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._tokenizer.shutdown(wait=False, cancel_futures=True)
 
 
 class InstancePool:

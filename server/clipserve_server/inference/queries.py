@@ -9,7 +9,7 @@ when every token spans at most ``CHARS_PER_TOKEN`` characters (true of the vocab
 CLIP's BPE, open_clip's, BERT's WordPiece, SentencePiece's) and the tokenizer folds whitespace
 runs (CLIP, open_clip, BERT, SigLIP): the characters kept already give more tokens than the
 model reads. A tokenizer that spells long whitespace runs out in tokens (Gemma's, SigLIP2)
-sees runs over 64 characters shortened. ``tests/test_hostile_inputs.py`` checks it on CLIP's tokenizer.
+sees runs over 64 characters shortened. ``tests/e2e/test_hostile_inputs.py`` checks it on CLIP's tokenizer.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from PIL import Image
 from ..images.device_decode import BatchDecodeFn, jpeg_batch_decoder
 from ..images.preprocess import NaFlexPipeline, build_pipeline
 from ..utils.domain import ModelDescription
-from .model import TOKENIZING, TorchTowersModel, logit_parameters
+from .model import TOKENIZING, Tokens, TorchTowersModel, logit_parameters
 from .runtimes.towers import IMAGE, TEXT, Runner
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class HFClipModel(TorchTowersModel):
         # run there too.
         return jpeg_batch_decoder(self._pipeline.on_device, self._device)
 
-    def forward(self, texts: list[str], images: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    def forward(self, texts: list[str] | Tokens, images: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch
         empty = np.zeros((0, self._dim), dtype=np.float32)
         with torch.inference_mode():
@@ -142,13 +142,20 @@ class HFClipModel(TorchTowersModel):
             image_out = self._encode_images(images) if images else empty
         return text_out, image_out
 
-    def _encode_texts(self, texts: list[str]) -> np.ndarray:
+    def _encode_texts(self, texts: list[str] | Tokens) -> np.ndarray:
         return _to_numpy(self._runs[TEXT](**self._text_inputs(texts)))
 
-    def _text_inputs(self, texts: list[str]) -> dict[str, Any]:
+    def prepare_texts(self, texts: list[str]) -> Tokens:
+        return Tokens(len(texts), self._tokenize(texts))
+
+    def _tokenize(self, texts: list[str]) -> dict[str, Any]:
         # Queries longer than the model's context are truncated (the reference adapter crashes).
         with TOKENIZING:
             tokens = self._tokenizer(texts, padding=self._padding, truncation=True, max_length=self._max_tokens, return_tensors="pt")
+        return dict(tokens)
+
+    def _text_inputs(self, texts: list[str] | Tokens) -> dict[str, Any]:
+        tokens = texts.tensors if isinstance(texts, Tokens) else self._tokenize(texts)
         return {k: v.to(self._device) for k, v in tokens.items()}
 
     def _encode_images(self, images: list[Any]) -> np.ndarray:

@@ -25,6 +25,18 @@ from ..utils.domain import ModelDescription
 from .runtimes.towers import IMAGE, TEXT, Runner, Tower, family_towers
 
 
+@dataclass(frozen=True)
+class Tokens:
+    """A batch of texts tokenized ahead of its forward (``prepare_texts``): the tensors, still on
+    the CPU; ``forward`` takes it where it takes the texts."""
+
+    count: int
+    tensors: dict[str, Any]
+
+    def __len__(self) -> int:
+        return self.count
+
+
 @dataclass(frozen=True, slots=True)
 class Embedding:
     """A model's own (unnormalised) features for one text or image, and their length: what the
@@ -73,14 +85,20 @@ class EmbeddingModel(ABC):
         raise RuntimeError(f"{type(self).__name__} cannot decode images on an accelerator")
 
     @abstractmethod
-    def forward(self, texts: list[str], images: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-        """Encode texts and preprocessed images in one go.
+    def forward(self, texts: list[str] | Tokens, images: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Encode texts (or what ``prepare_texts`` made of them) and preprocessed images in one go.
 
         Returns the model's own features, not normalised, as float32 arrays of shape
         (len(texts), dim) and (len(images), dim). Called from several threads at once with
         ``--instances`` (torch inference is thread-safe; tokenizers are not: ``TOKENIZING``);
         may be slow.
         """
+
+    def prepare_texts(self, texts: list[str]) -> list[str] | Tokens:
+        """``texts`` as ``forward`` takes them, made on a thread of their own before the forward
+        (inference/instances.py): tokenizing a batch of long queries holds neither the forward's
+        thread nor its --forward-timeout-s. By default the texts themselves."""
+        return texts
 
     def towers(self) -> dict[str, Tower]:
         """The towers a runtime may convert (``runtimes.towers``), by name; none by default."""

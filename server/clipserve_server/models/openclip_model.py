@@ -23,7 +23,7 @@ from PIL import Image
 from ..images.preprocess import build_transform_pipeline
 from ..utils.domain import ModelDescription
 from .clip_model import compile_image_tower, resolve_device
-from .model import TOKENIZING, TorchTowersModel, logit_parameters
+from .model import TOKENIZING, Tokens, TorchTowersModel, logit_parameters
 from .runtimes.towers import IMAGE, TEXT, Runner
 
 log = logging.getLogger(__name__)
@@ -75,22 +75,28 @@ class OpenClipModel(TorchTowersModel):
             backend="open_clip",
         )
 
-    def forward(self, texts: list[str], images: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    def forward(self, texts: list[str] | Tokens, images: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         empty = np.zeros((0, self._dim), dtype=np.float32)
         with self._torch.inference_mode():
             text_out = self._encode_texts(texts) if texts else empty
             image_out = self._encode_images(images) if images else empty
         return text_out, image_out
 
-    def _encode_texts(self, texts: list[str]) -> np.ndarray:
+    def _encode_texts(self, texts: list[str] | Tokens) -> np.ndarray:
         return self._runs[TEXT](**self._text_inputs(texts)).float().cpu().numpy()
 
-    def _text_inputs(self, texts: list[str]) -> dict[str, Any]:
+    def prepare_texts(self, texts: list[str]) -> Tokens:
+        return Tokens(len(texts), self._tokenize(texts))
+
+    def _tokenize(self, texts: list[str]) -> dict[str, Any]:
         # open_clip's tokenizers pad to the context length and truncate longer queries (keeping
         # the end token), as open_clip's own encode_text expects.
         with TOKENIZING:
-            tokens = self._tokenizer(texts)
-        return {"tokens": tokens.to(self._device)}
+            return {"tokens": self._tokenizer(texts)}
+
+    def _text_inputs(self, texts: list[str] | Tokens) -> dict[str, Any]:
+        tokens = texts.tensors if isinstance(texts, Tokens) else self._tokenize(texts)
+        return {name: value.to(self._device) for name, value in tokens.items()}
 
     def _encode_images(self, images: list[Any]) -> np.ndarray:
         return self._runs[IMAGE](**self._image_inputs(images)).float().cpu().numpy()

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..images.device_decode import BatchDecodeFn
-from .model import TOKENIZING, EmbeddingModel
+from .model import TOKENIZING, EmbeddingModel, Tokens
 from .runtimes.towers import TEXT, Runner, Tower, family_towers
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class TextTowerModel(EmbeddingModel):
     def device_jpeg_decoder(self) -> BatchDecodeFn:
         return self._images.device_jpeg_decoder()
 
-    def forward(self, texts: list[str], images: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    def forward(self, texts: list[str] | Tokens, images: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         _, image_out = self._images.forward([], images)
         if not texts:
             return np.zeros((0, self.description.embedding_dim), dtype=np.float32), image_out
@@ -81,12 +81,20 @@ class TextTowerModel(EmbeddingModel):
                 text_out = self._run_text(**self._text_inputs(texts)).float().cpu().numpy()
         return text_out.astype(np.float32, copy=False), image_out
 
-    def _text_inputs(self, texts: list[str]) -> dict[str, Any]:
+    def prepare_texts(self, texts: list[str]) -> list[str] | Tokens:
+        # sentence-transformers' own encode (no runner) tokenizes as it goes: it takes the texts.
+        return texts if self._run_text is None else Tokens(len(texts), self._tokenize(texts))
+
+    def _tokenize(self, texts: list[str]) -> dict[str, Any]:
         # What encode does with one batch: tokenised together, padded to the longest text,
         # truncated to max_seq_length. Only the tensors: what a converted tower takes.
         with TOKENIZING:
             tokens = (getattr(self._text, "preprocess", None) or self._text.tokenize)(texts)
-        return {name: value.to(self._text_device) for name, value in tokens.items() if isinstance(value, self._torch.Tensor)}
+        return {name: value for name, value in tokens.items() if isinstance(value, self._torch.Tensor)}
+
+    def _text_inputs(self, texts: list[str] | Tokens) -> dict[str, Any]:
+        tokens = texts.tensors if isinstance(texts, Tokens) else self._tokenize(texts)
+        return {name: value.to(self._text_device) for name, value in tokens.items()}
 
     def _eager_text_features(self, **tokens: Any) -> Any:
         # A fresh dict: the modules add their outputs (token embeddings, ...) to the one they get.

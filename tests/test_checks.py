@@ -129,6 +129,11 @@ def test_a_kind_with_no_schema_is_reported_not_passed():
     name) instead of passing it."""
     import kubernetes_validate
 
-    service = {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": {"name": "clipserve"}, "spec": {}}
+    service = {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {"name": "clipserve"},
+        "spec": {},
+    }
     with pytest.raises(kubernetes_validate.SchemaNotFoundError):
         kubernetes_validate.validate(service, kubernetes_validate.latest_version(), strict=True)

@@ -40,7 +40,10 @@ def test_each_item_gets_its_own_row():
         forward = Recorder()
         batcher = make_batcher(forward, max_batch_size=8, max_delay_s=0.01, max_queue_size=100)
         batcher.start()
-        results = await asyncio.gather(*(batcher.encode_text("x" * n, wait=True) for n in range(1, 6)), *(batcher.encode_image(n, wait=True) for n in range(10, 13)))
+        results = await asyncio.gather(
+            *(batcher.encode_text("x" * n, wait=True) for n in range(1, 6)),
+            *(batcher.encode_image(n, wait=True) for n in range(10, 13)),
+        )
         await batcher.stop()
         return forward, results
 

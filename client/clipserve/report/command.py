@@ -37,12 +37,22 @@ def add_parser(sub: Any) -> None:
         "config.toml (column_query, column_query_id, column_image_id, column_relevance, images_jsonl, "
         "image_url_temp_column, image_base_url, qrels_with_score_jsonl, [similarity_config] col_name) or the flags.",
     )
-    report.add_argument("scored", nargs="?", default=None, help="the scored file (default: qrels_with_score_jsonl in --config)")
+    report.add_argument(
+        "scored", nargs="?", default=None, help="the scored file (default: qrels_with_score_jsonl in --config)"
+    )
     report.add_argument("-o", "--output", default=None, help="the page to write (default: <scored>.html)")
     add_columns_and_images(report)
-    report.add_argument("--column-query-id", default=None, help=f"query id column; rows without it are grouped by query text (default: {DEFAULT_QUERY_ID_COLUMN})")
+    report.add_argument(
+        "--column-query-id",
+        default=None,
+        help=f"query id column; rows without it are grouped by query text (default: {DEFAULT_QUERY_ID_COLUMN})",
+    )
     report.add_argument("--score-column", default=None, help="the score column (default: clip_score)")
-    report.add_argument("--relevance-column", default=None, help=f"the label column; above 0 is relevant (default: {DEFAULT_RELEVANCE_COLUMN})")
+    report.add_argument(
+        "--relevance-column",
+        default=None,
+        help=f"the label column; above 0 is relevant (default: {DEFAULT_RELEVANCE_COLUMN})",
+    )
     report.add_argument(
         "--embed-thumbnails",
         action="store_true",
@@ -88,7 +98,13 @@ def run(args: argparse.Namespace) -> int:
     scored = Path(settings.pop("scored"))
     output = Path(settings.pop("output", None) or scored.with_suffix(".html"))
     images = settings.pop("images", None)
-    job = ReportJob(scored=scored, output=output, images=Path(images) if images else None, embed_thumbnails=args.embed_thumbnails, **settings)
+    job = ReportJob(
+        scored=scored,
+        output=output,
+        images=Path(images) if images else None,
+        embed_thumbnails=args.embed_thumbnails,
+        **settings,
+    )
     return write(job)
 
 

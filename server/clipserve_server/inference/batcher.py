@@ -137,7 +137,9 @@ class Batcher:
             if len(self._queue) < self._max_queue_size or self._prune() < self._max_queue_size:
                 break
             if not wait:
-                raise ItemError(ErrorKind.OVERLOADED, f"the server's queue is full ({self._max_queue_size} items); retry later")
+                raise ItemError(
+                    ErrorKind.OVERLOADED, f"the server's queue is full ({self._max_queue_size} items); retry later"
+                )
             self._space.clear()
             await self._space.wait()
         future = asyncio.get_running_loop().create_future()
@@ -182,7 +184,12 @@ class Batcher:
         except asyncio.TimeoutError:
             # A thread cannot be killed: fail this batch, then die so that health turns
             # NOT_SERVING and the orchestrator restarts us, instead of hanging every caller.
-            self._fail_jobs(batch, ItemError(ErrorKind.INTERNAL, f"the model did not finish this batch within {self._forward_timeout_s:g}s"))
+            self._fail_jobs(
+                batch,
+                ItemError(
+                    ErrorKind.INTERNAL, f"the model did not finish this batch within {self._forward_timeout_s:g}s"
+                ),
+            )
             self._wedged.add(instance)
             forward.add_done_callback(lambda _: self._unwedged(instance))
             self._died(
@@ -199,12 +206,26 @@ class Batcher:
             raise
         except BaseException as exc:
             if is_fatal(exc):
-                self._fail_jobs(batch, ItemError(ErrorKind.INTERNAL, f"the model instance failed on this batch: {type(exc).__name__}: {exc}"))
-                self._died(instance, InstanceDied(f"model instance {instance.index} on {instance.device or 'its device'} died: {type(exc).__name__}: {exc}"))
+                self._fail_jobs(
+                    batch,
+                    ItemError(
+                        ErrorKind.INTERNAL, f"the model instance failed on this batch: {type(exc).__name__}: {exc}"
+                    ),
+                )
+                self._died(
+                    instance,
+                    InstanceDied(
+                        f"model instance {instance.index} on {instance.device or 'its device'} died: {type(exc).__name__}: {exc}"
+                    ),
+                )
                 return
             # The model failed on this batch: its items fail, the instance goes on.
-            log.error("forward pass failed for a batch of %d texts and %d images", len(texts), len(images), exc_info=exc)
-            self._fail_jobs(batch, ItemError(ErrorKind.INTERNAL, f"the model failed on this batch: {type(exc).__name__}: {exc}"))
+            log.error(
+                "forward pass failed for a batch of %d texts and %d images", len(texts), len(images), exc_info=exc
+            )
+            self._fail_jobs(
+                batch, ItemError(ErrorKind.INTERNAL, f"the model failed on this batch: {type(exc).__name__}: {exc}")
+            )
             self._instances.release(instance)
             return
         seconds = time.monotonic() - started
@@ -263,7 +284,9 @@ class Batcher:
         if exc is None:
             return
         log.critical("the batching loop died; failing queued items", exc_info=exc)
-        self._die(ItemError(ErrorKind.UNAVAILABLE, f"the server's batching loop died: {type(exc).__name__}: {exc}"), exc)
+        self._die(
+            ItemError(ErrorKind.UNAVAILABLE, f"the server's batching loop died: {type(exc).__name__}: {exc}"), exc
+        )
 
     def _died(self, instance: Instance, exc: BaseException, *, recoverable: bool = False) -> None:
         """``instance`` cannot go on: stop taking work (the other instances finish theirs).
@@ -271,7 +294,9 @@ class Batcher:
         self._recoverable = self._recoverable and recoverable
         instance.alive = False
         log.critical("%s; failing queued items", exc)
-        self._die(ItemError(ErrorKind.UNAVAILABLE, f"the server's model instance died: {type(exc).__name__}: {exc}"), exc)
+        self._die(
+            ItemError(ErrorKind.UNAVAILABLE, f"the server's model instance died: {type(exc).__name__}: {exc}"), exc
+        )
         if self._task is not None:
             self._task.cancel()
 

@@ -56,12 +56,16 @@ def is_fatal(exc: BaseException) -> bool:
 class Instance:
     """One forward worker: a thread of its own (named ``clipserve-model``) on one device."""
 
-    def __init__(self, device: str, index: int, forward: ForwardFn, thread_setup: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, device: str, index: int, forward: ForwardFn, thread_setup: Callable[[], None] | None = None
+    ) -> None:
         """``thread_setup`` runs first on the thread (see threads.model_thread_setup)."""
         self.device = device
         self.index = index
         self._forward = forward
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipserve-model", initializer=thread_setup)
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="clipserve-model", initializer=thread_setup
+        )
         self.busy = False
         self.alive = True
         self._forwards = 0

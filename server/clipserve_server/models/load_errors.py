@@ -34,7 +34,12 @@ def _looks_like_a_path(model: str) -> bool:
 def explain(model: str, error: BaseException) -> str:
     """One message for ``error``, raised while loading ``model`` (a hub id or a folder)."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     path = Path(model).expanduser()
     if path.is_dir():
@@ -55,7 +60,11 @@ def explain(model: str, error: BaseException) -> str:
     if any(isinstance(e, HFValidationError) for e in chain):
         return f"cannot load the model {model}: it is neither a folder nor a hub id (org/name). Give --model a model folder or a hub id"
     if any(isinstance(e, LocalEntryNotFoundError) for e in chain):
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the hub cannot be reached ({constants.ENDPOINT}: {_first_line(chain[-1])})"
+        why = (
+            "HF_HUB_OFFLINE is set"
+            if constants.HF_HUB_OFFLINE
+            else f"the hub cannot be reached ({constants.ENDPOINT}: {_first_line(chain[-1])})"
+        )
         return (
             f"cannot load the model {model}: it is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}. "
             f"Pass a local folder (--model /path/to/model), or set HF_HOME to a cache that has it "

@@ -138,7 +138,9 @@ def _load_or_convert(tower: Tower, cached: Path | None, progress: Callable[[str]
     return model, False
 
 
-def build(tower: Tower, cached: Path | None, threads: int, progress: Callable[[str], None] = lambda stage: None) -> tuple[Runner, bool]:
+def build(
+    tower: Tower, cached: Path | None, threads: int, progress: Callable[[str], None] = lambda stage: None
+) -> tuple[Runner, bool]:
     """A runner for ``tower`` on OpenVINO's CPU plugin, and whether the conversion was cached;
     ``progress`` is told each stage done (traced, converted, compiled)."""
     import numpy as np
@@ -146,7 +148,9 @@ def build(tower: Tower, cached: Path | None, threads: int, progress: Callable[[s
     import torch
 
     if tower.device != "cpu" or tower.dtype not in PRECISIONS:
-        raise ValueError(f"OpenVINO runs float32 and bfloat16 towers on the CPU here, this one is {tower.dtype} on {tower.device}")
+        raise ValueError(
+            f"OpenVINO runs float32 and bfloat16 towers on the CPU here, this one is {tower.dtype} on {tower.device}"
+        )
     model, from_cache = _load_or_convert(tower, cached, progress)
     model = _float32_edges(model)
     core = openvino.Core()

@@ -276,7 +276,8 @@ def scaling(checkpoint: Path, images: list[bytes], loop_us: float) -> list[dict]
                 }
             )
             print(
-                f"  {kind:<9} x{workers}  loop +{spin_us:>4.0f} us/image: {rate:6.1f} images/s, this process's loop {loop_cpu * 1e6:5.0f} us/image",
+                f"  {kind:<9} x{workers}  loop +{spin_us:>4.0f} us/image: "
+                f"{rate:6.1f} images/s, this process's loop {loop_cpu * 1e6:5.0f} us/image",
                 flush=True,
             )
     return rows
@@ -344,8 +345,10 @@ def serial(rounds: int, images: int, window: int, seed: int, model: str = "fake"
                     "loop_busy": run["loop_s"] / run["wall_s"],
                 }
                 print(
-                    f"  round {round_}, {per_image} pair(s)/image: {row['images']} images in {run['wall_s']:.2f} s ({row['images_per_s']:.0f} images/s), "
-                    f"event loop {row['loop_us_per_image']:.0f} us/image = {row['loop_us_per_pair']:.0f} us/pair, busy {row['loop_busy']:.0%}; {describe(run['report'])}",
+                    f"  round {round_}, {per_image} pair(s)/image: "
+                    f"{row['images']} images in {run['wall_s']:.2f} s ({row['images_per_s']:.0f} images/s), "
+                    f"event loop {row['loop_us_per_image']:.0f} us/image = {row['loop_us_per_pair']:.0f} us/pair, "
+                    f"busy {row['loop_busy']:.0%}; {describe(run['report'])}",
                     flush=True,
                 )
                 if per_image not in best or row["loop_us_per_image"] < best[per_image]["loop_us_per_image"]:
@@ -358,7 +361,8 @@ def serial(rounds: int, images: int, window: int, seed: int, model: str = "fake"
     per_image = best[1]["loop_us_per_image"] - per_pair
     for n, row in best.items():
         print(
-            f"serial part, {n} pair(s)/image: {row['loop_us_per_image']:.0f} us of event loop per image -> one loop answers at most {1e6 / row['loop_us_per_image']:.0f} images/s"
+            f"serial part, {n} pair(s)/image: {row['loop_us_per_image']:.0f} us of event loop "
+            f"per image -> one loop answers at most {1e6 / row['loop_us_per_image']:.0f} images/s"
         )
     print(f"  split: {per_image:.0f} us per distinct image + {per_pair:.0f} us per pair")
     return {
@@ -396,7 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--serial-model",
         default="fake",
-        help="--serial: the model served; fake:forward_ms=20,image_ms=2.5 simulates an accelerator of ViT-H/14-378's rate",
+        help=(
+            "--serial: the model served; "
+            "fake:forward_ms=20,image_ms=2.5 simulates an accelerator of ViT-H/14-378's rate"
+        ),
     )
     parser.add_argument(
         "--loop-us", type=float, default=300.0, help="--scaling: pure-Python loop work per image for the busy-loop rows"
@@ -405,7 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         type=Path,
         default=None,
-        help="py-spy the server during the first round's pass into this raw file, and print its event loop's busiest functions",
+        help=(
+            "py-spy the server during the first round's pass into this raw file, "
+            "and print its event loop's busiest functions"
+        ),
     )
     parser.add_argument(
         "--checkpoint", type=Path, default=None, help="a checkpoint folder (default: a tiny random CLIP at 224)"
@@ -417,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.serial:
         print(
-            f"serial part: {args.serial_images} tiny JPEGs, model {args.serial_model}, decode worker processes, {args.serial_in_flight} pairs in flight; {os.cpu_count()} cores",
+            f"serial part: {args.serial_images} tiny JPEGs, model {args.serial_model}, "
+            f"decode worker processes, {args.serial_in_flight} pairs in flight; {os.cpu_count()} cores",
             flush=True,
         )
         report = {
@@ -478,17 +489,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"decode alone                 {best['decode_cpu_ms_per_image']:7.2f} ms CPU/image")
     print(f"decode + stock preprocess    {best['stock_cpu_ms_per_image']:7.2f} ms CPU/image")
     print(
-        f"server, cold pass            {best['server_cpu_ms_per_image']:7.2f} ms CPU/image   = {ratio:.2f} x stock (goal <= 0.9)"
+        f"server, cold pass            {best['server_cpu_ms_per_image']:7.2f} ms CPU/image   = "
+        f"{ratio:.2f} x stock (goal <= 0.9)"
     )
     print(
-        f"server event loop            {best['loop_cpu_us_per_pair']:7.0f} us/pair, {best['loop_cpu_us_per_image']:.0f} us/distinct image"
+        f"server event loop            {best['loop_cpu_us_per_pair']:7.0f} us/pair, "
+        f"{best['loop_cpu_us_per_image']:.0f} us/distinct image"
         "   (at this pass's load: --serial measures what one loop can answer)"
     )
     print(
-        f"wall                         {best['wall_pairs_per_s']:7.1f} pairs/s = {best['wall_pairs_per_s'] / stock_bound:.2f} of the stock bound ({stock_bound:.1f} pairs/s on {cores} cores)"
+        f"wall                         {best['wall_pairs_per_s']:7.1f} pairs/s = "
+        f"{best['wall_pairs_per_s'] / stock_bound:.2f} of the stock bound ({stock_bound:.1f} pairs/s on {cores} cores)"
     )
     print(
-        f"warm pass (all cached)       {best['warm_pairs_per_s']:7.0f} pairs/s, event loop {best['warm_loop_cpu_us_per_pair']:.0f} us/pair"
+        f"warm pass (all cached)       {best['warm_pairs_per_s']:7.0f} pairs/s, "
+        f"event loop {best['warm_loop_cpu_us_per_pair']:.0f} us/pair"
     )
     if args.profile is not None and args.profile.exists():
         print()
@@ -529,7 +544,11 @@ def main(argv: list[str] | None = None) -> int:
         report["drift"]["jpeg_draft"]["max_abs_pixel_values_diff"] = pixel_drift(checkpoint, distinct, draft_size)
         for name, drift in report["drift"].items():
             print(
-                f"drift {name:<10}: max |score diff| {drift['max_abs_score_diff']:.4f} (mean {drift['mean_abs_score_diff']:.4f}; scores span {drift['score_range'][0]:.2f}..{drift['score_range'][1]:.2f})"
+                (
+                    f"drift {name:<10}: max |score diff| {drift['max_abs_score_diff']:.4f} "
+                    f"(mean {drift['mean_abs_score_diff']:.4f}; "
+                    f"scores span {drift['score_range'][0]:.2f}..{drift['score_range'][1]:.2f})"
+                )
                 + (
                     f", max |pixel_values diff| {drift['max_abs_pixel_values_diff']:.3f}"
                     if "max_abs_pixel_values_diff" in drift

@@ -198,7 +198,8 @@ def main() -> None:
         growth = peak_rss_mb(proc.pid) - before if proc.poll() is None else float("nan")
         worst = max(latencies) if latencies else float("nan")
         print(
-            f"| {name} | {growth:+.0f} MB | {worst:.2f} s (median {statistics.median(latencies):.3f} s; answered in {seconds:.1f} s) | {health(address)} | {answer} |",
+            f"| {name} | {growth:+.0f} MB | {worst:.2f} s (median {statistics.median(latencies):.3f} s; "
+            f"answered in {seconds:.1f} s) | {health(address)} | {answer} |",
             flush=True,
         )
         time.sleep(6)  # a wedged forward may come back (new code), before the next row

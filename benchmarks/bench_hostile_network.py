@@ -187,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--address",
-        help="probe this running server instead of starting one (poisoning needs it run with --no-cache to show the worst case)",
+        help=(
+            "probe this running server instead of starting one (poisoning "
+            "needs it run with --no-cache to show the worst case)"
+        ),
     )
     parser.add_argument("--log", type=Path, help="the running server's text log, for the log-forging count")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "hostile_network.json")

@@ -102,7 +102,10 @@ INFINITY_PACKAGES = (
 )
 CLIPSERVE_PACKAGES = ("clipserve", "torch", "transformers", "openvino", "numpy", "pillow", "grpcio")
 # infinity 0.0.78's default INFINITY_MEDIA_URL_BLACKLIST without localhost and 127.0.0.0/8.
-MEDIA_BLACKLIST = "0.0.0.0/8;10.0.0.0/8;100.64.0.0/10;169.254.0.0/16;172.16.0.0/12;192.168.0.0/16;224.0.0.0/4;::/128;fc00::/7;fe80::/10;ff00::/8"
+MEDIA_BLACKLIST = (
+    "0.0.0.0/8;10.0.0.0/8;100.64.0.0/10;169.254.0.0/16;172.16.0.0/12;192.168.0.0/16;224.0.0.0/4;"
+    "::/128;fc00::/7;fe80::/10;ff00::/8"
+)
 SERVED_NAME = "clip"
 OUT = ROOT / "benchmarks" / "results" / "infinity.json"
 
@@ -383,7 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpoint",
         type=Path,
         default=None,
-        help="the checkpoint folder: reused if it holds one, built there if not (default: TMPDIR/clipserve-bench/ARCH-seedSEED)",
+        help=(
+            "the checkpoint folder: reused if it holds one, "
+            "built there if not (default: TMPDIR/clipserve-bench/ARCH-seedSEED)"
+        ),
     )
     parser.add_argument("--queries", "-Q", type=int, default=40)
     parser.add_argument("--per-query", "-K", type=int, default=25)
@@ -416,8 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--http",
         action="store_true",
-        help="compare image embeddings over HTTP instead: clipserve's POST /v1/embeddings against infinity's POST /embeddings, "
-        "every distinct image once, the same client for both (images/s; the sample's unit vectors must agree within --tolerance)",
+        help="compare image embeddings over HTTP instead: clipserve's POST /v1/embeddings against "
+        "infinity's POST /embeddings, every distinct image once, the same client for both (images/s; "
+        "the sample's unit vectors must agree within --tolerance)",
     )
     args = parser.parse_args(argv)
     if args.http and args.out == OUT:
@@ -440,10 +447,13 @@ def main(argv: list[str] | None = None) -> int:
     image_sample = sorted(random.Random(args.seed + 3).sample(urls, min(args.check_pairs, len(urls))))
     unit = "images/s" if args.http else "pairs/s"
     print(
-        f"workload: {len(pairs)} pairs, {len({q for q, _ in pairs})} queries, {len({u for _, u in pairs})} distinct images "
-        f"({sum(map(len, corpus.values())) / 1e6:.1f} MB corpus); checkpoint {checkpoint} (exp(logit_scale) {scale:.4f}, bias {bias})\n"
+        f"workload: {len(pairs)} pairs, {len({q for q, _ in pairs})} queries, "
+        f"{len({u for _, u in pairs})} distinct images "
+        f"({sum(map(len, corpus.values())) / 1e6:.1f} MB corpus); "
+        f"checkpoint {checkpoint} (exp(logit_scale) {scale:.4f}, bias {bias})\n"
         f"infinity {infinity_versions}\nclipserve {clipserve_versions}\n"
-        f"infinity: engine torch, cpu, {args.dtype}, batch size {args.batch_size}; {args.request_size} inputs a request, {args.concurrency} in flight",
+        f"infinity: engine torch, cpu, {args.dtype}, batch size {args.batch_size}; "
+        f"{args.request_size} inputs a request, {args.concurrency} in flight",
         flush=True,
     )
 
@@ -505,10 +515,16 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"run {run}: "
                 + ", ".join(
-                    f"{side} {samples[side][-1]:.1f} {unit} (load {loads[side][-1]:.2f}, start-up {startup[side][-1]:.1f} s)"
+                    (
+                        f"{side} {samples[side][-1]:.1f} {unit} (load {loads[side][-1]:.2f}, "
+                        f"start-up {startup[side][-1]:.1f} s)"
+                    )
                     for side in order
                 )
-                + f"; max |{'vector' if args.http else 'score'} difference| on {len(scores['clipserve'])} {'images' if args.http else 'pairs'} {diff:.2e}",
+                + (
+                    f"; max |{'vector' if args.http else 'score'} difference| on "
+                    f"{len(scores['clipserve'])} {'images' if args.http else 'pairs'} {diff:.2e}"
+                ),
                 flush=True,
             )
     finally:
@@ -520,18 +536,24 @@ def main(argv: list[str] | None = None) -> int:
     agree = max_diff <= args.tolerance
     print()
     print(
-        f"best of {args.repeat} (median in brackets), cold {unit}{' over HTTP (clipserve /v1/embeddings, infinity /embeddings)' if args.http else ''}; load average {min(all_loads):.2f}-{max(all_loads):.2f} on {os.cpu_count()} CPUs"
+        f"best of {args.repeat} (median in brackets), "
+        f"cold {unit}{' over HTTP (clipserve /v1/embeddings, infinity /embeddings)' if args.http else ''}; "
+        f"load average {min(all_loads):.2f}-{max(all_loads):.2f} on {os.cpu_count()} CPUs"
     )
     for side in ("clipserve", "infinity"):
         print(
-            f"  {side:<10} {best[side]:9.1f} ({median[side]:.1f})   runs: {', '.join(f'{v:.1f}' for v in samples[side])}; "
+            f"  {side:<10} {best[side]:9.1f} ({median[side]:.1f})   runs: "
+            f"{', '.join(f'{v:.1f}' for v in samples[side])}; "
             f"start-up {min(startup[side]):.1f} s; failed {'images' if args.http else 'pairs'} {failures[side]}"
         )
     print(
-        f"  clipserve / infinity: {best['clipserve'] / best['infinity']:.2f}x best, {median['clipserve'] / median['infinity']:.2f}x median ({'issue #35' if args.http else 'issue #22'} asks >= 1.3x)"
+        f"  clipserve / infinity: {best['clipserve'] / best['infinity']:.2f}x best, "
+        f"{median['clipserve'] / median['infinity']:.2f}x median "
+        f"({'issue #35' if args.http else 'issue #22'} asks >= 1.3x)"
     )
     print(
-        f"  {'vectors' if args.http else 'scores'} agree within {args.tolerance:g} on {len(scores['clipserve'])} {'images' if args.http else 'pairs'} every run: {'yes' if agree else 'NO'} (max difference {max_diff:.2e})"
+        f"  {'vectors' if args.http else 'scores'} agree within {args.tolerance:g} on {len(scores['clipserve'])} "
+        f"{'images' if args.http else 'pairs'} every run: {'yes' if agree else 'NO'} (max difference {max_diff:.2e})"
     )
     print(f"  clipserve ran: {clipserve_settings}")
     for side, error in first_error.items():

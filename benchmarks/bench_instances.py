@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             run = one_run(count, texts, args)
             runs[count].append(run)
             print(
-                f"  {count} instance(s): {run['texts_per_s']:.0f} texts/s (load {run['load']:.2f}), second pass {run['warm_texts_per_s']:.0f} texts/s "
+                f"  {count} instance(s): {run['texts_per_s']:.0f} texts/s (load {run['load']:.2f}), "
+                f"second pass {run['warm_texts_per_s']:.0f} texts/s "
                 f"with {run['second_pass_forwards']} forwards, busy {run['instances_busy']}",
                 flush=True,
             )
@@ -143,13 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     base = table[0]["texts_per_s"]
     print(
-        f"\n{'instances':>9}{'texts/s':>10}{'speed-up':>10}{'of ideal':>10}{'same vectors':>14}{'2nd from cache':>16}  runs (load)"
+        f"\n{'instances':>9}{'texts/s':>10}{'speed-up':>10}{'of ideal':>10}"
+        f"{'same vectors':>14}{'2nd from cache':>16}  runs (load)"
     )
     for row in table:
         row["speedup"] = round(row["texts_per_s"] / base, 2)
         runs_text = ", ".join(f"{r:.0f} ({load:.1f})" for r, load in zip(row["runs"], row["loads"]))
         print(
-            f"{row['instances']:>9}{row['texts_per_s']:>10.1f}{row['speedup']:>10.2f}{row['of_ideal'] or float('nan'):>10.2f}"
+            f"{row['instances']:>9}{row['texts_per_s']:>10.1f}{row['speedup']:>10.2f}"
+            f"{row['of_ideal'] or float('nan'):>10.2f}"
             f"{str(row['identical_vectors']):>14}{str(row['second_pass_from_cache']):>16}  {runs_text}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     model = f"fake:forward_ms={args.forward_ms:g},image_ms={args.image_ms:g}"
     capacity = args.batch / (args.forward_ms / 1000.0)
     print(
-        f"{args.rows} rows per run, each a new query; each replica {model}, batches of {args.batch}: at most {capacity:.0f} new queries/s",
+        f"{args.rows} rows per run, each a new query; "
+        f"each replica {model}, batches of {args.batch}: at most {capacity:.0f} new queries/s",
         flush=True,
     )
     ray.init(
@@ -161,10 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         table.append(row)
         print(
-            f"{name:<18}{best_rate:>9.1f}{', '.join(f'{r:.0f}' for r, _ in runs):>22}{row['vs_sdk']:>8.2f}{row['of_ideal']:>10.2f}{best_busy:>10.2f}"
+            f"{name:<18}{best_rate:>9.1f}{', '.join(f'{r:.0f}' for r, _ in runs):>22}"
+            f"{row['vs_sdk']:>8.2f}{row['of_ideal']:>10.2f}{best_busy:>10.2f}"
         )
     print(
-        f"\nthe Ray path on one replica: {ray_one / sdk:.2f} x the plain SDK's rows/s ({100 * (1 - ray_one / sdk):.0f}% less); a job of 8 rows takes {job_start_s:.2f} s (its actor pool's start); load average {min(loads):.1f}-{max(loads):.1f}"
+        f"\nthe Ray path on one replica: {ray_one / sdk:.2f} x the plain SDK's rows/s "
+        f"({100 * (1 - ray_one / sdk):.0f}% less); "
+        f"a job of 8 rows takes {job_start_s:.2f} s (its actor pool's start); "
+        f"load average {min(loads):.1f}-{max(loads):.1f}"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = vars(args) | {"out": str(args.out), "model": model}

@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     image.write_bytes(buffer.getvalue())
     capacity = args.batch / (args.forward_ms / 1000.0)
     print(
-        f"{args.pairs} pairs; each replica: batches of {args.batch} at {args.forward_ms:g} ms -> at most {capacity:.0f} pairs/s",
+        f"{args.pairs} pairs; each replica: "
+        f"batches of {args.batch} at {args.forward_ms:g} ms -> at most {capacity:.0f} pairs/s",
         flush=True,
     )
 
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             "shares": [round(s / args.pairs, 2) for s in best_shares],
         })
         print(
-            f"{count} replica(s): {best_rate:.1f} pairs/s (runs {', '.join(f'{r:.1f}' for r in rates)}), shares {table[-1]['shares']}",
+            f"{count} replica(s): {best_rate:.1f} pairs/s (runs "
+            f"{', '.join(f'{r:.1f}' for r in rates)}), shares {table[-1]['shares']}",
             flush=True,
         )
     base = table[0]["pairs_per_s"]
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in table:
         row["speedup"] = round(row["pairs_per_s"] / base, 2)
         print(
-            f"{row['replicas']:>8}{row['pairs_per_s']:>10.1f}{row['speedup']:>10.2f}{row['of_ideal']:>10.2f}  {row['shares']}"
+            f"{row['replicas']:>8}{row['pairs_per_s']:>10.1f}{row['speedup']:>10.2f}"
+            f"{row['of_ideal']:>10.2f}  {row['shares']}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "results": table}, indent=2))

@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline-dtype",
         default="float32",
         help="with a --dtype other than this: also a cold pass of the server "
-        "at this dtype (the default runtime), interleaved, its ratio and the score drift between the two ('none': skip)",
+        "at this dtype (the default runtime), interleaved, "
+        "its ratio and the score drift between the two ('none': skip)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
     parser.add_argument("--seed", type=int, default=0)
@@ -356,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     bounds = [*runtimes, "torch-eager"]
     print(
         f"workload: {len(pairs)} pairs, {args.queries} queries, {distinct_images} distinct images "
-        f"({sum(map(len, corpus.values())) / 1e6:.1f} MB corpus), {len(many_texts)} texts; device={args.device} dtype={args.dtype} "
+        f"({sum(map(len, corpus.values())) / 1e6:.1f} MB corpus), {len(many_texts)} texts; "
+        f"device={args.device} dtype={args.dtype} "
         f"runtimes={','.join(runtimes)} compile={args.compile}"
         + (f"; baseline {baseline_dtype} at --runtime auto" if baseline_dtype else ""),
         flush=True,
@@ -498,12 +500,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     if baseline_dtype:
         print(
-            f"{baseline_dtype} default cold pairs/s: {best[f'b_cold[{baseline_dtype}]']:.1f} ({median[f'b_cold[{baseline_dtype}]']:.1f})"
+            f"{baseline_dtype} default cold pairs/s: "
+            f"{best[f'b_cold[{baseline_dtype}]']:.1f} ({median[f'b_cold[{baseline_dtype}]']:.1f})"
         )
         worst = {k: (max if k.startswith("max") else min)(d[k] for d in drifts) for k in drifts[0]}
         print(
-            f"{args.dtype} against {baseline_dtype}, same pairs, worst of {len(drifts)} runs: max |score difference| / exp(logit_scale) "
-            f"{worst['max_abs_diff_over_scale']:.2e}; queries ranking their images in the same order {worst['queries_same_order']:.0%}, "
+            f"{args.dtype} against {baseline_dtype}, same pairs, "
+            f"worst of {len(drifts)} runs: max |score difference| / exp(logit_scale) "
+            f"{worst['max_abs_diff_over_scale']:.2e}; "
+            f"queries ranking their images in the same order {worst['queries_same_order']:.0%}, "
             f"the same first {worst['queries_same_top1']:.0%}; mean Kendall tau {worst['mean_kendall_tau']:.3f}"
         )
     report = {

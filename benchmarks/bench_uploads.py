@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     pairs = len(inputs)
     per_pair_naive = sum(Path(x.image_url).stat().st_size for x in inputs) / pairs
     print(
-        f"{pairs} pairs over {len(used)} local files ({size / 1e6:.1f} MB); uploading every pair would send {per_pair_naive / 1e3:.0f} kB/pair"
+        f"{pairs} pairs over {len(used)} local files ({size / 1e6:.1f} MB); "
+        f"uploading every pair would send {per_pair_naive / 1e3:.0f} kB/pair"
     )
 
     proc, address = serve("--model", "fake")
@@ -89,11 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         row["bytes_per_pair"] = row["upload_bytes"] / pairs
         row["of_files"] = row["upload_bytes"] / size
         print(
-            f"{name:<6}{row['bytes_per_pair'] / 1e3:>10.1f}{row['of_files']:>10.3f}{row['seconds']:>10.2f}{row['hash_seconds']:>11.3f}{row['resends']:>9}"
+            f"{name:<6}{row['bytes_per_pair'] / 1e3:>10.1f}{row['of_files']:>10.3f}{row['seconds']:>10.2f}"
+            f"{row['hash_seconds']:>11.3f}{row['resends']:>9}"
         )
     # The cold run sends every file once: hashing (once per file) must cost less than that.
     print(
-        f"\nhashing {size / 1e6:.0f} MB took {cold['hash_seconds']:.2f}s; the cold run, which uploads them, {cold['seconds']:.2f}s"
+        f"\nhashing {size / 1e6:.0f} MB took {cold['hash_seconds']:.2f}s; "
+        f"the cold run, which uploads them, {cold['seconds']:.2f}s"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(

@@ -285,7 +285,8 @@ def check(arch_spec: str, corpus: dict[str, bytes], base: str, scratch: Path, *,
 
     out["bound"] = model_bound(checkpoint, corpus, pairs, scratch / "bound-runtime-cache")
     say(
-        f"{arch_spec}: model-only bound {out['bound']['images_per_s']} images/s ({out['bound']['pairs_per_s']} pairs/s on this workload)"
+        f"{arch_spec}: model-only bound {out['bound']['images_per_s']} images/s "
+        f"({out['bound']['pairs_per_s']} pairs/s on this workload)"
     )
 
     exact = served(checkpoint, pairs, HALF, [], warm=True)
@@ -297,9 +298,12 @@ def check(arch_spec: str, corpus: dict[str, bytes], base: str, scratch: Path, *,
         "cold_fraction_of_image_bound": round(cold_images_per_s / out["bound"]["images_per_s"], 2),
     }
     say(
-        f"{arch_spec}: clipserve cold {exact['cold_pairs_per_s']:.1f} pairs/s = {out['clipserve']['cold_fraction_of_bound']} of the bound "
-        f"({cold_images_per_s:.0f} distinct images/s = {out['clipserve']['cold_fraction_of_image_bound']} of the images/s bound), "
-        f"GPU {exact['gpu_util_cold_pct']}% busy; warm {exact['warm_pairs_per_s']:.1f} pairs/s (server start {exact['start_s']}s)"
+        f"{arch_spec}: clipserve cold {exact['cold_pairs_per_s']:.1f} pairs/s = "
+        f"{out['clipserve']['cold_fraction_of_bound']} of the bound "
+        f"({cold_images_per_s:.0f} distinct images/s = "
+        f"{out['clipserve']['cold_fraction_of_image_bound']} of the images/s bound), "
+        f"GPU {exact['gpu_util_cold_pct']}% busy; "
+        f"warm {exact['warm_pairs_per_s']:.1f} pairs/s (server start {exact['start_s']}s)"
     )
 
     out["fp16_vs_fp32_max_abs_score_diff"] = precision_drift(checkpoint, corpus, pairs)
@@ -401,7 +405,8 @@ def runtime_step(first: dict, corpus: dict[str, bytes], scratch: Path, needs_s: 
     out: dict = {}
     out["torch"], eager_images, eager_texts = measure("torch")
     say(
-        f"{first['arch']}: runtime torch ({dtype}): {out['torch']['images_per_s']} images/s, {out['torch']['texts_per_s']} texts/s"
+        f"{first['arch']}: runtime torch ({dtype}): "
+        f"{out['torch']['images_per_s']} images/s, {out['torch']['texts_per_s']} texts/s"
     )
     for runtime in runtimes:
         if time_left() < needs_s:
@@ -422,9 +427,12 @@ def runtime_step(first: dict, corpus: dict[str, bytes], scratch: Path, needs_s: 
         }
         out[runtime] = result
         say(
-            f"{first['arch']}: runtime {runtime}: image tower in {result['image_runtime']}, text in {result['text_runtime']} (load {result['load_s']}s); "
-            f"{result['images_per_s']} images/s (x{result['images_speedup']}), {result['texts_per_s']} texts/s (x{result['texts_speedup']}); "
-            f"max relative feature diff vs eager: images {result['image_max_rel_diff']:.1e}, texts {result['text_max_rel_diff']:.1e}"
+            f"{first['arch']}: runtime {runtime}: image tower in {result['image_runtime']}, "
+            f"text in {result['text_runtime']} (load {result['load_s']}s); "
+            f"{result['images_per_s']} images/s (x{result['images_speedup']}), "
+            f"{result['texts_per_s']} texts/s (x{result['texts_speedup']}); "
+            "max relative feature diff vs eager: "
+            f"images {result['image_max_rel_diff']:.1e}, texts {result['text_max_rel_diff']:.1e}"
         )
     return out
 

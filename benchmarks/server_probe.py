@@ -95,7 +95,10 @@ def describe(report: dict) -> str:
         if seconds >= 0.005
     )
     batches = (
-        f"; {report['forwards']} forwards, mean batch {report['mean_batch']}, model threads busy {report['model_busy']:.0%} of the wall"
+        (
+            f"; {report['forwards']} forwards, mean batch {report['mean_batch']}, "
+            f"model threads busy {report['model_busy']:.0%} of the wall"
+        )
         if "forwards" in report
         else ""
     )

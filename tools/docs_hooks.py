@@ -95,7 +95,8 @@ def config_reference() -> str:
         default = field.default if field.default is not MISSING else field.default_factory()  # type: ignore[misc]
         default_cell = "—" if default in ("", (), None) else f"`{', '.join(default) if kind is tuple else default}`"
         lines.append(
-            f"| {flag_cell} | {env} | `{field.name}` | {_cell(default_cell)} | {_cell(field.metadata.get('help', ''))} |"
+            f"| {flag_cell} | {env} | `{field.name}` | {_cell(default_cell)} "
+            f"| {_cell(field.metadata.get('help', ''))} |"
         )
     return "\n".join(lines)
 

@@ -330,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument(
         "--retry-failed",
         action="store_true",
-        help="re-score, in the output file, the rows whose score is null or missing; every other row stays byte for byte",
+        help=(
+            "re-score, in the output file, the rows whose score is null or missing; every other row stays byte for byte"
+        ),
     )
     score_file.add_argument(
         "--chunk-size",
@@ -388,7 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot",
         default=None,
         metavar="PNG",
-        help="also chart the output: how alike the vectors are, their lengths, failures by code (needs clipserve[plot])",
+        help=(
+            "also chart the output: how alike the vectors are, their lengths, failures by code "
+            "(needs clipserve[plot])"
+        ),
     )
     embed_file.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_address(embed_file)

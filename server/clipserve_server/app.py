@@ -118,7 +118,8 @@ class ClipServer:
         alias = self.config.resolved_v2_alias
         if self.config.v2_alias and not alias:
             log.warning(
-                "a model is named %r, so the Open Inference Protocol serves it under that name with the batch signature; "
+                "a model is named %r, so the Open Inference Protocol "
+                "serves it under that name with the batch signature; "
                 "set --v2-alias to another name for the Triton CLIP signature",
                 self.config.v2_alias,
             )

@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         action="append",
         default=None,
-        help="clipserve.toml ([server], [models.NAME]) or the benchmark maker's config.toml (its [similarity_config] model, "
-        f"device, torch_dtype); repeatable, later files win (env: {ENV_PREFIX}CONFIG)",
+        help="clipserve.toml ([server], [models.NAME]) or the benchmark maker's config.toml "
+        f"(its [similarity_config] model, device, torch_dtype); repeatable, later files win (env: {ENV_PREFIX}CONFIG)",
     )
     for field in fields(ServerConfig):
         flag = "--" + field.name.replace("_", "-")

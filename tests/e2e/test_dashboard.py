@@ -75,7 +75,10 @@ def metrics_and_labels(promql: str) -> tuple[set[str], set[str]]:
 
 def test_the_promql_reader_finds_metrics_and_labels():
     """The reader the dashboard test relies on: metrics, not functions, keywords or variables."""
-    expr = 'histogram_quantile(0.95, sum by (le, model) (rate(a_bucket{model=~"$model", code!="x{y}"}[$__rate_interval]))) / on (model) b'
+    expr = (
+        'histogram_quantile(0.95, sum by (le, model) (rate(a_bucket{model=~"$model", '
+        'code!="x{y}"}[$__rate_interval]))) / on (model) b'
+    )
     assert metrics_and_labels(expr) == ({"a_bucket", "b"}, {"le", "model", "code"})
 
 
@@ -130,7 +133,8 @@ def test_every_dashboard_query_names_metrics_and_labels_the_server_exports(expor
     assert names, f"{where}: no metric in {promql}"
     for name in sorted(names):
         assert name in exported, (
-            f"{where}: the server exports no {name} (it has {', '.join(sorted(n for n in exported if n.startswith('clipserve')))})"
+            f"{where}: the server exports no {name} (it has "
+            f"{', '.join(sorted(n for n in exported if n.startswith('clipserve')))})"
         )
         missing = (
             labels - exported[name] - _TARGET_LABELS - {"le"}

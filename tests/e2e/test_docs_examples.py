@@ -3,7 +3,8 @@ against real servers on the synthetic checkpoint, or says why it cannot (``no-ru
 
 The substitutions, which docs/development.md documents for authors of examples:
 ``localhost:50051`` (and ``$CLIPSERVE_ADDRESS``) is the test's first server, ``localhost:50052``
-its second, ``localhost:51051`` and ``localhost:51052`` their HTTP faces; ``https://example.com/NAME`` an image on the loopback image host, and any URL under
+its second, ``localhost:51051`` and ``localhost:51052`` their HTTP faces;
+``https://example.com/NAME`` an image on the loopback image host, and any URL under
 ``https://example.com/missing/`` a 404; ``dns:///clipserve.default.svc.cluster.local:50051``
 both servers (a stand-in for the system resolver answers that name); ``dog.jpg``, ``cat.png``,
 and ``qrels.jsonl`` with ``images.jsonl`` (three pairs over those two images) are in each

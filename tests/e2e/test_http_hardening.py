@@ -135,7 +135,8 @@ def test_a_body_that_stops_arriving_is_408_and_an_idle_connection_closed(make_fa
     server = make_fake_server(http_idle_timeout_s=0.5)
     with socket.create_connection(("127.0.0.1", server.server.http_port), timeout=60) as sock:
         sock.sendall(
-            b'POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"input":'
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"input":'
         )
         reply = sock.recv(4096)  # the server answers on its own: the client never finishes
     assert reply.startswith(b"HTTP/1.1 408")

@@ -59,7 +59,8 @@ def test_metrics_describe_traffic_batches_caches_and_failures(make_fake_server, 
         samples["clipserve_upload_bytes_total"] == 2 * path.stat().st_size
     )  # the batch's upload (once), then the unary call's
     assert (
-        'clipserve_model_info{backend="fake",compiled="false",device="cpu",dtype="float32",embedding_dim="16",model="default",model_id="fake"} 1.0'
+        'clipserve_model_info{backend="fake",compiled="false",device="cpu",dtype="float32",'
+        'embedding_dim="16",model="default",model_id="fake"} 1.0'
         in text
     )
     assert 'clipserve_item_latency_seconds_count{model="default",rpc="ScoreChunks"}' in samples

@@ -80,7 +80,8 @@ def page_file(bench: Benchmark) -> Path:
 def browser() -> Iterator:
     if chromium_path() is None:
         pytest.skip(
-            "chromium is not installed (apt-get install chromium; .ci/run installs it): the report page's browser tests need it"
+            "chromium is not installed (apt-get install chromium; "
+            ".ci/run installs it): the report page's browser tests need it"
         )
     with sync_playwright() as playwright:
         browser = launch(playwright)
@@ -151,7 +152,10 @@ def test_the_page_loads_without_a_script_error_and_shows_sklearns_figures(opened
     assert page.inner_text("#mrr") == f"{sum(r for _, r, _ in want.values()) / len(want):.3f}"
     shown = page.eval_on_selector_all(
         "#queries tbody tr",
-        "rows => rows.map(r => [r.dataset.query, r.querySelector('.ndcg').innerText, r.querySelector('.rr').innerText])",
+        (
+            "rows => rows.map(r => [r.dataset.query, "
+            "r.querySelector('.ndcg').innerText, r.querySelector('.rr').innerText])"
+        ),
     )
     assert {query: (ndcg, rr) for query, ndcg, rr in shown} == {
         q: (f"{n:.3f}", f"{r:.3f}") for q, (n, r, _) in want.items()
@@ -222,7 +226,10 @@ def test_a_query_shows_its_images_in_score_order_with_score_and_label(opened, be
     page.click("#queries tbody tr[data-query='q0004']")
     cards = page.eval_on_selector_all(
         "#q-images .card",
-        "cards => cards.map(c => [c.dataset.image, Number(c.dataset.score), Number(c.dataset.label), c.classList.contains('rel'), c.querySelector('.score').innerText, !!c.querySelector('.flag')])",
+        (
+            "cards => cards.map(c => [c.dataset.image, Number(c.dataset.score), Number(c.dataset.label), "
+            "c.classList.contains('rel'), c.querySelector('.score').innerText, !!c.querySelector('.flag')])"
+        ),
     )
     rows = sorted((r for r in bench.rows if r["query_id"] == "q0004"), key=lambda r: -r["clip_score"])
     assert [(c[0], c[1], c[2]) for c in cards] == [(r["image_id"], r["clip_score"], r["relevance_label"]) for r in rows]
@@ -410,7 +417,8 @@ def test_the_page_is_written_without_torch_numpy_pillow_or_sklearn(bench, tmp_pa
     code = BLOCK_TORCH + (
         "sys.modules['sklearn'] = None\n"
         "from clipserve.cli import main\n"
-        f"sys.exit(main(['report', {str(bench.scored)!r}, '--images', {str(bench.images)!r}, '-o', {str(tmp_path / 'x.html')!r}]))"
+        f"sys.exit(main(['report', {str(bench.scored)!r}, '--images', "
+        f"{str(bench.images)!r}, '-o', {str(tmp_path / 'x.html')!r}]))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

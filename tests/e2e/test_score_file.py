@@ -392,7 +392,11 @@ def test_retry_failed_can_add_an_error_column_to_a_csv(fake_server, tmp_path, im
     with path.open(newline="") as fh:
         score = list(csv.DictReader(fh))[1]["clip_score"]
     assert float(score) == pytest.approx(expected_scores(fake_server.address, [("a cat", late_url)])[0], abs=1e-4)
-    expected = f"query_text,image_url,clip_score,why\r\na dog,{image_host.url('img/photo0.png')},1.25,\r\na cat,{late_url},{score},\r\n"
+    expected = (
+        "query_text,image_url,clip_score,why\r\n"
+        f"a dog,{image_host.url('img/photo0.png')},1.25,\r\n"
+        f"a cat,{late_url},{score},\r\n"
+    )
     assert path.read_bytes() == expected.encode()  # a kept row only gains the empty cell
 
 
@@ -417,7 +421,8 @@ def test_a_parquet_run_where_every_pair_failed_still_has_a_float_score_column(fa
 def test_retry_failed_with_every_row_scored_writes_nothing_and_needs_no_server(tmp_path):
     path = tmp_path / "scored.jsonl"
     path.write_text(
-        '{"query_text": "a dog", "image_id": "im0", "clip_score": 1.5}\n{"query_text": "a cat", "image_id": "im1", "clip_score": NaN}\n'
+        '{"query_text": "a dog", "image_id": "im0", "clip_score": 1.5}\n'
+        '{"query_text": "a cat", "image_id": "im1", "clip_score": NaN}\n'
     )
     before = path.stat()
     done = run_cli("--retry-failed", "-o", str(path), "--address", "127.0.0.1:9")

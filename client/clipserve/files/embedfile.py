@@ -57,7 +57,10 @@ class EmbedSummary:
         rate = done / self.seconds if self.seconds > 0 else 0.0
         skipped = f", {self.skipped} embedded before" if self.skipped else ""
         lines = [
-            f"{self.output}: {self.total} rows: {self.tally.ok} embedded, {self.tally.failed} failed{skipped}; {done} in {self.seconds:.1f}s ({rate:.1f}/s)"
+            (
+                f"{self.output}: {self.total} rows: {self.tally.ok} embedded, {self.tally.failed} failed{skipped}; "
+                f"{done} in {self.seconds:.1f}s ({rate:.1f}/s)"
+            )
         ]
         if self.tally.failed:
             lines.append(f"{self.tally.failed} failed: {self.tally.reasons()}")

@@ -160,10 +160,16 @@ class Summary:
         rate = scored / self.seconds if self.seconds > 0 else 0.0
         pace = f"{scored} pairs in {self.seconds:.1f}s ({rate:.1f} pairs/s)"
         if self.retry:
-            head = f"{self.output}: {self.total} rows, {scored} without a score re-scored: {self.tally.ok} scored, {self.tally.failed} still failed (score null); {pace}"
+            head = (
+                f"{self.output}: {self.total} rows, {scored} without a score re-scored: "
+                f"{self.tally.ok} scored, {self.tally.failed} still failed (score null); {pace}"
+            )
         else:
             skipped = f", {self.skipped} already scored" if self.skipped else ""
-            head = f"{self.output}: {self.total} rows: {self.tally.ok} scored, {self.tally.failed} failed (score null){skipped}; {pace}"
+            head = (
+                f"{self.output}: {self.total} rows: {self.tally.ok} scored, "
+                f"{self.tally.failed} failed (score null){skipped}; {pace}"
+            )
         lines = [head]
         if self.tally.failed:
             lines.append(f"{self.tally.failed} failed: {self.tally.reasons()}")
@@ -217,7 +223,8 @@ def _check_resumable(existing: list[dict[str, Any]], rows: list[dict[str, Any]],
         for column in (job.column_query, job.column_image_id):
             if str(done.get(column)) != str(row.get(column)):
                 raise RunFailed(
-                    f"{job.output} row {number} does not match {job.qrels} ({column}): cannot resume; remove the output or drop --resume"
+                    f"{job.output} row {number} does not match {job.qrels} ({column}): cannot resume; "
+                    "remove the output or drop --resume"
                 )
 
 

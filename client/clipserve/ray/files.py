@@ -40,7 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--ray-address",
         default=None,
-        help="the Ray cluster to join: 'auto' (the one this machine is part of), host:port, ray://... (default: $RAY_ADDRESS, else a Ray started for this run)",
+        help=(
+            "the Ray cluster to join: 'auto' (the one this machine is part of), "
+            "host:port, ray://... (default: $RAY_ADDRESS, else a Ray started for this run)"
+        ),
     )
     group.add_argument(
         "--ray-replicas",

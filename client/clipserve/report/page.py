@@ -32,7 +32,10 @@ class ReportSummary:
     thumbnails: str | None = None  # the thumbnails' line, when asked for
 
     def lines(self) -> list[str]:
-        line = f"report: {self.output} ({self.queries} queries, {self.pairs} scored pairs; mean NDCG {self.mean_ndcg}, MRR {self.mean_rr})"
+        line = (
+            f"report: {self.output} ({self.queries} queries, {self.pairs} scored pairs; "
+            f"mean NDCG {self.mean_ndcg}, MRR {self.mean_rr})"
+        )
         lines = [line]
         if self.left_out:
             lines.append(f"{self.left_out} rows without a score or a label are left out of the measures")

@@ -459,7 +459,10 @@ class _Worker:
                 future.set_exception(
                     ItemError(
                         ErrorKind.INVALID_INPUT,
-                        f"decoding this image took longer than the {self._decode_timeout_s:g}s budget (--decode-timeout-s)",
+                        (
+                            "decoding this image took longer than the "
+                            f"{self._decode_timeout_s:g}s budget (--decode-timeout-s)"
+                        ),
                     )
                 )
             elif slot == culprit:

@@ -12,8 +12,9 @@ instead of pushing them through pipes (measured: ~0.8 ms of its CPU per photo wi
 
 A URL comes alone: the worker downloads it itself, with the server's own ``ImageFetcher``
 (address guard, redirects, size cap, budget, retries, its share of each host's connections), so
-the server's event loop spends nothing on the download. Downloads run concurrently on the worker's event loop; decoding runs on it one image
-at a time, so a slow download holds only its own slot, never the decoder.
+the server's event loop spends nothing on the download. Downloads run concurrently on the
+worker's event loop; decoding runs on it one image at a time, so a slow download holds only its
+own slot, never the decoder.
 """
 
 from __future__ import annotations

@@ -62,7 +62,10 @@ def check_size(width: int, height: int, *, max_pixels: int, limits: ImageLimits,
     if short < 1 or long / short > limits.max_aspect_ratio:
         raise refuse(
             name,
-            f"{width}x{height} has an aspect ratio of {long / max(short, 1):g}, over the {limits.max_aspect_ratio:g}:1 limit (--max-image-aspect-ratio)",
+            (
+                f"{width}x{height} has an aspect ratio of {long / max(short, 1):g}, "
+                f"over the {limits.max_aspect_ratio:g}:1 limit (--max-image-aspect-ratio)"
+            ),
         )
 
 
@@ -74,7 +77,11 @@ def check_jpeg_work(data: bytes, width: int, height: int, *, max_pixels: int, li
     if passes > limits.max_jpeg_scan_passes:
         raise refuse(
             name,
-            f"the JPEG's {scans} scans of {width}x{height} pixels are {passes:.0f} passes over an image at the {max_pixels}-pixel limit, over the {limits.max_jpeg_scan_passes:g}-pass limit (--max-jpeg-scan-passes)",
+            (
+                f"the JPEG's {scans} scans of {width}x{height} pixels are "
+                f"{passes:.0f} passes over an image at the {max_pixels}-pixel limit, "
+                f"over the {limits.max_jpeg_scan_passes:g}-pass limit (--max-jpeg-scan-passes)"
+            ),
         )
 
 

@@ -62,8 +62,8 @@ class Batcher:
     ) -> None:
         """``instances``: the model's forward workers; ``forward_timeout_s``: how long a forward
         may run before its instance counts as wedged (0: forever); ``on_dead``: told when the
-        batcher can take no more work; ``on_batch``: (items, seconds) after each successful forward; ``on_alive``: told when it
-        serves again after a wedged forward finished."""
+        batcher can take no more work; ``on_batch``: (items, seconds) after each successful
+        forward; ``on_alive``: told when it serves again after a wedged forward finished."""
         self._instances = instances
         self._forward_timeout_s = forward_timeout_s or None
         self._max_batch_size = max_batch_size
@@ -195,8 +195,10 @@ class Batcher:
             self._died(
                 instance,
                 WedgedError(
-                    f"a forward pass has been running for over {self._forward_timeout_s:g}s (--forward-timeout-s): health is NOT_SERVING "
-                    "until it finishes, and turns SERVING again by itself if it does; if it never does, restart the server"
+                    f"a forward pass has been running for over {self._forward_timeout_s:g}s "
+                    "(--forward-timeout-s): health is NOT_SERVING "
+                    "until it finishes, and turns SERVING again by itself if it does; "
+                    "if it never does, restart the server"
                 ),
                 recoverable=True,
             )
@@ -215,7 +217,8 @@ class Batcher:
                 self._died(
                     instance,
                     InstanceDied(
-                        f"model instance {instance.index} on {instance.device or 'its device'} died: {type(exc).__name__}: {exc}"
+                        f"model instance {instance.index} on {instance.device or 'its device'} died: "
+                        f"{type(exc).__name__}: {exc}"
                     ),
                 )
                 return

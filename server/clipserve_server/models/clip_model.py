@@ -134,7 +134,8 @@ class HFClipModel(TorchTowersModel):
     def device_jpeg_decoder(self) -> BatchDecodeFn:
         if self._device.type != "cuda":
             raise RuntimeError(
-                f"--gpu-decode decodes on the model's CUDA device, but the model is on {self._device}: use --device cuda"
+                "--gpu-decode decodes on the model's CUDA device, "
+                f"but the model is on {self._device}: use --device cuda"
             )
         if isinstance(self._pipeline, NaFlexPipeline):
             raise RuntimeError(

@@ -37,7 +37,10 @@ class TooManyItems(ItemError):
     def __init__(self, limit: int) -> None:
         super().__init__(
             ErrorKind.INVALID_INPUT,
-            f"the message has more than {limit} items, over the limit of one message (--max-items-per-message {limit}); send them in several",
+            (
+                f"the message has more than {limit} items, "
+                f"over the limit of one message (--max-items-per-message {limit}); send them in several"
+            ),
         )
 
 

@@ -81,11 +81,13 @@ def read_inputs(request: Any, specs: Sequence[TensorSpec], model: str, *, max_it
             or min(shape, default=0) < 0
         ):
             raise invalid(
-                f"input {tensor.name!r} has shape {_shape(shape)}; model {model!r} takes {_shape(spec.shape)} (-1: any size)"
+                f"input {tensor.name!r} has shape {_shape(shape)}; "
+                f"model {model!r} takes {_shape(spec.shape)} (-1: any size)"
             )
         if spec.shape == (-1,) and shape[0] > max_items:
             raise invalid(
-                f"input {tensor.name!r} has {shape[0]} elements, over the {max_items}-item limit of one call (--max-items-per-message {max_items}); send them in several calls"
+                f"input {tensor.name!r} has {shape[0]} elements, over the {max_items}-item limit "
+                f"of one call (--max-items-per-message {max_items}); send them in several calls"
             )
         arrays[tensor.name] = _array(tensor, raw[index] if raw else None, shape)
     return arrays
@@ -100,7 +102,8 @@ def _array(tensor: Any, raw: bytes | None, shape: tuple[int, ...]) -> np.ndarray
     if tensor.datatype == "BYTES":
         if raw is None and len(tensor.contents.bytes_contents) != count:  # counted before it is copied out
             raise invalid(
-                f"input {name!r} has {len(tensor.contents.bytes_contents)} elements; its shape {_shape(shape)} needs {count}"
+                f"input {name!r} has {len(tensor.contents.bytes_contents)} elements; "
+                f"its shape {_shape(shape)} needs {count}"
             )
         values = _unpack_bytes(raw, name, count) if raw is not None else list(tensor.contents.bytes_contents)
         array = np.empty(len(values), dtype=object)
@@ -109,7 +112,8 @@ def _array(tensor: Any, raw: bytes | None, shape: tuple[int, ...]) -> np.ndarray
         width = np.dtype(dtype).itemsize
         if len(raw) != count * width:
             raise invalid(
-                f"input {name!r}: {len(raw)} bytes of {tensor.datatype} for shape {_shape(shape)}, which needs {count * width}"
+                f"input {name!r}: {len(raw)} bytes of {tensor.datatype} for shape {_shape(shape)}, "
+                f"which needs {count * width}"
             )
         array = np.frombuffer(raw, dtype=dtype)
     else:

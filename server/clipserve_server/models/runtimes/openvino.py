@@ -24,8 +24,9 @@ within ~2e-6 relative (docs/runtimes.md), and it needs no C++ compiler at run ti
   native bf16 runs the hint at float32 (``native_bf16``; select.py says so in the log).
 - Threads: one stream (``PERFORMANCE_HINT=LATENCY``: each forward uses its threads, as torch's
   does) on as many threads as a torch model thread gets (with ``--instances``, each instance's
-  share of the cores), so decode threads and the forward share the cores as they do with torch. Several threads may call the runner at once (``--instances``):
-  each has its own infer request (OpenVINO's requests are not thread-safe; the compiled model is).
+  share of the cores), so decode threads and the forward share the cores as they do with torch.
+  Several threads may call the runner at once (``--instances``): each has its own infer request
+  (OpenVINO's requests are not thread-safe; the compiled model is).
 """
 
 from __future__ import annotations

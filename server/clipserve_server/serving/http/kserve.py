@@ -97,7 +97,8 @@ def _infer_request(model: str, header: dict[str, Any], binary: bytes) -> Any:
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise invalid(
-                    f"input {name!r}: binary_data_size {size!r}, but {len(binary) - offset} bytes of binary data are left"
+                    f"input {name!r}: binary_data_size {size!r}, "
+                    f"but {len(binary) - offset} bytes of binary data are left"
                 )
             request.raw_input_contents.append(binary[offset : offset + size])
             offset += size

@@ -44,7 +44,8 @@ def routes(registry: ModelRegistry, metrics: Metrics) -> list[web.RouteDef]:
         dimension = engine.description.embedding_dim
         if body.get("dimensions") not in (None, dimension):
             raise invalid(
-                f"dimensions: the model {name!r} gives {dimension}-dimensional embeddings only; omit dimensions or give {dimension}",
+                f"dimensions: the model {name!r} gives {dimension}-dimensional embeddings only; "
+                f"omit dimensions or give {dimension}",
                 "dimensions",
             )
         modality = body.get("modality") or "text"

@@ -100,8 +100,24 @@ def start_profile(pid: int, out: Path) -> subprocess.Popen | None:
     if spy is None:
         print("--profile: py-spy is not on PATH; no profile", flush=True)
         return None
-    return subprocess.Popen([spy, "record", "--pid", str(pid), "--threads", "--format", "raw", "--rate", "100", "--nonblocking", "-o", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--threads",
+            "--format",
+            "raw",
+            "--rate",
+            "100",
+            "--nonblocking",
+            "-o",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def print_profile(raw: Path, top: int = 25) -> None:
@@ -117,7 +133,11 @@ def print_profile(raw: Path, top: int = 25) -> None:
         for frame in {re.sub(r":\d+\)", ")", f) for f in frames[1:]}:
             inclusive[frame] = inclusive.get(frame, 0) + int(count)
     print(f"event-loop profile ({total} samples), inclusive, below the loop itself:")
-    below = [kv for kv in inclusive.items() if "_run_once" not in kv[0] and kv[1] < inclusive.get("BaseEventLoop._run_once (asyncio/base_events.py)", total)]
+    below = [
+        kv
+        for kv in inclusive.items()
+        if "_run_once" not in kv[0] and kv[1] < inclusive.get("BaseEventLoop._run_once (asyncio/base_events.py)", total)
+    ]
     for frame, count in sorted(below, key=lambda kv: -kv[1])[:top]:
         print(f"  {count / max(total, 1) * 100:5.1f}%  {frame}")
 
@@ -135,7 +155,14 @@ def measured_batch(clip, pid: int, metrics_port: int | None, inputs: list) -> tu
     return results, wall, probe.report(wall)
 
 
-def server_pass(checkpoint: Path, pairs: list[tuple[str, str]], args: argparse.Namespace, extra: list[str], *, profile: Path | None = None) -> dict:
+def server_pass(
+    checkpoint: Path,
+    pairs: list[tuple[str, str]],
+    args: argparse.Namespace,
+    extra: list[str],
+    *,
+    profile: Path | None = None,
+) -> dict:
     """One cold pass through a fresh server; its CPU, its loop's CPU, each part's CPU, wall
     time and the scores (and a py-spy profile of the pass into ``profile``)."""
     import clipserve
@@ -148,7 +175,9 @@ def server_pass(checkpoint: Path, pairs: list[tuple[str, str]], args: argparse.N
         with clipserve.CLIP(address) as clip:
             spy = start_profile(proc.pid, profile) if profile else None
             results, wall, report = measured_batch(clip, proc.pid, metrics_port, inputs)
-            _, warm_wall, warm = measured_batch(clip, proc.pid, None, inputs)  # the same pairs again: every embedding cached
+            _, warm_wall, warm = measured_batch(
+                clip, proc.pid, None, inputs
+            )  # the same pairs again: every embedding cached
             warm_loop_s = warm["cpu_s"]["event loop"]
     finally:
         if spy is not None:
@@ -159,8 +188,14 @@ def server_pass(checkpoint: Path, pairs: list[tuple[str, str]], args: argparse.N
     parts = report["cpu_s"]
     server_cpu = sum(v for k, v in parts.items() if k != BENCHMARK_PART)
     return {
-        "cpu_s": server_cpu, "loop_s": parts["event loop"], "wall_s": wall, "parts": parts, "report": report, "scores": np.array([r.score for r in results]),
-        "warm_loop_s": warm_loop_s, "warm_wall_s": warm_wall,
+        "cpu_s": server_cpu,
+        "loop_s": parts["event loop"],
+        "wall_s": wall,
+        "parts": parts,
+        "report": report,
+        "scores": np.array([r.score for r in results]),
+        "warm_loop_s": warm_loop_s,
+        "warm_wall_s": warm_wall,
     }
 
 
@@ -177,7 +212,9 @@ def pixel_drift(checkpoint: Path, images: list[bytes], draft_size: tuple[int, in
     worst = 0.0
     for data in images:
         exact, fast = (
-            pipeline.normalize(torch.from_numpy(pipeline(decode_image(data, max_pixels=10**9, name="x", draft_size=size))).unsqueeze(0))
+            pipeline.normalize(
+                torch.from_numpy(pipeline(decode_image(data, max_pixels=10**9, name="x", draft_size=size))).unsqueeze(0)
+            )
             for size in (None, draft_size)
         )
         worst = max(worst, float((exact - fast).abs().max()))
@@ -223,10 +260,26 @@ def scaling(checkpoint: Path, images: list[bytes], loop_us: float) -> list[dict]
     for spin_us in (0.0, loop_us):
         for kind, workers in (("threads", 1), ("threads", 2), ("processes", 1), ("processes", 2)):
             fetch = FetchSettings.of(ServerConfig(max_image_bytes=64 << 20))
-            decoder = ThreadDecoder([job], workers) if kind == "threads" else ProcessDecoder([job], workers, max_image_bytes=64 << 20, fetch=fetch, events=FetchTally())
+            decoder = (
+                ThreadDecoder([job], workers)
+                if kind == "threads"
+                else ProcessDecoder([job], workers, max_image_bytes=64 << 20, fetch=fetch, events=FetchTally())
+            )
             rate, loop_cpu = asyncio.run(drive(decoder, spin_us / 1e6))
-            rows.append({"pool": kind, "workers": workers, "loop_busy_us_per_image": spin_us, "images_per_s": round(rate, 1), "loop_cpu_us_per_image": round(loop_cpu * 1e6)})
-            print(f"  {kind:<9} x{workers}  loop +{spin_us:>4.0f} us/image: {rate:6.1f} images/s, this process's loop {loop_cpu * 1e6:5.0f} us/image", flush=True)
+            rows.append(
+                {
+                    "pool": kind,
+                    "workers": workers,
+                    "loop_busy_us_per_image": spin_us,
+                    "images_per_s": round(rate, 1),
+                    "loop_cpu_us_per_image": round(loop_cpu * 1e6),
+                }
+            )
+            print(
+                f"  {kind:<9} x{workers}  loop +{spin_us:>4.0f} us/image: "
+                f"{rate:6.1f} images/s, this process's loop {loop_cpu * 1e6:5.0f} us/image",
+                flush=True,
+            )
     return rows
 
 
@@ -243,11 +296,24 @@ def serial_pass(pairs: list[tuple[str, str]], window: int, model: str = "fake") 
     import clipserve
 
     metrics_port = free_port()
-    proc, address = serve("--model", model, "--allow-private-networks", "--decode-pool", "processes", "--max-batch-size", "256",
-                          "--stream-max-in-flight", str(window), "--metrics-port", str(metrics_port))
+    proc, address = serve(
+        "--model",
+        model,
+        "--allow-private-networks",
+        "--decode-pool",
+        "processes",
+        "--max-batch-size",
+        "256",
+        "--stream-max-in-flight",
+        str(window),
+        "--metrics-port",
+        str(metrics_port),
+    )
     try:
         with clipserve.CLIP(address) as clip:  # keeps outstanding what the server reads ahead
-            _, wall, report = measured_batch(clip, proc.pid, metrics_port, [clipserve.SimilarityInput(q, u) for q, u in pairs])
+            _, wall, report = measured_batch(
+                clip, proc.pid, metrics_port, [clipserve.SimilarityInput(q, u) for q, u in pairs]
+            )
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -270,20 +336,40 @@ def serial(rounds: int, images: int, window: int, seed: int, model: str = "fake"
             for per_image, pairs in workloads.items():
                 run = serial_pass(pairs, window, model)
                 distinct = len({u for _, u in pairs})
-                row = {"pairs": len(pairs), "images": distinct, "loop_us_per_image": run["loop_s"] / distinct * 1e6, "loop_us_per_pair": run["loop_s"] / len(pairs) * 1e6,
-                       "images_per_s": distinct / run["wall_s"], "loop_busy": run["loop_s"] / run["wall_s"]}
-                print(f"  round {round_}, {per_image} pair(s)/image: {row['images']} images in {run['wall_s']:.2f} s ({row['images_per_s']:.0f} images/s), "
-                      f"event loop {row['loop_us_per_image']:.0f} us/image = {row['loop_us_per_pair']:.0f} us/pair, busy {row['loop_busy']:.0%}; {describe(run['report'])}", flush=True)
+                row = {
+                    "pairs": len(pairs),
+                    "images": distinct,
+                    "loop_us_per_image": run["loop_s"] / distinct * 1e6,
+                    "loop_us_per_pair": run["loop_s"] / len(pairs) * 1e6,
+                    "images_per_s": distinct / run["wall_s"],
+                    "loop_busy": run["loop_s"] / run["wall_s"],
+                }
+                print(
+                    f"  round {round_}, {per_image} pair(s)/image: "
+                    f"{row['images']} images in {run['wall_s']:.2f} s ({row['images_per_s']:.0f} images/s), "
+                    f"event loop {row['loop_us_per_image']:.0f} us/image = {row['loop_us_per_pair']:.0f} us/pair, "
+                    f"busy {row['loop_busy']:.0%}; {describe(run['report'])}",
+                    flush=True,
+                )
                 if per_image not in best or row["loop_us_per_image"] < best[per_image]["loop_us_per_image"]:
                     best[per_image] = row
     finally:
         host.shutdown()
-    per_pair = (best[5]["loop_us_per_image"] - best[1]["loop_us_per_image"]) / (best[5]["pairs"] / best[5]["images"] - 1)
+    per_pair = (best[5]["loop_us_per_image"] - best[1]["loop_us_per_image"]) / (
+        best[5]["pairs"] / best[5]["images"] - 1
+    )
     per_image = best[1]["loop_us_per_image"] - per_pair
     for n, row in best.items():
-        print(f"serial part, {n} pair(s)/image: {row['loop_us_per_image']:.0f} us of event loop per image -> one loop answers at most {1e6 / row['loop_us_per_image']:.0f} images/s")
+        print(
+            f"serial part, {n} pair(s)/image: {row['loop_us_per_image']:.0f} us of event loop "
+            f"per image -> one loop answers at most {1e6 / row['loop_us_per_image']:.0f} images/s"
+        )
     print(f"  split: {per_image:.0f} us per distinct image + {per_pair:.0f} us per pair")
-    return {"best": {str(k): {kk: round(vv, 3) for kk, vv in v.items()} for k, v in best.items()}, "us_per_image": round(per_image, 1), "us_per_pair": round(per_pair, 1)}
+    return {
+        "best": {str(k): {kk: round(vv, 3) for kk, vv in v.items()} for k, v in best.items()},
+        "us_per_image": round(per_image, 1),
+        "us_per_pair": round(per_pair, 1),
+    }
 
 
 # -- main ----------------------------------------------------------------------------------------------
@@ -291,27 +377,64 @@ def serial(rounds: int, images: int, window: int, seed: int, model: str = "fake"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_arguments(parser)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best of each measurement is reported")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds; the best of each measurement is reported"
+    )
     parser.add_argument("--decode-pool", default="auto", choices=("auto", "threads", "processes"))
     parser.add_argument("--decode-workers", type=int, default=0)
     parser.add_argument("--jpeg-draft", action="store_true", help="serve the measured passes with --jpeg-draft")
-    parser.add_argument("--drift", action="store_true", help="also measure the fast paths' score drift against the exact path")
+    parser.add_argument(
+        "--drift", action="store_true", help="also measure the fast paths' score drift against the exact path"
+    )
     parser.add_argument("--scaling", action="store_true", help="also measure the decode pools alone at 1 and 2 workers")
-    parser.add_argument("--serial", action="store_true", help="measure only the serial part: tiny images, the fake model (see above)")
+    parser.add_argument(
+        "--serial", action="store_true", help="measure only the serial part: tiny images, the fake model (see above)"
+    )
     parser.add_argument("--serial-images", type=int, default=2000, help="--serial: distinct images")
-    parser.add_argument("--serial-in-flight", type=int, default=256, help="--serial: pairs in flight (the server's --stream-max-in-flight, which the SDK follows)")
-    parser.add_argument("--serial-model", default="fake", help="--serial: the model served; fake:forward_ms=20,image_ms=2.5 simulates an accelerator of ViT-H/14-378's rate")
-    parser.add_argument("--loop-us", type=float, default=300.0, help="--scaling: pure-Python loop work per image for the busy-loop rows")
-    parser.add_argument("--profile", type=Path, default=None, help="py-spy the server during the first round's pass into this raw file, and print its event loop's busiest functions")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint folder (default: a tiny random CLIP at 224)")
+    parser.add_argument(
+        "--serial-in-flight",
+        type=int,
+        default=256,
+        help="--serial: pairs in flight (the server's --stream-max-in-flight, which the SDK follows)",
+    )
+    parser.add_argument(
+        "--serial-model",
+        default="fake",
+        help=(
+            "--serial: the model served; "
+            "fake:forward_ms=20,image_ms=2.5 simulates an accelerator of ViT-H/14-378's rate"
+        ),
+    )
+    parser.add_argument(
+        "--loop-us", type=float, default=300.0, help="--scaling: pure-Python loop work per image for the busy-loop rows"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help=(
+            "py-spy the server during the first round's pass into this raw file, "
+            "and print its event loop's busiest functions"
+        ),
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="a checkpoint folder (default: a tiny random CLIP at 224)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "feed.json")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.compile = False
 
     if args.serial:
-        print(f"serial part: {args.serial_images} tiny JPEGs, model {args.serial_model}, decode worker processes, {args.serial_in_flight} pairs in flight; {os.cpu_count()} cores", flush=True)
-        report = {"serial": serial(args.rounds, args.serial_images, args.serial_in_flight, args.seed, args.serial_model), "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
+        print(
+            f"serial part: {args.serial_images} tiny JPEGs, model {args.serial_model}, "
+            f"decode worker processes, {args.serial_in_flight} pairs in flight; {os.cpu_count()} cores",
+            flush=True,
+        )
+        report = {
+            "serial": serial(args.rounds, args.serial_images, args.serial_in_flight, args.seed, args.serial_model),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
         print(f"\nwritten to {args.out}")
@@ -320,15 +443,24 @@ def main(argv: list[str] | None = None) -> int:
     from clipserve_server.models.synthetic import build_checkpoint
 
     torch.set_num_threads(1)  # the stock measurement: one image at a time, one thread, like a decode worker
-    checkpoint = args.checkpoint or build_checkpoint(Path(tempfile.mkdtemp(prefix="clipserve-feed-")) / "tiny-224", arch="tiny", image_size=224, seed=args.seed)
+    checkpoint = args.checkpoint or build_checkpoint(
+        Path(tempfile.mkdtemp(prefix="clipserve-feed-")) / "tiny-224", arch="tiny", image_size=224, seed=args.seed
+    )
     corpus = make_corpus(args.images, args.seed, workers=min(16, os.cpu_count() or 1))
     httpd, base = serve_corpus(corpus)
     pairs = make_workload(base, sorted(corpus), args.queries, args.per_query, args.seed)
     names = sorted({u.rsplit("/", 1)[1] for _, u in pairs})
     distinct = [corpus[n] for n in names]
     cores = os.cpu_count() or 1
-    extra = ["--decode-workers", str(args.decode_workers)] + (["--decode-pool", args.decode_pool] if args.decode_pool != "auto" else []) + (["--jpeg-draft"] if args.jpeg_draft else [])
-    print(f"workload: {len(pairs)} pairs, {len(names)} distinct images; {cores} cores; server {' '.join(extra)}", flush=True)
+    extra = (
+        ["--decode-workers", str(args.decode_workers)]
+        + (["--decode-pool", args.decode_pool] if args.decode_pool != "auto" else [])
+        + (["--jpeg-draft"] if args.jpeg_draft else [])
+    )
+    print(
+        f"workload: {len(pairs)} pairs, {len(names)} distinct images; {cores} cores; server {' '.join(extra)}",
+        flush=True,
+    )
 
     samples: dict[str, list[float]] = {}
     parts_by_round: list[dict[str, float]] = []
@@ -356,17 +488,34 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"decode alone                 {best['decode_cpu_ms_per_image']:7.2f} ms CPU/image")
     print(f"decode + stock preprocess    {best['stock_cpu_ms_per_image']:7.2f} ms CPU/image")
-    print(f"server, cold pass            {best['server_cpu_ms_per_image']:7.2f} ms CPU/image   = {ratio:.2f} x stock (goal <= 0.9)")
-    print(f"server event loop            {best['loop_cpu_us_per_pair']:7.0f} us/pair, {best['loop_cpu_us_per_image']:.0f} us/distinct image"
-          "   (at this pass's load: --serial measures what one loop can answer)")
-    print(f"wall                         {best['wall_pairs_per_s']:7.1f} pairs/s = {best['wall_pairs_per_s'] / stock_bound:.2f} of the stock bound ({stock_bound:.1f} pairs/s on {cores} cores)")
-    print(f"warm pass (all cached)       {best['warm_pairs_per_s']:7.0f} pairs/s, event loop {best['warm_loop_cpu_us_per_pair']:.0f} us/pair")
+    print(
+        f"server, cold pass            {best['server_cpu_ms_per_image']:7.2f} ms CPU/image   = "
+        f"{ratio:.2f} x stock (goal <= 0.9)"
+    )
+    print(
+        f"server event loop            {best['loop_cpu_us_per_pair']:7.0f} us/pair, "
+        f"{best['loop_cpu_us_per_image']:.0f} us/distinct image"
+        "   (at this pass's load: --serial measures what one loop can answer)"
+    )
+    print(
+        f"wall                         {best['wall_pairs_per_s']:7.1f} pairs/s = "
+        f"{best['wall_pairs_per_s'] / stock_bound:.2f} of the stock bound ({stock_bound:.1f} pairs/s on {cores} cores)"
+    )
+    print(
+        f"warm pass (all cached)       {best['warm_pairs_per_s']:7.0f} pairs/s, "
+        f"event loop {best['warm_loop_cpu_us_per_pair']:.0f} us/pair"
+    )
     if args.profile is not None and args.profile.exists():
         print()
         print_profile(args.profile)
 
     report = {
-        "workload": {"pairs": len(pairs), "distinct_images": len(names), "queries": args.queries, "per_query": args.per_query},
+        "workload": {
+            "pairs": len(pairs),
+            "distinct_images": len(names),
+            "queries": args.queries,
+            "per_query": args.per_query,
+        },
         "server_flags": extra,
         "machine": {"cpus": cores, "platform": platform.platform(), "torch": torch.__version__},
         "samples": {k: [round(x, 3) for x in v] for k, v in samples.items()},
@@ -382,14 +531,30 @@ def main(argv: list[str] | None = None) -> int:
         draft_size = HFClipModel(str(checkpoint), device="cpu").decode_size
         exact = server_pass(checkpoint, pairs, args, ["--decode-pool", args.decode_pool])["scores"]
         report["drift"] = {}
-        paths = {"jpeg_draft": ["--jpeg-draft"]} | ({"gpu_decode": ["--gpu-decode"]} if args.device.startswith("cuda") else {})
+        paths = {"jpeg_draft": ["--jpeg-draft"]} | (
+            {"gpu_decode": ["--gpu-decode"]} if args.device.startswith("cuda") else {}
+        )
         for name, flags in paths.items():
             fast = server_pass(checkpoint, pairs, args, ["--decode-pool", args.decode_pool, *flags])["scores"]
-            report["drift"][name] = {"max_abs_score_diff": float(np.abs(fast - exact).max()), "mean_abs_score_diff": float(np.abs(fast - exact).mean()), "score_range": [float(exact.min()), float(exact.max())]}
+            report["drift"][name] = {
+                "max_abs_score_diff": float(np.abs(fast - exact).max()),
+                "mean_abs_score_diff": float(np.abs(fast - exact).mean()),
+                "score_range": [float(exact.min()), float(exact.max())],
+            }
         report["drift"]["jpeg_draft"]["max_abs_pixel_values_diff"] = pixel_drift(checkpoint, distinct, draft_size)
         for name, drift in report["drift"].items():
-            print(f"drift {name:<10}: max |score diff| {drift['max_abs_score_diff']:.4f} (mean {drift['mean_abs_score_diff']:.4f}; scores span {drift['score_range'][0]:.2f}..{drift['score_range'][1]:.2f})"
-                  + (f", max |pixel_values diff| {drift['max_abs_pixel_values_diff']:.3f}" if "max_abs_pixel_values_diff" in drift else ""))
+            print(
+                (
+                    f"drift {name:<10}: max |score diff| {drift['max_abs_score_diff']:.4f} "
+                    f"(mean {drift['mean_abs_score_diff']:.4f}; "
+                    f"scores span {drift['score_range'][0]:.2f}..{drift['score_range'][1]:.2f})"
+                )
+                + (
+                    f", max |pixel_values diff| {drift['max_abs_pixel_values_diff']:.3f}"
+                    if "max_abs_pixel_values_diff" in drift
+                    else ""
+                )
+            )
     if args.scaling:
         print("\ndecode pools alone (decode + preprocess of the distinct images, 16 in flight):")
         report["scaling"] = scaling(checkpoint, distinct, args.loop_us)

@@ -47,8 +47,14 @@ def flaky(server_args: list[str]) -> dict:
         server.terminate()
         host.close()
     errors = [r.error for r in results if r.error]
-    return {"scenario": "flaky", "pairs": len(results), "failed": len(errors), "example_error": errors[0] if errors else None,
-            "wall_s": round(took, 2), "host_most_active": host.most_active}
+    return {
+        "scenario": "flaky",
+        "pairs": len(results),
+        "failed": len(errors),
+        "example_error": errors[0] if errors else None,
+        "wall_s": round(took, 2),
+        "host_most_active": host.most_active,
+    }
 
 
 def dead(server_args: list[str]) -> dict:
@@ -84,7 +90,12 @@ def dead(server_args: list[str]) -> dict:
     for kind, urls in (("refused", refused), ("silent", silent)):
         took = [t for url, t, _ in outcomes if url in urls]
         example = next(error for url, _, error in outcomes if url in urls)
-        by_kind[kind] = {"min_s": round(min(took), 2), "median_s": round(statistics.median(took), 2), "max_s": round(max(took), 2), "example_error": example}
+        by_kind[kind] = {
+            "min_s": round(min(took), 2),
+            "median_s": round(statistics.median(took), 2),
+            "max_s": round(max(took), 2),
+            "example_error": example,
+        }
     return {"scenario": "dead", **by_kind, "good_failed": sum(1 for url, _, error in outcomes if url in good and error)}
 
 

@@ -83,21 +83,31 @@ def hostile_requests(address: str):
     def score(query: str, image: bytes):
         def call() -> str:
             with grpc.insecure_channel(address, options=_BIG) as channel:
-                scorer_pb2_grpc.ScorerStub(channel).Score(scorer_pb2.ScoreRequest(query=query, image_bytes=image), timeout=300)
+                scorer_pb2_grpc.ScorerStub(channel).Score(
+                    scorer_pb2.ScoreRequest(query=query, image_bytes=image), timeout=300
+                )
             return "OK (scored)"
         return call
 
     def chunk(items: int):
         def call() -> str:
             with grpc.insecure_channel(address, options=_BIG) as channel:
-                errors = sum(r.HasField("error") for c in scorer_pb2_grpc.ScorerStub(channel).ScoreChunks(iter([scorer_pb2.ScoreRequestChunk.FromString(empty_items_chunk(items))]), timeout=300) for r in c.items)
+                errors = sum(
+                    r.HasField("error")
+                    for c in scorer_pb2_grpc.ScorerStub(channel).ScoreChunks(
+                        iter([scorer_pb2.ScoreRequestChunk.FromString(empty_items_chunk(items))]), timeout=300
+                    )
+                    for r in c.items
+                )
             return f"OK, {errors} per-item errors streamed back"
         return call
 
     def raw_score(data: bytes):
         def call() -> str:
             with grpc.insecure_channel(address, options=_BIG) as channel:
-                method = channel.unary_unary("/clipserve.v1.Scorer/Score", request_serializer=None, response_deserializer=None)
+                method = channel.unary_unary(
+                    "/clipserve.v1.Scorer/Score", request_serializer=None, response_deserializer=None
+                )
                 method(data, timeout=300)
             return "OK"
         return call
@@ -151,7 +161,19 @@ def main() -> None:
     path = Path(args.server_path)
     # Inherited by the server: that checkout's code; a flag old code also has, as an environment variable.
     os.environ.update(PYTHONPATH=f"{path / 'server'}:{path / 'client'}", CLIPSERVE_FORWARD_TIMEOUT_S="5")
-    proc, address = serve("--model", str(checkpoint), "--device", "cpu", "--runtime", "torch", "--decode-pool", "processes", "--decode-workers", "2", "--no-cache")
+    proc, address = serve(
+        "--model",
+        str(checkpoint),
+        "--device",
+        "cpu",
+        "--runtime",
+        "torch",
+        "--decode-pool",
+        "processes",
+        "--decode-workers",
+        "2",
+        "--no-cache",
+    )
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
     print(f"server: {path}; load: {os.getloadavg()}")
     print("| hostile request | peak RSS growth | other caller's worst latency | health after | answer |")
@@ -175,7 +197,11 @@ def main() -> None:
         thread.join()
         growth = peak_rss_mb(proc.pid) - before if proc.poll() is None else float("nan")
         worst = max(latencies) if latencies else float("nan")
-        print(f"| {name} | {growth:+.0f} MB | {worst:.2f} s (median {statistics.median(latencies):.3f} s; answered in {seconds:.1f} s) | {health(address)} | {answer} |", flush=True)
+        print(
+            f"| {name} | {growth:+.0f} MB | {worst:.2f} s (median {statistics.median(latencies):.3f} s; "
+            f"answered in {seconds:.1f} s) | {health(address)} | {answer} |",
+            flush=True,
+        )
         time.sleep(6)  # a wedged forward may come back (new code), before the next row
     proc.terminate()
     proc.wait(60)

@@ -56,7 +56,19 @@ FORGED = "x\n2026-12-06\t20:00:00,000\tERROR\tclipserve:\tforged"
 
 def serve(*flags: str) -> tuple[subprocess.Popen, str, list[str]]:
     """`clipserve serve --model fake FLAGS` on a free port, its log lines collected."""
-    command = [sys.executable, "-m", "clipserve.cli", "serve", "--model", "fake", "--host", "127.0.0.1", "--port", "0", *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "clipserve.cli",
+        "serve",
+        "--model",
+        "fake",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        *flags,
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     log: list[str] = []
@@ -84,8 +96,11 @@ def ssrf(address: str) -> dict[str, object]:
         for name, spellings in SPELLINGS.items():
             before = sum(internal.hits.values())
             codes = codes_on_paths(address, [f"http://{s}:{port}/img/secret.png" for s in spellings])
-            out[name] = {"sent": sum(map(len, codes.values())), "reached_internal_host": sum(internal.hits.values()) - before,
-                         "codes": dict(Counter(c for path in codes.values() for c in path))}
+            out[name] = {
+                "sent": sum(map(len, codes.values())),
+                "reached_internal_host": sum(internal.hits.values()) - before,
+                "codes": dict(Counter(c for path in codes.values() for c in path)),
+            }
     finally:
         internal.close()
     return out
@@ -108,7 +123,9 @@ def poisoning(address: str, honest_uploads: int = 53) -> dict[str, object]:
 
     def lies() -> Iterator[scorer_pb2.ScoreRequestChunk]:
         while not stop.wait(0.002):
-            yield scorer_pb2.ScoreRequestChunk(items=[scorer_pb2.ScoreRequest(query="q", image_bytes=junk, image_sha256=sha)] * 20)
+            yield scorer_pb2.ScoreRequestChunk(
+                items=[scorer_pb2.ScoreRequest(query="q", image_bytes=junk, image_sha256=sha)] * 20
+            )
 
     def liar() -> None:
         with grpc.insecure_channel(address) as channel:
@@ -123,12 +140,18 @@ def poisoning(address: str, honest_uploads: int = 53) -> dict[str, object]:
         stub = scorer_pb2_grpc.ScorerStub(channel)
         for index in range(honest_uploads):
             try:
-                stub.Score(scorer_pb2.ScoreRequest(query=f"honest {index}", image_bytes=image, image_sha256=sha), timeout=60)
+                stub.Score(
+                    scorer_pb2.ScoreRequest(query=f"honest {index}", image_bytes=image, image_sha256=sha), timeout=60
+                )
             except grpc.RpcError as exc:
                 errors.append(exc.details() or "")
     stop.set()
     attacker.join(30)
-    return {"honest_uploads": honest_uploads, "honest_failed": len(errors), "errors_naming_the_liars_upload": sum(f"<{len(junk)} uploaded bytes>" in e for e in errors)}
+    return {
+        "honest_uploads": honest_uploads,
+        "honest_failed": len(errors),
+        "errors_naming_the_liars_upload": sum(f"<{len(junk)} uploaded bytes>" in e for e in errors),
+    }
 
 
 def log_forging(address: str, log: list[str] | None, log_path: Path | None) -> dict[str, object]:
@@ -137,7 +160,9 @@ def log_forging(address: str, log: list[str] | None, log_path: Path | None) -> d
 
     with grpc.insecure_channel(address) as channel:
         try:  # an empty query: refused, and logged with its request_id
-            scorer_pb2_grpc.ScorerStub(channel).Score(scorer_pb2.ScoreRequest(query="", image_url="http://x/", request_id=FORGED), timeout=30)
+            scorer_pb2_grpc.ScorerStub(channel).Score(
+                scorer_pb2.ScoreRequest(query="", image_url="http://x/", request_id=FORGED), timeout=30
+            )
         except grpc.RpcError:
             pass
     time.sleep(0.5)
@@ -149,12 +174,24 @@ def log_forging(address: str, log: list[str] | None, log_path: Path | None) -> d
 
 def metrics_hosts(metrics_port: int) -> list[str]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return sorted({line.split('host="', 1)[1].split('"', 1)[0] for line in text.splitlines() if line.startswith("clipserve_fetch") and 'host="' in line})
+    return sorted(
+        {
+            line.split('host="', 1)[1].split('"', 1)[0]
+            for line in text.splitlines()
+            if line.startswith("clipserve_fetch") and 'host="' in line
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--address", help="probe this running server instead of starting one (poisoning needs it run with --no-cache to show the worst case)")
+    parser.add_argument(
+        "--address",
+        help=(
+            "probe this running server instead of starting one (poisoning "
+            "needs it run with --no-cache to show the worst case)"
+        ),
+    )
     parser.add_argument("--log", type=Path, help="the running server's text log, for the log-forging count")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "hostile_network.json")
     args = parser.parse_args(argv)

@@ -86,10 +86,26 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_throughput import in_fresh_process, make_corpus, make_workload, measure_clipserve, serve  # noqa: E402
 from corpus_host import serve_corpus  # noqa: E402
 
-INFINITY_PACKAGES = ("infinity-emb", "torch", "torchvision", "transformers", "tokenizers", "sentence-transformers", "colpali-engine", "numpy", "pillow", "fastapi", "uvicorn", "aiohttp")
+INFINITY_PACKAGES = (
+    "infinity-emb",
+    "torch",
+    "torchvision",
+    "transformers",
+    "tokenizers",
+    "sentence-transformers",
+    "colpali-engine",
+    "numpy",
+    "pillow",
+    "fastapi",
+    "uvicorn",
+    "aiohttp",
+)
 CLIPSERVE_PACKAGES = ("clipserve", "torch", "transformers", "openvino", "numpy", "pillow", "grpcio")
 # infinity 0.0.78's default INFINITY_MEDIA_URL_BLACKLIST without localhost and 127.0.0.0/8.
-MEDIA_BLACKLIST = "0.0.0.0/8;10.0.0.0/8;100.64.0.0/10;169.254.0.0/16;172.16.0.0/12;192.168.0.0/16;224.0.0.0/4;::/128;fc00::/7;fe80::/10;ff00::/8"
+MEDIA_BLACKLIST = (
+    "0.0.0.0/8;10.0.0.0/8;100.64.0.0/10;169.254.0.0/16;172.16.0.0/12;192.168.0.0/16;224.0.0.0/4;"
+    "::/128;fc00::/7;fe80::/10;ff00::/8"
+)
 SERVED_NAME = "clip"
 OUT = ROOT / "benchmarks" / "results" / "infinity.json"
 
@@ -170,14 +186,21 @@ def start_infinity(python: str, model: Path, args: argparse.Namespace, log: Path
         "--engine", "torch", "--device", "cpu", "--dtype", args.dtype, "--batch-size", str(args.batch_size),
         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-compile",
     ]
-    env = {**os.environ, "INFINITY_ANONYMOUS_USAGE_STATS": "0", "HF_HUB_OFFLINE": "1", "INFINITY_MEDIA_URL_BLACKLIST": MEDIA_BLACKLIST}
+    env = {
+        **os.environ,
+        "INFINITY_ANONYMOUS_USAGE_STATS": "0",
+        "HF_HUB_OFFLINE": "1",
+        "INFINITY_MEDIA_URL_BLACKLIST": MEDIA_BLACKLIST,
+    }
     with log.open("ab") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.startup_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"infinity exited with {proc.returncode}; its log ({log}) ends:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"infinity exited with {proc.returncode}; its log ({log}) ends:\n{log.read_text()[-3000:]}"
+            )
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
                 if response.status == 200:
@@ -198,7 +221,9 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-async def embeddings_pass(url: str, model: str, batches: list[tuple[str, list[str]]], concurrency: int) -> tuple[float, dict[tuple[str, str], np.ndarray], list[str]]:
+async def embeddings_pass(
+    url: str, model: str, batches: list[tuple[str, list[str]]], concurrency: int
+) -> tuple[float, dict[tuple[str, str], np.ndarray], list[str]]:
     """POST each (modality, inputs) batch to an OpenAI-style embeddings ``url`` (``modality``
     as infinity takes it, ``encoding_format`` base64 as the OpenAI client asks for),
     ``concurrency`` requests in flight. Returns the seconds from the first request to the last
@@ -235,32 +260,52 @@ def batched(modality: str, inputs: list[str], size: int) -> list[tuple[str, list
     return [(modality, inputs[i : i + size]) for i in range(0, len(inputs), size)]
 
 
-async def infinity_pass(base: str, pairs: list[tuple[str, str]], scale: float, bias: float, request_size: int, concurrency: int) -> tuple[float, np.ndarray, int, str | None]:
+async def infinity_pass(
+    base: str, pairs: list[tuple[str, str]], scale: float, bias: float, request_size: int, concurrency: int
+) -> tuple[float, np.ndarray, int, str | None]:
     """Embed the distinct queries and image URLs (requests of ``request_size`` inputs,
     ``concurrency`` in flight), then score every pair here. Returns pairs/s, the scores (NaN
     where a pair failed), the number of failed pairs and the first error."""
     texts = list(dict.fromkeys(q for q, _ in pairs))
     urls = list(dict.fromkeys(u for _, u in pairs))
     started = time.perf_counter()
-    _, vectors, errors = await embeddings_pass(f"{base}/embeddings", SERVED_NAME, batched("text", texts, request_size) + batched("image", urls, request_size), concurrency)
+    _, vectors, errors = await embeddings_pass(
+        f"{base}/embeddings",
+        SERVED_NAME,
+        batched("text", texts, request_size) + batched("image", urls, request_size),
+        concurrency,
+    )
     scores = score_pairs(pairs, vectors, scale, bias)
     elapsed = time.perf_counter() - started
     failed = int(np.isnan(scores).sum())
     return len(pairs) / elapsed, scores, failed, (errors[0] if errors else None)
 
 
-def measure_images_http(url: str, model: str, urls: list[str], sample: list[str], args: argparse.Namespace) -> tuple[float, np.ndarray, int, str | None]:
+def measure_images_http(
+    url: str, model: str, urls: list[str], sample: list[str], args: argparse.Namespace
+) -> tuple[float, np.ndarray, int, str | None]:
     """--http: every distinct image embedded once through ``url`` (either side's OpenAI-style
     endpoint, the same client): images/s, the sample's unit vectors, failed images, first error."""
-    seconds, vectors, errors = asyncio.run(embeddings_pass(url, model, batched("image", urls, args.request_size), args.concurrency))
+    seconds, vectors, errors = asyncio.run(
+        embeddings_pass(url, model, batched("image", urls, args.request_size), args.concurrency)
+    )
     dim = len(next(iter(vectors.values()))) if vectors else 1
-    chosen = np.stack([vectors.get(("image", u), np.full(dim, np.nan, dtype=np.float32)).astype(np.float64) for u in sample])
+    chosen = np.stack(
+        [vectors.get(("image", u), np.full(dim, np.nan, dtype=np.float32)).astype(np.float64) for u in sample]
+    )
     with np.errstate(invalid="ignore"):
         chosen /= np.linalg.norm(chosen, axis=1, keepdims=True)
-    return len(urls) / seconds, chosen, len(urls) - sum(1 for u in urls if ("image", u) in vectors), (errors[0] if errors else None)
+    return (
+        len(urls) / seconds,
+        chosen,
+        len(urls) - sum(1 for u in urls if ("image", u) in vectors),
+        (errors[0] if errors else None),
+    )
 
 
-def score_pairs(pairs: list[tuple[str, str]], vectors: dict[tuple[str, str], np.ndarray], scale: float, bias: float) -> np.ndarray:
+def score_pairs(
+    pairs: list[tuple[str, str]], vectors: dict[tuple[str, str], np.ndarray], scale: float, bias: float
+) -> np.ndarray:
     """logits_per_image of every pair: exp(logit_scale) * cos(text, image) + logit_bias."""
     dim = len(next(iter(vectors.values()))) if vectors else 1
     missing = np.full(dim, np.nan, dtype=np.float32)
@@ -277,7 +322,9 @@ def score_pairs(pairs: list[tuple[str, str]], vectors: dict[tuple[str, str], np.
     return scale * np.einsum("nd,nd->n", t, i) + bias
 
 
-def measure_infinity(base: str, pairs: list[tuple[str, str]], scale: float, bias: float, args: argparse.Namespace) -> tuple[float, np.ndarray, int, str | None]:
+def measure_infinity(
+    base: str, pairs: list[tuple[str, str]], scale: float, bias: float, args: argparse.Namespace
+) -> tuple[float, np.ndarray, int, str | None]:
     return asyncio.run(infinity_pass(base, pairs, scale, bias, args.request_size, args.concurrency))
 
 
@@ -292,9 +339,18 @@ def clipserve_check(address: str, sample: list[tuple[str, str]]) -> tuple[np.nda
         results = clip.score_batch([clipserve.SimilarityInput(q, u) for q, u in sample])
         info = clip.model_info()
     scores = np.array([np.nan if r.score is None else r.score for r in results], dtype=np.float64)
-    settings = {"image_runtime": info.image_runtime, "text_runtime": info.text_runtime, "device": info.device, "dtype": info.dtype,
-                "max_batch_size": info.max_batch_size, "max_batch_delay_ms": info.max_batch_delay_ms, "logit_scale": info.logit_scale,
-                "logit_bias": info.logit_bias, "max_text_tokens": info.max_text_tokens, "instances": len(info.instances)}
+    settings = {
+        "image_runtime": info.image_runtime,
+        "text_runtime": info.text_runtime,
+        "device": info.device,
+        "dtype": info.dtype,
+        "max_batch_size": info.max_batch_size,
+        "max_batch_delay_ms": info.max_batch_delay_ms,
+        "logit_scale": info.logit_scale,
+        "logit_bias": info.logit_bias,
+        "max_text_tokens": info.max_text_tokens,
+        "instances": len(info.instances),
+    }
     return scores, settings
 
 
@@ -320,25 +376,56 @@ def versions(python: str, packages: tuple[str, ...]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--infinity-python", default="/work/infinity-venv/bin/python", help="the python of infinity-emb's virtual environment")
+    parser.add_argument(
+        "--infinity-python",
+        default="/work/infinity-venv/bin/python",
+        help="the python of infinity-emb's virtual environment",
+    )
     parser.add_argument("--arch", default="vit-b-32", help="the random checkpoint's architecture (tiny: smoke tests)")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="the checkpoint folder: reused if it holds one, built there if not (default: TMPDIR/clipserve-bench/ARCH-seedSEED)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help=(
+            "the checkpoint folder: reused if it holds one, "
+            "built there if not (default: TMPDIR/clipserve-bench/ARCH-seedSEED)"
+        ),
+    )
     parser.add_argument("--queries", "-Q", type=int, default=40)
     parser.add_argument("--per-query", "-K", type=int, default=25)
     parser.add_argument("--images", "-N", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32, help="infinity's --batch-size")
-    parser.add_argument("--request-size", type=int, default=32, help="inputs per infinity request (at most 32 image URLs)")
+    parser.add_argument(
+        "--request-size", type=int, default=32, help="inputs per infinity request (at most 32 image URLs)"
+    )
     parser.add_argument("--concurrency", type=int, default=4, help="infinity requests in flight")
     parser.add_argument("--check-pairs", type=int, default=25, help="pairs whose scores must agree, every run")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="both sides' --dtype (clipserve's other flags at their defaults)")
-    parser.add_argument("--tolerance", type=float, default=None, help="largest score difference allowed between the two (default: 1e-3 in float32; "
-                        "in bfloat16 2e-2 x exp(logit_scale): two bf16 implementations, each ~1e-2 relative off float32)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="both sides' --dtype (clipserve's other flags at their defaults)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="largest score difference allowed between the two (default: 1e-3 in float32; "
+        "in bfloat16 2e-2 x exp(logit_scale): two bf16 implementations, each ~1e-2 relative off float32)",
+    )
     parser.add_argument("--startup-timeout", type=float, default=600)
-    parser.add_argument("--repeat", type=int, default=3, help="runs of both servers, interleaved; best and median are reported")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of both servers, interleaved; best and median are reported"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--http", action="store_true", help="compare image embeddings over HTTP instead: clipserve's POST /v1/embeddings against infinity's POST /embeddings, "
-                        "every distinct image once, the same client for both (images/s; the sample's unit vectors must agree within --tolerance)")
+    parser.add_argument(
+        "--http",
+        action="store_true",
+        help="compare image embeddings over HTTP instead: clipserve's POST /v1/embeddings against "
+        "infinity's POST /embeddings, every distinct image once, the same client for both (images/s; "
+        "the sample's unit vectors must agree within --tolerance)",
+    )
     args = parser.parse_args(argv)
     if args.http and args.out == OUT:
         args.out = OUT.with_name("infinity-http.json")
@@ -359,11 +446,16 @@ def main(argv: list[str] | None = None) -> int:
     urls = list(dict.fromkeys(u for _, u in pairs))
     image_sample = sorted(random.Random(args.seed + 3).sample(urls, min(args.check_pairs, len(urls))))
     unit = "images/s" if args.http else "pairs/s"
-    print(f"workload: {len(pairs)} pairs, {len({q for q, _ in pairs})} queries, {len({u for _, u in pairs})} distinct images "
-          f"({sum(map(len, corpus.values())) / 1e6:.1f} MB corpus); checkpoint {checkpoint} (exp(logit_scale) {scale:.4f}, bias {bias})\n"
-          f"infinity {infinity_versions}\nclipserve {clipserve_versions}\n"
-          f"infinity: engine torch, cpu, {args.dtype}, batch size {args.batch_size}; {args.request_size} inputs a request, {args.concurrency} in flight",
-          flush=True)
+    print(
+        f"workload: {len(pairs)} pairs, {len({q for q, _ in pairs})} queries, "
+        f"{len({u for _, u in pairs})} distinct images "
+        f"({sum(map(len, corpus.values())) / 1e6:.1f} MB corpus); "
+        f"checkpoint {checkpoint} (exp(logit_scale) {scale:.4f}, bias {bias})\n"
+        f"infinity {infinity_versions}\nclipserve {clipserve_versions}\n"
+        f"infinity: engine torch, cpu, {args.dtype}, batch size {args.batch_size}; "
+        f"{args.request_size} inputs a request, {args.concurrency} in flight",
+        flush=True,
+    )
 
     samples: dict[str, list[float]] = {"clipserve": [], "infinity": []}
     startup: dict[str, list[float]] = {"clipserve": [], "infinity": []}
@@ -381,14 +473,26 @@ def main(argv: list[str] | None = None) -> int:
                 started = time.perf_counter()
                 if side == "clipserve":
                     http_port = free_port()
-                    proc, address = serve("--model", str(checkpoint), "--allow-private-networks", "--http-port", str(http_port), "--dtype", args.dtype)
+                    proc, address = serve(
+                        "--model",
+                        str(checkpoint),
+                        "--allow-private-networks",
+                        "--http-port",
+                        str(http_port),
+                        "--dtype",
+                        args.dtype,
+                    )
                 else:
                     proc, address = start_infinity(args.infinity_python, view, args, log)
                 startup[side].append(time.perf_counter() - started)
                 try:
                     loads[side].append(os.getloadavg()[0])
                     if args.http:
-                        url, model = (f"http://127.0.0.1:{http_port}/v1/embeddings", "default") if side == "clipserve" else (f"{address}/embeddings", SERVED_NAME)
+                        url, model = (
+                            (f"http://127.0.0.1:{http_port}/v1/embeddings", "default")
+                            if side == "clipserve"
+                            else (f"{address}/embeddings", SERVED_NAME)
+                        )
                         rate, scores[side], failed, error = measure_images_http(url, model, urls, image_sample, args)
                     elif side == "clipserve":
                         rate, failed = measure_clipserve(address, pairs)
@@ -408,8 +512,21 @@ def main(argv: list[str] | None = None) -> int:
             if np.isnan(scores["clipserve"]).any() or np.isnan(scores["infinity"]).any():
                 diff = float("inf")
             max_diff = max(max_diff, diff)
-            print(f"run {run}: " + ", ".join(f"{side} {samples[side][-1]:.1f} {unit} (load {loads[side][-1]:.2f}, start-up {startup[side][-1]:.1f} s)" for side in order)
-                  + f"; max |{'vector' if args.http else 'score'} difference| on {len(scores['clipserve'])} {'images' if args.http else 'pairs'} {diff:.2e}", flush=True)
+            print(
+                f"run {run}: "
+                + ", ".join(
+                    (
+                        f"{side} {samples[side][-1]:.1f} {unit} (load {loads[side][-1]:.2f}, "
+                        f"start-up {startup[side][-1]:.1f} s)"
+                    )
+                    for side in order
+                )
+                + (
+                    f"; max |{'vector' if args.http else 'score'} difference| on "
+                    f"{len(scores['clipserve'])} {'images' if args.http else 'pairs'} {diff:.2e}"
+                ),
+                flush=True,
+            )
     finally:
         host.shutdown()
 
@@ -418,29 +535,73 @@ def main(argv: list[str] | None = None) -> int:
     all_loads = loads["clipserve"] + loads["infinity"]
     agree = max_diff <= args.tolerance
     print()
-    print(f"best of {args.repeat} (median in brackets), cold {unit}{' over HTTP (clipserve /v1/embeddings, infinity /embeddings)' if args.http else ''}; load average {min(all_loads):.2f}-{max(all_loads):.2f} on {os.cpu_count()} CPUs")
+    print(
+        f"best of {args.repeat} (median in brackets), "
+        f"cold {unit}{' over HTTP (clipserve /v1/embeddings, infinity /embeddings)' if args.http else ''}; "
+        f"load average {min(all_loads):.2f}-{max(all_loads):.2f} on {os.cpu_count()} CPUs"
+    )
     for side in ("clipserve", "infinity"):
-        print(f"  {side:<10} {best[side]:9.1f} ({median[side]:.1f})   runs: {', '.join(f'{v:.1f}' for v in samples[side])}; "
-              f"start-up {min(startup[side]):.1f} s; failed {'images' if args.http else 'pairs'} {failures[side]}")
-    print(f"  clipserve / infinity: {best['clipserve'] / best['infinity']:.2f}x best, {median['clipserve'] / median['infinity']:.2f}x median ({'issue #35' if args.http else 'issue #22'} asks >= 1.3x)")
-    print(f"  {'vectors' if args.http else 'scores'} agree within {args.tolerance:g} on {len(scores['clipserve'])} {'images' if args.http else 'pairs'} every run: {'yes' if agree else 'NO'} (max difference {max_diff:.2e})")
+        print(
+            f"  {side:<10} {best[side]:9.1f} ({median[side]:.1f})   runs: "
+            f"{', '.join(f'{v:.1f}' for v in samples[side])}; "
+            f"start-up {min(startup[side]):.1f} s; failed {'images' if args.http else 'pairs'} {failures[side]}"
+        )
+    print(
+        f"  clipserve / infinity: {best['clipserve'] / best['infinity']:.2f}x best, "
+        f"{median['clipserve'] / median['infinity']:.2f}x median "
+        f"({'issue #35' if args.http else 'issue #22'} asks >= 1.3x)"
+    )
+    print(
+        f"  {'vectors' if args.http else 'scores'} agree within {args.tolerance:g} on {len(scores['clipserve'])} "
+        f"{'images' if args.http else 'pairs'} every run: {'yes' if agree else 'NO'} (max difference {max_diff:.2e})"
+    )
     print(f"  clipserve ran: {clipserve_settings}")
     for side, error in first_error.items():
         print(f"  {side} first error: {error}")
     report = {
         "mode": "http image embeddings (images/s)" if args.http else "score pairs (pairs/s)",
-        "workload": {"pairs": len(pairs), "queries": args.queries, "per_query": args.per_query, "images": args.images, "arch": args.arch, "checkpoint": str(checkpoint), "seed": args.seed},
-        "infinity": {"versions": infinity_versions, "engine": "torch", "device": "cpu", "dtype": args.dtype, "batch_size": args.batch_size,
-                     "request_size": args.request_size, "concurrency": args.concurrency},
-        "clipserve": {"versions": clipserve_versions, "flags": ["--model", "CKPT", "--allow-private-networks", "--dtype", args.dtype] + (["--http-port", "PORT"] if args.http else []), "server": clipserve_settings},
+        "workload": {
+            "pairs": len(pairs),
+            "queries": args.queries,
+            "per_query": args.per_query,
+            "images": args.images,
+            "arch": args.arch,
+            "checkpoint": str(checkpoint),
+            "seed": args.seed,
+        },
+        "infinity": {
+            "versions": infinity_versions,
+            "engine": "torch",
+            "device": "cpu",
+            "dtype": args.dtype,
+            "batch_size": args.batch_size,
+            "request_size": args.request_size,
+            "concurrency": args.concurrency,
+        },
+        "clipserve": {
+            "versions": clipserve_versions,
+            "flags": ["--model", "CKPT", "--allow-private-networks", "--dtype", args.dtype]
+            + (["--http-port", "PORT"] if args.http else []),
+            "server": clipserve_settings,
+        },
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_1min": loads},
         "repeat": args.repeat,
-        ("images_per_s" if args.http else "pairs_per_s"): {side: [round(v, 2) for v in values] for side, values in samples.items()},
+        ("images_per_s" if args.http else "pairs_per_s"): {
+            side: [round(v, 2) for v in values] for side, values in samples.items()
+        },
         "startup_s": {side: [round(v, 2) for v in values] for side, values in startup.items()},
-        "best": best, "median": median,
-        "ratio_best": best["clipserve"] / best["infinity"], "ratio_median": median["clipserve"] / median["infinity"],
-        "failures": failures, "errors": first_error,
-        "score_check": {"pairs": len(check), "max_abs_difference": max_diff, "tolerance": args.tolerance, "agree": agree},
+        "best": best,
+        "median": median,
+        "ratio_best": best["clipserve"] / best["infinity"],
+        "ratio_median": median["clipserve"] / median["infinity"],
+        "failures": failures,
+        "errors": first_error,
+        "score_check": {
+            "pairs": len(check),
+            "max_abs_difference": max_diff,
+            "tolerance": args.tolerance,
+            "agree": agree,
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

@@ -78,11 +78,28 @@ class MemoryGuard:
         return self.peak_bytes / GB
 
 
-def start_server(checkpoint: Path, dtype: str, cache: Path, min_available_gb: float) -> tuple[subprocess.Popen, str, float, float, list[str]]:
+def start_server(
+    checkpoint: Path, dtype: str, cache: Path, min_available_gb: float
+) -> tuple[subprocess.Popen, str, float, float, list[str]]:
     """A server at ``dtype`` (other flags at their defaults); returns it, its address, the
     seconds to ready, the peak RSS in GB while starting, and its log lines so far."""
-    command = [sys.executable, "-m", "clipserve.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--model", str(checkpoint),
-               "--dtype", dtype, "--runtime-cache", str(cache), "--allow-private-networks"]
+    command = [
+        sys.executable,
+        "-m",
+        "clipserve.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--model",
+        str(checkpoint),
+        "--dtype",
+        dtype,
+        "--runtime-cache",
+        str(cache),
+        "--allow-private-networks",
+    ]
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     guard = MemoryGuard(proc.pid, min_available_gb, proc.kill)
@@ -99,7 +116,15 @@ def start_server(checkpoint: Path, dtype: str, cache: Path, min_available_gb: fl
             break
     else:
         guard.stop()
-        raise RuntimeError(("killed: the machine's available memory fell under the guard's floor" if guard.tripped else f"server exited with {proc.wait()}") + "\n" + "\n".join(lines[-20:]))
+        raise RuntimeError(
+            (
+                "killed: the machine's available memory fell under the guard's floor"
+                if guard.tripped
+                else f"server exited with {proc.wait()}"
+            )
+            + "\n"
+            + "\n".join(lines[-20:])
+        )
     seconds = time.perf_counter() - started
     peak = guard.stop()
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # type: ignore[union-attr]  # keep the pipe drained
@@ -147,9 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--images", type=int, default=8, help="distinct photos embedded on the cold server")
-    parser.add_argument("--reference-pairs", type=int, default=2, help="pairs timed for the reference adapter (after one warm-up)")
+    parser.add_argument(
+        "--reference-pairs", type=int, default=2, help="pairs timed for the reference adapter (after one warm-up)"
+    )
     parser.add_argument("--checkpoint", type=Path, default=None, help="reuse a vit-h-14-378 checkpoint folder")
-    parser.add_argument("--min-available-gb", type=float, default=3.0, help="kill the measured process when the machine's available memory falls under this")
+    parser.add_argument(
+        "--min-available-gb",
+        type=float,
+        default=3.0,
+        help="kill the measured process when the machine's available memory falls under this",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "large.json")
     args = parser.parse_args(argv)
 
@@ -162,36 +194,67 @@ def main(argv: list[str] | None = None) -> int:
     corpus = make_corpus(args.images, seed=0)
     httpd, base = serve_corpus(corpus)
     urls = [f"{base}/{name}" for name in sorted(corpus)]
-    pairs = [(f"a photo of a dog number {i}", data) for i, data in enumerate(list(corpus.values())[: args.reference_pairs + 1])]
+    pairs = [
+        (f"a photo of a dog number {i}", data)
+        for i, data in enumerate(list(corpus.values())[: args.reference_pairs + 1])
+    ]
     results: dict[str, dict[str, float]] = {}
     for dtype in args.dtypes.split(","):
         row = results[dtype] = {"load_average_1min": load_average()}
         cache = scratch / f"cache-{dtype}"
         print(f"{dtype}: cold conversion cache (load {row['load_average_1min']:.2f})", flush=True)
-        proc, address, row["startup_cold_cache_s"], row["peak_rss_cold_cache_gb"], lines = start_server(checkpoint, dtype, cache, args.min_available_gb)
+        proc, address, row["startup_cold_cache_s"], row["peak_rss_cold_cache_gb"], lines = start_server(
+            checkpoint, dtype, cache, args.min_available_gb
+        )
         try:
             row["images_per_s"], failures = measure_embed(address, urls)
             assert not failures, f"{failures} images failed"
         finally:
             stop(proc)
-        row["runtimes"] = "; ".join(line.split(": ", 1)[-1] for line in lines if " tower of " in line and " runs in " in line)  # type: ignore[assignment]
+        row["runtimes"] = "; ".join(
+            line.split(": ", 1)[-1] for line in lines if " tower of " in line and " runs in " in line
+        )  # type: ignore[assignment]
         print(f"{dtype}: warm conversion cache", flush=True)
-        proc, _, row["startup_warm_cache_s"], row["peak_rss_warm_cache_gb"], _ = start_server(checkpoint, dtype, cache, args.min_available_gb)
+        proc, _, row["startup_warm_cache_s"], row["peak_rss_warm_cache_gb"], _ = start_server(
+            checkpoint, dtype, cache, args.min_available_gb
+        )
         stop(proc)
         print(f"{dtype}: the reference adapter", flush=True)
-        row["reference_s_per_pair"], row["reference_peak_rss_gb"] = in_fresh_process(args.min_available_gb, reference_per_pair, checkpoint, dtype, pairs)
+        row["reference_s_per_pair"], row["reference_peak_rss_gb"] = in_fresh_process(
+            args.min_available_gb, reference_per_pair, checkpoint, dtype, pairs
+        )
         row["images_per_s_x_reference_pairs_per_s"] = row["images_per_s"] * row["reference_s_per_pair"]
-        print(f"{dtype}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+        print(
+            f"{dtype}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+            flush=True,
+        )
     httpd.shutdown()
 
     print(f"\n{'':<34}" + "".join(f"{dtype:>12}" for dtype in results))
-    for key in ("startup_cold_cache_s", "peak_rss_cold_cache_gb", "startup_warm_cache_s", "peak_rss_warm_cache_gb", "images_per_s",
-                "reference_s_per_pair", "reference_peak_rss_gb", "images_per_s_x_reference_pairs_per_s", "load_average_1min"):
+    for key in (
+        "startup_cold_cache_s",
+        "peak_rss_cold_cache_gb",
+        "startup_warm_cache_s",
+        "peak_rss_warm_cache_gb",
+        "images_per_s",
+        "reference_s_per_pair",
+        "reference_peak_rss_gb",
+        "images_per_s_x_reference_pairs_per_s",
+        "load_average_1min",
+    ):
         print(f"{key:<34}" + "".join(f"{results[dtype][key]:>12.2f}" for dtype in results))
     for dtype, row in results.items():
         print(f"{dtype}: {row['runtimes']}")
-    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "memory_gb": psutil.virtual_memory().total / GB},
-              "images": args.images, "reference_pairs": args.reference_pairs, "results": results}
+    report = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "memory_gb": psutil.virtual_memory().total / GB,
+        },
+        "images": args.images,
+        "reference_pairs": args.reference_pairs,
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwritten to {args.out}")

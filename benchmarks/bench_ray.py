@@ -72,8 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(c) for c in args.replicas.split(",")]
     model = f"fake:forward_ms={args.forward_ms:g},image_ms={args.image_ms:g}"
     capacity = args.batch / (args.forward_ms / 1000.0)
-    print(f"{args.rows} rows per run, each a new query; each replica {model}, batches of {args.batch}: at most {capacity:.0f} new queries/s", flush=True)
-    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False, logging_level=logging.WARNING)
+    print(
+        f"{args.rows} rows per run, each a new query; "
+        f"each replica {model}, batches of {args.batch}: at most {capacity:.0f} new queries/s",
+        flush=True,
+    )
+    ray.init(
+        num_cpus=args.ray_cpus,
+        include_dashboard=False,
+        object_store_memory=200 * 1024 * 1024,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
     quiet_ray_data()
     images = _images(20)
     fresh = itertools.count()
@@ -92,27 +102,43 @@ def main(argv: list[str] | None = None) -> int:
         cpu_after = psutil.cpu_times()
         failed = sum(1 for r in results if r.error is not None)
         if failed or len(results) != len(inputs):
-            raise RuntimeError(f"{failed} of {len(results)} failed, e.g. {next((r.error for r in results if r.error), None)}")
+            raise RuntimeError(
+                f"{failed} of {len(results)} failed, e.g. {next((r.error for r in results if r.error), None)}"
+            )
         busy = sum(cpu_after) - sum(cpu_before) - (cpu_after.idle - cpu_before.idle)
         return len(inputs) / elapsed, busy / (sum(cpu_after) - sum(cpu_before))
 
     results: dict[str, list[tuple[float, float]]] = {}
     loads = []
-    with Fleet(model, replicas=max(counts), num_cpus=0, flags=["--max-batch-size", str(args.batch), "--max-batch-delay-ms", "2", "--log-level", "WARNING"]) as address:
+    with Fleet(
+        model,
+        replicas=max(counts),
+        num_cpus=0,
+        flags=["--max-batch-size", str(args.batch), "--max-batch-delay-ms", "2", "--log-level", "WARNING"],
+    ) as address:
         addresses = address.split(",")
         # The first job starts Ray Data's own actors and warms the replicas' image caches.
-        RayEngine(addresses[0], batch_size=args.batch_size, concurrency=args.actors, num_cpus=0.5).score_batch(pairs()[:200])
+        RayEngine(addresses[0], batch_size=args.batch_size, concurrency=args.actors, num_cpus=0.5).score_batch(
+            pairs()[:200]
+        )
         with clipserve.CLIP(address) as warm:
             warm.score_batch([("warm-up", image) for image in images])
         for _ in range(args.repeat):  # interleaved: each repetition measures every case once
             with clipserve.CLIP(addresses[0]) as clip:
                 results.setdefault("sdk, 1 replica", []).append(timed(clip.score_batch))
             for count in counts:
-                engine = RayEngine(",".join(addresses[:count]), batch_size=args.batch_size, concurrency=args.actors, num_cpus=0.5)
+                engine = RayEngine(
+                    ",".join(addresses[:count]), batch_size=args.batch_size, concurrency=args.actors, num_cpus=0.5
+                )
                 results.setdefault(f"ray, {count} replica(s)", []).append(timed(engine.score_batch))
                 engine.close()
             loads.append(os.getloadavg()[0])
-            print(f"  round {len(loads)}: " + ", ".join(f"{name} {runs[-1][0]:.0f}" for name, runs in results.items()) + f" rows/s; load {loads[-1]:.1f}", flush=True)
+            print(
+                f"  round {len(loads)}: "
+                + ", ".join(f"{name} {runs[-1][0]:.0f}" for name, runs in results.items())
+                + f" rows/s; load {loads[-1]:.1f}",
+                flush=True,
+            )
         tiny = RayEngine(addresses[0], batch_size=args.batch_size, concurrency=args.actors, num_cpus=0.5)
         started = time.perf_counter()
         tiny.score_batch([("start-up", images[0])] * 8)
@@ -126,13 +152,32 @@ def main(argv: list[str] | None = None) -> int:
     for name, runs in results.items():
         best_rate, best_busy = max(runs)
         replicas = int(name.split(", ")[1].split(" ")[0])
-        row = {"case": name, "rows_per_s": round(best_rate, 1), "runs": [round(r, 1) for r, _ in runs], "vs_sdk": round(best_rate / sdk, 2), "of_ideal": round(best_rate / (replicas * capacity), 2), "cpu_busy": round(best_busy, 2)}
+        row = {
+            "case": name,
+            "rows_per_s": round(best_rate, 1),
+            "runs": [round(r, 1) for r, _ in runs],
+            "vs_sdk": round(best_rate / sdk, 2),
+            "of_ideal": round(best_rate / (replicas * capacity), 2),
+            "cpu_busy": round(best_busy, 2),
+        }
         table.append(row)
-        print(f"{name:<18}{best_rate:>9.1f}{', '.join(f'{r:.0f}' for r, _ in runs):>22}{row['vs_sdk']:>8.2f}{row['of_ideal']:>10.2f}{best_busy:>10.2f}")
-    print(f"\nthe Ray path on one replica: {ray_one / sdk:.2f} x the plain SDK's rows/s ({100 * (1 - ray_one / sdk):.0f}% less); a job of 8 rows takes {job_start_s:.2f} s (its actor pool's start); load average {min(loads):.1f}-{max(loads):.1f}")
+        print(
+            f"{name:<18}{best_rate:>9.1f}{', '.join(f'{r:.0f}' for r, _ in runs):>22}"
+            f"{row['vs_sdk']:>8.2f}{row['of_ideal']:>10.2f}{best_busy:>10.2f}"
+        )
+    print(
+        f"\nthe Ray path on one replica: {ray_one / sdk:.2f} x the plain SDK's rows/s "
+        f"({100 * (1 - ray_one / sdk):.0f}% less); "
+        f"a job of 8 rows takes {job_start_s:.2f} s (its actor pool's start); "
+        f"load average {min(loads):.1f}-{max(loads):.1f}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = vars(args) | {"out": str(args.out), "model": model}
-    args.out.write_text(json.dumps({"settings": settings, "results": table, "job_start_s": round(job_start_s, 2), "load": loads}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {"settings": settings, "results": table, "job_start_s": round(job_start_s, 2), "load": loads}, indent=2
+        )
+    )
     print(f"written to {args.out}")
     return 0
 

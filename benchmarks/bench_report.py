@@ -39,9 +39,12 @@ ROUNDS = 3
 CLICKS = """async () => {
   const t = [];
   const frame = () => new Promise(r => requestAnimationFrame(() => setTimeout(r, 0)));
-  let s = performance.now(); document.querySelectorAll('#queries tbody tr')[7].click(); await frame(); t.push(performance.now() - s);
-  s = performance.now(); document.querySelector('#queries th[data-sort=rr]').click(); await frame(); t.push(performance.now() - s);
-  const f = document.querySelector('#filter'); f.value = 'smoke'; s = performance.now(); f.dispatchEvent(new Event('input'));
+  let s = performance.now(); document.querySelectorAll('#queries tbody tr')[7].click();
+  await frame(); t.push(performance.now() - s);
+  s = performance.now(); document.querySelector('#queries th[data-sort=rr]').click();
+  await frame(); t.push(performance.now() - s);
+  const f = document.querySelector('#filter'); f.value = 'smoke';
+  s = performance.now(); f.dispatchEvent(new Event('input'));
   await new Promise(r => setTimeout(r, 61)); await frame(); t.push(performance.now() - s - 60);
   return t;
 }"""
@@ -49,7 +52,11 @@ CLICKS = """async () => {
 
 def write_page(scored: Path, images: Path, out: Path, *extra: str) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "clipserve.cli", "report", str(scored), "--images", str(images), "-o", str(out), *extra], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "clipserve.cli", "report", str(scored), "--images", str(images), "-o", str(out), *extra],
+        check=True,
+        capture_output=True,
+    )
     return time.perf_counter() - started
 
 
@@ -72,21 +79,30 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--per-query", type=int, default=25)
     parser.add_argument("--images", type=int, default=20000, help="distinct images (they recur across queries)")
-    parser.add_argument("--thumbnails", type=int, default=0, help="also time --embed-thumbnails over this many real local images")
+    parser.add_argument(
+        "--thumbnails", type=int, default=0, help="also time --embed-thumbnails over this many real local images"
+    )
     args = parser.parse_args()
     import sklearn.datasets as sklearn_images
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as folder_name:
         folder = Path(folder_name)
-        bench = make_benchmark(folder / "big", queries=args.queries, per_query=args.per_query, pool=args.images, write_images=False)
+        bench = make_benchmark(
+            folder / "big", queries=args.queries, per_query=args.per_query, pool=args.images, write_images=False
+        )
         lines = bench.images.read_text(encoding="utf-8").splitlines()
         remote = [json.loads(line) for line in lines]
         for row in remote:
             row["image_url"] = f"https://example.org/FireBench/images/{row['image_id']}.jpg"
         bench.images.write_text("".join(json.dumps(row) + "\n" for row in remote), encoding="utf-8")
         page_file = folder / "big.html"
-        result: dict = {"rows": len(bench.rows), "queries": args.queries, "images": args.images, "load": os.getloadavg()}
+        result: dict = {
+            "rows": len(bench.rows),
+            "queries": args.queries,
+            "images": args.images,
+            "load": os.getloadavg(),
+        }
         writes, walls, marks, clicks = [], [], [], []
         with sync_playwright() as playwright:
             browser = launch(playwright)
@@ -106,14 +122,26 @@ def main() -> int:
                 filter_ms=round(min(c[2] for c in clicks), 1),
             )
             if args.thumbnails:
-                small = make_benchmark(folder / "thumbs", queries=max(1, args.thumbnails // 25), per_query=25, pool=args.thumbnails)
-                photos = [Path(sklearn_images.__file__).parent / "images" / name for name in ("china.jpg", "flower.jpg")]
-                for i, row in enumerate(json.loads(line) for line in small.images.read_text(encoding="utf-8").splitlines()):
+                small = make_benchmark(
+                    folder / "thumbs", queries=max(1, args.thumbnails // 25), per_query=25, pool=args.thumbnails
+                )
+                photos = [
+                    Path(sklearn_images.__file__).parent / "images" / name for name in ("china.jpg", "flower.jpg")
+                ]
+                for i, row in enumerate(
+                    json.loads(line) for line in small.images.read_text(encoding="utf-8").splitlines()
+                ):
                     shutil.copyfile(photos[i % 2], row["image_url"])  # real photos (640x427), not the drawings
                 thumbs_page = folder / "thumbs.html"
                 result["thumbnails"] = {
                     "images": args.thumbnails,
-                    "write_s": round(min(write_page(small.scored, small.images, thumbs_page, "--embed-thumbnails") for _ in range(ROUNDS)), 2),
+                    "write_s": round(
+                        min(
+                            write_page(small.scored, small.images, thumbs_page, "--embed-thumbnails")
+                            for _ in range(ROUNDS)
+                        ),
+                        2,
+                    ),
                     "page_mb": round(thumbs_page.stat().st_size / 1e6, 2),
                     "open_s": round(min(open_page(browser, thumbs_page)[0] for _ in range(ROUNDS)), 2),
                 }

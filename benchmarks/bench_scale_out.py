@@ -34,7 +34,9 @@ from bench_throughput import serve  # noqa: E402  (one way to start a server, fo
 
 
 def start_replica(forward_ms: float, batch: int) -> tuple[subprocess.Popen, str]:
-    return serve("--model", f"fake:forward_ms={forward_ms}", "--max-batch-size", str(batch), "--max-batch-delay-ms", "2")
+    return serve(
+        "--model", f"fake:forward_ms={forward_ms}", "--max-batch-size", str(batch), "--max-batch-delay-ms", "2"
+    )
 
 
 def one_run(replicas: int, pairs: int, image: Path, args: argparse.Namespace) -> tuple[float, list[int]]:
@@ -75,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     Image.new("RGB", (320, 240), (40, 120, 200)).save(buffer, format="PNG")
     image.write_bytes(buffer.getvalue())
     capacity = args.batch / (args.forward_ms / 1000.0)
-    print(f"{args.pairs} pairs; each replica: batches of {args.batch} at {args.forward_ms:g} ms -> at most {capacity:.0f} pairs/s", flush=True)
+    print(
+        f"{args.pairs} pairs; each replica: "
+        f"batches of {args.batch} at {args.forward_ms:g} ms -> at most {capacity:.0f} pairs/s",
+        flush=True,
+    )
 
     table = []
     for count in [int(c) for c in args.replicas.split(",")]:
@@ -90,12 +96,19 @@ def main(argv: list[str] | None = None) -> int:
             "of_ideal": round(best_rate / (count * capacity), 2),
             "shares": [round(s / args.pairs, 2) for s in best_shares],
         })
-        print(f"{count} replica(s): {best_rate:.1f} pairs/s (runs {', '.join(f'{r:.1f}' for r in rates)}), shares {table[-1]['shares']}", flush=True)
+        print(
+            f"{count} replica(s): {best_rate:.1f} pairs/s (runs "
+            f"{', '.join(f'{r:.1f}' for r in rates)}), shares {table[-1]['shares']}",
+            flush=True,
+        )
     base = table[0]["pairs_per_s"]
     print(f"\n{'replicas':>8}{'pairs/s':>10}{'speed-up':>10}{'of ideal':>10}  shares")
     for row in table:
         row["speedup"] = round(row["pairs_per_s"] / base, 2)
-        print(f"{row['replicas']:>8}{row['pairs_per_s']:>10.1f}{row['speedup']:>10.2f}{row['of_ideal']:>10.2f}  {row['shares']}")
+        print(
+            f"{row['replicas']:>8}{row['pairs_per_s']:>10.1f}{row['speedup']:>10.2f}"
+            f"{row['of_ideal']:>10.2f}  {row['shares']}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "results": table}, indent=2))
     print(f"\nwritten to {args.out}")

@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> None:
                 proc.wait(timeout=60)
             assert failures == 0, f"{failures} pairs failed"
             rates.setdefault((threads, workers), []).append(rate)
-            print(f"run {run}: forward threads {threads}, decode workers {workers}: {rate:.1f} pairs/s (load {load:.2f})", flush=True)
+            print(
+                f"run {run}: forward threads {threads}, decode workers {workers}: {rate:.1f} pairs/s (load {load:.2f})",
+                flush=True,
+            )
             time.sleep(1)
     httpd.shutdown()
     print("\n| forward threads | decode workers | cold pairs/s best | median |\n|---:|---:|---:|---:|")

@@ -59,7 +59,9 @@ from corpus_host import serve_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [(320, 240), (500, 500), (640, 480), (800, 600), (1024, 768), (1280, 960), (1600, 1200)]
-WORDS = "dog cat car beach mountain city street tree flower bird boat house river snow red blue green old small big".split()
+WORDS = (
+    "dog cat car beach mountain city street tree flower bird boat house river snow red blue green old small big".split()
+)
 
 
 # -- fixtures: images, a loopback image host, queries ---------------------------------------------
@@ -75,7 +77,10 @@ def make_photo(i: int, seed: int) -> tuple[str, bytes]:
     draw = ImageDraw.Draw(image)
     for _ in range(6):
         x0, y0 = int(rng.integers(0, w - 10)), int(rng.integers(0, h - 10))
-        draw.ellipse([x0, y0, x0 + int(rng.integers(10, w // 2)), y0 + int(rng.integers(10, h // 2))], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        draw.ellipse(
+            [x0, y0, x0 + int(rng.integers(10, w // 2)), y0 + int(rng.integers(10, h // 2))],
+            fill=tuple(int(c) for c in rng.integers(0, 255, 3)),
+        )
     buffer = io.BytesIO()
     fmt = "JPEG" if i % 3 else "PNG"
     image.save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
@@ -131,7 +136,13 @@ def measure_reference(checkpoint: Path, pairs: list[tuple[str, str]]) -> float:
 
 
 def measure_bound(
-    checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[str, str]], args: argparse.Namespace, runtime: str, cache: Path, many_texts: list[str]
+    checkpoint: Path,
+    corpus: dict[str, bytes],
+    pairs: list[tuple[str, str]],
+    args: argparse.Namespace,
+    runtime: str,
+    cache: Path,
+    many_texts: list[str],
 ) -> tuple[float, float, float]:
     """(d) Batched forwards over the distinct texts and images; preprocessing done beforehand.
     Returns pairs/s, images/s of the image forwards alone (the bound of (e)), and texts/s of
@@ -145,7 +156,17 @@ def measure_bound(
     compile = args.compile and runtime != "torch-eager"
     model = HFClipModel(str(checkpoint), device=args.device, dtype=args.dtype, compile=compile)
     if runtime != "torch-eager":
-        apply_runtime(model, ServerConfig(model=(str(checkpoint),), device=args.device, dtype=args.dtype, compile=compile, runtime=runtime, runtime_cache=str(cache)))
+        apply_runtime(
+            model,
+            ServerConfig(
+                model=(str(checkpoint),),
+                device=args.device,
+                dtype=args.dtype,
+                compile=compile,
+                runtime=runtime,
+                runtime_cache=str(cache),
+            ),
+        )
     model.warmup()
     size = args.max_batch_size
     texts_started = time.perf_counter()
@@ -187,7 +208,19 @@ def load_average() -> float:
 
 def serve(*flags: str) -> tuple[subprocess.Popen, str]:
     """`clipserve serve FLAGS` on a free loopback port; returns once it is ready."""
-    command = [sys.executable, "-m", "clipserve.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--log-level", "WARNING", *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "clipserve.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--log-level",
+        "WARNING",
+        *flags,
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     address = ""
@@ -199,7 +232,9 @@ def serve(*flags: str) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"server exited with {proc.wait()}")
 
 
-def measure_clipserve(address: str, pairs: list[tuple[str, str]], scores: list[np.ndarray] | None = None) -> tuple[float, int]:
+def measure_clipserve(
+    address: str, pairs: list[tuple[str, str]], scores: list[np.ndarray] | None = None
+) -> tuple[float, int]:
     """pairs/s of one score_batch of ``pairs``, and how many failed; their scores go into ``scores``."""
     import clipserve
 
@@ -215,7 +250,9 @@ def measure_clipserve(address: str, pairs: list[tuple[str, str]], scores: list[n
     return len(pairs) / elapsed, failures
 
 
-def drift(pairs: list[tuple[str, str]], scores: np.ndarray, baseline: np.ndarray, logit_scale: float) -> dict[str, float]:
+def drift(
+    pairs: list[tuple[str, str]], scores: np.ndarray, baseline: np.ndarray, logit_scale: float
+) -> dict[str, float]:
     """How far ``scores`` are from ``baseline``'s on the same pairs: the largest |difference| in
     units of exp(logit_scale) (a cosine's), and per query whether its images keep their order
     (every one, and the first), with the mean Kendall tau of the two orders."""
@@ -268,16 +305,38 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_arguments(parser)
     parser.add_argument("--reference-pairs", type=int, default=100, help="pairs timed for (a); its rate is per pair")
-    parser.add_argument("--runtime", default="auto", help="the server's --runtime (default: auto, the server's default)")
-    parser.add_argument("--against", default="torch", help="a second --runtime measured the same way, interleaved ('none': skip)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="serve torch.compile's image tower (with --runtime torch)")
-    parser.add_argument("--texts", type=int, default=2000, help="(f): distinct queries embedded on a cold server (0: skip)")
+    parser.add_argument(
+        "--runtime", default="auto", help="the server's --runtime (default: auto, the server's default)"
+    )
+    parser.add_argument(
+        "--against", default="torch", help="a second --runtime measured the same way, interleaved ('none': skip)"
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="serve torch.compile's image tower (with --runtime torch)",
+    )
+    parser.add_argument(
+        "--texts", type=int, default=2000, help="(f): distinct queries embedded on a cold server (0: skip)"
+    )
     parser.add_argument("--checkpoint", type=Path, default=None, help="reuse a vit-b-32 checkpoint folder")
     parser.add_argument("--skip-reference", action="store_true")
-    parser.add_argument("--embed", action="store_true", help="also (e): embed the distinct images on a cold server, against the image bound")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of every mode, interleaved; best and median are reported")
-    parser.add_argument("--baseline-dtype", default="float32", help="with a --dtype other than this: also a cold pass of the server "
-                        "at this dtype (the default runtime), interleaved, its ratio and the score drift between the two ('none': skip)")
+    parser.add_argument(
+        "--embed",
+        action="store_true",
+        help="also (e): embed the distinct images on a cold server, against the image bound",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of every mode, interleaved; best and median are reported"
+    )
+    parser.add_argument(
+        "--baseline-dtype",
+        default="float32",
+        help="with a --dtype other than this: also a cold pass of the server "
+        "at this dtype (the default runtime), interleaved, "
+        "its ratio and the score drift between the two ('none': skip)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -296,9 +355,14 @@ def main(argv: list[str] | None = None) -> int:
     runtimes = [args.runtime] + ([args.against] if args.against not in ("none", "", args.runtime) else [])
     # The eager bound is torch's own forward (d0), whatever the runtimes compared.
     bounds = [*runtimes, "torch-eager"]
-    print(f"workload: {len(pairs)} pairs, {args.queries} queries, {distinct_images} distinct images "
-          f"({sum(map(len, corpus.values())) / 1e6:.1f} MB corpus), {len(many_texts)} texts; device={args.device} dtype={args.dtype} "
-          f"runtimes={','.join(runtimes)} compile={args.compile}" + (f"; baseline {baseline_dtype} at --runtime auto" if baseline_dtype else ""), flush=True)
+    print(
+        f"workload: {len(pairs)} pairs, {args.queries} queries, {distinct_images} distinct images "
+        f"({sum(map(len, corpus.values())) / 1e6:.1f} MB corpus), {len(many_texts)} texts; "
+        f"device={args.device} dtype={args.dtype} "
+        f"runtimes={','.join(runtimes)} compile={args.compile}"
+        + (f"; baseline {baseline_dtype} at --runtime auto" if baseline_dtype else ""),
+        flush=True,
+    )
 
     # Every mode runs --repeat times, the runtimes interleaved within each run (a fresh server,
     # and a fresh conversion cache, for every cold run): a shared machine drifts between runs.
@@ -319,7 +383,11 @@ def main(argv: list[str] | None = None) -> int:
             # The baseline dtype's server at its defaults, cold, before the others: its scores
             # are what the others' drift is measured against.
             baseline_scores: list[np.ndarray] = []
-            proc, address = start_server(checkpoint, argparse.Namespace(**{**vars(args), "dtype": baseline_dtype}), ["--runtime-cache", str(scratch / f"cache-baseline-{run}")])
+            proc, address = start_server(
+                checkpoint,
+                argparse.Namespace(**{**vars(args), "dtype": baseline_dtype}),
+                ["--runtime-cache", str(scratch / f"cache-baseline-{run}")],
+            )
             try:
                 cold, cold_failures = measure_clipserve(address, pairs, baseline_scores)
             finally:
@@ -363,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
                 proc.terminate()
                 proc.wait(timeout=60)
         for runtime in bounds:
-            bound, image_bound, text_bound = in_fresh_process(measure_bound, checkpoint, corpus, pairs, args, runtime, scratch / f"cache-{runtime}-{run}", many_texts)
+            bound, image_bound, text_bound = in_fresh_process(
+                measure_bound, checkpoint, corpus, pairs, args, runtime, scratch / f"cache-{runtime}-{run}", many_texts
+            )
             record(f"d_bound[{runtime}]", bound)
             record(f"d_image_bound[{runtime}]", image_bound)
             record(f"d_text_bound[{runtime}]", text_bound)
@@ -371,8 +441,14 @@ def main(argv: list[str] | None = None) -> int:
         faster = max(samples[f"d_bound[{runtime}]"][-1] for runtime in bounds)
         record("cold_over_faster_bound", samples[f"b_cold[{args.runtime}]"][-1] / faster)
         if baseline_dtype:
-            record("cold_over_baseline_cold", samples[f"b_cold[{args.runtime}]"][-1] / samples[f"b_cold[{baseline_dtype}]"][-1])
-        print(f"run {run} (load {loads[-1]:.2f}): " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in samples.items()), flush=True)
+            record(
+                "cold_over_baseline_cold",
+                samples[f"b_cold[{args.runtime}]"][-1] / samples[f"b_cold[{baseline_dtype}]"][-1],
+            )
+        print(
+            f"run {run} (load {loads[-1]:.2f}): " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in samples.items()),
+            flush=True,
+        )
     httpd.shutdown()
 
     # Rates: the best run (least disturbed by the machine's other work); times: the least.
@@ -395,8 +471,10 @@ def main(argv: list[str] | None = None) -> int:
         ("server RSS MB", "rss_mb", None),
     ]
     print()
-    print(f"best of {args.repeat} (median in brackets); reference (a) {best.get('a_reference', 0):.1f} pairs/s, "
-          f"eager bound (d0) {best['d_bound[torch-eager]']:.1f} pairs/s; load average {min(loads):.2f}-{max(loads):.2f}")
+    print(
+        f"best of {args.repeat} (median in brackets); reference (a) {best.get('a_reference', 0):.1f} pairs/s, "
+        f"eager bound (d0) {best['d_bound[torch-eager]']:.1f} pairs/s; load average {min(loads):.2f}-{max(loads):.2f}"
+    )
     print(f"{'':<28}" + "".join(f"{runtime:>20}" for runtime in runtimes))
     table = []
     for label, key, by in rows:
@@ -412,21 +490,51 @@ def main(argv: list[str] | None = None) -> int:
             table.append({"row": label, "runtime": runtime, "best": round(value, 3), "median": round(middle, 3)})
         print(f"{label:<28}" + "".join(cells))
     # Ratios taken within each run (the machine drifts between runs), best (median).
-    within = [("cold / faster model-only bound", "cold_over_faster_bound")] + ([(f"cold / {baseline_dtype} default's cold", "cold_over_baseline_cold")] if baseline_dtype else [])
+    within = [("cold / faster model-only bound", "cold_over_faster_bound")] + (
+        [(f"cold / {baseline_dtype} default's cold", "cold_over_baseline_cold")] if baseline_dtype else []
+    )
     for label, key in within:
         print(f"{f'{args.runtime} {label}':<44}{best[key]:.2f} ({median[key]:.2f})")
-        table.append({"row": label, "runtime": args.runtime, "best": round(best[key], 3), "median": round(median[key], 3)})
+        table.append(
+            {"row": label, "runtime": args.runtime, "best": round(best[key], 3), "median": round(median[key], 3)}
+        )
     if baseline_dtype:
-        print(f"{baseline_dtype} default cold pairs/s: {best[f'b_cold[{baseline_dtype}]']:.1f} ({median[f'b_cold[{baseline_dtype}]']:.1f})")
+        print(
+            f"{baseline_dtype} default cold pairs/s: "
+            f"{best[f'b_cold[{baseline_dtype}]']:.1f} ({median[f'b_cold[{baseline_dtype}]']:.1f})"
+        )
         worst = {k: (max if k.startswith("max") else min)(d[k] for d in drifts) for k in drifts[0]}
-        print(f"{args.dtype} against {baseline_dtype}, same pairs, worst of {len(drifts)} runs: max |score difference| / exp(logit_scale) "
-              f"{worst['max_abs_diff_over_scale']:.2e}; queries ranking their images in the same order {worst['queries_same_order']:.0%}, "
-              f"the same first {worst['queries_same_top1']:.0%}; mean Kendall tau {worst['mean_kendall_tau']:.3f}")
+        print(
+            f"{args.dtype} against {baseline_dtype}, same pairs, "
+            f"worst of {len(drifts)} runs: max |score difference| / exp(logit_scale) "
+            f"{worst['max_abs_diff_over_scale']:.2e}; "
+            f"queries ranking their images in the same order {worst['queries_same_order']:.0%}, "
+            f"the same first {worst['queries_same_top1']:.0%}; mean Kendall tau {worst['mean_kendall_tau']:.3f}"
+        )
     report = {
-        "workload": {"pairs": len(pairs), "queries": args.queries, "per_query": args.per_query, "images": args.images, "distinct_images": distinct_images, "texts": len(many_texts)},
-        "settings": {"device": args.device, "dtype": args.dtype, "runtimes": runtimes, "compile": args.compile, "max_batch_size": args.max_batch_size, "max_batch_delay_ms": args.max_batch_delay_ms},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__, "load_average_1min": loads,
-                    "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
+        "workload": {
+            "pairs": len(pairs),
+            "queries": args.queries,
+            "per_query": args.per_query,
+            "images": args.images,
+            "distinct_images": distinct_images,
+            "texts": len(many_texts),
+        },
+        "settings": {
+            "device": args.device,
+            "dtype": args.dtype,
+            "runtimes": runtimes,
+            "compile": args.compile,
+            "max_batch_size": args.max_batch_size,
+            "max_batch_delay_ms": args.max_batch_delay_ms,
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "load_average_1min": loads,
+            "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
+        },
         "repeat": args.repeat,
         "samples": {k: [round(v, 2) for v in values] for k, values in samples.items()},
         "failures": failures,

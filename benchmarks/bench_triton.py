@@ -47,7 +47,10 @@ def captioned_images(n: int, seed: int) -> list[tuple[str, np.ndarray]]:
     from PIL import Image
 
     corpus = make_corpus(n, seed)
-    return [(f"a photo taken by node {i % 17}, frame {i}", np.array(Image.open(io.BytesIO(data)).convert("RGB"))) for i, data in enumerate(corpus.values())]
+    return [
+        (f"a photo taken by node {i % 17}, frame {i}", np.array(Image.open(io.BytesIO(data)).convert("RGB")))
+        for i, data in enumerate(corpus.values())
+    ]
 
 
 def clip_call(client, text: str, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -112,7 +115,9 @@ def measure_triton_model(checkpoint: str, items: list[tuple[str, np.ndarray]], d
         if any(texts):
             tokens = processor(text=texts, padding=True, truncation=True, return_tensors="pt").to(device)
             with torch.no_grad():
-                features = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+                features = model.get_text_features(
+                    input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+                )
             text_out = getattr(features, "pooler_output", features).cpu().numpy().astype(np.float32)
         if np.any(pixels != 0):
             inputs = processor(images=pixels, return_tensors="pt").to(device)
@@ -136,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", "-N", type=int, default=200)
     parser.add_argument("--threads", type=int, default=16)
-    parser.add_argument("--arch", default="vit-b-32", help="synthetic checkpoint's architecture (tiny, vit-b-32, vit-h-14-378)")
+    parser.add_argument(
+        "--arch", default="vit-b-32", help="synthetic checkpoint's architecture (tiny, vit-b-32, vit-h-14-378)"
+    )
     parser.add_argument("--checkpoint", default="", help="a model folder instead of a synthetic one")
     parser.add_argument("--repeat", type=int, default=1, help="alternating passes of each")
     parser.add_argument("--device", default="cpu")
@@ -148,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     if not checkpoint:
         from clipserve_server.models.synthetic import build_checkpoint
 
-        checkpoint = str(build_checkpoint(Path(tempfile.mkdtemp(prefix="clipserve-triton-")) / args.arch, arch=args.arch, seed=args.seed))
+        checkpoint = str(
+            build_checkpoint(
+                Path(tempfile.mkdtemp(prefix="clipserve-triton-")) / args.arch, arch=args.arch, seed=args.seed
+            )
+        )
     items = captioned_images(args.images, args.seed)
     runs: list[dict[str, object]] = []
     for round_ in range(args.repeat):

@@ -39,7 +39,12 @@ def run(address: str, inputs: list) -> dict[str, float]:
     failed = sum(1 for r in results if r.error is not None)
     if failed:
         raise RuntimeError(f"{failed} pairs failed, e.g. {next(r.error for r in results if r.error)}")
-    return {"seconds": elapsed, "upload_bytes": stats.upload_bytes, "hash_seconds": stats.hash_seconds, "resends": stats.resends}
+    return {
+        "seconds": elapsed,
+        "upload_bytes": stats.upload_bytes,
+        "hash_seconds": stats.hash_seconds,
+        "resends": stats.resends,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,12 +63,19 @@ def main(argv: list[str] | None = None) -> int:
         (folder / name).write_bytes(data)
     files = sorted(folder.iterdir())
     rng = random.Random(args.seed)
-    inputs = [clipserve.SimilarityInput(f"query {q}", str(path)) for q in range(args.queries) for path in rng.sample(files, args.per_query)]
+    inputs = [
+        clipserve.SimilarityInput(f"query {q}", str(path))
+        for q in range(args.queries)
+        for path in rng.sample(files, args.per_query)
+    ]
     used = {x.image_url for x in inputs}
     size = sum(Path(p).stat().st_size for p in used)
     pairs = len(inputs)
     per_pair_naive = sum(Path(x.image_url).stat().st_size for x in inputs) / pairs
-    print(f"{pairs} pairs over {len(used)} local files ({size / 1e6:.1f} MB); uploading every pair would send {per_pair_naive / 1e3:.0f} kB/pair")
+    print(
+        f"{pairs} pairs over {len(used)} local files ({size / 1e6:.1f} MB); "
+        f"uploading every pair would send {per_pair_naive / 1e3:.0f} kB/pair"
+    )
 
     proc, address = serve("--model", "fake")
     try:
@@ -77,11 +89,28 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in rows.items():
         row["bytes_per_pair"] = row["upload_bytes"] / pairs
         row["of_files"] = row["upload_bytes"] / size
-        print(f"{name:<6}{row['bytes_per_pair'] / 1e3:>10.1f}{row['of_files']:>10.3f}{row['seconds']:>10.2f}{row['hash_seconds']:>11.3f}{row['resends']:>9}")
+        print(
+            f"{name:<6}{row['bytes_per_pair'] / 1e3:>10.1f}{row['of_files']:>10.3f}{row['seconds']:>10.2f}"
+            f"{row['hash_seconds']:>11.3f}{row['resends']:>9}"
+        )
     # The cold run sends every file once: hashing (once per file) must cost less than that.
-    print(f"\nhashing {size / 1e6:.0f} MB took {cold['hash_seconds']:.2f}s; the cold run, which uploads them, {cold['seconds']:.2f}s")
+    print(
+        f"\nhashing {size / 1e6:.0f} MB took {cold['hash_seconds']:.2f}s; "
+        f"the cold run, which uploads them, {cold['seconds']:.2f}s"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"pairs": pairs, "files": len(used), "files_bytes": size, "naive_bytes_per_pair": per_pair_naive, "runs": rows}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "pairs": pairs,
+                "files": len(used),
+                "files_bytes": size,
+                "naive_bytes_per_pair": per_pair_naive,
+                "runs": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"written to {args.out}")
     return 0
 

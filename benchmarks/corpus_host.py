@@ -26,7 +26,9 @@ class CorpusHost:
         for name, data in corpus.items():
             (self._folder / name).write_bytes(data)
         # Its stdin is ours: when this process ends, however it ends, the host sees EOF and exits.
-        self._proc = subprocess.Popen([sys.executable, __file__, str(self._folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._proc = subprocess.Popen(
+            [sys.executable, __file__, str(self._folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         assert self._proc.stdout is not None
         self.base = self._proc.stdout.readline().strip()
         if not self.base.startswith("http://"):

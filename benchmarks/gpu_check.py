@@ -88,7 +88,12 @@ class UtilisationSampler:
         except Exception:  # no NVML bindings: ask nvidia-smi
             while not self._stop.wait(0.1):
                 try:
-                    out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5)
+                    out = subprocess.run(
+                        ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                        capture_output=True,
+                        text=True,
+                        timeout=5,
+                    )
                     self.samples.append(float(out.stdout.split()[0]))
                 except Exception:
                     return
@@ -102,10 +107,30 @@ class Server:
     def __init__(self, checkpoint: Path, dtype: str, flags: list[str], start_timeout_s: float) -> None:
         self.metrics_port = free_port()
         command = [
-            sys.executable, "-m", "clipserve.cli", "serve", "--model", str(checkpoint), "--host", "127.0.0.1", "--port", "0",
-            "--metrics-port", str(self.metrics_port),
-            "--allow-private-networks", "--device", DEVICE, "--dtype", dtype, "--max-batch-size", str(BATCH),
-            "--max-batch-delay-ms", "5", "--log-level", "WARNING", *flags,
+            sys.executable,
+            "-m",
+            "clipserve.cli",
+            "serve",
+            "--model",
+            str(checkpoint),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            str(self.metrics_port),
+            "--allow-private-networks",
+            "--device",
+            DEVICE,
+            "--dtype",
+            dtype,
+            "--max-batch-size",
+            str(BATCH),
+            "--max-batch-delay-ms",
+            "5",
+            "--log-level",
+            "WARNING",
+            *flags,
         ]
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         timer = threading.Timer(start_timeout_s, self.proc.kill)
@@ -150,7 +175,13 @@ def score_pass(server: Server, pairs: list[tuple[str, str]]) -> tuple[float, np.
 
 
 def served(
-    checkpoint: Path, pairs: list[tuple[str, str]], dtype: str, flags: list[str], *, warm: bool = False, start_timeout_s: float = 240
+    checkpoint: Path,
+    pairs: list[tuple[str, str]],
+    dtype: str,
+    flags: list[str],
+    *,
+    warm: bool = False,
+    start_timeout_s: float = 240,
 ) -> dict:
     started = time.monotonic()
     server = Server(checkpoint, dtype, flags, start_timeout_s)
@@ -196,7 +227,9 @@ def model_bound(checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[st
     return {"images_per_s": round(len(names) / images_s, 1), "pairs_per_s": round(len(pairs) / (images_s + texts_s), 1)}
 
 
-def precision_drift(checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[str, str]], sample: int = 64) -> float:
+def precision_drift(
+    checkpoint: Path, corpus: dict[str, bytes], pairs: list[tuple[str, str]], sample: int = 64
+) -> float:
     """Max |score(half) - score(float32)| over a sample of the pairs, same preprocessing."""
     from clipserve_server.models.clip_model import HFClipModel
     from clipserve_server.models.model import Embedding
@@ -239,13 +272,22 @@ def check(arch_spec: str, corpus: dict[str, bytes], base: str, scratch: Path, *,
     arch, _, size = arch_spec.partition(":")
     out: dict = {}
     started = time.monotonic()
-    checkpoint = build_checkpoint(scratch / arch_spec.replace(":", "-"), arch=arch, image_size=int(size) if size else None, device=DEVICE, dtype=HALF)
+    checkpoint = build_checkpoint(
+        scratch / arch_spec.replace(":", "-"),
+        arch=arch,
+        image_size=int(size) if size else None,
+        device=DEVICE,
+        dtype=HALF,
+    )
     say(f"{arch_spec}: random-weight checkpoint built in {time.monotonic() - started:.1f}s")
     pairs = make_workload(base, sorted(corpus), QUERIES, PER_QUERY, 0)
     out["workload"] = {"pairs": len(pairs), "distinct_images": len({u for _, u in pairs}), "batch": BATCH}
 
     out["bound"] = model_bound(checkpoint, corpus, pairs, scratch / "bound-runtime-cache")
-    say(f"{arch_spec}: model-only bound {out['bound']['images_per_s']} images/s ({out['bound']['pairs_per_s']} pairs/s on this workload)")
+    say(
+        f"{arch_spec}: model-only bound {out['bound']['images_per_s']} images/s "
+        f"({out['bound']['pairs_per_s']} pairs/s on this workload)"
+    )
 
     exact = served(checkpoint, pairs, HALF, [], warm=True)
     exact_scores = exact.pop("scores")
@@ -255,9 +297,14 @@ def check(arch_spec: str, corpus: dict[str, bytes], base: str, scratch: Path, *,
         "cold_images_per_s": round(cold_images_per_s, 1),
         "cold_fraction_of_image_bound": round(cold_images_per_s / out["bound"]["images_per_s"], 2),
     }
-    say(f"{arch_spec}: clipserve cold {exact['cold_pairs_per_s']:.1f} pairs/s = {out['clipserve']['cold_fraction_of_bound']} of the bound "
-        f"({cold_images_per_s:.0f} distinct images/s = {out['clipserve']['cold_fraction_of_image_bound']} of the images/s bound), "
-        f"GPU {exact['gpu_util_cold_pct']}% busy; warm {exact['warm_pairs_per_s']:.1f} pairs/s (server start {exact['start_s']}s)")
+    say(
+        f"{arch_spec}: clipserve cold {exact['cold_pairs_per_s']:.1f} pairs/s = "
+        f"{out['clipserve']['cold_fraction_of_bound']} of the bound "
+        f"({cold_images_per_s:.0f} distinct images/s = "
+        f"{out['clipserve']['cold_fraction_of_image_bound']} of the images/s bound), "
+        f"GPU {exact['gpu_util_cold_pct']}% busy; "
+        f"warm {exact['warm_pairs_per_s']:.1f} pairs/s (server start {exact['start_s']}s)"
+    )
 
     out["fp16_vs_fp32_max_abs_score_diff"] = precision_drift(checkpoint, corpus, pairs)
     say(f"{arch_spec}: {HALF} vs float32: max |score diff| {out['fp16_vs_fp32_max_abs_score_diff']:.4f} "
@@ -269,12 +316,21 @@ def check(arch_spec: str, corpus: dict[str, bytes], base: str, scratch: Path, *,
     else:
         # The server reads four batches ahead by default (1024 pairs here), so that decoding
         # overlaps a big model's long forward: against one batch (256, the default before).
-        out["in_flight_256"] = variant(arch_spec, "in_flight_256", ["--stream-max-in-flight", "256"], checkpoint, pairs, exact_scores, needs_s=60)
+        out["in_flight_256"] = variant(
+            arch_spec, "in_flight_256", ["--stream-max-in-flight", "256"], checkpoint, pairs, exact_scores, needs_s=60
+        )
     return out, {"arch": arch_spec, "checkpoint": checkpoint, "pairs": pairs, "exact_scores": exact_scores}
 
 
 def variant(
-    arch_spec: str, name: str, flags: list[str], checkpoint: Path, pairs: list[tuple[str, str]], exact_scores: np.ndarray, *, needs_s: float
+    arch_spec: str,
+    name: str,
+    flags: list[str],
+    checkpoint: Path,
+    pairs: list[tuple[str, str]],
+    exact_scores: np.ndarray,
+    *,
+    needs_s: float,
 ) -> dict:
     """A server with ``flags``: its cold speed and how far its scores are from the exact path's."""
     if time_left() < needs_s:
@@ -315,12 +371,23 @@ def runtime_step(first: dict, corpus: dict[str, bytes], scratch: Path, needs_s: 
         model = HFClipModel(str(checkpoint), device=DEVICE, dtype=dtype)
         started = time.perf_counter()
         if runtime != "torch":
-            apply_runtime(model, ServerConfig(model=(str(checkpoint),), device=DEVICE, dtype=dtype, runtime=runtime, runtime_cache=str(scratch / "runtime-cache")))
+            apply_runtime(
+                model,
+                ServerConfig(
+                    model=(str(checkpoint),),
+                    device=DEVICE,
+                    dtype=dtype,
+                    runtime=runtime,
+                    runtime_cache=str(scratch / "runtime-cache"),
+                ),
+            )
         load_s = time.perf_counter() - started
         pixels = [model.preprocess_image(Image.open(_bytes_io(corpus[n])).convert("RGB")) for n in names]
         for _ in range(2):  # the second pass is timed
             started = time.perf_counter()
-            image_out = np.concatenate([model.forward([], pixels[i : i + BATCH])[1] for i in range(0, len(pixels), BATCH)])
+            image_out = np.concatenate(
+                [model.forward([], pixels[i : i + BATCH])[1] for i in range(0, len(pixels), BATCH)]
+            )
             images_s = time.perf_counter() - started
             started = time.perf_counter()
             text_out = np.concatenate([model.forward(texts[i : i + BATCH], [])[0] for i in range(0, len(texts), BATCH)])
@@ -337,7 +404,10 @@ def runtime_step(first: dict, corpus: dict[str, bytes], scratch: Path, needs_s: 
         return {"skipped": f"{time_left():.0f}s of the budget left"}
     out: dict = {}
     out["torch"], eager_images, eager_texts = measure("torch")
-    say(f"{first['arch']}: runtime torch ({dtype}): {out['torch']['images_per_s']} images/s, {out['torch']['texts_per_s']} texts/s")
+    say(
+        f"{first['arch']}: runtime torch ({dtype}): "
+        f"{out['torch']['images_per_s']} images/s, {out['torch']['texts_per_s']} texts/s"
+    )
     for runtime in runtimes:
         if time_left() < needs_s:
             out[runtime] = {"skipped": f"{time_left():.0f}s of the budget left"}
@@ -349,13 +419,21 @@ def runtime_step(first: dict, corpus: dict[str, bytes], scratch: Path, needs_s: 
             out[runtime] = {"failed": str(exc)[:300]}
             continue
         relative = lambda got, want: float((np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)).max())  # noqa: E731
-        result |= {"image_max_rel_diff": relative(images, eager_images), "text_max_rel_diff": relative(texts_out, eager_texts),
-                   "images_speedup": round(result["images_per_s"] / out["torch"]["images_per_s"], 2),
-                   "texts_speedup": round(result["texts_per_s"] / out["torch"]["texts_per_s"], 2)}
+        result |= {
+            "image_max_rel_diff": relative(images, eager_images),
+            "text_max_rel_diff": relative(texts_out, eager_texts),
+            "images_speedup": round(result["images_per_s"] / out["torch"]["images_per_s"], 2),
+            "texts_speedup": round(result["texts_per_s"] / out["torch"]["texts_per_s"], 2),
+        }
         out[runtime] = result
-        say(f"{first['arch']}: runtime {runtime}: image tower in {result['image_runtime']}, text in {result['text_runtime']} (load {result['load_s']}s); "
-            f"{result['images_per_s']} images/s (x{result['images_speedup']}), {result['texts_per_s']} texts/s (x{result['texts_speedup']}); "
-            f"max relative feature diff vs eager: images {result['image_max_rel_diff']:.1e}, texts {result['text_max_rel_diff']:.1e}")
+        say(
+            f"{first['arch']}: runtime {runtime}: image tower in {result['image_runtime']}, "
+            f"text in {result['text_runtime']} (load {result['load_s']}s); "
+            f"{result['images_per_s']} images/s (x{result['images_speedup']}), "
+            f"{result['texts_per_s']} texts/s (x{result['texts_speedup']}); "
+            "max relative feature diff vs eager: "
+            f"images {result['image_max_rel_diff']:.1e}, texts {result['text_max_rel_diff']:.1e}"
+        )
     return out
 
 
@@ -424,7 +502,13 @@ def main() -> int:
             REPORT["archs"][first["arch"]]["runtimes"] = runtime_step(first, corpus, scratch)
         if ON_GPU and first is not None:  # last: compiling takes a minute or two, the rest comes first
             REPORT["archs"][first["arch"]]["compile"] = variant(
-                first["arch"], "compile", ["--compile"], first["checkpoint"], first["pairs"], first["exact_scores"], needs_s=150
+                first["arch"],
+                "compile",
+                ["--compile"],
+                first["checkpoint"],
+                first["pairs"],
+                first["exact_scores"],
+                needs_s=150,
             )
     finally:
         httpd.shutdown()

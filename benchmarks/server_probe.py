@@ -56,7 +56,11 @@ def batch_metrics(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     totals = {"forwards": 0.0, "items": 0.0, "seconds": 0.0}
     for line in text.splitlines():
-        for prefix, key in (("clipserve_batch_size_count", "forwards"), ("clipserve_batch_size_sum", "items"), ("clipserve_encode_seconds_sum", "seconds")):
+        for prefix, key in (
+            ("clipserve_batch_size_count", "forwards"),
+            ("clipserve_batch_size_sum", "items"),
+            ("clipserve_encode_seconds_sum", "seconds"),
+        ):
             if line.startswith(prefix + "{"):
                 totals[key] += float(line.rsplit(" ", 1)[1])
     return totals
@@ -75,12 +79,27 @@ class ServerProbe:
         if self._port and self._batches is not None:
             now = batch_metrics(self._port)
             forwards, items, seconds = (now[k] - self._batches[k] for k in ("forwards", "items", "seconds"))
-            out |= {"forwards": int(forwards), "mean_batch": round(items / forwards, 1) if forwards else 0.0, "model_busy": round(seconds / wall_s, 2)}
+            out |= {
+                "forwards": int(forwards),
+                "mean_batch": round(items / forwards, 1) if forwards else 0.0,
+                "model_busy": round(seconds / wall_s, 2),
+            }
         return out
 
 
 def describe(report: dict) -> str:
     """One line: the CPU of each part in cores over the pass, and the batches."""
-    parts = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in sorted(report["cpu_s"].items(), key=lambda kv: -kv[1]) if seconds >= 0.005)
-    batches = f"; {report['forwards']} forwards, mean batch {report['mean_batch']}, model threads busy {report['model_busy']:.0%} of the wall" if "forwards" in report else ""
+    parts = ", ".join(
+        f"{name} {seconds:.2f} s"
+        for name, seconds in sorted(report["cpu_s"].items(), key=lambda kv: -kv[1])
+        if seconds >= 0.005
+    )
+    batches = (
+        (
+            f"; {report['forwards']} forwards, mean batch {report['mean_batch']}, "
+            f"model threads busy {report['model_busy']:.0%} of the wall"
+        )
+        if "forwards" in report
+        else ""
+    )
     return f"CPU {parts}{batches}"

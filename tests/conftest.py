@@ -86,7 +86,9 @@ def reference(tiny_checkpoint: Path):
         image = Image.open(io.BytesIO(image_bytes))
         if image.mode != "RGB":
             image = image.convert("RGB")
-        inputs = processor(text=[query], images=image, return_tensors="pt", padding=True, truncation=True, max_length=77)
+        inputs = processor(
+            text=[query], images=image, return_tensors="pt", padding=True, truncation=True, max_length=77
+        )
         with torch.no_grad():
             return float(model(**inputs).logits_per_image[0][0])
 
@@ -118,7 +120,15 @@ class ServerProcess:
     ``wait=False`` returns at once (call ``wait_ready()``), so that several start together.
     """
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int = 0, *, metrics: bool = False, wait: bool = True) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        port: int = 0,
+        *,
+        metrics: bool = False,
+        wait: bool = True,
+    ) -> None:
         self.metrics_port = free_port() if metrics else 0
         extra = ["--metrics-port", str(self.metrics_port)] if metrics else []
         self.proc = subprocess.Popen(
@@ -152,13 +162,23 @@ class ServerProcess:
     def metrics(self) -> dict[str, float]:
         """The server's Prometheus samples, e.g. ``{'clipserve_items_total{code="OK",rpc="ScoreBatch"}': 12.0}``."""
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
-        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
 
     def items(self, rpcs: tuple[str, ...] = ("ScoreBatch", "ScoreChunks")) -> int:
         """Items this server answered (scored or failed) on any of ``rpcs`` (default: pairs,
         one per message or packed)."""
         prefix = "clipserve_items_total{"
-        return int(sum(v for k, v in self.metrics().items() if k.startswith(prefix) and any(f'rpc="{rpc}"' in k for rpc in rpcs)))
+        return int(
+            sum(
+                v
+                for k, v in self.metrics().items()
+                if k.startswith(prefix) and any(f'rpc="{rpc}"' in k for rpc in rpcs)
+            )
+        )
 
     def _collect(self) -> None:
         assert self.proc.stdout is not None

@@ -110,7 +110,9 @@ class ImageHost:
 
             def _redirect(self, location: str) -> None:
                 self.send_response(302)
-                self.send_header("Location", location.encode().decode("latin-1"))  # its UTF-8 bytes, as a web server sends them
+                self.send_header(
+                    "Location", location.encode().decode("latin-1")
+                )  # its UTF-8 bytes, as a web server sends them
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -173,14 +175,24 @@ class InProcessServer:
     or the model factory itself (called with each spec and its config, once per device).
     """
 
-    def __init__(self, config: ServerConfig, model: EmbeddingModel | dict[str, EmbeddingModel] | Callable[[Any, ServerConfig], EmbeddingModel]) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        model: EmbeddingModel | dict[str, EmbeddingModel] | Callable[[Any, ServerConfig], EmbeddingModel],
+    ) -> None:
         models = model if isinstance(model, dict) else None
         self.model = model
-        self.config = replace(config, host="127.0.0.1", port=0, model=tuple(f"{name}=fake" for name in models) if models else config.model)
+        self.config = replace(
+            config, host="127.0.0.1", port=0, model=tuple(f"{name}=fake" for name in models) if models else config.model
+        )
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        factory = model if callable(model) and not isinstance(model, EmbeddingModel) else lambda spec, _config: models[spec.name] if models else model
+        factory = (
+            model
+            if callable(model) and not isinstance(model, EmbeddingModel)
+            else lambda spec, _config: models[spec.name] if models else model
+        )
         self.server = ClipServer(self.config, factory)
         self.port = self.call(self._start())
         self.address = f"127.0.0.1:{self.port}"
@@ -298,8 +310,15 @@ async def running_engine(model: EmbeddingModel, config: ServerConfig) -> AsyncIt
     await decoder.start()
     await fetcher.start()
     engine = ScoringEngine(
-        model, config, name="default", instances=InstancePool([Instance("cpu", 0, model.forward, prepare=model.prepare_texts)]),
-        decoder=decoder.for_job(0), fetcher=fetcher, metrics=metrics, on_dead=lambda exc: None, on_alive=lambda: None,
+        model,
+        config,
+        name="default",
+        instances=InstancePool([Instance("cpu", 0, model.forward, prepare=model.prepare_texts)]),
+        decoder=decoder.for_job(0),
+        fetcher=fetcher,
+        metrics=metrics,
+        on_dead=lambda exc: None,
+        on_alive=lambda: None,
     )
     await engine.start()
     try:

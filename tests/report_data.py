@@ -47,19 +47,28 @@ def picture(seed: int, size: tuple[int, int] = (240, 180)) -> bytes:
         t = y / height
         draw.line([(0, y), (width, y)], fill=tuple(int(c * (1 - 0.35 * t)) for c in top))
     ground = (rng.randint(40, 110), rng.randint(70, 130), rng.randint(30, 80))
-    points = [(0, height)] + [(x, int(height * (0.45 + 0.25 * rng.random()))) for x in range(0, width + 40, 40)] + [(width, height)]
+    points = (
+        [(0, height)]
+        + [(x, int(height * (0.45 + 0.25 * rng.random()))) for x in range(0, width + 40, 40)]
+        + [(width, height)]
+    )
     draw.polygon(points, fill=ground)
     if seed % 3 == 0:
         x = rng.randint(40, width - 40)
         for r in range(6, 40, 4):
             grey = 170 + r
-            draw.ellipse([x - r + r // 2, height * 0.55 - r * 2.2, x + r + r // 2, height * 0.55 - r * 0.2], fill=(grey, grey, grey))
+            draw.ellipse(
+                [x - r + r // 2, height * 0.55 - r * 2.2, x + r + r // 2, height * 0.55 - r * 0.2],
+                fill=(grey, grey, grey),
+            )
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=85)
     return out.getvalue()
 
 
-def make_benchmark(folder: Path, *, queries: int = 12, per_query: int = 10, pool: int = 30, seed: int = 7, write_images: bool = True) -> Benchmark:
+def make_benchmark(
+    folder: Path, *, queries: int = 12, per_query: int = 10, pool: int = 30, seed: int = 7, write_images: bool = True
+) -> Benchmark:
     """``folder``/scored.jsonl (score-file's output) and images.jsonl (local paths).
 
     Query 0's scores are rounded to whole numbers (ties); query 1 has no relevant image; query 2
@@ -84,7 +93,13 @@ def make_benchmark(folder: Path, *, queries: int = 12, per_query: int = 10, pool
             score = rng.gauss(26.0 if relevant else 21.0, 2.0)
             if q == 0:
                 score = float(round(score / 2) * 2)
-            row = {"query_id": f"q{q:04d}", "query_text": text, "image_id": f"im{i:04d}", "relevance_label": relevant, "clip_score": score}
+            row = {
+                "query_id": f"q{q:04d}",
+                "query_text": text,
+                "image_id": f"im{i:04d}",
+                "relevance_label": relevant,
+                "clip_score": score,
+            }
             rows.append(row)
     rows[2 * per_query + 1]["clip_score"] = None
     planted = rows[3 * per_query + per_query - 1]

@@ -89,7 +89,10 @@ def _manifests() -> list[Any]:
     for path in sorted((ROOT / "deploy").rglob("*.y*ml")):
         for number, document in enumerate(yaml.safe_load_all(path.read_text(encoding="utf-8"))):
             if document and (document.get("apiVersion"), document.get("kind")) not in _VALIDATED_ELSEWHERE:
-                name = f"{path.relative_to(ROOT / 'deploy')}:{document.get('kind')}/{document.get('metadata', {}).get('name')}"
+                name = (
+                    f"{path.relative_to(ROOT / 'deploy')}:{document.get('kind')}/"
+                    f"{document.get('metadata', {}).get('name')}"
+                )
                 found.append(pytest.param(path, number, document, id=name))
     return found
 
@@ -103,7 +106,10 @@ def test_every_manifest_is_valid_against_its_schema(path, number, document, vers
     import kubernetes_validate
 
     version = kubernetes_validate.latest_version() if version == "latest" else version
-    where = f"{path.relative_to(ROOT)} document {number} ({document.get('apiVersion')} {document.get('kind')}), Kubernetes {version}"
+    where = (
+        f"{path.relative_to(ROOT)} document {number} ({document.get('apiVersion')} "
+        f"{document.get('kind')}), Kubernetes {version}"
+    )
     problem = None
     try:
         kubernetes_validate.validate(document, version, strict=True)
@@ -129,6 +135,11 @@ def test_a_kind_with_no_schema_is_reported_not_passed():
     name) instead of passing it."""
     import kubernetes_validate
 
-    service = {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": {"name": "clipserve"}, "spec": {}}
+    service = {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {"name": "clipserve"},
+        "spec": {},
+    }
     with pytest.raises(kubernetes_validate.SchemaNotFoundError):
         kubernetes_validate.validate(service, kubernetes_validate.latest_version(), strict=True)

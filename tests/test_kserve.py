@@ -62,7 +62,10 @@ def test_the_inferenceservice_is_valid_against_kserves_schema(service, schema):
 def test_the_schema_check_catches_a_misspelt_or_mistyped_field(service, schema):
     """The check above is not vacuous: a field in the wrong place and a wrong type both fail."""
     container = service["spec"]["predictor"]["containers"][0]
-    misspelt = {**service, "spec": {"predictor": {**service["spec"]["predictor"], "containers": [{**container, "readinesProbe": {}}]}}}
+    misspelt = {
+        **service,
+        "spec": {"predictor": {**service["spec"]["predictor"], "containers": [{**container, "readinesProbe": {}}]}},
+    }
     assert unknown_fields(misspelt, schema) == [".spec.predictor.containers[0].readinesProbe"]
     mistyped = {**service, "spec": {"predictor": {**service["spec"]["predictor"], "minReplicas": "one"}}}
     with pytest.raises(jsonschema.ValidationError):

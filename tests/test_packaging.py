@@ -16,13 +16,17 @@ _spec.loader.exec_module(gen_protos)
 
 def test_generated_stubs_match_the_proto_schema(tmp_path):
     """Fails when someone edits protos/ without rerunning `python tools/gen_protos.py`."""
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_protos.py"), "--out", str(tmp_path)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "gen_protos.py"), "--out", str(tmp_path)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     generated = sorted(p.relative_to(tmp_path) for p in gen_protos.generated_files(tmp_path))
     committed = sorted(p.relative_to(ROOT / "client") for p in gen_protos.generated_files(ROOT / "client"))
     assert generated == committed
     for rel in generated:
-        assert (tmp_path / rel).read_bytes() == (ROOT / "client" / rel).read_bytes(), f"{rel} is stale: run python tools/gen_protos.py"
+        assert (tmp_path / rel).read_bytes() == (ROOT / "client" / rel).read_bytes(), (
+            f"{rel} is stale: run python tools/gen_protos.py"
+        )
 
 
 BLOCK_TORCH = """
@@ -71,7 +75,11 @@ assert 'ray' not in sys.modules and not any(m.startswith(('ray.', 'pandas')) for
 """
     done = subprocess.run([sys.executable, "-c", "import sys" + imports], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    blocked = BLOCK_TORCH.replace("'aiohttp'}", "'aiohttp', 'ray'}") + imports + f"sys.exit(clipserve.cli.main(['score-file', {str(tmp_path / 'q.jsonl')!r}, '--engine', 'ray']))"
+    blocked = (
+        BLOCK_TORCH.replace("'aiohttp'}", "'aiohttp', 'ray'}")
+        + imports
+        + f"sys.exit(clipserve.cli.main(['score-file', {str(tmp_path / 'q.jsonl')!r}, '--engine', 'ray']))"
+    )
     done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "pip install 'clipserve[ray]'" in done.stderr and "Traceback" not in done.stderr

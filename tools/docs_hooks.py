@@ -86,11 +86,18 @@ def config_reference() -> str:
     for field in fields(ServerConfig):
         kind = _field_type(field)
         flag = "--" + field.name.replace("_", "-")
-        flag_cell = f"`{flag}` / `--no-{flag[2:]}`" if kind is bool else f"`{flag}`" + (" (repeatable)" if kind is tuple else "")
+        flag_cell = (
+            f"`{flag}` / `--no-{flag[2:]}`"
+            if kind is bool
+            else f"`{flag}`" + (" (repeatable)" if kind is tuple else "")
+        )
         env = f"`{ENV_PREFIX}{field.name.upper()}`" + (" (`;` between entries)" if kind is tuple else "")
         default = field.default if field.default is not MISSING else field.default_factory()  # type: ignore[misc]
         default_cell = "—" if default in ("", (), None) else f"`{', '.join(default) if kind is tuple else default}`"
-        lines.append(f"| {flag_cell} | {env} | `{field.name}` | {_cell(default_cell)} | {_cell(field.metadata.get('help', ''))} |")
+        lines.append(
+            f"| {flag_cell} | {env} | `{field.name}` | {_cell(default_cell)} "
+            f"| {_cell(field.metadata.get('help', ''))} |"
+        )
     return "\n".join(lines)
 
 

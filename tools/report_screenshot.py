@@ -26,7 +26,18 @@ def main() -> int:
         bench = make_benchmark(Path(folder))
         page_file = Path(folder) / "report.html"
         subprocess.run(
-            [sys.executable, "-m", "clipserve.cli", "report", str(bench.scored), "--images", str(bench.images), "-o", str(page_file), "--embed-thumbnails"],
+            [
+                sys.executable,
+                "-m",
+                "clipserve.cli",
+                "report",
+                str(bench.scored),
+                "--images",
+                str(bench.images),
+                "-o",
+                str(page_file),
+                "--embed-thumbnails",
+            ],
             check=True,
         )
         with sync_playwright() as playwright:

@@ -86,11 +86,15 @@ class AsyncCLIP(ClientBase):
         """Like ``CLIP.score_batch``: one result per input, in input order, never lost or doubled."""
         return await self._batch(self._score_job(inputs), progress)
 
-    async def embed_texts(self, texts: Iterable[str], *, raw: bool = False, progress: bool | None = None) -> list[EmbeddingResult]:
+    async def embed_texts(
+        self, texts: Iterable[str], *, raw: bool = False, progress: bool | None = None
+    ) -> list[EmbeddingResult]:
         """Like ``CLIP.embed_texts``: each text's embedding, in order; unit length unless ``raw``."""
         return await self._batch(self._embed_job(texts, images=False, raw=raw), progress)
 
-    async def embed_images(self, images: Iterable[str], *, raw: bool = False, progress: bool | None = None) -> list[EmbeddingResult]:
+    async def embed_images(
+        self, images: Iterable[str], *, raw: bool = False, progress: bool | None = None
+    ) -> list[EmbeddingResult]:
         """Like ``CLIP.embed_images``: each image's embedding (URL or local file), in order."""
         return await self._batch(self._embed_job(images, images=True, raw=raw), progress)
 
@@ -100,7 +104,10 @@ class AsyncCLIP(ClientBase):
         return await asyncio.to_thread(self._replicas.current) if self.discovery.dynamic else self._replicas.current()
 
     async def _unary(self, method: Callable[[Any], Any], request: Any) -> Any:
-        attempts = UnaryAttempts(self, self._replicas.rotate() if not self.discovery.dynamic else await asyncio.to_thread(self._replicas.rotate))
+        attempts = UnaryAttempts(
+            self,
+            self._replicas.rotate() if not self.discovery.dynamic else await asyncio.to_thread(self._replicas.rotate),
+        )
         while True:
             stub = self._replicas.stub(attempts.replica())
             try:
@@ -115,7 +122,9 @@ class AsyncCLIP(ClientBase):
         try:
             while not run.done:
                 replicas = await self._current_replicas()
-                workers.extend(asyncio.ensure_future(self._work(run, lane, signal)) for lane in run.sync_replicas(replicas))
+                workers.extend(
+                    asyncio.ensure_future(self._work(run, lane, signal)) for lane in run.sync_replicas(replicas)
+                )
                 run.check(None if replicas else self.discovery.resolution_error())
                 await signal.wait(_POLL_S)
         finally:
@@ -135,7 +144,9 @@ class AsyncCLIP(ClientBase):
                 continue
             run.stream_ended(lane, await self._stream(run, lane, stub, signal))
 
-    async def _stream(self, run: Run[Any], lane: Lane, stub: scorer_pb2_grpc.ScorerStub, signal: _Signal) -> ClipServeError | None:
+    async def _stream(
+        self, run: Run[Any], lane: Lane, stub: scorer_pb2_grpc.ScorerStub, signal: _Signal
+    ) -> ClipServeError | None:
         stream, chunked = lane.stream, lane.chunked
         packer = Packer(run.job.chunk if chunked else None)
 

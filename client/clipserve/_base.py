@@ -144,7 +144,9 @@ class UnaryAttempts:
     def replica(self) -> ReplicaAddress:
         if not self._replicas:
             why = self._client.discovery.resolution_error() or "no address to connect to"
-            raise ClipServeError(grpc.StatusCode.UNAVAILABLE, f"cannot reach the server at {self._client.address}: {why}")
+            raise ClipServeError(
+                grpc.StatusCode.UNAVAILABLE, f"cannot reach the server at {self._client.address}: {why}"
+            )
         return self._replicas[self._attempts % len(self._replicas)]
 
     def failed(self, error: ClipServeError) -> float:
@@ -162,5 +164,7 @@ class UnaryAttempts:
         if not self._warned and error.code == grpc.StatusCode.UNAVAILABLE:
             self._warned = True
             limit = min(policy.max_wait - waited, remaining if remaining is not None else policy.max_wait)
-            log.warning("clipserve: waiting up to %.0fs for the server at %s: %s", limit, self._client.address, error.details)
+            log.warning(
+                "clipserve: waiting up to %.0fs for the server at %s: %s", limit, self._client.address, error.details
+            )
         return pause

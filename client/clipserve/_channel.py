@@ -64,7 +64,9 @@ class Connection:
 
     @property
     def secure(self) -> bool:
-        return self.tls or any(x is not None for x in (self.root_certificates, self.certificate_chain, self.private_key))
+        return self.tls or any(
+            x is not None for x in (self.root_certificates, self.certificate_chain, self.private_key)
+        )
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...] | None:
@@ -72,7 +74,9 @@ class Connection:
         return (("authorization", f"Bearer {token}"),) if token else None
 
     def _credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(_pem(self.root_certificates), _pem(self.private_key), _pem(self.certificate_chain))
+        return grpc.ssl_channel_credentials(
+            _pem(self.root_certificates), _pem(self.private_key), _pem(self.certificate_chain)
+        )
 
     def channel(self, replica: ReplicaAddress) -> grpc.Channel:
         if self.secure:

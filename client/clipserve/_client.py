@@ -104,12 +104,16 @@ class CLIP(ClientBase):
         """
         return self._batch(self._score_job(inputs), progress)
 
-    def embed_texts(self, texts: Iterable[str], *, raw: bool = False, progress: bool | None = None) -> list[EmbeddingResult]:
+    def embed_texts(
+        self, texts: Iterable[str], *, raw: bool = False, progress: bool | None = None
+    ) -> list[EmbeddingResult]:
         """The embedding of each text, in order: unit length (what scoring uses) unless
         ``raw``, which gives the model's own unnormalised text features."""
         return self._batch(self._embed_job(texts, images=False, raw=raw), progress)
 
-    def embed_images(self, images: Iterable[str], *, raw: bool = False, progress: bool | None = None) -> list[EmbeddingResult]:
+    def embed_images(
+        self, images: Iterable[str], *, raw: bool = False, progress: bool | None = None
+    ) -> list[EmbeddingResult]:
         """The embedding of each image (URL, local path or ``file://`` URL), in order; unit
         length unless ``raw``. Local files are uploaded as in ``score_batch``."""
         return self._batch(self._embed_job(images, images=True, raw=raw), progress)
@@ -131,7 +135,9 @@ class CLIP(ClientBase):
             while not run.done:
                 replicas = self._replicas.current()
                 for lane in run.sync_replicas(replicas):
-                    worker = threading.Thread(target=self._work, args=(run, lane), name=f"clipserve-{lane.replica.target}", daemon=True)
+                    worker = threading.Thread(
+                        target=self._work, args=(run, lane), name=f"clipserve-{lane.replica.target}", daemon=True
+                    )
                     worker.start()
                     workers.append(worker)
                 run.check(None if replicas else self.discovery.resolution_error())

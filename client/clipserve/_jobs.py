@@ -50,7 +50,10 @@ def check_text(name: str, value: str | None) -> None:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise ClipServeError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is not valid Unicode text: {exc.reason} at position {exc.start}") from None
+            raise ClipServeError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{name} is not valid Unicode text: {exc.reason} at position {exc.start}",
+            ) from None
 
 
 def coerce_input(item: Any) -> SimilarityInput:
@@ -60,7 +63,12 @@ def coerce_input(item: Any) -> SimilarityInput:
     if isinstance(item, tuple) and len(item) == 2:
         return SimilarityInput(query=item[0], image_url=item[1])
     if isinstance(item, dict):
-        return SimilarityInput(query=item["query"], image_url=item["image_url"], query_id=item.get("query_id"), image_id=item.get("image_id"))
+        return SimilarityInput(
+            query=item["query"],
+            image_url=item["image_url"],
+            query_id=item.get("query_id"),
+            image_id=item.get("image_id"),
+        )
     raise TypeError(f"cannot score {type(item).__name__}: expected SimilarityInput, (query, image_url) or dict")
 
 
@@ -129,7 +137,11 @@ class ScoreJob(Job[SimilarityResult]):
         for name in ("query", "image_url", "query_id", "image_id"):
             check_text(name, getattr(item, name))
         request = scorer_pb2.ScoreRequest(
-            request_id=str(index), query=item.query, query_id=item.query_id or "", image_id=item.image_id or "", model=self.model
+            request_id=str(index),
+            query=item.query,
+            query_id=item.query_id or "",
+            image_id=item.image_id or "",
+            model=self.model,
         )
         if image is not None:
             image.fill(request)
@@ -139,7 +151,13 @@ class ScoreJob(Job[SimilarityResult]):
         if response.HasField("error"):
             return self.failure(index, response.error.code, response.error.message)
         item = self.items[index]
-        return SimilarityResult(query=item.query, image_url=item.image_url, score=response.score, query_id=item.query_id, image_id=item.image_id)
+        return SimilarityResult(
+            query=item.query,
+            image_url=item.image_url,
+            score=response.score,
+            query_id=item.query_id,
+            image_id=item.image_id,
+        )
 
     def failure(self, index: int, code: str, message: str) -> SimilarityResult:
         return failed_score(self.items[index], code, message)

@@ -143,7 +143,9 @@ class Discovery:
 class Replicas:
     """A channel and stub per replica, made on first use and kept for the client's life."""
 
-    def __init__(self, discovery: Discovery, open_channel: Callable[[ReplicaAddress], Any], make_stub: Callable[[Any], Any]) -> None:
+    def __init__(
+        self, discovery: Discovery, open_channel: Callable[[ReplicaAddress], Any], make_stub: Callable[[Any], Any]
+    ) -> None:
         self.discovery = discovery
         self._open_channel = open_channel
         self._make_stub = make_stub

@@ -243,7 +243,13 @@ class Run(Generic[R]):
                 # client racing its first writes against that answer, INTERNAL about half of the
                 # time (grpc/grpc#36066). Either way, before any answer: the same items, one per
                 # message. (A server that really failed fails the plain stream the same way.)
-                log.debug("clipserve: %s refused %s (%s); using %s", lane.replica.target, self.job.chunk_rpc, error.code.name, self.job.rpc)
+                log.debug(
+                    "clipserve: %s refused %s (%s); using %s",
+                    lane.replica.target,
+                    self.job.chunk_rpc,
+                    error.code.name,
+                    self.job.rpc,
+                )
                 lane.chunked, error = False, None
             lane.call = None
             lane.stream += 1
@@ -424,7 +430,11 @@ class Run(Generic[R]):
         if self.done:
             return
         if self.deadline.expired():
-            self._fail_all(ClipServeError(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's timeout ran out before every item was answered"))
+            self._fail_all(
+                ClipServeError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "the call's timeout ran out before every item was answered"
+                )
+            )
             return
         lanes = [lane for lane in self.lanes.values() if not lane.retired]
         if lanes and all(lane.dead for lane in lanes):
@@ -439,7 +449,9 @@ class Run(Generic[R]):
         errors = [lane.error for lane in lanes if lane.error is not None]
         if not errors:
             why = self._no_servers or "no address to connect to"
-            self._fail_all(ClipServeError(grpc.StatusCode.UNAVAILABLE, f"cannot reach the server at {self.address}: {why}"))
+            self._fail_all(
+                ClipServeError(grpc.StatusCode.UNAVAILABLE, f"cannot reach the server at {self.address}: {why}")
+            )
             return
         error = errors[-1]
         if error.code not in RETRYABLE_CODES:
@@ -459,7 +471,9 @@ class Run(Generic[R]):
             self._warned = True
             remaining = self.deadline.remaining()
             limit = min(self._retry.max_wait, remaining if remaining is not None else self._retry.max_wait)
-            log.warning("clipserve: waiting up to %.0fs for the server at %s: %s", limit, lane.replica.target, error.details)
+            log.warning(
+                "clipserve: waiting up to %.0fs for the server at %s: %s", limit, lane.replica.target, error.details
+            )
 
 
 def unreachable(address: str, error: ClipServeError, waited: float) -> ClipServeError:

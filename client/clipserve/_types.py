@@ -72,7 +72,9 @@ def as_array(results: Sequence[EmbeddingResult]) -> Any:
         raise ImportError("clipserve.as_array needs numpy: pip install numpy") from None
     failed = [i for i, r in enumerate(results) if r.embedding is None]
     if failed:
-        raise ValueError(f"{len(failed)} of {len(results)} results have no embedding, e.g. #{failed[0]}: {results[failed[0]].error}")
+        raise ValueError(
+            f"{len(failed)} of {len(results)} results have no embedding, e.g. #{failed[0]}: {results[failed[0]].error}"
+        )
     if not results:
         return np.zeros((0, 0), dtype=np.float32)
     return np.asarray([r.embedding for r in results], dtype=np.float32)

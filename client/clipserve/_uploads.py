@@ -37,10 +37,14 @@ class LocalFile:
         except FileNotFoundError:
             raise ClipServeError(grpc.StatusCode.NOT_FOUND, f"local image file not found: {self.path}") from None
         except OSError as exc:
-            raise ClipServeError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot read local image file {self.path}: {exc}") from None
+            raise ClipServeError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"cannot read local image file {self.path}: {exc}"
+            ) from None
         if len(data) != self.size:
             # Changed since it was hashed: the server would refuse the stale hash anyway.
-            raise ClipServeError(grpc.StatusCode.ABORTED, f"local image file {self.path} changed while it was being sent")
+            raise ClipServeError(
+                grpc.StatusCode.ABORTED, f"local image file {self.path} changed while it was being sent"
+            )
         return data
 
 
@@ -64,7 +68,9 @@ class FileDigests:
         except FileNotFoundError:
             raise ClipServeError(grpc.StatusCode.NOT_FOUND, f"local image file not found: {path}") from None
         except OSError as exc:
-            raise ClipServeError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot read local image file {path}: {exc}") from None
+            raise ClipServeError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"cannot read local image file {path}: {exc}"
+            ) from None
         if stat.st_size > self.max_upload_bytes:
             raise ClipServeError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -91,7 +97,9 @@ class FileDigests:
                 while chunk := fh.read(_CHUNK):
                     sha.update(chunk)
         except OSError as exc:
-            raise ClipServeError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot read local image file {path}: {exc}") from None
+            raise ClipServeError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"cannot read local image file {path}: {exc}"
+            ) from None
         return sha.hexdigest()
 
 

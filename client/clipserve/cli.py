@@ -34,11 +34,17 @@ def _add_address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", default=None, help="PEM CA bundle that signed the server certificate")
     parser.add_argument("--tls-cert", default=None, help="PEM client certificate (mutual TLS)")
     parser.add_argument("--tls-key", default=None, help="PEM client key (mutual TLS)")
-    parser.add_argument("--auth-token-file", default=None, help="file holding the bearer token (default: $CLIPSERVE_AUTH_TOKEN)")
+    parser.add_argument(
+        "--auth-token-file", default=None, help="file holding the bearer token (default: $CLIPSERVE_AUTH_TOKEN)"
+    )
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="", help="which of the server's models (see `clipserve models`; default: the server's default)")
+    parser.add_argument(
+        "--model",
+        default="",
+        help="which of the server's models (see `clipserve models`; default: the server's default)",
+    )
 
 
 def _security(args: argparse.Namespace) -> dict:
@@ -163,7 +169,9 @@ def _engine(args: argparse.Namespace, job, **client):
         yield clip, job
 
 
-def _run_file_tool(args: argparse.Namespace, job: Any, run: Callable[[Any, Any], Any], **client: Any) -> tuple[Any, Any] | None:
+def _run_file_tool(
+    args: argparse.Namespace, job: Any, run: Callable[[Any, Any], Any], **client: Any
+) -> tuple[Any, Any] | None:
     """``run(clip, job)`` on the engine --engine names, its summary printed: (the summary, the
     job as run, whose files --engine ray may have staged), or None when the run itself failed
     (said why on stderr)."""
@@ -194,7 +202,13 @@ def _cmd_embed_file(args: argparse.Namespace) -> int:
         id_column=args.id_column,
         raw=args.raw,
     )
-    ran = _run_file_tool(args, job, lambda clip, job: embed_file(clip, job, resume=args.resume, chunk_size=args.chunk_size, progress=not args.no_progress))
+    ran = _run_file_tool(
+        args,
+        job,
+        lambda clip, job: embed_file(
+            clip, job, resume=args.resume, chunk_size=args.chunk_size, progress=not args.no_progress
+        ),
+    )
     if ran is None:
         return 1
     _, job = ran
@@ -213,7 +227,17 @@ def _cmd_score_file(args: argparse.Namespace) -> int:
     if _cannot_plot(args):
         return 2
     settings = job_settings_from_config(args.config) if args.config else {}
-    for field in ("qrels", "images", "output", "column_query", "column_image_id", "image_url_column", "image_base_url", "col_name", "error_column"):
+    for field in (
+        "qrels",
+        "images",
+        "output",
+        "column_query",
+        "column_image_id",
+        "image_url_column",
+        "image_base_url",
+        "col_name",
+        "error_column",
+    ):
         if getattr(args, field) is not None:
             settings[field] = getattr(args, field)
     qrels = Path(settings.pop("qrels")) if "qrels" in settings else None
@@ -264,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipserve", description="CLIP text-image scoring over gRPC")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # `serve` parses its own flags (server package); listed here for --help.
-    sub.add_parser("serve", help="run the server (needs the [server] extra); see `clipserve serve --help`", add_help=False)
+    sub.add_parser(
+        "serve", help="run the server (needs the [server] extra); see `clipserve serve --help`", add_help=False
+    )
 
     score = sub.add_parser("score", help="score one (query, image) pair and print the score")
     score.add_argument("query")
@@ -293,19 +319,36 @@ def build_parser() -> argparse.ArgumentParser:
     score_file.add_argument("-o", "--output", default=None, help="output file (default: <qrels>_with_score.<ext>)")
     add_columns_and_images(score_file)
     score_file.add_argument("--col-name", default=None, help="score column to write (default: clip_score)")
-    score_file.add_argument("--error-column", default=None, metavar="NAME", help="also write each row's error (null when scored) to this column")
+    score_file.add_argument(
+        "--error-column",
+        default=None,
+        metavar="NAME",
+        help="also write each row's error (null when scored) to this column",
+    )
     again = score_file.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="keep rows already in the output and score the rest")
     again.add_argument(
         "--retry-failed",
         action="store_true",
-        help="re-score, in the output file, the rows whose score is null or missing; every other row stays byte for byte",
+        help=(
+            "re-score, in the output file, the rows whose score is null or missing; every other row stays byte for byte"
+        ),
     )
-    score_file.add_argument("--chunk-size", type=int, default=None, help="rows scored and written at a time (default: 1024; 65536 with --engine ray, a Ray Data job each)")
     score_file.add_argument(
-        "--plot", default=None, metavar="PNG", help="also chart the output: scores overall and per query, failures by code (needs clipserve[plot])"
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="rows scored and written at a time (default: 1024; 65536 with --engine ray, a Ray Data job each)",
     )
-    score_file.add_argument("--report", default=None, metavar="HTML", help="also write the output as a report page (see `clipserve report`)")
+    score_file.add_argument(
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help="also chart the output: scores overall and per query, failures by code (needs clipserve[plot])",
+    )
+    score_file.add_argument(
+        "--report", default=None, metavar="HTML", help="also write the output as a report page (see `clipserve report`)"
+    )
     score_file.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_address(score_file)
     _add_model(score_file)
@@ -325,13 +368,32 @@ def build_parser() -> argparse.ArgumentParser:
     embed_file.add_argument("-o", "--output", required=True, help="where to write the embeddings (.parquet or .npy)")
     column = embed_file.add_mutually_exclusive_group(required=True)
     column.add_argument("--text-column", default=None, help="the column of texts to embed")
-    column.add_argument("--image-column", default=None, help="the column of image URLs, local paths or file:// URLs to embed")
-    embed_file.add_argument("--id-column", default=None, help="the column that names each row in the output (default: every input column; row numbers for .npy)")
-    embed_file.add_argument("--raw", action="store_true", help="the model's own features instead of unit vectors")
-    embed_file.add_argument("--resume", action="store_true", help="keep the chunks an interrupted run saved and embed the rest")
-    embed_file.add_argument("--chunk-size", type=int, default=None, help="rows embedded and saved at a time (default: 1024; 65536 with --engine ray, a Ray Data job each)")
+    column.add_argument(
+        "--image-column", default=None, help="the column of image URLs, local paths or file:// URLs to embed"
+    )
     embed_file.add_argument(
-        "--plot", default=None, metavar="PNG", help="also chart the output: how alike the vectors are, their lengths, failures by code (needs clipserve[plot])"
+        "--id-column",
+        default=None,
+        help="the column that names each row in the output (default: every input column; row numbers for .npy)",
+    )
+    embed_file.add_argument("--raw", action="store_true", help="the model's own features instead of unit vectors")
+    embed_file.add_argument(
+        "--resume", action="store_true", help="keep the chunks an interrupted run saved and embed the rest"
+    )
+    embed_file.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="rows embedded and saved at a time (default: 1024; 65536 with --engine ray, a Ray Data job each)",
+    )
+    embed_file.add_argument(
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help=(
+            "also chart the output: how alike the vectors are, their lengths, failures by code "
+            "(needs clipserve[plot])"
+        ),
     )
     embed_file.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_address(embed_file)

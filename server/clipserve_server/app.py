@@ -59,7 +59,9 @@ class ModelLoadError(RuntimeError):
     """Loading one of the configured models failed; ``__cause__`` says why."""
 
     def __init__(self, spec: ModelSpec, device: str = "") -> None:
-        super().__init__(f"could not load the model {spec.name!r} ({spec.source})" + (f" on {device}" if device else ""))
+        super().__init__(
+            f"could not load the model {spec.name!r} ({spec.source})" + (f" on {device}" if device else "")
+        )
         self.spec = spec
 
 
@@ -107,21 +109,31 @@ class ClipServer:
             ]
         )
         add_scorer_to_server(
-            ScorerServicer(self._registry, stream_max_in_flight=self.config.resolved_stream_max_in_flight, metrics=self.metrics),
+            ScorerServicer(
+                self._registry, stream_max_in_flight=self.config.resolved_stream_max_in_flight, metrics=self.metrics
+            ),
             self._server,
             max_items_per_message=self.config.max_items_per_message,
         )
         alias = self.config.resolved_v2_alias
         if self.config.v2_alias and not alias:
-            log.warning("a model is named %r, so the Open Inference Protocol serves it under that name with the batch signature; "
-                        "set --v2-alias to another name for the Triton CLIP signature", self.config.v2_alias)
+            log.warning(
+                "a model is named %r, so the Open Inference Protocol "
+                "serves it under that name with the batch signature; "
+                "set --v2-alias to another name for the Triton CLIP signature",
+                self.config.v2_alias,
+            )
         inference_models = InferenceModels(self._registry, alias=alias, max_items=self.config.max_items_per_message)
         add_open_inference_to_server(OpenInferenceServicer(inference_models, metrics=self.metrics), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         # From one pool that holds every service's schema, the protocol's private one included
         # (oip_messages: it cannot be in the default pool).
-        schemas = oip_messages.pool(*(module.DESCRIPTOR.serialized_pb for module in (scorer_pb2, health_pb2, reflection_pb2)))
-        reflection.enable_server_reflection((SCORER_SERVICE, oip_messages.SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server, pool=schemas)
+        schemas = oip_messages.pool(
+            *(module.DESCRIPTOR.serialized_pb for module in (scorer_pb2, health_pb2, reflection_pb2))
+        )
+        reflection.enable_server_reflection(
+            (SCORER_SERVICE, oip_messages.SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server, pool=schemas
+        )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.config.host}:{self.config.port}"
         if credentials is None:
@@ -215,7 +227,9 @@ class ClipServer:
     async def _load_one(self, spec: ModelSpec, device: Device, several: bool) -> EmbeddingModel:
         loop = asyncio.get_running_loop()
         try:
-            model = await loop.run_in_executor(None, self._model_factory, spec, replace(self.config, device=device.torch))
+            model = await loop.run_in_executor(
+                None, self._model_factory, spec, replace(self.config, device=device.torch)
+            )
             await loop.run_in_executor(None, model.warmup)
         except Exception as exc:
             raise ModelLoadError(spec, device.name if several else "") from exc

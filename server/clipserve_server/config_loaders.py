@@ -97,7 +97,9 @@ def from_toml(path: str | Path) -> dict[str, Any]:
                 raise ValueError(f"{path}: [models.{name}] needs source = \"<hub id or folder>\"")
             for key, value in table.items():
                 if key not in _MODEL_TABLE_KEYS:
-                    raise ValueError(f"{path}: unknown key [models.{name}].{key} (it takes {', '.join(_MODEL_TABLE_KEYS)})")
+                    raise ValueError(
+                        f"{path}: unknown key [models.{name}].{key} (it takes {', '.join(_MODEL_TABLE_KEYS)})"
+                    )
                 per_model[_MODEL_TABLE_KEYS[key]].append(f"{name}={value}")
         values.update({flag: tuple(entries) for flag, entries in per_model.items() if entries})
     return values
@@ -123,19 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         action="append",
         default=None,
-        help="clipserve.toml ([server], [models.NAME]) or the benchmark maker's config.toml (its [similarity_config] model, "
-        f"device, torch_dtype); repeatable, later files win (env: {ENV_PREFIX}CONFIG)",
+        help="clipserve.toml ([server], [models.NAME]) or the benchmark maker's config.toml "
+        f"(its [similarity_config] model, device, torch_dtype); repeatable, later files win (env: {ENV_PREFIX}CONFIG)",
     )
     for field in fields(ServerConfig):
         flag = "--" + field.name.replace("_", "-")
         help_text = f"{field.metadata.get('help', '')} (default: {field.default})"
         kind = _field_type(field)
         if kind is bool:
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(
+                flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         elif kind is tuple:
             parser.add_argument(flag, dest=field.name, action="append", default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=field.name, type=kind, default=None, help=help_text, choices=field.metadata.get("choices"))
+            parser.add_argument(
+                flag, dest=field.name, type=kind, default=None, help=help_text, choices=field.metadata.get("choices")
+            )
     return parser
 
 
@@ -148,5 +154,7 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     for path in config_paths:
         values.update(from_toml(path))
     values.update(from_env(environ))
-    values.update({k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k != "config" and v is not None})
+    values.update(
+        {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k != "config" and v is not None}
+    )
     return ServerConfig(**values)

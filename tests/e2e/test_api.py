@@ -31,7 +31,9 @@ def test_stream_responses_carry_request_ids_even_out_of_order(make_fake_server):
     server = make_fake_server(allow_private_networks=True, fetch_timeout_s=60)
     requests = [scorer_pb2.ScoreRequest(request_id="slow", query="q", image_url=host.url("gated/late.png"))]
     requests += [
-        scorer_pb2.ScoreRequest(request_id=f"r{i}", query=f"q{i}", image_bytes=make_image(seed=i), query_id=f"q{i}", image_id=f"i{i}")
+        scorer_pb2.ScoreRequest(
+            request_id=f"r{i}", query=f"q{i}", image_bytes=make_image(seed=i), query_id=f"q{i}", image_id=f"i{i}"
+        )
         for i in range(20)
     ]
     channel, stub = stub_for(server)
@@ -56,7 +58,9 @@ def test_stream_responses_carry_request_ids_even_out_of_order(make_fake_server):
 
 def test_score_batch_returns_one_result_per_input_in_order(fake_server, image_host):
     urls = [image_host.url(f"img/photo{i}.png") for i in range(6)]
-    inputs = [clipserve.SimilarityInput(f"query {i % 7}", random.Random(i).choice(urls), query_id=str(i)) for i in range(500)]
+    inputs = [
+        clipserve.SimilarityInput(f"query {i % 7}", random.Random(i).choice(urls), query_id=str(i)) for i in range(500)
+    ]
     with clipserve.CLIP(fake_server.address, max_in_flight=16) as clip:
         results = clip.score_batch(inputs)
         singles = {(x.query, x.image_url): clip.score(x.query, x.image_url) for x in inputs[:10]}
@@ -82,7 +86,13 @@ def test_private_network_urls_are_refused_by_default(make_fake_server, image_hos
     server = make_fake_server()  # default config: no --allow-private-networks
     private = image_host.add("private.png", make_image(seed=5))
     with clipserve.CLIP(server.address) as clip:
-        for url in (private, "http://localhost:1/x.png", "http://169.254.169.254/latest/meta-data", "http://[::1]/x.png", "http://10.0.0.1/x.png"):
+        for url in (
+            private,
+            "http://localhost:1/x.png",
+            "http://169.254.169.254/latest/meta-data",
+            "http://[::1]/x.png",
+            "http://10.0.0.1/x.png",
+        ):
             with pytest.raises(clipserve.ClipServeError) as info:
                 clip.score("a dog", url)
             assert info.value.code == grpc.StatusCode.PERMISSION_DENIED, url
@@ -181,10 +191,19 @@ def test_pairs_waiting_for_one_image_cost_no_task_each(make_fake_server, image_h
     outcome: dict[str, list] = {}
 
     def score() -> None:  # one message of 300 pairs (the SDK would start with a window of 16)
-        requests = [scorer_pb2.ScoreRequest(request_id=str(i), query=f"query {i}", image_url=image_host.url("gated/awaited.png")) for i in range(300)]
+        requests = [
+            scorer_pb2.ScoreRequest(
+                request_id=str(i), query=f"query {i}", image_url=image_host.url("gated/awaited.png")
+            )
+            for i in range(300)
+        ]
         channel, stub = stub_for(server)
         with channel:
-            outcome["results"] = [r for chunk in stub.ScoreChunks(iter([scorer_pb2.ScoreRequestChunk(items=requests)]), timeout=60) for r in chunk.items]
+            outcome["results"] = [
+                r
+                for chunk in stub.ScoreChunks(iter([scorer_pb2.ScoreRequestChunk(items=requests)]), timeout=60)
+                for r in chunk.items
+            ]
 
     engine = server.server._registry.get()
 
@@ -217,7 +236,9 @@ def test_results_are_identical_with_caches_on_and_off(make_fake_server, image_ho
     inputs = [clipserve.SimilarityInput(f"q{i % 5}", image_host.url(f"img/photo{i % 6}.jpg")) for i in range(60)]
     cached_model, uncached_model = FakeModel(), FakeModel()
     cached = make_fake_server(cached_model, allow_private_networks=True)
-    uncached = make_fake_server(uncached_model, allow_private_networks=True, cache=False, text_cache_size=0, image_cache_size=0)
+    uncached = make_fake_server(
+        uncached_model, allow_private_networks=True, cache=False, text_cache_size=0, image_cache_size=0
+    )
     with clipserve.CLIP(cached.address) as a, clipserve.CLIP(uncached.address) as b:
         with_cache = [a.score_batch(inputs) for _ in range(2)]
         without_cache = [b.score_batch(inputs) for _ in range(2)]
@@ -231,7 +252,9 @@ def test_batches_never_exceed_the_limit_and_do_fill_up(make_fake_server):
     model = FakeModel(forward_delay_s=0.02)
     server = make_fake_server(model, max_batch_size=8, max_batch_delay_ms=50)
     channel, stub = stub_for(server)
-    requests = [scorer_pb2.ScoreRequest(request_id=str(i), query=f"text {i}", image_bytes=make_image(seed=i)) for i in range(64)]
+    requests = [
+        scorer_pb2.ScoreRequest(request_id=str(i), query=f"text {i}", image_bytes=make_image(seed=i)) for i in range(64)
+    ]
     with channel:
         replies = list(stub.ScoreBatch(iter(requests), timeout=60))
     assert len(replies) == 64

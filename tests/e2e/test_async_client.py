@@ -15,7 +15,10 @@ from ..helpers import make_image
 def test_async_client_scores_like_the_sync_client(fake_server, image_host, tmp_path):
     path = tmp_path / "x.jpg"
     path.write_bytes(make_image(seed=21, fmt="JPEG"))
-    inputs = [clipserve.SimilarityInput(f"q{i % 4}", image_host.url(f"img/photo{i % 6}.png"), query_id=str(i)) for i in range(120)]
+    inputs = [
+        clipserve.SimilarityInput(f"q{i % 4}", image_host.url(f"img/photo{i % 6}.png"), query_id=str(i))
+        for i in range(120)
+    ]
     inputs.append(clipserve.SimilarityInput("local", str(path), query_id="local"))
     inputs.append(clipserve.SimilarityInput("broken", image_host.url("img/not-an-image.png"), query_id="broken"))
 

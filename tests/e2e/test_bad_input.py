@@ -41,7 +41,9 @@ SCORABLE = {
     "gray-alpha.png": encode(_RGB.convert("LA"), "PNG"),
     "alpha.png": encode(_RGB.convert("RGBA"), "PNG"),
     "one-pixel.png": encode(Image.new("RGB", (1, 1), (9, 99, 199)), "PNG"),
-    "animated.gif": (lambda b: (_FRAMES[0].save(b, format="GIF", save_all=True, append_images=_FRAMES[1:]), b.getvalue())[1])(io.BytesIO()),
+    "animated.gif": (
+        lambda b: (_FRAMES[0].save(b, format="GIF", save_all=True, append_images=_FRAMES[1:]), b.getvalue())[1]
+    )(io.BytesIO()),
 }
 
 
@@ -54,7 +56,19 @@ def clip(real_server):
 @pytest.fixture(scope="module")
 def clip_of_worker_processes(tiny_checkpoint):
     """The same server, decoding (and so downloading) in worker processes, as on a many-core box."""
-    server = ServerProcess(["--model", str(tiny_checkpoint), "--allow-private-networks", "--fetch-timeout-s", "2", "--decode-pool", "processes", "--decode-workers", "2"])
+    server = ServerProcess(
+        [
+            "--model",
+            str(tiny_checkpoint),
+            "--allow-private-networks",
+            "--fetch-timeout-s",
+            "2",
+            "--decode-pool",
+            "processes",
+            "--decode-workers",
+            "2",
+        ]
+    )
     try:
         with clipserve.CLIP(server.address, timeout=120) as client:
             yield client
@@ -65,7 +79,9 @@ def clip_of_worker_processes(tiny_checkpoint):
 @pytest.mark.parametrize("name", sorted(SCORABLE))
 def test_unusual_but_valid_images_score_like_the_reference_adapter(clip, image_host, reference, name):
     url = image_host.add(f"valid-{name}", SCORABLE[name])
-    assert clip.score("a picture", url) == pytest.approx(reference("a picture", SCORABLE[name]), abs=reference.tolerance)
+    assert clip.score("a picture", url) == pytest.approx(
+        reference("a picture", SCORABLE[name]), abs=reference.tolerance
+    )
 
 
 @pytest.mark.parametrize("pool", ["threads", "processes"])
@@ -100,26 +116,46 @@ def test_each_bad_item_in_a_stream_gets_its_own_error(pool, request, image_host,
     with grpc.insecure_channel(clip.address) as channel:  # and the server is still healthy
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
 
 
 def test_queries_longer_than_the_context_are_truncated(clip, image_host, reference):
     long_query = " ".join(["a very long query about dogs and beaches"] * 40)  # far over 77 tokens
     url = image_host.url("img/photo1.png")
-    assert clip.score(long_query, url) == pytest.approx(reference(long_query, image_host.images["photo1.png"]), abs=reference.tolerance)
+    assert clip.score(long_query, url) == pytest.approx(
+        reference(long_query, image_host.images["photo1.png"]), abs=reference.tolerance
+    )
 
 
 def test_invalid_utf8_costs_one_item_not_the_stream(real_server):
     def raw(request_id: str, query: bytes) -> bytes:
         placeholder = b"Q" * len(query)
-        data = scorer_pb2.ScoreRequest(request_id=request_id, query=placeholder.decode(), image_bytes=make_image(seed=2)).SerializeToString()
+        data = scorer_pb2.ScoreRequest(
+            request_id=request_id, query=placeholder.decode(), image_bytes=make_image(seed=2)
+        ).SerializeToString()
         return data.replace(placeholder, query, 1)
 
     with grpc.insecure_channel(real_server.address) as channel:
-        call = channel.stream_stream("/clipserve.v1.Scorer/ScoreBatch", request_serializer=lambda b: b, response_deserializer=scorer_pb2.ScoreResponse.FromString)
-        replies = {r.request_id: r for r in call(iter([raw("good", b"a dog"), raw("bad", b"\xff\xfe dog"), raw("good2", b"a cat")]), timeout=60)}
+        call = channel.stream_stream(
+            "/clipserve.v1.Scorer/ScoreBatch",
+            request_serializer=lambda b: b,
+            response_deserializer=scorer_pb2.ScoreResponse.FromString,
+        )
+        replies = {
+            r.request_id: r
+            for r in call(
+                iter([raw("good", b"a dog"), raw("bad", b"\xff\xfe dog"), raw("good2", b"a cat")]), timeout=60
+            )
+        }
         with pytest.raises(grpc.RpcError) as info:
-            channel.unary_unary("/clipserve.v1.Scorer/Score", request_serializer=lambda b: b, response_deserializer=scorer_pb2.ScoreResponse.FromString)(raw("u", b"\xc3\x28"), timeout=60)
+            channel.unary_unary(
+                "/clipserve.v1.Scorer/Score",
+                request_serializer=lambda b: b,
+                response_deserializer=scorer_pb2.ScoreResponse.FromString,
+            )(raw("u", b"\xc3\x28"), timeout=60)
     assert replies["bad"].error.code == "INVALID_ARGUMENT" and "UTF-8" in replies["bad"].error.message
     assert replies["good"].HasField("score") and replies["good2"].HasField("score")
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -172,7 +208,10 @@ def quickly_retrying_server() -> Iterator[InProcessServer]:
 @settings(max_examples=25, deadline=None)
 @given(batch=st.lists(st.tuples(st.text(max_size=60), _IMAGES, st.text(max_size=8)), min_size=1, max_size=12))
 def test_random_requests_get_exactly_one_well_formed_answer_each(quickly_retrying_server, batch):
-    requests = [scorer_pb2.ScoreRequest(request_id=str(i), query=q, query_id=qid, **image) for i, (q, image, qid) in enumerate(batch)]
+    requests = [
+        scorer_pb2.ScoreRequest(request_id=str(i), query=q, query_id=qid, **image)
+        for i, (q, image, qid) in enumerate(batch)
+    ]
     with grpc.insecure_channel(quickly_retrying_server.address) as channel:
         replies = list(scorer_pb2_grpc.ScorerStub(channel).ScoreBatch(iter(requests), timeout=60))
     assert sorted(int(r.request_id) for r in replies) == list(range(len(requests)))
@@ -183,5 +222,7 @@ def test_random_requests_get_exactly_one_well_formed_answer_each(quickly_retryin
         if reply.HasField("score"):
             assert math.isfinite(reply.score)
         else:
-            assert reply.error.code in {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "PERMISSION_DENIED", "NOT_FOUND"}, reply.error
+            assert reply.error.code in {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "PERMISSION_DENIED", "NOT_FOUND"}, (
+                reply.error
+            )
             assert reply.error.message

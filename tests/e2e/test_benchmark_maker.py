@@ -75,7 +75,11 @@ def loader_refusal(config: dict) -> str | None:
     return None
 
 
-MINIMAL = {"vision_config": {"adapter": "openai"}, "judge_config": {"adapter": "openai"}, "similarity_config": {"adapter": "local_clip"}}
+MINIMAL = {
+    "vision_config": {"adapter": "openai"},
+    "judge_config": {"adapter": "openai"},
+    "similarity_config": {"adapter": "local_clip"},
+}
 
 
 @pytest.mark.parametrize(
@@ -115,7 +119,11 @@ CLIPSERVES_FILE = "# clipserve.toml"
 def readme_toml_blocks() -> list[str]:
     """The toml blocks of the README and of every page in docs/."""
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-    return [block for page in pages for block in re.findall(r"^```toml\n(.*?)^```", page.read_text(encoding="utf-8"), re.S | re.M)]
+    return [
+        block
+        for page in pages
+        for block in re.findall(r"^```toml\n(.*?)^```", page.read_text(encoding="utf-8"), re.S | re.M)
+    ]
 
 
 def test_every_toml_block_in_the_readme_says_which_file_it_belongs_in():
@@ -293,7 +301,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_score_file_runs_the_benchmark_makers_similarity_step_from_its_own_config(tmp_path, tiny_checkpoint, image_host, reference):
+def test_score_file_runs_the_benchmark_makers_similarity_step_from_its_own_config(
+    tmp_path, tiny_checkpoint, image_host, reference
+):
     prefix = f"e2e-{tmp_path.name}-"  # the image host is shared by the whole session
     present = {f"{prefix}fire{i}.jpg": make_image(56 + 4 * i, 40 + 3 * i, seed=300 + i, fmt="JPEG") for i in range(4)}
     late = {f"{prefix}late{i}.png": make_image(48, 48, seed=400 + i) for i in range(2)}  # not uploaded yet: 404
@@ -306,9 +316,18 @@ def test_score_file_runs_the_benchmark_makers_similarity_step_from_its_own_confi
     settings = tomllib.loads(text)
 
     # Its images.jsonl has no URL column: the URLs are image_base_url + "/" + image_id.
-    images = [{"image_id": name, "mime_type": "image/jpeg", "license": "CC-BY-4.0", "doi": "10.0/fire"} for name in [*present, *late]]
+    images = [
+        {"image_id": name, "mime_type": "image/jpeg", "license": "CC-BY-4.0", "doi": "10.0/fire"}
+        for name in [*present, *late]
+    ]
     qrels = [
-        {"query_id": f"q{q}", "query_text": query, "image_id": row["image_id"], "relevance_label": (q + i) % 2, "tags": ["smoke_present"]}
+        {
+            "query_id": f"q{q}",
+            "query_text": query,
+            "image_id": row["image_id"],
+            "relevance_label": (q + i) % 2,
+            "tags": ["smoke_present"],
+        }
         for q, query in enumerate(QUERIES)
         for i, row in enumerate(images)
     ]
@@ -323,7 +342,16 @@ def test_score_file_runs_the_benchmark_makers_similarity_step_from_its_own_confi
         env = {**os.environ, "CLIPSERVE_ADDRESS": server.address}
 
         def score_file(*extra: str) -> subprocess.CompletedProcess:
-            command = [sys.executable, "-m", "clipserve.cli", "score-file", "--config", str(config), "--no-progress", *extra]
+            command = [
+                sys.executable,
+                "-m",
+                "clipserve.cli",
+                "score-file",
+                "--config",
+                str(config),
+                "--no-progress",
+                *extra,
+            ]
             return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
 
         first = score_file()
@@ -333,7 +361,9 @@ def test_score_file_runs_the_benchmark_makers_similarity_step_from_its_own_confi
         assert all(list(row)[-1] == "clip_score" for row in out)
         for row in out:
             if row["image_id"] in present:
-                assert row["clip_score"] == pytest.approx(reference(row["query_text"], present[row["image_id"]]), abs=reference.tolerance)
+                assert row["clip_score"] == pytest.approx(
+                    reference(row["query_text"], present[row["image_id"]]), abs=reference.tolerance
+                )
             else:
                 assert row["clip_score"] is None
         missing = len(QUERIES) * len(late)
@@ -354,6 +384,8 @@ def test_score_file_runs_the_benchmark_makers_similarity_step_from_its_own_confi
             else:
                 rescored = json.loads(new)
                 assert {k: v for k, v in rescored.items() if k != "clip_score"} == row
-                assert rescored["clip_score"] == pytest.approx(reference(row["query_text"], late[row["image_id"]]), abs=reference.tolerance)
+                assert rescored["clip_score"] == pytest.approx(
+                    reference(row["query_text"], late[row["image_id"]]), abs=reference.tolerance
+                )
     finally:
         assert server.terminate() == 0, "".join(server.log)

@@ -57,9 +57,13 @@ def test_the_conversion_cache_keeps_a_precision_apart(tiny_checkpoint):
     assert len(keys) == 2
 
 
-def test_a_bfloat16_server_runs_its_towers_in_openvino_within_the_bf16_tolerance_of_torch_bfloat16(tiny_checkpoint, tmp_path):
+def test_a_bfloat16_server_runs_its_towers_in_openvino_within_the_bf16_tolerance_of_torch_bfloat16(
+    tiny_checkpoint, tmp_path
+):
     # A cache of its own: the conversion runs here, and its tracing noise must not reach the log.
-    server = ServerProcess(["--model", str(tiny_checkpoint), "--dtype", "bfloat16", "--runtime-cache", str(tmp_path / "cache")])
+    server = ServerProcess(
+        ["--model", str(tiny_checkpoint), "--dtype", "bfloat16", "--runtime-cache", str(tmp_path / "cache")]
+    )
     try:
         with clipserve.CLIP(server.address) as clip:
             info = clip.model_info()
@@ -74,21 +78,29 @@ def test_a_bfloat16_server_runs_its_towers_in_openvino_within_the_bf16_tolerance
         served = [score for _, _, score in scored(server.address, tmp_path)]
     finally:
         assert server.terminate() == 0, "".join(server.log)
-    assert served == pytest.approx(torch_scores(tiny_checkpoint, tmp_path, "bfloat16"), abs=BF16_TOLERANCE * info.logit_scale)
+    assert served == pytest.approx(
+        torch_scores(tiny_checkpoint, tmp_path, "bfloat16"), abs=BF16_TOLERANCE * info.logit_scale
+    )
     # bfloat16 it is, not float32 in disguise: the scores moved off float32's.
     assert served != pytest.approx(torch_scores(tiny_checkpoint, tmp_path, "float32"), abs=1e-6)
 
 
-def test_bfloat16_towers_that_fail_the_check_run_in_torch_bfloat16_and_say_why(tiny_checkpoint, tmp_path, caplog, monkeypatch):
+def test_bfloat16_towers_that_fail_the_check_run_in_torch_bfloat16_and_say_why(
+    tiny_checkpoint, tmp_path, caplog, monkeypatch
+):
     monkeypatch.setitem(parity.TOLERANCES, "bfloat16", 1e-9)  # no bf16 runtime is that close to torch's
     model = HFClipModel(str(tiny_checkpoint), device="cpu", dtype="bfloat16")
     with caplog.at_level(logging.INFO, logger=RUNTIMES_LOGGER):
-        apply_runtime(model, ServerConfig(model=(str(tiny_checkpoint),), dtype="bfloat16", runtime_cache=str(tmp_path / "cache")))
+        apply_runtime(
+            model, ServerConfig(model=(str(tiny_checkpoint),), dtype="bfloat16", runtime_cache=str(tmp_path / "cache"))
+        )
     assert (model.description.image_runtime, model.description.text_runtime) == ("torch", "torch")
     lines = [line for line in runtime_messages(caplog) if " tower of " in line]
     assert len(lines) == 2, lines
     for line, tower in zip(lines, ("image", "text")):
-        assert line.startswith(f"{tower} tower of {tiny_checkpoint} runs in torch: in openvino its features differ from torch's by "), line
+        assert line.startswith(
+            f"{tower} tower of {tiny_checkpoint} runs in torch: in openvino its features differ from torch's by "
+        ), line
         assert line.endswith("more than 1e-09"), line
     assert not any(parameter.is_meta for parameter in model._model.parameters())  # torch still runs them
     server = InProcessServer(ServerConfig(model=(str(tiny_checkpoint),), dtype="bfloat16"), model)
@@ -103,7 +115,9 @@ def test_a_cpu_without_native_bf16_is_told_what_bfloat16_runs_as(tiny_checkpoint
     monkeypatch.setattr(openvino, "native_bf16", lambda: False)
     model = HFClipModel(str(tiny_checkpoint), device="cpu", dtype="bfloat16")
     with caplog.at_level(logging.INFO, logger=RUNTIMES_LOGGER):
-        apply_runtime(model, ServerConfig(model=(str(tiny_checkpoint),), dtype="bfloat16", runtime_cache=str(tmp_path / "cache")))
+        apply_runtime(
+            model, ServerConfig(model=(str(tiny_checkpoint),), dtype="bfloat16", runtime_cache=str(tmp_path / "cache"))
+        )
     said = [line for line in runtime_messages(caplog) if "native bfloat16" in line]
     assert len(said) == 1, runtime_messages(caplog)
     assert "runs the bfloat16 towers at float32 precision" in said[0] and "no gain over --dtype float32" in said[0]
@@ -113,7 +127,9 @@ def test_a_cpu_with_native_bf16_is_not_told_anything_more(tiny_checkpoint, tmp_p
     monkeypatch.setattr(openvino, "native_bf16", lambda: True)
     model = HFClipModel(str(tiny_checkpoint), device="cpu", dtype="bfloat16")
     with caplog.at_level(logging.INFO, logger=RUNTIMES_LOGGER):
-        apply_runtime(model, ServerConfig(model=(str(tiny_checkpoint),), dtype="bfloat16", runtime_cache=str(tmp_path / "cache")))
+        apply_runtime(
+            model, ServerConfig(model=(str(tiny_checkpoint),), dtype="bfloat16", runtime_cache=str(tmp_path / "cache"))
+        )
     assert not [line for line in runtime_messages(caplog) if "native bfloat16" in line]
     assert model.description.image_runtime == "openvino"
 
@@ -125,8 +141,14 @@ def test_a_long_conversion_says_each_stage_it_finishes(tiny_checkpoint, tmp_path
     monkeypatch.setattr(select, "_progress", functools.partial(select._progress, first_s=0.0))
     model = HFClipModel(str(tiny_checkpoint), device="cpu", dtype="bfloat16")
     with caplog.at_level(logging.INFO, logger=RUNTIMES_LOGGER):
-        apply_runtime(model, ServerConfig(model=(str(tiny_checkpoint),), dtype="bfloat16", runtime_cache=str(tmp_path / "cache")))
+        apply_runtime(
+            model, ServerConfig(model=(str(tiny_checkpoint),), dtype="bfloat16", runtime_cache=str(tmp_path / "cache"))
+        )
     for tower in ("image", "text"):
         doing = f"{tower} tower of {tiny_checkpoint} for openvino (bf16): "
-        stages = [line[len(doing) :].split(",")[0] for line in runtime_messages(caplog) if line.startswith(doing) and "still working" not in line]
+        stages = [
+            line[len(doing) :].split(",")[0]
+            for line in runtime_messages(caplog)
+            if line.startswith(doing) and "still working" not in line
+        ]
         assert stages == ["traced", "converted", "compiled", "checking against torch"], runtime_messages(caplog)

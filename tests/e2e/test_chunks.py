@@ -22,13 +22,21 @@ from ..helpers import make_image
 def test_a_chunked_stream_answers_every_item_of_every_chunk(fake_server, image_host):
     urls = [image_host.url(f"img/photo{i}.png") for i in range(6)]
     chunks = [
-        scorer_pb2.ScoreRequestChunk(items=[scorer_pb2.ScoreRequest(request_id=f"{c}.{i}", query=f"q{i}", image_url=urls[i % 6], query_id=f"q{i}") for i in range(20)])
+        scorer_pb2.ScoreRequestChunk(
+            items=[
+                scorer_pb2.ScoreRequest(request_id=f"{c}.{i}", query=f"q{i}", image_url=urls[i % 6], query_id=f"q{i}")
+                for i in range(20)
+            ]
+        )
         for c in range(3)
     ]
     with grpc.insecure_channel(fake_server.address) as channel:
         stub = scorer_pb2_grpc.ScorerStub(channel)
         packed = [item for reply in stub.ScoreChunks(iter(chunks), timeout=60) for item in reply.items]
-        single = {r.request_id: r.score for r in stub.ScoreBatch(iter([item for chunk in chunks for item in chunk.items]), timeout=60)}
+        single = {
+            r.request_id: r.score
+            for r in stub.ScoreBatch(iter([item for chunk in chunks for item in chunk.items]), timeout=60)
+        }
     assert sorted(r.request_id for r in packed) == sorted(single)
     for reply in packed:
         assert reply.query_id == f"q{reply.request_id.split('.')[1]}"
@@ -39,10 +47,17 @@ def test_an_invalid_item_in_a_chunk_fails_alone(fake_server):
     """protobuf refuses a whole chunk with one invalid UTF-8 string; the server splits it and
     answers the bad item with INVALID_ARGUMENT, the others with scores."""
     placeholder = "Q" * 5
-    items = [scorer_pb2.ScoreRequest(request_id=rid, query=query, image_bytes=make_image(seed=2)) for rid, query in (("good", "a dog"), ("bad", placeholder), ("good2", "a cat"))]
+    items = [
+        scorer_pb2.ScoreRequest(request_id=rid, query=query, image_bytes=make_image(seed=2))
+        for rid, query in (("good", "a dog"), ("bad", placeholder), ("good2", "a cat"))
+    ]
     raw = scorer_pb2.ScoreRequestChunk(items=items).SerializeToString().replace(placeholder.encode(), b"\xff\xfe dg", 1)
     with grpc.insecure_channel(fake_server.address) as channel:
-        call = channel.stream_stream("/clipserve.v1.Scorer/ScoreChunks", request_serializer=lambda b: b, response_deserializer=scorer_pb2.ScoreResponseChunk.FromString)
+        call = channel.stream_stream(
+            "/clipserve.v1.Scorer/ScoreChunks",
+            request_serializer=lambda b: b,
+            response_deserializer=scorer_pb2.ScoreResponseChunk.FromString,
+        )
         replies = {r.request_id: r for reply in call(iter([raw]), timeout=60) for r in reply.items}
     assert set(replies) == {"good", "bad", "good2"}
     assert replies["bad"].error.code == "INVALID_ARGUMENT" and "UTF-8" in replies["bad"].error.message
@@ -53,7 +68,11 @@ def test_embed_chunks_give_the_vectors_embed_gives(fake_server):
     requests = [scorer_pb2.EmbedRequest(request_id=str(i), text=f"text {i}") for i in range(10)]
     with grpc.insecure_channel(fake_server.address) as channel:
         stub = scorer_pb2_grpc.ScorerStub(channel)
-        packed = {r.request_id: list(r.embedding) for reply in stub.EmbedChunks(iter([scorer_pb2.EmbedRequestChunk(items=requests)]), timeout=60) for r in reply.items}
+        packed = {
+            r.request_id: list(r.embedding)
+            for reply in stub.EmbedChunks(iter([scorer_pb2.EmbedRequestChunk(items=requests)]), timeout=60)
+            for r in reply.items
+        }
         single = {r.request_id: list(r.embedding) for r in stub.Embed(iter(requests), timeout=60)}
     assert packed == single and len(packed) == 10
 
@@ -85,7 +104,9 @@ class _OldScorer:
     def ScoreBatch(self, requests, context):
         self.streams.append("ScoreBatch")
         for request in requests:
-            yield scorer_pb2.ScoreResponse(request_id=request.request_id, query_id=request.query_id, score=float(len(request.query)))
+            yield scorer_pb2.ScoreResponse(
+                request_id=request.request_id, query_id=request.query_id, score=float(len(request.query))
+            )
 
     def Embed(self, requests, context):
         self.streams.append("Embed")
@@ -99,10 +120,14 @@ def old_server():
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     handlers = {
         "ScoreBatch": grpc.stream_stream_rpc_method_handler(
-            servicer.ScoreBatch, request_deserializer=scorer_pb2.ScoreRequest.FromString, response_serializer=scorer_pb2.ScoreResponse.SerializeToString
+            servicer.ScoreBatch,
+            request_deserializer=scorer_pb2.ScoreRequest.FromString,
+            response_serializer=scorer_pb2.ScoreResponse.SerializeToString,
         ),
         "Embed": grpc.stream_stream_rpc_method_handler(
-            servicer.Embed, request_deserializer=scorer_pb2.EmbedRequest.FromString, response_serializer=scorer_pb2.EmbedResponse.SerializeToString
+            servicer.Embed,
+            request_deserializer=scorer_pb2.EmbedRequest.FromString,
+            response_serializer=scorer_pb2.EmbedResponse.SerializeToString,
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("clipserve.v1.Scorer", handlers),))
@@ -114,7 +139,10 @@ def old_server():
 
 def test_the_sdk_falls_back_to_one_item_per_message_on_an_older_server(old_server):
     address, servicer = old_server
-    inputs = [clipserve.SimilarityInput("x" * (i % 9 + 1), "http://example.invalid/a.png", query_id=str(i)) for i in range(300)]
+    inputs = [
+        clipserve.SimilarityInput("x" * (i % 9 + 1), "http://example.invalid/a.png", query_id=str(i))
+        for i in range(300)
+    ]
     with clipserve.CLIP(address) as clip:
         results = clip.score_batch(inputs)
         vectors = clip.embed_texts(["abc", "de"])

@@ -20,7 +20,11 @@ def _run_into_closed_pipe(*args: str) -> subprocess.CompletedProcess:
     os.close(read_end)
     try:
         return subprocess.run(
-            [sys.executable, "-m", "clipserve.cli", *args], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120
+            [sys.executable, "-m", "clipserve.cli", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
         )
     finally:
         os.close(write_end)
@@ -42,7 +46,9 @@ def test_a_closed_stdout_ends_the_command_quietly_with_the_status_of_sigpipe(fak
 
 def test_a_closed_pipe_leaves_real_errors_reported(tmp_path):
     """Only the closed pipe is quiet: an unreachable server still says so, with exit status 1."""
-    done = _run_into_closed_pipe("score", "a photo", str(tmp_path / "x.png"), "--address", "127.0.0.1:1", "--timeout", "5")
+    done = _run_into_closed_pipe(
+        "score", "a photo", str(tmp_path / "x.png"), "--address", "127.0.0.1:1", "--timeout", "5"
+    )
     assert done.returncode == 1
     assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
 

@@ -20,7 +20,19 @@ from ..helpers import InProcessServer, make_image
 DASHBOARD = ROOT / "deploy" / "grafana" / "clipserve.json"
 # Labels Prometheus adds to every series it scrapes (the pod's address, the scrape job).
 _TARGET_LABELS = {"instance", "job"}
-_FUNCTIONS_AND_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}
+_FUNCTIONS_AND_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+}
 
 
 def _panels(panels: list[dict]) -> Iterator[dict]:
@@ -31,11 +43,17 @@ def _panels(panels: list[dict]) -> Iterator[dict]:
 
 def _queries(dashboard: dict) -> list[tuple[str, str]]:
     """(where, PromQL) for every panel target and every query variable."""
-    found = [(f"panel {p['title']!r} target {t['refId']}", t["expr"]) for p in _panels(dashboard["panels"]) for t in p.get("targets", [])]
+    found = [
+        (f"panel {p['title']!r} target {t['refId']}", t["expr"])
+        for p in _panels(dashboard["panels"])
+        for t in p.get("targets", [])
+    ]
     for variable in dashboard["templating"]["list"]:
         if variable["type"] == "query":
             query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
-            found.append((f"variable ${variable['name']}", re.sub(r"^label_values\((.*),\s*(\w+)\)$", r"\1 by (\2)", query)))
+            found.append(
+                (f"variable ${variable['name']}", re.sub(r"^label_values\((.*),\s*(\w+)\)$", r"\1 by (\2)", query))
+            )
     return found
 
 
@@ -57,7 +75,10 @@ def metrics_and_labels(promql: str) -> tuple[set[str], set[str]]:
 
 def test_the_promql_reader_finds_metrics_and_labels():
     """The reader the dashboard test relies on: metrics, not functions, keywords or variables."""
-    expr = 'histogram_quantile(0.95, sum by (le, model) (rate(a_bucket{model=~"$model", code!="x{y}"}[$__rate_interval]))) / on (model) b'
+    expr = (
+        'histogram_quantile(0.95, sum by (le, model) (rate(a_bucket{model=~"$model", '
+        'code!="x{y}"}[$__rate_interval]))) / on (model) b'
+    )
     assert metrics_and_labels(expr) == ({"a_bucket", "b"}, {"le", "model", "code"})
 
 
@@ -71,7 +92,14 @@ def exported(image_host, tmp_path_factory) -> Iterator[dict[str, set[str]]]:
     path = tmp_path_factory.mktemp("dashboard") / "x.png"
     path.write_bytes(make_image(seed=5))
     with clipserve.CLIP(server.address) as clip:
-        clip.score_batch([("a", str(path)), ("a", str(path)), ("b", image_host.url("status/404")), ("c", image_host.url("img/photo1.png"))])
+        clip.score_batch(
+            [
+                ("a", str(path)),
+                ("a", str(path)),
+                ("b", image_host.url("status/404")),
+                ("c", image_host.url("img/photo1.png")),
+            ]
+        )
         clip.embed_texts(["a", "a"])
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     server.stop()
@@ -95,16 +123,27 @@ def _dashboard() -> dict:
     return json.loads(DASHBOARD.read_text(encoding="utf-8"))
 
 
-@pytest.mark.parametrize(("where", "promql"), [pytest.param(where, promql, id=where) for where, promql in _queries(_dashboard())])
+@pytest.mark.parametrize(
+    ("where", "promql"), [pytest.param(where, promql, id=where) for where, promql in _queries(_dashboard())]
+)
 def test_every_dashboard_query_names_metrics_and_labels_the_server_exports(exported, where, promql):
     """Each metric a panel (or a variable) reads is one a real server exports, and each label
     it matches or groups on is one that metric has (or a label Prometheus adds: instance, job)."""
     names, labels = metrics_and_labels(promql)
     assert names, f"{where}: no metric in {promql}"
     for name in sorted(names):
-        assert name in exported, f"{where}: the server exports no {name} (it has {', '.join(sorted(n for n in exported if n.startswith('clipserve')))})"
-        missing = labels - exported[name] - _TARGET_LABELS - {"le"} if name.endswith("_bucket") else labels - exported[name] - _TARGET_LABELS
-        assert not missing, f"{where}: {name} has no label {', '.join(sorted(missing))} (it has {', '.join(sorted(exported[name]))})"
+        assert name in exported, (
+            f"{where}: the server exports no {name} (it has "
+            f"{', '.join(sorted(n for n in exported if n.startswith('clipserve')))})"
+        )
+        missing = (
+            labels - exported[name] - _TARGET_LABELS - {"le"}
+            if name.endswith("_bucket")
+            else labels - exported[name] - _TARGET_LABELS
+        )
+        assert not missing, (
+            f"{where}: {name} has no label {', '.join(sorted(missing))} (it has {', '.join(sorted(exported[name]))})"
+        )
 
 
 def test_every_panel_is_per_model_and_instance_where_the_metric_is(exported):

@@ -51,8 +51,13 @@ def test_decode_threads_run_torch_on_one_thread_each_and_leave_the_model_thread_
             decoded = await asyncio.gather(*(decoder.decode(jpeg(), f"img{i}") for i in range(4)))
             # The model thread starts only now (its first batch), after the decode threads:
             # torch would start it with their one thread, had it not its own setup.
-            batcher = make_batcher(lambda texts, images: (np.zeros((0, 1)), np.full((len(images), 1), torch.get_num_threads())),
-                              max_batch_size=1, max_delay_s=0.0, max_queue_size=1, thread_setup=setup)
+            batcher = make_batcher(
+                lambda texts, images: (np.zeros((0, 1)), np.full((len(images), 1), torch.get_num_threads())),
+                max_batch_size=1,
+                max_delay_s=0.0,
+                max_queue_size=1,
+                thread_setup=setup,
+            )
             batcher.start()
             try:
                 return decoded, int((await batcher.encode_image(b"pixels", wait=True))[0])
@@ -85,7 +90,9 @@ def test_a_decode_thread_that_starts_while_the_model_thread_prepares_its_first_b
 
     async def main():
         loop = asyncio.get_running_loop()
-        batcher = make_batcher(forward, max_batch_size=1, max_delay_s=0.0, max_queue_size=1, thread_setup=model_thread_init)
+        batcher = make_batcher(
+            forward, max_batch_size=1, max_delay_s=0.0, max_queue_size=1, thread_setup=model_thread_init
+        )
         decoder = ThreadDecoder([DecodeJob(lambda image: torch.get_num_threads(), max_pixels=10**6)], 1)
         batcher.start()
         try:
@@ -107,7 +114,10 @@ def test_worker_processes_give_the_same_pixels_and_errors_as_threads(tiny_checkp
     model = HFClipModel(str(tiny_checkpoint), device="cpu")
     job = DecodeJob(model.image_preprocessor(), max_pixels=10**6)
     images = [jpeg(64, 48), make_image(33, 77, seed=2), jpeg(300, 200, mode="CMYK")]
-    bad = {b"not an image at all": "not a recognised image format", make_image(2000, 1000): "over the 1000000-pixel limit"}
+    bad = {
+        b"not an image at all": "not a recognised image format",
+        make_image(2000, 1000): "over the 1000000-pixel limit",
+    }
 
     async def decode_all(decoder):
         await decoder.start()
@@ -119,7 +129,13 @@ def test_worker_processes_give_the_same_pixels_and_errors_as_threads(tiny_checkp
             await decoder.close()
 
     by_thread, _ = run(decode_all(ThreadDecoder([job], 2)))
-    by_process, errors = run(decode_all(ProcessDecoder([job], 1, max_image_bytes=16 << 20, fetch=downloads(), events=FetchTally(), decode_timeout_s=0)))
+    by_process, errors = run(
+        decode_all(
+            ProcessDecoder(
+                [job], 1, max_image_bytes=16 << 20, fetch=downloads(), events=FetchTally(), decode_timeout_s=0
+            )
+        )
+    )
     for a, b in zip(by_thread, by_process):
         assert a.dtype == b.dtype and np.array_equal(a, b)
     for error, words in zip(errors, bad.values()):
@@ -149,11 +165,17 @@ def test_a_worker_that_dies_fails_only_its_image_and_is_replaced(tmp_path, monke
     hostile, fine = make_image(1, 1), [make_image(10 + i, 10) for i in range(3)]
 
     async def main():
-        decoder = ProcessDecoder([job], 1, max_image_bytes=1 << 20, fetch=downloads(), events=FetchTally(), decode_timeout_s=0)
+        decoder = ProcessDecoder(
+            [job], 1, max_image_bytes=1 << 20, fetch=downloads(), events=FetchTally(), decode_timeout_s=0
+        )
         await decoder.start()
         try:
             # All four go to the one worker: the hostile one first, the others wait behind it.
-            results = await asyncio.gather(decoder.decode(hostile, "hostile.png"), *(decoder.decode(d, f"ok{i}") for i, d in enumerate(fine)), return_exceptions=True)
+            results = await asyncio.gather(
+                decoder.decode(hostile, "hostile.png"),
+                *(decoder.decode(d, f"ok{i}") for i, d in enumerate(fine)),
+                return_exceptions=True,
+            )
             later = await decoder.decode(fine[0], "later")
             return results, later
         finally:
@@ -169,7 +191,13 @@ def test_a_worker_that_dies_fails_only_its_image_and_is_replaced(tmp_path, monke
 
 def downloads(allow_private_networks: bool = True, concurrency: int = 8) -> FetchSettings:
     """The download settings the server hands its worker processes, from its config."""
-    config = ServerConfig(fetch_timeout_s=20, max_image_bytes=1 << 20, max_redirects=3, allow_private_networks=allow_private_networks, fetch_concurrency=concurrency)
+    config = ServerConfig(
+        fetch_timeout_s=20,
+        max_image_bytes=1 << 20,
+        max_redirects=3,
+        allow_private_networks=allow_private_networks,
+        fetch_concurrency=concurrency,
+    )
     return FetchSettings.of(config)
 
 
@@ -182,8 +210,12 @@ def test_worker_processes_download_urls_with_the_servers_own_fetcher(image_host)
 
     async def main():
         by_thread = ThreadDecoder([job], 1)
-        public = ProcessDecoder([job], 1, max_image_bytes=1 << 20, fetch=downloads(), events=FetchTally(), decode_timeout_s=0)
-        guarded = ProcessDecoder([job], 1, max_image_bytes=1 << 20, fetch=downloads(False), events=FetchTally(), decode_timeout_s=0)
+        public = ProcessDecoder(
+            [job], 1, max_image_bytes=1 << 20, fetch=downloads(), events=FetchTally(), decode_timeout_s=0
+        )
+        guarded = ProcessDecoder(
+            [job], 1, max_image_bytes=1 << 20, fetch=downloads(False), events=FetchTally(), decode_timeout_s=0
+        )
         for decoder in (by_thread, public, guarded):
             await decoder.start()
         try:
@@ -193,7 +225,9 @@ def test_worker_processes_download_urls_with_the_servers_own_fetcher(image_host)
             failures = await asyncio.gather(
                 public.fetch_and_decode(image_host.url("status/404"), "missing"),
                 public.fetch_and_decode(image_host.url("img/not-an-image.png"), "text"),
-                guarded.fetch_and_decode(image_host.url("img/photo0.png"), "loopback"),  # 127.0.0.1 is no public address
+                guarded.fetch_and_decode(
+                    image_host.url("img/photo0.png"), "loopback"
+                ),  # 127.0.0.1 is no public address
                 return_exceptions=True,
             )
             return expected, got, redirected, failures
@@ -203,16 +237,24 @@ def test_worker_processes_download_urls_with_the_servers_own_fetcher(image_host)
 
     expected, got, redirected, (missing, text, loopback) = run(main())
     assert got == expected and redirected == expected[1]  # the same decoded, preprocessed image as a thread gives
-    assert isinstance(missing, FetchError) and missing.kind is ErrorKind.NOT_FOUND  # a download's failure, counted as one
+    assert (
+        isinstance(missing, FetchError) and missing.kind is ErrorKind.NOT_FOUND
+    )  # a download's failure, counted as one
     assert type(text) is ItemError and text.kind is ErrorKind.INVALID_INPUT and "not a recognised image" in text.message
-    assert isinstance(loopback, FetchError) and loopback.kind is ErrorKind.FORBIDDEN and "--allow-private-networks" in loopback.message
+    assert (
+        isinstance(loopback, FetchError)
+        and loopback.kind is ErrorKind.FORBIDDEN
+        and "--allow-private-networks" in loopback.message
+    )
 
 
 @contextlib.asynccontextmanager
 async def one_downloading_worker(job: DecodeJob, image_host):
     """One worker process that downloads; the image host's /gated/ URLs hang until the gate opens."""
     image_host.gate.clear()
-    decoder = ProcessDecoder([job], 1, max_image_bytes=1 << 20, fetch=downloads(concurrency=4), events=FetchTally(), decode_timeout_s=0)
+    decoder = ProcessDecoder(
+        [job], 1, max_image_bytes=1 << 20, fetch=downloads(concurrency=4), events=FetchTally(), decode_timeout_s=0
+    )
     await decoder.start()
     try:
         yield decoder
@@ -240,7 +282,9 @@ def test_a_slow_download_holds_no_decode_slot(image_host):
             stuck = asyncio.ensure_future(decoder.fetch_and_decode(image_host.url("gated/photo3.png"), "stuck"))
             await until_requested(image_host, "/gated/photo3.png", before)
             decoded = await asyncio.gather(*(decoder.decode(data, f"upload{i}") for i, data in enumerate(uploads)))
-            fetched = await asyncio.gather(*(decoder.fetch_and_decode(image_host.url(f"img/photo{i}.jpg"), f"url{i}") for i in range(3)))
+            fetched = await asyncio.gather(
+                *(decoder.fetch_and_decode(image_host.url(f"img/photo{i}.jpg"), f"url{i}") for i in range(3))
+            )
             waiting = not stuck.done()
             image_host.gate.set()
             return waiting, decoded, fetched, await stuck
@@ -263,7 +307,9 @@ def test_downloads_in_flight_when_a_worker_dies_go_to_its_replacement(tmp_path, 
     async def main():
         async with one_downloading_worker(job, image_host) as decoder:
             before = image_host.hits.get("/gated/photo2.png", 0)
-            downloading = asyncio.ensure_future(decoder.fetch_and_decode(image_host.url("gated/photo2.png"), "downloading"))
+            downloading = asyncio.ensure_future(
+                decoder.fetch_and_decode(image_host.url("gated/photo2.png"), "downloading")
+            )
             await until_requested(image_host, "/gated/photo2.png", before)
             hostile = await asyncio.gather(decoder.decode(make_image(1, 1), "hostile.png"), return_exceptions=True)
             image_host.gate.set()
@@ -354,8 +400,22 @@ def test_gpu_decode_refuses_clearly_without_cuda(tiny_checkpoint):
     with pytest.raises(RuntimeError, match="use --device cuda"):
         HFClipModel(str(tiny_checkpoint), device="cpu").device_jpeg_decoder()
     served = subprocess.run(
-        [sys.executable, "-m", "clipserve.cli", "serve", "--model", str(tiny_checkpoint), "--gpu-decode", "--device", "cpu", "--port", "0"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "clipserve.cli",
+            "serve",
+            "--model",
+            str(tiny_checkpoint),
+            "--gpu-decode",
+            "--device",
+            "cpu",
+            "--port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert served.returncode == 2 and "needs --device cuda" in served.stderr
 
@@ -363,13 +423,30 @@ def test_gpu_decode_refuses_clearly_without_cuda(tiny_checkpoint):
 # -- through a real server ----------------------------------------------------------------------------------
 
 def test_a_server_decoding_in_worker_processes_scores_like_the_reference(tiny_checkpoint, image_host, reference):
-    server = ServerProcess(["--model", str(tiny_checkpoint), "--allow-private-networks", "--decode-pool", "processes", "--decode-workers", "1"])
+    server = ServerProcess(
+        [
+            "--model",
+            str(tiny_checkpoint),
+            "--allow-private-networks",
+            "--decode-pool",
+            "processes",
+            "--decode-workers",
+            "1",
+        ]
+    )
     try:
         with clipserve.CLIP(server.address, timeout=60) as clip:
-            inputs = [clipserve.SimilarityInput(q, image_host.url(f"img/photo{j}.{ext}")) for q in ("a dog", "a red car") for j in range(3) for ext in ("png", "jpg")]
+            inputs = [
+                clipserve.SimilarityInput(q, image_host.url(f"img/photo{j}.{ext}"))
+                for q in ("a dog", "a red car")
+                for j in range(3)
+                for ext in ("png", "jpg")
+            ]
             results = clip.score_batch(inputs)
     finally:
         assert server.terminate() == 0, "".join(server.log)
     for x, r in zip(inputs, results):
         assert r.error is None
-        assert r.score == pytest.approx(reference(x.query, image_host.images[x.image_url.rsplit("/", 1)[1]]), abs=reference.tolerance)
+        assert r.score == pytest.approx(
+            reference(x.query, image_host.images[x.image_url.rsplit("/", 1)[1]]), abs=reference.tolerance
+        )

@@ -3,7 +3,8 @@ against real servers on the synthetic checkpoint, or says why it cannot (``no-ru
 
 The substitutions, which docs/development.md documents for authors of examples:
 ``localhost:50051`` (and ``$CLIPSERVE_ADDRESS``) is the test's first server, ``localhost:50052``
-its second, ``localhost:51051`` and ``localhost:51052`` their HTTP faces; ``https://example.com/NAME`` an image on the loopback image host, and any URL under
+its second, ``localhost:51051`` and ``localhost:51052`` their HTTP faces;
+``https://example.com/NAME`` an image on the loopback image host, and any URL under
 ``https://example.com/missing/`` a 404; ``dns:///clipserve.default.svc.cluster.local:50051``
 both servers (a stand-in for the system resolver answers that name); ``dog.jpg``, ``cat.png``,
 and ``qrels.jsonl`` with ``images.jsonl`` (three pairs over those two images) are in each
@@ -69,7 +70,11 @@ DOCUMENTS = documents()
 SAMPLE_FILES = {
     "qrels.jsonl": "".join(
         json.dumps({"query_id": q, "query_text": text, "image_id": image}) + "\n"
-        for q, text, image in (("q1", "a dog on a beach", "dog"), ("q1", "a dog on a beach", "cat"), ("q2", "a cat on a sofa", "cat"))
+        for q, text, image in (
+            ("q1", "a dog on a beach", "dog"),
+            ("q1", "a dog on a beach", "cat"),
+            ("q2", "a cat on a sofa", "cat"),
+        )
     ),
     "images.jsonl": '{"image_id": "dog", "image_url": "https://example.com/dog.jpg"}\n'
     '{"image_id": "cat", "image_url": "https://example.com/cat.png"}\n',
@@ -96,7 +101,9 @@ def example_env(replicas: list[ServerProcess], tmp_path_factory: pytest.TempPath
     return {
         **os.environ,
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-        "PYTHONPATH": os.pathsep.join([str(stand_in), str(ROOT / "client"), str(ROOT / "server"), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join(
+            [str(stand_in), str(ROOT / "client"), str(ROOT / "server"), os.environ.get("PYTHONPATH", "")]
+        ),
         "CLIPSERVE_DOCS_DNS": json.dumps({DNS_NAME: [server.address for server in replicas]}),
         "CLIPSERVE_ADDRESS": replicas[0].address,
         "HF_HUB_OFFLINE": "1",
@@ -131,7 +138,9 @@ def check_commands(example: Example) -> None:
         try:
             cli_commands()[command].parse_args(args)
         except SystemExit:
-            pytest.fail(f"{example.where}: `clipserve {command} {' '.join(args)}` is refused by the CLI (see its stderr above)")
+            pytest.fail(
+                f"{example.where}: `clipserve {command} {' '.join(args)}` is refused by the CLI (see its stderr above)"
+            )
 
 
 def run(example: Example, workdir: Path, env: dict[str, str], addresses: list[str], images: ImageHost) -> None:
@@ -143,11 +152,15 @@ def run(example: Example, workdir: Path, env: dict[str, str], addresses: list[st
     else:
         command = ["bash", "-e", "-o", "pipefail", "-c", without_serve(code)]
     done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"{example.where} exited {done.returncode}:\n{code}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+    assert done.returncode == 0, (
+        f"{example.where} exited {done.returncode}:\n{code}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+    )
 
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=[str(p.relative_to(ROOT)) for p in DOCUMENTS])
-def test_every_example_of_a_page_runs_against_a_real_server(document, replicas, example_env, image_host, tmp_path, monkeypatch):
+def test_every_example_of_a_page_runs_against_a_real_server(
+    document, replicas, example_env, image_host, tmp_path, monkeypatch
+):
     """The page's examples, in order, in one working directory: each exits 0; files it marks
     are written first; the server commands' flags parse; no-run blocks give a reason and still
     parse (Python compiles, `clipserve` lines have today's flags)."""
@@ -191,4 +204,6 @@ def test_no_usage_line_of_a_manifest_escapes_the_examples(manifest):
     for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
         text = re.sub(r"^\s*# ?", "", line) if line.lstrip().startswith("#") else ""
         if usage.search(text):
-            assert text.strip() in in_examples, f"{manifest.name}:{number}: usage outside an example block: {text.strip()}"
+            assert text.strip() in in_examples, (
+                f"{manifest.name}:{number}: usage outside an example block: {text.strip()}"
+            )

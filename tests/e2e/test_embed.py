@@ -38,7 +38,9 @@ def reference_features(tiny_checkpoint: Path):
 
     def text(query: str) -> np.ndarray:
         with torch.no_grad():
-            return features(model.get_text_features(**processor(text=[query], return_tensors="pt", padding=True))).numpy()[0]
+            return features(
+                model.get_text_features(**processor(text=[query], return_tensors="pt", padding=True))
+            ).numpy()[0]
 
     def image(data: bytes) -> np.ndarray:
         picture = Image.open(io.BytesIO(data)).convert("RGB")
@@ -91,7 +93,9 @@ def test_a_score_is_the_scaled_dot_product_of_the_two_embeddings(real_server, im
     # The vectors themselves, not the reply's `normalized` flag (which the servicer sets).
     assert np.linalg.norm(text.embedding) == pytest.approx(1.0, abs=1e-6)
     assert np.linalg.norm(image.embedding) == pytest.approx(1.0, abs=1e-6)
-    assert score == pytest.approx(info.logit_scale * float(np.dot(text.embedding, image.embedding)) + info.logit_bias, abs=1e-5 * info.logit_scale)
+    assert score == pytest.approx(
+        info.logit_scale * float(np.dot(text.embedding, image.embedding)) + info.logit_bias, abs=1e-5 * info.logit_scale
+    )
 
 
 def test_scoring_and_embedding_share_one_cache(make_fake_server, image_host):
@@ -123,7 +127,14 @@ def test_each_bad_input_gets_its_own_error_in_input_order(fake_server, image_hos
         results = clip.embed_images(images)
         texts = clip.embed_texts(["fine", "", "  ", "also fine"])
     assert [r.input for r in results] == images
-    assert [r.error_code for r in results] == [None, "NOT_FOUND", "INVALID_ARGUMENT", "NOT_FOUND", "INVALID_ARGUMENT", None]
+    assert [r.error_code for r in results] == [
+        None,
+        "NOT_FOUND",
+        "INVALID_ARGUMENT",
+        "NOT_FOUND",
+        "INVALID_ARGUMENT",
+        None,
+    ]
     assert all((r.embedding is None) == (r.error is not None) for r in results)
     assert [r.error_code for r in texts] == [None, "INVALID_ARGUMENT", "INVALID_ARGUMENT", None]
     with pytest.raises(ValueError, match="2 of 4"):
@@ -183,7 +194,11 @@ def test_an_embed_run_survives_a_server_restart_with_every_input_once(tmp_path):
 
 def test_grpcurl_embeds_a_text_and_an_image(real_server, image_host):
     requests = "\n".join(
-        json.dumps(r) for r in ({"request_id": "t", "text": "a dog"}, {"request_id": "i", "image_url": image_host.url("img/photo0.png"), "raw": True})
+        json.dumps(r)
+        for r in (
+            {"request_id": "t", "text": "a dog"},
+            {"request_id": "i", "image_url": image_host.url("img/photo0.png"), "raw": True},
+        )
     )
     done = grpcurl("-d", requests, real_server.address, "clipserve.v1.Scorer/Embed")
     assert done.returncode == 0, done.stderr
@@ -195,7 +210,12 @@ def test_grpcurl_embeds_a_text_and_an_image(real_server, image_host):
 # -- clipserve embed-file --------------------------------------------------------------------------
 
 def embed_file_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clipserve.cli", "embed-file", "--no-progress", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "clipserve.cli", "embed-file", "--no-progress", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_embed_file_writes_parquet_vectors_in_input_order(fake_server, image_host, tmp_path):
@@ -204,7 +224,15 @@ def test_embed_file_writes_parquet_vectors_in_input_order(fake_server, image_hos
     rows = [{"image_id": f"im{i}", "url": image_host.url(f"img/photo{i}.png"), "license": "cc0"} for i in range(6)]
     rows.insert(3, {"image_id": "gone", "url": image_host.url("status/404"), "license": "cc0"})
     (tmp_path / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    done = embed_file_cli(str(tmp_path / "images.jsonl"), "-o", str(tmp_path / "vectors.parquet"), "--image-column", "url", "--address", fake_server.address)
+    done = embed_file_cli(
+        str(tmp_path / "images.jsonl"),
+        "-o",
+        str(tmp_path / "vectors.parquet"),
+        "--image-column",
+        "url",
+        "--address",
+        fake_server.address,
+    )
     assert done.returncode == 0, done.stderr
     assert "7 rows: 6 embedded, 1 failed" in done.stderr and "NOT_FOUND x1" in done.stderr
     table = pq.read_table(tmp_path / "vectors.parquet")
@@ -222,7 +250,19 @@ def test_embed_file_writes_parquet_vectors_in_input_order(fake_server, image_hos
 def test_embed_file_writes_npy_with_ids_and_resumes(fake_server, tmp_path):
     rows = [{"query_id": f"q{i}", "text": f"query number {i}"} for i in range(10)]
     (tmp_path / "queries.csv").write_text("query_id,text\n" + "".join(f"{r['query_id']},{r['text']}\n" for r in rows))
-    args = [str(tmp_path / "queries.csv"), "-o", str(tmp_path / "q.npy"), "--text-column", "text", "--id-column", "query_id", "--chunk-size", "4", "--address", fake_server.address]
+    args = [
+        str(tmp_path / "queries.csv"),
+        "-o",
+        str(tmp_path / "q.npy"),
+        "--text-column",
+        "text",
+        "--id-column",
+        "query_id",
+        "--chunk-size",
+        "4",
+        "--address",
+        fake_server.address,
+    ]
     assert embed_file_cli(*args, "--raw").returncode == 0
     full = np.load(tmp_path / "q.npy")
     ids = [json.loads(line) for line in (tmp_path / "q.ids.jsonl").read_text().splitlines()]

@@ -63,7 +63,9 @@ def test_image_bytes_over_the_raw_stub(real_server, reference):
     data = make_image(20, 20, seed=3)
     with grpc.insecure_channel(real_server.address) as channel:
         stub = scorer_pb2_grpc.ScorerStub(channel)
-        reply = stub.Score(scorer_pb2.ScoreRequest(request_id="r1", query="a dog", image_bytes=data, query_id="q", image_id="i"))
+        reply = stub.Score(
+            scorer_pb2.ScoreRequest(request_id="r1", query="a dog", image_bytes=data, query_id="q", image_id="i")
+        )
     assert (reply.request_id, reply.query_id, reply.image_id) == ("r1", "q", "i")
     assert not reply.HasField("error")
     assert reply.score == pytest.approx(reference("a dog", data), abs=reference.tolerance)
@@ -111,11 +113,15 @@ def test_compiled_image_tower_changes_speed_not_scores(tiny_checkpoint, image_ho
         with clipserve.CLIP(server.address, timeout=120) as clip:
             assert clip.model_info().compiled
             url = image_host.url("img/photo2.png")
-            assert clip.score("a red car", url) == pytest.approx(reference("a red car", image_host.images["photo2.png"]), abs=reference.tolerance)
+            assert clip.score("a red car", url) == pytest.approx(
+                reference("a red car", image_host.images["photo2.png"]), abs=reference.tolerance
+            )
             names = [f"photo{j}.{ext}" for j in range(6) for ext in ("png", "jpg")]
             results = clip.score_batch([clipserve.SimilarityInput("a dog", image_host.url(f"img/{n}")) for n in names])
             for name, result in zip(names, results):
-                assert result.score == pytest.approx(reference("a dog", image_host.images[name]), abs=reference.tolerance)
+                assert result.score == pytest.approx(
+                    reference("a dog", image_host.images[name]), abs=reference.tolerance
+                )
     finally:
         assert server.terminate() == 0, "".join(server.log)
 
@@ -136,13 +142,26 @@ def test_cli_score_prints_the_score(real_server, image_host, reference):
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert float(done.stdout) == pytest.approx(reference("a dog", image_host.images["photo2.png"]), abs=reference.tolerance)
+    assert float(done.stdout) == pytest.approx(
+        reference("a dog", image_host.images["photo2.png"]), abs=reference.tolerance
+    )
 
 
 def test_cli_score_reports_errors_without_traceback(real_server, image_host):
     done = subprocess.run(
-        [sys.executable, "-m", "clipserve.cli", "score", "a dog", image_host.url("status/404"), "--address", real_server.address],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "clipserve.cli",
+            "score",
+            "a dog",
+            image_host.url("status/404"),
+            "--address",
+            real_server.address,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 1
     assert done.stderr.startswith("error: NOT_FOUND")
@@ -160,7 +179,12 @@ def test_grpcurl_lists_services_through_reflection(real_server):
 
 def test_grpcurl_scores_a_url(real_server, image_host, reference):
     url = image_host.url("img/photo3.png")
-    done = grpcurl("-d", json.dumps({"query": "a dog", "image_url": url, "request_id": "7"}), real_server.address, "clipserve.v1.Scorer/Score")
+    done = grpcurl(
+        "-d",
+        json.dumps({"query": "a dog", "image_url": url, "request_id": "7"}),
+        real_server.address,
+        "clipserve.v1.Scorer/Score",
+    )
     assert done.returncode == 0, done.stderr
     reply = json.loads(done.stdout)
     assert reply["request_id"] == "7"

@@ -100,7 +100,11 @@ def servers(checkpoints: dict[str, Path], tiny_checkpoint: Path) -> Iterator[dic
             + ["--model", f"st={checkpoints['st_clip']}", "--text-model", f"st={checkpoints['text_tower']}"],
             {},
         ),
-        "siglip": ([arg for variant in synthetic.SIGLIP_VARIANTS for arg in ("--model", f"{variant}={checkpoints[variant]}")] + in_a_worker, {}),
+        "siglip": (
+            [arg for variant in synthetic.SIGLIP_VARIANTS for arg in ("--model", f"{variant}={checkpoints[variant]}")]
+            + in_a_worker,
+            {},
+        ),
     }
     started = {name: ServerProcess(flags, env, wait=False) for name, (flags, env) in args.items()}
     try:
@@ -113,10 +117,14 @@ def servers(checkpoints: dict[str, Path], tiny_checkpoint: Path) -> Iterator[dic
         for server in started.values():
             server.proc.wait(timeout=60)
         codes = {name: server.terminate() for name, server in started.items()}
-    assert all(code == 0 for code in codes.values()), {name: "".join(server.log) for name, server in started.items() if codes[name]}
+    assert all(code == 0 for code in codes.values()), {
+        name: "".join(server.log) for name, server in started.items() if codes[name]
+    }
 
 
-def served_scores(server: ServerProcess, model: str, images: list[Path]) -> tuple[np.ndarray, clipserve.v1.scorer_pb2.ModelInfo]:
+def served_scores(
+    server: ServerProcess, model: str, images: list[Path]
+) -> tuple[np.ndarray, clipserve.v1.scorer_pb2.ModelInfo]:
     """Every query against every image, scored by ``model`` on ``server``: (queries, images).
 
     Served at the default runtime (auto): every family's towers convert to OpenVINO on the CPU
@@ -140,14 +148,18 @@ def test_open_clip_scores_are_open_clips_own_forward(servers, checkpoints, image
     source = f"local-dir:{checkpoints[checkpoint]}"
     model, _, preprocess = open_clip.create_model_and_transforms(source)
     with torch.no_grad():
-        image_features, text_features, scale = model.eval()(torch.stack([preprocess(rgb(p)) for p in images]), open_clip.get_tokenizer(source)(QUERIES))[:3]
+        image_features, text_features, scale = model.eval()(
+            torch.stack([preprocess(rgb(p)) for p in images]), open_clip.get_tokenizer(source)(QUERIES)
+        )[:3]
     expected = (scale * text_features @ image_features.T).numpy()
     # The server resizes and crops each image to uint8 and normalises per batch: bit for bit
     # what open_clip's transform gives.
     pipeline = build_transform_pipeline(preprocess, tuple(model.visual.image_size))
     assert isinstance(pipeline, SplitTransformPipeline)
     for path in images:
-        assert torch.equal(pipeline.normalize(torch.from_numpy(pipeline(rgb(path)).copy()).unsqueeze(0))[0], preprocess(rgb(path)))
+        assert torch.equal(
+            pipeline.normalize(torch.from_numpy(pipeline(rgb(path)).copy()).unsqueeze(0))[0], preprocess(rgb(path))
+        )
     got, info = served_scores(servers["open_clip"], served, images)
     assert np.abs(got - expected).max() <= 1e-4 * float(scale), (got, expected)
     assert (info.backend, info.embedding_dim, info.logit_bias, info.max_text_tokens) == ("open_clip", dim, 0.0, 77)
@@ -169,7 +181,11 @@ def test_a_text_tower_scores_with_the_clip_models_image_tower(servers, checkpoin
     for name in ("clip", "st"):
         got, info = served_scores(servers["text_tower"], name, images)
         assert np.abs(got - expected).max() <= 1e-4 * scale, (name, got, expected)
-        assert (info.backend, info.text_model_id, info.max_text_tokens) == ("transformers+sentence_transformers", str(checkpoints["text_tower"]), 128)
+        assert (info.backend, info.text_model_id, info.max_text_tokens) == (
+            "transformers+sentence_transformers",
+            str(checkpoints["text_tower"]),
+            128,
+        )
     assert info.model_id == str(checkpoints["st_clip"])
     with clipserve.CLIP(servers["text_tower"].address, model="st") as clip:
         [raw] = clip.embed_texts([QUERIES[0]], raw=True)
@@ -213,7 +229,9 @@ def test_the_memory_check_counts_the_weights_each_backend_loads(checkpoints, tin
     for name in ("open_clip_model.safetensors", "open_clip_config.json"):
         shutil.copy(checkpoints["open_clip"] / name, both)
     assert weight_bytes(str(both), "float32") == 4 * parameters(tiny_checkpoint / "model.safetensors")
-    assert weight_bytes(str(checkpoints["open_clip"]), "float32") == 4 * parameters(checkpoints["open_clip"] / "open_clip_model.safetensors")
+    assert weight_bytes(str(checkpoints["open_clip"]), "float32") == 4 * parameters(
+        checkpoints["open_clip"] / "open_clip_model.safetensors"
+    )
     # open_clip:ARCH is an architecture: its weights are the --pretrained file.
     specs = model_specs([f"open_clip:{OPEN_CLIP_ARCH}"], pretrained=[str(arch_weights)])
     with pytest.raises(ModelsTooLarge) as refused:

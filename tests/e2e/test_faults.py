@@ -71,13 +71,18 @@ def test_score_batch_survives_a_server_restart_with_every_item_exactly_once(tiny
     port = free_port()
     args = ["--model", str(tiny_checkpoint), "--allow-private-networks"]
     names = [image_host.add(f"restart{i}.png", make_image(16, 16, seed=1000 + i)).rsplit("/", 1)[1] for i in range(150)]
-    inputs = [clipserve.SimilarityInput(f"query {i}", image_host.url(f"slow-img/{name}"), query_id=str(i)) for i, name in enumerate(names)]
+    inputs = [
+        clipserve.SimilarityInput(f"query {i}", image_host.url(f"slow-img/{name}"), query_id=str(i))
+        for i, name in enumerate(names)
+    ]
     first = ServerProcess(args, port=port)
     results: list = []
     # Patient enough for a restart on a loaded machine (starting the server there took over the
     # default 30 s with two copies of the suite running): the claim is exactly once, not how
     # fast a server starts; the default patience itself is test_unreachable's.
-    client = clipserve.CLIP(f"127.0.0.1:{port}", max_in_flight=4, timeout=120, retry=clipserve.RetryPolicy(max_backoff=1.0, max_wait=120))
+    client = clipserve.CLIP(
+        f"127.0.0.1:{port}", max_in_flight=4, timeout=120, retry=clipserve.RetryPolicy(max_backoff=1.0, max_wait=120)
+    )
     runner = threading.Thread(target=lambda: results.extend(client.score_batch(inputs)))
     second = None
     try:
@@ -149,7 +154,9 @@ def test_a_full_queue_fails_unary_calls_fast_and_the_sdk_retries_them(make_fake_
 
 def score_once(address: str, query: str, seed: int, timeout: float = 60) -> scorer_pb2.ScoreResponse:
     with grpc.insecure_channel(address) as channel:
-        return scorer_pb2_grpc.ScorerStub(channel).Score(scorer_pb2.ScoreRequest(query=query, image_bytes=make_image(8, 8, seed=seed)), timeout=timeout)
+        return scorer_pb2_grpc.ScorerStub(channel).Score(
+            scorer_pb2.ScoreRequest(query=query, image_bytes=make_image(8, 8, seed=seed)), timeout=timeout
+        )
 
 
 def test_items_of_a_cancelled_stream_never_reach_the_model(make_fake_server):
@@ -162,7 +169,10 @@ def test_items_of_a_cancelled_stream_never_reach_the_model(make_fake_server):
     server = make_fake_server(model, max_batch_size=2, max_batch_delay_ms=0)
     engine = server.server._registry.get()
     model.hold()
-    requests = [scorer_pb2.ScoreRequest(request_id=str(i), query=f"q{i}", image_bytes=make_image(8, 8, seed=700 + i)) for i in range(60)]
+    requests = [
+        scorer_pb2.ScoreRequest(request_id=str(i), query=f"q{i}", image_bytes=make_image(8, 8, seed=700 + i))
+        for i in range(60)
+    ]
     with grpc.insecure_channel(server.address) as channel:
         call = scorer_pb2_grpc.ScorerStub(channel).ScoreBatch(iter(requests), timeout=60)
         assert model.held.wait(30)  # the first batch is at the model, the rest queued
@@ -228,7 +238,9 @@ def test_health_is_not_serving_until_the_model_is_loaded():
         assert health(address) == "NOT_SERVING"
         with grpc.insecure_channel(address) as channel:
             with pytest.raises(grpc.RpcError) as info:
-                scorer_pb2_grpc.ScorerStub(channel).Score(scorer_pb2.ScoreRequest(query="q", image_bytes=make_image()), timeout=10)
+                scorer_pb2_grpc.ScorerStub(channel).Score(
+                    scorer_pb2.ScoreRequest(query="q", image_bytes=make_image()), timeout=10
+                )
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in info.value.details()
         release.set()
         asyncio.run_coroutine_threadsafe(server.wait_ready(), loop).result(30)
@@ -244,7 +256,9 @@ def test_a_stream_is_read_no_faster_than_it_is_answered(make_fake_server):
     """With the model slow, the server holds at most --stream-max-in-flight items of a stream;
     the rest wait in the client (gRPC flow control), not in server memory."""
     window = 3
-    server = make_fake_server(FakeModel(forward_delay_s=0.03), stream_max_in_flight=window, max_batch_size=2, max_batch_delay_ms=0)
+    server = make_fake_server(
+        FakeModel(forward_delay_s=0.03), stream_max_in_flight=window, max_batch_size=2, max_batch_delay_ms=0
+    )
     engine = server.server._registry.get()
     depths: list[int] = []
     done = threading.Event()
@@ -253,7 +267,10 @@ def test_a_stream_is_read_no_faster_than_it_is_answered(make_fake_server):
         while not done.is_set():
             depths.append(server.run_on_loop(lambda: engine.queue_depth))
 
-    requests = [scorer_pb2.ScoreRequest(request_id=str(i), query=f"q{i}", image_bytes=make_image(8, 8, seed=900 + i)) for i in range(40)]
+    requests = [
+        scorer_pb2.ScoreRequest(request_id=str(i), query=f"q{i}", image_bytes=make_image(8, 8, seed=900 + i))
+        for i in range(40)
+    ]
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:

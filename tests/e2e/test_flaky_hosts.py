@@ -37,7 +37,9 @@ def other_host() -> Iterator[FlakyHost]:
 
 
 def serve(*args: str, metrics: bool = False) -> ServerProcess:
-    return ServerProcess(["--model", "fake", "--allow-private-networks", "--metrics-host-labels", *args], metrics=metrics)
+    return ServerProcess(
+        ["--model", "fake", "--allow-private-networks", "--metrics-host-labels", *args], metrics=metrics
+    )
 
 
 @pytest.mark.parametrize("pool", POOLS)
@@ -48,7 +50,9 @@ def test_a_fresh_client_scores_every_pair_whose_image_exists_on_a_flaky_host(fla
     flaky.hold_s = 0.02  # answers overlap, so that the cap is what bounds them
     urls = [flaky.add(f"p{i}.png", make_image(16, 16, seed=i), MODES[i % len(MODES)]) for i in range(200)]
     missing = flaky.url("status/404")
-    pairs = [clipserve.SimilarityInput(f"query {q}", url) for q in range(3) for url in urls] + [clipserve.SimilarityInput("gone", missing)]
+    pairs = [clipserve.SimilarityInput(f"query {q}", url) for q in range(3) for url in urls] + [
+        clipserve.SimilarityInput("gone", missing)
+    ]
     server = serve(*POOLS[pool], metrics=True)
     try:
         with clipserve.CLIP(server.address) as clip:
@@ -63,8 +67,12 @@ def test_a_fresh_client_scores_every_pair_whose_image_exists_on_a_flaky_host(fla
     assert {len(flaky.times(url)) for url in urls} == {2}
     assert flaky.most_active <= DEFAULT_HOST_CONNECTIONS
     assert metrics['clipserve_fetch_attempts_total{host="127.0.0.1",outcome="ok"}'] == 200
-    assert metrics['clipserve_fetch_retries_total{host="127.0.0.1"}'] >= 150  # the resets before any answer aiohttp may retry itself
-    assert metrics['clipserve_fetch_retry_after_seconds_total{host="127.0.0.1"}'] >= 50  # 50 URLs answered Retry-After: 1
+    assert (
+        metrics['clipserve_fetch_retries_total{host="127.0.0.1"}'] >= 150
+    )  # the resets before any answer aiohttp may retry itself
+    assert (
+        metrics['clipserve_fetch_retry_after_seconds_total{host="127.0.0.1"}'] >= 50
+    )  # 50 URLs answered Retry-After: 1
 
 
 @pytest.mark.parametrize("pool", POOLS)
@@ -109,7 +117,11 @@ def test_a_host_down_for_good_fails_its_items_within_the_budget_and_spares_the_o
     by_url = {r.image_url: r for r in results}
     assert all(by_url[url].score is not None for url in good)
     for url in refused:
-        assert by_url[url].error_code == "FAILED_PRECONDITION" and "cannot connect" in by_url[url].error and "after 4 attempts" in by_url[url].error
+        assert (
+            by_url[url].error_code == "FAILED_PRECONDITION"
+            and "cannot connect" in by_url[url].error
+            and "after 4 attempts" in by_url[url].error
+        )
     for url in silent:  # the server's own clock ended them at the budget (docs/fetching.md has the times measured)
         error = by_url[url].error
         assert by_url[url].error_code == "DEADLINE_EXCEEDED" and "attempts" in error
@@ -136,7 +148,9 @@ def test_a_fetch_header_goes_to_matching_hosts_only_never_across_a_redirect_nor_
         assert server.terminate() == 0, "".join(server.log)
     assert all(r.score is not None for r in results), [r.error for r in results]
     auth = "Authorization"
-    assert flaky.header_sent(own, auth) == flaky.header_sent(hop, auth) == other_host.header_sent(direct, auth) == [secret]
+    assert (
+        flaky.header_sent(own, auth) == flaky.header_sent(hop, auth) == other_host.header_sent(direct, auth) == [secret]
+    )
     assert other_host.header_sent(elsewhere, auth) == [None]  # the redirect's hop to another host
     assert flaky.header_sent(unmatched, auth) == [None]
     assert "s3cret" not in "".join(server.log)

@@ -75,7 +75,13 @@ def test_a_thin_pixel_tensor_is_refused_before_the_processor_resizes_it():
     _refused(lambda: validate_image(ImageSource(pixels=pixels), 1 << 25, 50_000_000, _limits()), "aspect ratio")
 
 
-@pytest.mark.parametrize(("kind", "data", "plugin"), [("ico", ico_with_png(9000, 9000), "IcoImagePlugin.IcoImageFile"), ("webp", webp_canvas(9000, 9000), "WebPImagePlugin.WebPImageFile")])
+@pytest.mark.parametrize(
+    ("kind", "data", "plugin"),
+    [
+        ("ico", ico_with_png(9000, 9000), "IcoImagePlugin.IcoImageFile"),
+        ("webp", webp_canvas(9000, 9000), "WebPImagePlugin.WebPImageFile"),
+    ],
+)
 def test_decoders_that_decode_while_opening_never_see_an_oversized_file(monkeypatch, kind, data, plugin):
     import importlib
 
@@ -135,7 +141,9 @@ def test_a_chunk_of_millions_of_items_is_refused_before_it_is_parsed(monkeypatch
     from clipserve_server.serving import lenient_decoding as wire
 
     parsed = _Spy(monkeypatch, wire.scorer_pb2.ScoreRequestChunk, "FromString")
-    _refused(lambda: wire.parse_score_chunk(empty_items_chunk(2_000_000), max_items=4096), "4096", "--max-items-per-message")
+    _refused(
+        lambda: wire.parse_score_chunk(empty_items_chunk(2_000_000), max_items=4096), "4096", "--max-items-per-message"
+    )
     assert parsed.calls == 0
     assert len(wire.parse_score_chunk(empty_items_chunk(64), max_items=4096)) == 64
 
@@ -159,7 +167,11 @@ def test_a_model_infer_batch_over_the_limit_is_refused_from_its_shape(monkeypatc
         request.inputs.add(name=name, datatype="BYTES", shape=[1_000_000])
         request.raw_input_contents.append(b"\x01\x00\x00\x00a" * 1_000_000)
     unpacked = _Spy(monkeypatch, tensors, "_unpack_bytes")
-    _refused(lambda: tensors.read_inputs(request, BatchScores.inputs, "default", max_items=4096), "1000000", "4096-item limit")
+    _refused(
+        lambda: tensors.read_inputs(request, BatchScores.inputs, "default", max_items=4096),
+        "1000000",
+        "4096-item limit",
+    )
     assert unpacked.calls == 0
 
 
@@ -283,7 +295,9 @@ _LIMITS = {
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    process = ServerProcess(["--model", str(tiny_checkpoint), "--device", "cpu", "--runtime", "torch", "--no-cache"], env=_LIMITS)
+    process = ServerProcess(
+        ["--model", str(tiny_checkpoint), "--device", "cpu", "--runtime", "torch", "--no-cache"], env=_LIMITS
+    )
     yield process
     process.terminate()
 
@@ -296,7 +310,9 @@ def _health(address: str) -> str:
 
 def _score(address: str, query: str, image: bytes, timeout: float = 120) -> scorer_pb2.ScoreResponse:
     with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
-        return scorer_pb2_grpc.ScorerStub(channel).Score(scorer_pb2.ScoreRequest(query=query, image_bytes=image), timeout=timeout)
+        return scorer_pb2_grpc.ScorerStub(channel).Score(
+            scorer_pb2.ScoreRequest(query=query, image_bytes=image), timeout=timeout
+        )
 
 
 def _meanwhile(address: str) -> threading.Thread:
@@ -339,5 +355,7 @@ def test_a_ten_megabyte_query_is_cut_and_cannot_trip_the_watchdog(server):
     other = _meanwhile(server.address)
     response = _score(server.address, "a photo of a cat " * 600_000, make_image(seed=1))
     other.join(120)
-    assert response.score == pytest.approx(_score(server.address, "a photo of a cat " * 20, make_image(seed=1)).score, abs=1e-4)
+    assert response.score == pytest.approx(
+        _score(server.address, "a photo of a cat " * 20, make_image(seed=1)).score, abs=1e-4
+    )
     assert other.outcome and _health(server.address) == "SERVING"  # type: ignore[attr-defined]

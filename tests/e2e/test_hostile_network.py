@@ -55,7 +55,15 @@ def _public_is_127_0_0_1(address: str) -> bool:
 
 
 def _config(**overrides) -> ServerConfig:
-    return ServerConfig(**{"max_batch_delay_ms": 2.0, "fetch_timeout_s": 10.0, "fetch_attempts": 1, "decode_pool": "threads", **overrides})
+    return ServerConfig(
+        **{
+            "max_batch_delay_ms": 2.0,
+            "fetch_timeout_s": 10.0,
+            "fetch_attempts": 1,
+            "decode_pool": "threads",
+            **overrides,
+        }
+    )
 
 
 def guarded_server(**overrides) -> InProcessServer:
@@ -85,7 +93,9 @@ def internal_urls(internal: ImageHost, spellings: list[str]) -> list[str]:
     return [f"http://{spelling}:{port}/img/secret.png" for spelling in spellings]
 
 
-def errors_on_every_path(server: InProcessServer, image_host: ImageHost, urls: list[str]) -> dict[str, list[str | None]]:
+def errors_on_every_path(
+    server: InProcessServer, image_host: ImageHost, urls: list[str]
+) -> dict[str, list[str | None]]:
     """The error code each URL gets through Score, ScoreBatch, Embed, ModelInfer and as the
     Location of a redirect from the public host."""
     codes = error_codes(server.address, urls)
@@ -120,11 +130,23 @@ def test_decode_worker_processes_that_download_refuse_every_spelling_too(interna
     assert codes == {path: ["PERMISSION_DENIED"] * len(spellings) for path in codes}, codes
 
 
-@pytest.mark.parametrize(("address", "forbidden"), [
-    ("64:ff9b::808:808", False), ("2002:808:808::", False), ("::ffff:8.8.8.8", False), ("2606:4700::1111", False),  # carry 8.8.8.8 / public
-    ("64:ff9b::a00:1", True), ("2002:a9fe:a9fe::", True), ("::ffff:169.254.169.254", True), ("::10.0.0.1", True),  # carry private ones
-    ("64:ff9b:1::808:808", True), ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", True), ("::1", True), ("::", True),  # never public
-])
+@pytest.mark.parametrize(
+    ("address", "forbidden"),
+    [
+        ("64:ff9b::808:808", False),
+        ("2002:808:808::", False),
+        ("::ffff:8.8.8.8", False),
+        ("2606:4700::1111", False),  # carry 8.8.8.8 / public
+        ("64:ff9b::a00:1", True),
+        ("2002:a9fe:a9fe::", True),
+        ("::ffff:169.254.169.254", True),
+        ("::10.0.0.1", True),  # carry private ones
+        ("64:ff9b:1::808:808", True),
+        ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", True),
+        ("::1", True),
+        ("::", True),  # never public
+    ],
+)
 def test_an_ipv6_address_is_judged_as_the_ipv4_it_carries(address, forbidden):
     assert is_forbidden(address) is forbidden
 
@@ -153,7 +175,9 @@ def test_the_connector_refuses_an_address_that_no_earlier_check_saw(internal, mo
     monkeypatch.setattr(fetch_module, "literal_ip", lambda host: None)
 
     async def fetch() -> bytes:
-        settings = FetchSettings.of(ServerConfig(fetch_timeout_s=5, max_image_bytes=1 << 20, max_redirects=3, fetch_concurrency=4))
+        settings = FetchSettings.of(
+            ServerConfig(fetch_timeout_s=5, max_image_bytes=1 << 20, max_redirects=3, fetch_concurrency=4)
+        )
         fetcher = ImageFetcher(settings, events=FetchTally())
         await fetcher.start()
         try:
@@ -173,9 +197,16 @@ def test_the_connector_refuses_an_address_that_no_earlier_check_saw(internal, mo
 # -- malformed input is the caller's mistake, never INTERNAL --------------------------------------
 
 MALFORMED_URLS = [
-    "http://[::1/x.png", "http://[]/x.png", "http://" + "a" * 300 + ".example.com/x.png", "http://a" + ".b" * 200 + "/x.png",
-    "http://example.com:99999/x.png", "http://example.com:port/x.png", "http://example.com:-1/x.png",
-    "http://exa mple.com/x.png", "http://a\x00b.example/x.png", "http://a..b.example/x.png",
+    "http://[::1/x.png",
+    "http://[]/x.png",
+    "http://" + "a" * 300 + ".example.com/x.png",
+    "http://a" + ".b" * 200 + "/x.png",
+    "http://example.com:99999/x.png",
+    "http://example.com:port/x.png",
+    "http://example.com:-1/x.png",
+    "http://exa mple.com/x.png",
+    "http://a\x00b.example/x.png",
+    "http://a..b.example/x.png",
 ]
 
 
@@ -185,7 +216,9 @@ def test_malformed_urls_are_invalid_arguments_on_every_path_and_log_no_traceback
     redirected = codes.pop("redirect")  # a bad Location is the image host's fault, not the caller's
     assert codes == {path: ["INVALID_ARGUMENT"] * len(MALFORMED_URLS) for path in codes}, codes
     assert set(redirected) == {"FAILED_PRECONDITION"}, redirected
-    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records if r.exc_info]
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], [
+        r.getMessage() for r in caplog.records if r.exc_info
+    ]
 
 
 def test_an_impossible_tensor_shape_is_an_invalid_argument(server):
@@ -207,7 +240,9 @@ FORGED = "x\n2026-12-06\t20:00:00,000\tERROR\tclipserve.serving.servicer:\tforge
 def test_a_request_id_cannot_forge_a_log_line_in_text_or_json_logs(server, caplog):
     with caplog.at_level(logging.INFO), grpc.insecure_channel(server.address) as channel:
         with pytest.raises(grpc.RpcError):  # an empty query: refused, and logged with its request_id
-            scorer_pb2_grpc.ScorerStub(channel).Score(scorer_pb2.ScoreRequest(query="", image_url="http://x/", request_id=FORGED), timeout=30)
+            scorer_pb2_grpc.ScorerStub(channel).Score(
+                scorer_pb2.ScoreRequest(query="", image_url="http://x/", request_id=FORGED), timeout=30
+            )
     records = [r for r in caplog.records if getattr(r, "request_id", None) == FORGED]
     assert records
     for record in records:
@@ -218,7 +253,13 @@ def test_a_request_id_cannot_forge_a_log_line_in_text_or_json_logs(server, caplo
 
 
 def fetch_hosts(server: InProcessServer) -> set[str]:
-    return {s.labels["host"] for m in server.server.metrics.registry.collect() if m.name.startswith("clipserve_fetch") for s in m.samples if "host" in s.labels}
+    return {
+        s.labels["host"]
+        for m in server.server.metrics.registry.collect()
+        if m.name.startswith("clipserve_fetch")
+        for s in m.samples
+        if "host" in s.labels
+    }
 
 
 def test_the_metrics_port_names_no_callers_host_unless_asked(internal, image_host):
@@ -226,7 +267,9 @@ def test_the_metrics_port_names_no_callers_host_unless_asked(internal, image_hos
     reached, and still gives a host refused or not resolved (and retried) no label of its own."""
     urls = [image_host.url("img/photo0.png"), internal_urls(internal, ["127.0.0.2"])[0], "http://internal-db.corp.invalid:5432/x.png"]
     for labels in (False, True):
-        started = guarded_server(metrics_host_labels=labels, fetch_attempts=2, fetch_backoff_s=0.05)  # a DNS failure is retried
+        started = guarded_server(
+            metrics_host_labels=labels, fetch_attempts=2, fetch_backoff_s=0.05
+        )  # a DNS failure is retried
         try:
             with clipserve.CLIP(started.address) as clip:
                 clip.score_batch([("q", url) for url in urls])
@@ -243,7 +286,9 @@ def _request(data: bytes, sha256: str, request_id: str) -> scorer_pb2.ScoreReque
 
 
 @pytest.mark.parametrize("cache", [True, False], ids=["cache", "no-cache"])
-@pytest.mark.parametrize("size", [(48, 40), (400, 300)], ids=["small", "large"])  # the large one is hashed off the event loop
+@pytest.mark.parametrize(
+    "size", [(48, 40), (400, 300)], ids=["small", "large"]
+)  # the large one is hashed off the event loop
 def test_an_upload_lying_about_its_hash_fails_alone_in_one_message(cache, size):
     """One ScoreChunks message: a lie under an image's hash, then honest uploads and a hash
     reference of that image. The lie fails naming its own upload; the honest ones score."""
@@ -252,16 +297,27 @@ def test_an_upload_lying_about_its_hash_fails_alone_in_one_message(cache, size):
     sha = hashlib.sha256(honest).hexdigest()
     started = guarded_server(cache=cache, text_cache_size=100 if cache else 0, image_cache_size=100 if cache else 0)
     try:
-        chunk = scorer_pb2.ScoreRequestChunk(items=[
-            _request(junk, sha, "liar"), _request(honest, sha, "honest-1"), scorer_pb2.ScoreRequest(query="q", image_sha256=sha, request_id="ref"),
-            _request(honest, sha, "honest-2"),
-        ])
+        chunk = scorer_pb2.ScoreRequestChunk(
+            items=[
+                _request(junk, sha, "liar"),
+                _request(honest, sha, "honest-1"),
+                scorer_pb2.ScoreRequest(query="q", image_sha256=sha, request_id="ref"),
+                _request(honest, sha, "honest-2"),
+            ]
+        )
         with grpc.insecure_channel(started.address) as channel:
-            replies = {item.request_id: item for reply in scorer_pb2_grpc.ScorerStub(channel).ScoreChunks(iter([chunk]), timeout=60) for item in reply.items}
+            replies = {
+                item.request_id: item
+                for reply in scorer_pb2_grpc.ScorerStub(channel).ScoreChunks(iter([chunk]), timeout=60)
+                for item in reply.items
+            }
     finally:
         started.stop()
     liar = replies.pop("liar")
-    assert liar.error.code == "INVALID_ARGUMENT" and f"<{len(junk)} uploaded bytes>: image_sha256 does not match" in liar.error.message
+    assert (
+        liar.error.code == "INVALID_ARGUMENT"
+        and f"<{len(junk)} uploaded bytes>: image_sha256 does not match" in liar.error.message
+    )
     reference = replies.pop("ref")  # joined an honest upload, or asked for the bytes: never the liar's error
     assert not reference.HasField("error") or reference.error.reason == "IMAGE_BYTES_NEEDED", reference.error
     assert all(not reply.HasField("error") for reply in replies.values()), [r.error for r in replies.values()]

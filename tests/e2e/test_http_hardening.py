@@ -27,7 +27,15 @@ pytestmark = pytest.mark.cost(0.2)  # its CPU cost among the files (tests/confte
 _JSON = {"Content-Type": "application/json"}
 
 
-def call(base: str, path: str, body: object = None, *, raw: bytes | None = None, headers: dict | None = None, context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
+def call(
+    base: str,
+    path: str,
+    body: object = None,
+    *,
+    raw: bytes | None = None,
+    headers: dict | None = None,
+    context: ssl.SSLContext | None = None,
+) -> tuple[int, bytes]:
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(base + path, data=data, headers={**_JSON, **(headers or {})})
     try:
@@ -52,16 +60,33 @@ def test_without_the_token_everything_but_health_is_401(make_fake_server, tmp_pa
     server = make_fake_server(auth_token_file=str(token))
     base = base_of(server)
     pixels = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}
-    for path, body in (("/v1/embeddings", {"input": "x"}), ("/v1/score", {"pairs": []}), ("/v1/models", None), ("/v2/models/clip/infer", pixels), ("/v2/models/clip", None), ("/vectorize", {"texts": ["x"]}), ("/meta", None)):
+    for path, body in (
+        ("/v1/embeddings", {"input": "x"}),
+        ("/v1/score", {"pairs": []}),
+        ("/v1/models", None),
+        ("/v2/models/clip/infer", pixels),
+        ("/v2/models/clip", None),
+        ("/vectorize", {"texts": ["x"]}),
+        ("/meta", None),
+    ):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             status, _ = call(base, path, body, headers=headers)
             assert status == 401, (path, headers)
-    for path, status in (("/v2/health/live", 200), ("/v2/health/ready", 200), ("/.well-known/live", 204), ("/.well-known/ready", 204)):
+    for path, status in (
+        ("/v2/health/live", 200),
+        ("/v2/health/ready", 200),
+        ("/.well-known/live", 204),
+        ("/.well-known/ready", 204),
+    ):
         assert call(base, path)[0] == status, path
     assert answers(base, headers={"Authorization": "Bearer s3cret"})
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).embeddings.create(model="default", input="x")
-    response = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0).embeddings.create(model="default", input="x")
+        openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).embeddings.create(
+            model="default", input="x"
+        )
+    response = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0).embeddings.create(
+        model="default", input="x"
+    )
     assert len(response.data) == 1
 
 
@@ -81,7 +106,12 @@ def test_ssrf_spellings_are_refused_before_the_image_host_sees_anything(make_fak
         assert status == 403 and "input[0]" in json.loads(body)["error"]["message"], url
     status, body = call(base, "/v1/score", {"pairs": [{"query": "q", "image_url": url} for url in spellings]})
     assert [r["error"]["code"] for r in json.loads(body)["results"]] == ["PERMISSION_DENIED"] * len(spellings)
-    infer = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["q"]}, {"name": "image_url", "datatype": "BYTES", "shape": [1], "data": [spellings[0]]}]}
+    infer = {
+        "inputs": [
+            {"name": "text", "datatype": "BYTES", "shape": [1], "data": ["q"]},
+            {"name": "image_url", "datatype": "BYTES", "shape": [1], "data": [spellings[0]]},
+        ]
+    }
     status, body = call(base, "/v2/models/default/infer", infer)
     assert json.loads(body)["outputs"][1]["data"][0].startswith("PERMISSION_DENIED")
     assert image_host.hits.get("/img/ssrf-600.png", 0) == 0, "the image host saw a request"
@@ -104,7 +134,10 @@ def test_a_body_over_the_cap_is_413_and_malformed_json_400(make_fake_server):
 def test_a_body_that_stops_arriving_is_408_and_an_idle_connection_closed(make_fake_server):
     server = make_fake_server(http_idle_timeout_s=0.5)
     with socket.create_connection(("127.0.0.1", server.server.http_port), timeout=60) as sock:
-        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"input\":")
+        sock.sendall(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"input":'
+        )
         reply = sock.recv(4096)  # the server answers on its own: the client never finishes
     assert reply.startswith(b"HTTP/1.1 408")
     with socket.create_connection(("127.0.0.1", server.server.http_port), timeout=60) as idle:
@@ -141,14 +174,18 @@ def test_a_full_queue_is_429_naming_the_input_and_the_server_recovers(make_fake_
     base = base_of(server)
     model.hold()
     first: list[int] = []
-    holder = threading.Thread(target=lambda: first.append(call(base, "/v1/embeddings", {"input": "held in the forward pass"})[0]))
+    holder = threading.Thread(
+        target=lambda: first.append(call(base, "/v1/embeddings", {"input": "held in the forward pass"})[0])
+    )
     holder.start()
     try:
         assert model.held.wait(60)
         status, body = call(base, "/v1/embeddings", {"input": [f"queued {i}" for i in range(4)]})
         assert status == 429
         error = json.loads(body)["error"]
-        assert error["type"] == "rate_limit_error" and "input[" in error["message"] and "queue is full" in error["message"]
+        assert (
+            error["type"] == "rate_limit_error" and "input[" in error["message"] and "queue is full" in error["message"]
+        )
     finally:
         model.release()
         holder.join(60)

@@ -30,7 +30,9 @@ def clients(real_server: ServerProcess):
     grpc.close()
 
 
-def infer(module, client, model: str, tensors: dict[str, tuple[str, np.ndarray]], outputs: list[str], binary: bool = True):
+def infer(
+    module, client, model: str, tensors: dict[str, tuple[str, np.ndarray]], outputs: list[str], binary: bool = True
+):
     inputs = []
     for name, (datatype, array) in tensors.items():
         tensor = module.InferInput(name, list(array.shape), datatype)
@@ -39,7 +41,12 @@ def infer(module, client, model: str, tensors: dict[str, tuple[str, np.ndarray]]
         else:
             tensor.set_data_from_numpy(array)
         inputs.append(tensor)
-    wanted = [module.InferRequestedOutput(name, binary_data=binary) if module is triton_http else module.InferRequestedOutput(name) for name in outputs]
+    wanted = [
+        module.InferRequestedOutput(name, binary_data=binary)
+        if module is triton_http
+        else module.InferRequestedOutput(name)
+        for name in outputs
+    ]
     result = client.infer(model_name=model, inputs=inputs, outputs=wanted)
     return [result.as_numpy(name) for name in outputs]
 
@@ -60,7 +67,9 @@ def test_the_clip_alias_over_rest_equals_grpc(clients, binary):
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_batch_scores_over_rest_equal_grpc(clients, image_host, binary):
     http, grpc = clients
-    urls = [image_host.add(f"kserve-{i}.png", make_image(36, 36, seed=410 + i)) for i in range(2)] + [image_host.url("status/404")]
+    urls = [image_host.add(f"kserve-{i}.png", make_image(36, 36, seed=410 + i)) for i in range(2)] + [
+        image_host.url("status/404")
+    ]
     tensors = {
         "text": ("BYTES", np.array([b"a dog", b"a cat", b"a missing one"], dtype=object)),
         "image_url": ("BYTES", np.array([url.encode() for url in urls], dtype=object)),
@@ -94,7 +103,11 @@ def test_errors_name_the_problem_with_the_mapped_status(clients, real_server):
     with pytest.raises(InferenceServerException) as wrong:
         infer(triton_http, http, "clip", {"text": ("FP32", np.zeros(1, dtype=np.float32))}, ["text_embedding"])
     assert wrong.value.status() == "400" and "'text' must be BYTES" in wrong.value.message()
-    request = urllib.request.Request(f"http://{real_server.http_address}/v2/models/clip/infer", data=b'{"inputs": [', headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://{real_server.http_address}/v2/models/clip/infer",
+        data=b'{"inputs": [',
+        headers={"Content-Type": "application/json"},
+    )
     with pytest.raises(urllib.error.HTTPError) as malformed:
         urllib.request.urlopen(request, timeout=60)
     assert malformed.value.code == 400 and "not JSON" in json.loads(malformed.value.read())["error"]

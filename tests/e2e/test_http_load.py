@@ -28,13 +28,17 @@ def test_64_concurrent_http_clients_are_each_answered_once_and_batched_together(
     answers: dict[str, list] = collections.defaultdict(list)
 
     async def one_client(index: int) -> None:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:  # a connection of its own
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=300)
+        ) as session:  # a connection of its own
             for i in range(REQUESTS_EACH):
                 text = f"client {index} request {i}"
                 async with session.post(f"{base}/v1/embeddings", json={"model": "default", "input": text}) as response:
                     assert response.status == 200, await response.text()
                     answers[text].append((await response.json())["data"][0]["embedding"])
-                async with session.post(f"{base}/v1/score", json={"pairs": [{"query": text, "image_url": url}]}) as response:
+                async with session.post(
+                    f"{base}/v1/score", json={"pairs": [{"query": text, "image_url": url}]}
+                ) as response:
                     assert response.status == 200, await response.text()
                     answers["score:" + text].append((await response.json())["results"][0]["score"])
 
@@ -55,5 +59,9 @@ def test_64_concurrent_http_clients_are_each_answered_once_and_batched_together(
     passes = registry.get_sample_value("clipserve_batch_size_count", {"model": "default"})
     single = registry.get_sample_value("clipserve_batch_size_bucket", {"model": "default", "le": "1.0"})
     assert passes > single, f"no forward pass held more than one item ({passes} passes)"
-    assert registry.get_sample_value("clipserve_http_requests_total", {"route": "/v1/embeddings", "status": "200"}) == len(texts)
-    assert registry.get_sample_value("clipserve_items_total", {"rpc": "http.embeddings", "code": "OK", "model": "default"}) == len(texts)
+    assert registry.get_sample_value(
+        "clipserve_http_requests_total", {"route": "/v1/embeddings", "status": "200"}
+    ) == len(texts)
+    assert registry.get_sample_value(
+        "clipserve_items_total", {"rpc": "http.embeddings", "code": "OK", "model": "default"}
+    ) == len(texts)

@@ -72,7 +72,9 @@ def test_image_embeddings_by_url_and_data_uri_are_grpc_embeds(client, grpc_clip,
     uri = "data:image/png;base64," + base64.b64encode(data).decode()
     [expected] = grpc_clip.embed_images([url])
     for encoding in ("float", "base64", openai.omit):
-        response = client.embeddings.create(model="default", input=[url, uri], encoding_format=encoding, extra_body={"modality": "image"})
+        response = client.embeddings.create(
+            model="default", input=[url, uri], encoding_format=encoding, extra_body={"modality": "image"}
+        )
         vectors = as_array([item.embedding for item in response.data])
         np.testing.assert_array_equal(vectors[0], as_array(expected.embedding))
         np.testing.assert_array_equal(vectors[1], as_array(expected.embedding))
@@ -86,13 +88,23 @@ def test_errors_are_openai_exceptions_with_the_mapped_status(client, image_host)
         client.embeddings.create(model="default", input="x", dimensions=7)
     assert dimensions.value.body["param"] == "dimensions"
     with pytest.raises(openai.NotFoundError) as missing:  # the image host answered 404
-        client.embeddings.create(model="default", input=[image_host.add("ok-352.png", make_image(seed=352)), image_host.url("status/404")], extra_body={"modality": "image"})
+        client.embeddings.create(
+            model="default",
+            input=[image_host.add("ok-352.png", make_image(seed=352)), image_host.url("status/404")],
+            extra_body={"modality": "image"},
+        )
     assert "input[1]" in missing.value.message, "a failed image is named by its index"
     with pytest.raises(openai.BadRequestError) as not_an_image:
-        client.embeddings.create(model="default", input=["data:image/png;base64," + base64.b64encode(b"plain text").decode()], extra_body={"modality": "image"})
+        client.embeddings.create(
+            model="default",
+            input=["data:image/png;base64," + base64.b64encode(b"plain text").decode()],
+            extra_body={"modality": "image"},
+        )
     assert "input[0]" in not_an_image.value.message
     with pytest.raises(openai.UnprocessableEntityError) as unreachable:  # a dead host: 422, which no client retries
-        client.embeddings.create(model="default", input=["http://127.0.0.1:9/none.png"], extra_body={"modality": "image"})
+        client.embeddings.create(
+            model="default", input=["http://127.0.0.1:9/none.png"], extra_body={"modality": "image"}
+        )
     assert unreachable.value.status_code == 422
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model="default", input=[])
@@ -103,7 +115,9 @@ def test_models_lists_the_served_names(client):
 
 
 def curl(*args: str) -> tuple[int, dict]:
-    done = subprocess.run(["curl", "-sS", "-w", "\n%{http_code}", *args], capture_output=True, text=True, timeout=120, check=True)
+    done = subprocess.run(
+        ["curl", "-sS", "-w", "\n%{http_code}", *args], capture_output=True, text=True, timeout=120, check=True
+    )
     body, status = done.stdout.rsplit("\n", 1)
     return int(status), json.loads(body)
 
@@ -115,7 +129,9 @@ def test_score_over_http_answers_as_score_batch(real_server, grpc_clip, image_ho
     pairs = [(TEXTS[i], urls[i]) for i in range(3)] + [("a query", image_host.url("status/404"))]
     expected = grpc_clip.score_batch(pairs)
     body = {"pairs": [{"query": q, "image_url": u, "request_id": f"r{i}"} for i, (q, u) in enumerate(pairs)]}
-    status, answer = curl(f"http://{real_server.http_address}/v1/score", "-H", "Content-Type: application/json", "-d", json.dumps(body))
+    status, answer = curl(
+        f"http://{real_server.http_address}/v1/score", "-H", "Content-Type: application/json", "-d", json.dumps(body)
+    )
     assert status == 200 and answer["model"] == "default"
     results = answer["results"]
     assert [r["request_id"] for r in results] == ["r0", "r1", "r2", "r3"]
@@ -124,9 +140,17 @@ def test_score_over_http_answers_as_score_batch(real_server, grpc_clip, image_ho
 
 
 def test_curl_embeddings_and_errors_in_openai_shape(real_server, grpc_clip):
-    status, answer = curl(f"http://{real_server.http_address}/v1/embeddings", "-H", "Content-Type: application/json", "-d", json.dumps({"model": "default", "input": TEXTS[0]}))
+    status, answer = curl(
+        f"http://{real_server.http_address}/v1/embeddings",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        json.dumps({"model": "default", "input": TEXTS[0]}),
+    )
     assert status == 200
-    np.testing.assert_array_equal(as_array(answer["data"][0]["embedding"]), as_array(grpc_clip.embed_texts([TEXTS[0]])[0].embedding))
+    np.testing.assert_array_equal(
+        as_array(answer["data"][0]["embedding"]), as_array(grpc_clip.embed_texts([TEXTS[0]])[0].embedding)
+    )
     status, answer = curl(f"http://{real_server.http_address}/v1/embeddings", "-d", "{not json")
     assert status == 400 and set(answer["error"]) == {"message", "type", "param", "code"}
     assert answer["error"]["type"] == "invalid_request_error"

@@ -38,7 +38,11 @@ def two_free_neighbours() -> int:
 
 
 def embeds(http_port: int) -> bool:
-    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/embeddings", data=json.dumps({"input": "hello"}).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{http_port}/v1/embeddings",
+        data=json.dumps({"input": "hello"}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return response.status == 200 and len(json.load(response)["data"]) == 1
 

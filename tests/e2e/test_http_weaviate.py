@@ -57,7 +57,9 @@ def test_probes_and_meta_as_the_module_reads_them(real_server):
 def test_vectorize_gives_the_grpc_unit_vectors_in_order(real_server, grpc_clip, tmp_path):
     texts = ["a dog on a beach", "a cat on a sofa"]
     images = [make_image(40, 32, seed=500), make_image(32, 40, seed=501, fmt="JPEG")]
-    status, body = weaviate_call(real_server, "POST", "/vectorize", {"texts": texts, "images": [base64.b64encode(i).decode() for i in images]})
+    status, body = weaviate_call(
+        real_server, "POST", "/vectorize", {"texts": texts, "images": [base64.b64encode(i).decode() for i in images]}
+    )
     assert status == 200
     answer = json.loads(body)
     files = [tmp_path / "a.png", tmp_path / "b.jpg"]
@@ -76,13 +78,17 @@ def test_only_texts_or_only_images_leave_the_other_list_empty(real_server):
     status, body = weaviate_call(real_server, "POST", "/vectorize", {"texts": ["only a text"]})
     answer = json.loads(body)
     assert status == 200 and len(answer["textVectors"]) == 1 and answer["imageVectors"] == []
-    status, body = weaviate_call(real_server, "POST", "/vectorize", {"images": [base64.b64encode(make_image(seed=502)).decode()]})
+    status, body = weaviate_call(
+        real_server, "POST", "/vectorize", {"images": [base64.b64encode(make_image(seed=502)).decode()]}
+    )
     answer = json.loads(body)
     assert status == 200 and answer["textVectors"] == [] and len(answer["imageVectors"]) == 1
 
 
 def test_a_bad_image_is_an_error_the_module_reports(real_server):
-    status, body = weaviate_call(real_server, "POST", "/vectorize", {"texts": ["fine"], "images": [base64.b64encode(b"not a picture").decode()]})
+    status, body = weaviate_call(
+        real_server, "POST", "/vectorize", {"texts": ["fine"], "images": [base64.b64encode(b"not a picture").decode()]}
+    )
     assert status > 399
     assert "images[0]" in json.loads(body)["error"]
     status, body = weaviate_call(real_server, "POST", "/vectorize", {"images": ["%%% not base64"]})

@@ -46,7 +46,9 @@ class Side:
             self.barrier.wait()
         if self.fail is not None:
             raise self.fail
-        return np.zeros((0, 2), np.float32), np.array([[self.ident, n] for n in images], np.float32).reshape(len(images), 2)
+        return np.zeros((0, 2), np.float32), np.array([[self.ident, n] for n in images], np.float32).reshape(
+            len(images), 2
+        )
 
 
 def run(coroutine):
@@ -111,7 +113,9 @@ def test_a_dying_instance_fails_its_batch_and_what_waits_and_reports_itself(how)
         instances = [Instance("cpu", 0, Side(0), thread_setup=broken_setup), Instance("cpu", 1, Side(1))]
 
     async def main():
-        batcher = make_batcher(InstancePool(instances), max_batch_size=4, max_delay_s=0.0, max_queue_size=100, on_dead=deaths.append)
+        batcher = make_batcher(
+            InstancePool(instances), max_batch_size=4, max_delay_s=0.0, max_queue_size=100, on_dead=deaths.append
+        )
         batcher.start()
         with pytest.raises(ItemError) as first:
             await batcher.encode_image(1, wait=True)
@@ -138,7 +142,9 @@ def test_a_server_on_two_cpu_devices_loads_each_model_once_per_device_and_report
         loaded.append(config.device)
         return FakeModel(forward_delay_s=0.01)
 
-    server = InProcessServer(ServerConfig(device="cpu,cpu", instances=2, max_batch_size=4, max_batch_delay_ms=1), factory)
+    server = InProcessServer(
+        ServerConfig(device="cpu,cpu", instances=2, max_batch_size=4, max_batch_delay_ms=1), factory
+    )
     try:
         texts = [f"text {i}" for i in range(40)]
         with clipserve.CLIP(server.address) as clip:
@@ -212,7 +218,9 @@ def test_instances_and_device_lists_are_read_from_flags_environment_and_files(tm
     toml.write_text('[server]\ninstances = 3\ndevice = "cuda:0,cuda:1"\n')
     assert load_config(["--config", str(toml)], environ={}).instances == 3
     assert load_config([], environ={"CLIPSERVE_INSTANCES": "2", "CLIPSERVE_DEVICE": "cpu,cpu"}).device == "cpu,cpu"
-    assert load_config(["--instances", "4", "--device", "cuda:all"], environ={"CLIPSERVE_INSTANCES": "2"}).instances == 4
+    assert (
+        load_config(["--instances", "4", "--device", "cuda:all"], environ={"CLIPSERVE_INSTANCES": "2"}).instances == 4
+    )
     with pytest.raises(ValueError, match="instances must be at least 1"):
         ServerConfig(instances=0)
     with pytest.raises(ValueError, match="empty entry"):
@@ -262,14 +270,31 @@ def test_instances_on_the_cpu_split_its_threads_between_them():
     assert counts == {1: 4, 2: 2, 4: 1, 8: 1}
 
 
-def test_a_real_model_on_two_cpu_devices_with_two_instances_each_scores_as_the_reference(tiny_checkpoint, reference, image_host):
+def test_a_real_model_on_two_cpu_devices_with_two_instances_each_scores_as_the_reference(
+    tiny_checkpoint, reference, image_host
+):
     """`clipserve serve --device cpu,cpu --instances 2` on the tiny checkpoint: loaded twice,
     four model threads with a core share each, and every score is the model's own
     logits_per_image (within 1e-4 x exp(logit_scale)), each pair encoded once."""
-    server = ServerProcess(["--model", str(tiny_checkpoint), "--device", "cpu,cpu", "--instances", "2", "--allow-private-networks", "--max-batch-size", "4"])
+    server = ServerProcess(
+        [
+            "--model",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu,cpu",
+            "--instances",
+            "2",
+            "--allow-private-networks",
+            "--max-batch-size",
+            "4",
+        ]
+    )
     try:
         names = [f"photo{i}.{ext}" for i in range(6) for ext in ("png", "jpg")]
-        pairs = [clipserve.SimilarityInput(f"query {i} about a photo", f"{image_host.base}/img/{name}") for i, name in enumerate(names)]
+        pairs = [
+            clipserve.SimilarityInput(f"query {i} about a photo", f"{image_host.base}/img/{name}")
+            for i, name in enumerate(names)
+        ]
         with clipserve.CLIP(server.address) as clip:
             results = clip.score_batch(pairs)
             info = clip.model_info()
@@ -289,7 +314,11 @@ def test_a_device_list_names_each_device_once_and_cuda_all_needs_cuda():
 
     from clipserve_server.models.devices import resolve_devices
 
-    assert [(d.name, d.torch) for d in resolve_devices("cpu, cpu,cpu")] == [("cpu", "cpu"), ("cpu#2", "cpu"), ("cpu#3", "cpu")]
+    assert [(d.name, d.torch) for d in resolve_devices("cpu, cpu,cpu")] == [
+        ("cpu", "cpu"),
+        ("cpu#2", "cpu"),
+        ("cpu#3", "cpu"),
+    ]
     assert [d.name for d in resolve_devices("cuda:0,cuda:1")] == ["cuda:0", "cuda:1"]
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="cuda:all .* CUDA is not available"):

@@ -42,7 +42,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str]]
     empty_cache = root / "hf-home"
     empty_cache.mkdir()
     bert = root / "bert"
-    BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)).save_pretrained(bert)
+    BertModel(
+        BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    ).save_pretrained(bert)
     offline = {"HF_HOME": str(empty_cache), "HF_HUB_OFFLINE": "1"}
     # The user's case: no network. Connection refused at once, retried by huggingface_hub.
     # Its waits between the attempts (23-63 s in all) are skipped: the attempts and their
@@ -77,7 +79,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str]]
 @pytest.mark.parametrize(
     "case, model, advice",
     [
-        ("hub id, no network", HUB_ID, ["not in the Hugging Face cache", "cannot be reached", "local folder", "HF_HOME"]),
+        (
+            "hub id, no network",
+            HUB_ID,
+            ["not in the Hugging Face cache", "cannot be reached", "local folder", "HF_HOME"],
+        ),
         ("a folder that is not there", "models/clip", ["no such folder"]),
         ("a folder with another kind of model", "bert", ["BertModel", "CLIP-family model", "save_pretrained"]),
     ],

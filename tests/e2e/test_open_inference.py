@@ -26,7 +26,9 @@ from ..helpers import grpcurl, make_image
 pytestmark = pytest.mark.cost(7)  # its CPU cost among the files (tests/conftest.py)
 
 
-def clip_embeddings(client: triton.InferenceServerClient, text: str, image: np.ndarray | None = None, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+def clip_embeddings(
+    client: triton.InferenceServerClient, text: str, image: np.ndarray | None = None, **kwargs
+) -> tuple[np.ndarray, np.ndarray]:
     """The call a Triton CLIP user's app makes (waggle-sensor's sage-nrp-image-search,
     ``get_clip_embeddings``): one text as BYTES [1], the image as FP32 [H, W, 3] or, without
     one, a 1x1 black image; both outputs asked for by name. Returns them as [1, D] arrays."""
@@ -144,7 +146,11 @@ def test_metadata_names_the_models_inputs_and_outputs(client, real_server):
     assert signature(alias.inputs) == [("text", "BYTES", [1]), ("image", "FP32", [-1, -1, 3])]
     assert signature(alias.outputs) == [("text_embedding", "FP32", [1, -1]), ("image_embedding", "FP32", [1, -1])]
     scorer = client.get_model_metadata("default")
-    assert signature(scorer.inputs) == [("text", "BYTES", [-1]), ("image_url", "BYTES", [-1]), ("image_bytes", "BYTES", [-1])]
+    assert signature(scorer.inputs) == [
+        ("text", "BYTES", [-1]),
+        ("image_url", "BYTES", [-1]),
+        ("image_bytes", "BYTES", [-1]),
+    ]
     assert signature(scorer.outputs) == [("score", "FP32", [-1]), ("error", "BYTES", [-1])]
     assert scorer.platform == "transformers"
 
@@ -198,7 +204,10 @@ def test_each_model_by_name_scores_as_score_batch_does(client, real_server, imag
     with clipserve.CLIP(real_server.address) as sdk:
         expected = sdk.score_batch([clipserve.SimilarityInput(t, u) for t, u in zip(texts, urls)])
     result = infer(
-        client, "default", text=("BYTES", np.array([t.encode() for t in texts], dtype=object)), image_url=("BYTES", np.array([u.encode() for u in urls], dtype=object))
+        client,
+        "default",
+        text=("BYTES", np.array([t.encode() for t in texts], dtype=object)),
+        image_url=("BYTES", np.array([u.encode() for u in urls], dtype=object)),
     )
     scores, errors = result.as_numpy("score"), result.as_numpy("error")
     assert scores.dtype == np.float32 and scores.shape == errors.shape == (6,)
@@ -222,17 +231,71 @@ def test_each_model_by_name_scores_as_score_batch_does(client, real_server, imag
 @pytest.mark.parametrize(
     ("model", "tensors", "code", "named"),
     [
-        ("clip", {"text": ("BYTES", np.array([b"x"], dtype=object)), "image": ("FP64", np.ones((2, 2, 3)))}, "INVALID_ARGUMENT", "'image' must be FP32"),
-        ("clip", {"text": ("BYTES", np.array([b"x"], dtype=object)), "image": ("FP32", np.ones((4, 4), np.float32))}, "INVALID_ARGUMENT", "'image' has shape [4, 4]"),
-        ("clip", {"text": ("BYTES", np.array([b"x", b"y"], dtype=object)), "image": ("FP32", np.ones((2, 2, 3), np.float32))}, "INVALID_ARGUMENT", "'text' has shape [2]"),
+        (
+            "clip",
+            {"text": ("BYTES", np.array([b"x"], dtype=object)), "image": ("FP64", np.ones((2, 2, 3)))},
+            "INVALID_ARGUMENT",
+            "'image' must be FP32",
+        ),
+        (
+            "clip",
+            {"text": ("BYTES", np.array([b"x"], dtype=object)), "image": ("FP32", np.ones((4, 4), np.float32))},
+            "INVALID_ARGUMENT",
+            "'image' has shape [4, 4]",
+        ),
+        (
+            "clip",
+            {
+                "text": ("BYTES", np.array([b"x", b"y"], dtype=object)),
+                "image": ("FP32", np.ones((2, 2, 3), np.float32)),
+            },
+            "INVALID_ARGUMENT",
+            "'text' has shape [2]",
+        ),
         ("clip", {"image": ("FP32", np.ones((2, 2, 3), np.float32))}, "INVALID_ARGUMENT", "missing input 'text'"),
-        ("clip", {"text": ("BYTES", np.array([b"\xff\xfe"], dtype=object)), "image": ("FP32", np.ones((2, 2, 3), np.float32))}, "INVALID_ARGUMENT", "'text': not UTF-8"),
-        ("clip", {"text": ("BYTES", np.array([b"x"], dtype=object)), "picture": ("FP32", np.ones((2, 2, 3), np.float32))}, "INVALID_ARGUMENT", "no input 'picture'"),
-        ("default", {"text": ("BYTES", np.array([b"x", b"y"], dtype=object)), "image_url": ("BYTES", np.array([b"http://h/a.png"], dtype=object))}, "INVALID_ARGUMENT", "'image_url' 1"),
-        ("default", {"text": ("BYTES", np.array([b"x"], dtype=object))}, "INVALID_ARGUMENT", "'image_url' and 'image_bytes'"),
+        (
+            "clip",
+            {
+                "text": ("BYTES", np.array([b"\xff\xfe"], dtype=object)),
+                "image": ("FP32", np.ones((2, 2, 3), np.float32)),
+            },
+            "INVALID_ARGUMENT",
+            "'text': not UTF-8",
+        ),
+        (
+            "clip",
+            {"text": ("BYTES", np.array([b"x"], dtype=object)), "picture": ("FP32", np.ones((2, 2, 3), np.float32))},
+            "INVALID_ARGUMENT",
+            "no input 'picture'",
+        ),
+        (
+            "default",
+            {
+                "text": ("BYTES", np.array([b"x", b"y"], dtype=object)),
+                "image_url": ("BYTES", np.array([b"http://h/a.png"], dtype=object)),
+            },
+            "INVALID_ARGUMENT",
+            "'image_url' 1",
+        ),
+        (
+            "default",
+            {"text": ("BYTES", np.array([b"x"], dtype=object))},
+            "INVALID_ARGUMENT",
+            "'image_url' and 'image_bytes'",
+        ),
         ("nope", {"text": ("BYTES", np.array([b"x"], dtype=object))}, "NOT_FOUND", "no model named 'nope'"),
     ],
-    ids=["datatype", "image-rank", "text-shape", "missing", "not-utf8", "unknown-input", "lengths", "no-image", "unknown-model"],
+    ids=[
+        "datatype",
+        "image-rank",
+        "text-shape",
+        "missing",
+        "not-utf8",
+        "unknown-input",
+        "lengths",
+        "no-image",
+        "unknown-model",
+    ],
 )
 def test_malformed_tensors_are_refused_naming_the_input_and_the_server_serves_on(client, model, tensors, code, named):
     """A wrong datatype or shape, a missing or unknown input, an unknown model: the call fails
@@ -257,9 +320,15 @@ def test_typed_contents_are_read_like_raw_ones(client, real_server):
     expected = clip_embeddings(client, "a kingfisher", image)
     request = pb.ModelInferRequest(model_name="clip")
     request.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"a kingfisher")
-    request.inputs.add(name="image", datatype="FP32", shape=list(image.shape)).contents.fp32_contents.extend(image.astype(np.float32).ravel().tolist())
+    request.inputs.add(name="image", datatype="FP32", shape=list(image.shape)).contents.fp32_contents.extend(
+        image.astype(np.float32).ravel().tolist()
+    )
     with grpc.insecure_channel(real_server.address) as channel:
-        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=pb.ModelInferRequest.SerializeToString, response_deserializer=pb.ModelInferResponse.FromString)
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
         response = call(request, timeout=60)
     assert [o.name for o in response.outputs] == ["text_embedding", "image_embedding"]
     for raw, want in zip(response.raw_output_contents, expected):
@@ -334,5 +403,7 @@ def test_the_alias_is_configurable_and_never_hides_a_model(make_fake_server):
 def test_the_batch_model_accepts_uploads_of_real_images(client):
     """image_bytes carries encoded files (PNG, JPEG): decoded as ScoreBatch's uploads are."""
     files = np.array([make_image(30, 20, seed=3), make_image(30, 20, seed=4, fmt="JPEG")], dtype=object)
-    result = infer(client, "default", text=("BYTES", np.array([b"one", b"two"], dtype=object)), image_bytes=("BYTES", files))
+    result = infer(
+        client, "default", text=("BYTES", np.array([b"one", b"two"], dtype=object)), image_bytes=("BYTES", files)
+    )
     assert list(result.as_numpy("error")) == [b"", b""] and np.isfinite(result.as_numpy("score")).all()

@@ -25,33 +25,66 @@ def test_metrics_describe_traffic_batches_caches_and_failures(make_fake_server, 
     path = tmp_path / "x.png"
     path.write_bytes(make_image(seed=4))
     with clipserve.CLIP(server.address) as clip:
-        clip.score_batch([("a", str(path)), ("a", str(path)), ("b", image_host.url("status/404")), ("c", image_host.url("img/photo0.png"))])
+        clip.score_batch(
+            [
+                ("a", str(path)),
+                ("a", str(path)),
+                ("b", image_host.url("status/404")),
+                ("c", image_host.url("img/photo0.png")),
+            ]
+        )
         clip.score("a", str(path))
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     # The SDK packs a batch's pairs several to a message (ScoreChunks); items are counted one by one.
     assert samples['clipserve_items_total{code="OK",model="default",rpc="ScoreChunks"}'] == 3
     assert samples['clipserve_items_total{code="NOT_FOUND",model="default",rpc="ScoreChunks"}'] == 1
     assert samples['clipserve_requests_total{code="OK",rpc="ScoreChunks"}'] == 1
     assert samples['clipserve_requests_total{code="OK",rpc="Score"}'] == 1
     assert samples['clipserve_fetch_failures_total{reason="not_found"}'] == 1
-    assert samples['clipserve_batch_size_count{model="default"}'] >= 1 and samples['clipserve_encode_seconds_count{model="default"}'] >= 1
-    assert samples['clipserve_cache_hits_total{cache="image",model="default"}'] >= 2
-    assert samples['clipserve_cache_entries{cache="image",model="default"}'] == 2  # the upload and photo0; failures are not cached
-    assert samples['clipserve_queue_depth{model="default"}'] == 0
-    assert samples['clipserve_upload_bytes_total'] == 2 * path.stat().st_size  # the batch's upload (once), then the unary call's
     assert (
-        'clipserve_model_info{backend="fake",compiled="false",device="cpu",dtype="float32",embedding_dim="16",model="default",model_id="fake"} 1.0'
+        samples['clipserve_batch_size_count{model="default"}'] >= 1
+        and samples['clipserve_encode_seconds_count{model="default"}'] >= 1
+    )
+    assert samples['clipserve_cache_hits_total{cache="image",model="default"}'] >= 2
+    assert (
+        samples['clipserve_cache_entries{cache="image",model="default"}'] == 2
+    )  # the upload and photo0; failures are not cached
+    assert samples['clipserve_queue_depth{model="default"}'] == 0
+    assert (
+        samples["clipserve_upload_bytes_total"] == 2 * path.stat().st_size
+    )  # the batch's upload (once), then the unary call's
+    assert (
+        'clipserve_model_info{backend="fake",compiled="false",device="cpu",dtype="float32",'
+        'embedding_dim="16",model="default",model_id="fake"} 1.0'
         in text
     )
     assert 'clipserve_item_latency_seconds_count{model="default",rpc="ScoreChunks"}' in samples
 
 
 def test_json_logs_carry_request_ids():
-    record = logging.makeLogRecord({"name": "clipserve", "levelname": "INFO", "msg": "item failed", "call_id": "abc123", "request_id": "7", "code": "NOT_FOUND"})
+    record = logging.makeLogRecord(
+        {
+            "name": "clipserve",
+            "levelname": "INFO",
+            "msg": "item failed",
+            "call_id": "abc123",
+            "request_id": "7",
+            "code": "NOT_FOUND",
+        }
+    )
     entry = json.loads(JsonFormatter().format(record))
     assert entry["message"] == "item failed"
-    assert (entry["call_id"], entry["request_id"], entry["code"], entry["level"]) == ("abc123", "7", "NOT_FOUND", "INFO")
+    assert (entry["call_id"], entry["request_id"], entry["code"], entry["level"]) == (
+        "abc123",
+        "7",
+        "NOT_FOUND",
+        "INFO",
+    )
     assert entry["ts"].endswith("Z")
     assert TextFormatter().format(record).endswith("item failed call_id=abc123 request_id=7 code=NOT_FOUND")
 
@@ -59,7 +92,12 @@ def test_json_logs_carry_request_ids():
 def test_kubernetes_manifests_probe_the_grpc_health_service():
     import yaml  # transformers depends on PyYAML
 
-    documents = [d for f in sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    documents = [
+        d
+        for f in sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+        for d in yaml.safe_load_all(f.read_text())
+        if d
+    ]
     kinds = {d["kind"]: d for d in documents}
     container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipserve.files.plot import EMBED_CHART_PX, FAILURE_COLOR, MAX_QUERIES, SCORE_CHART_PX, SCORE_COLOR, _spread_by_median
+from clipserve.files.plot import (
+    EMBED_CHART_PX,
+    FAILURE_COLOR,
+    MAX_QUERIES,
+    SCORE_CHART_PX,
+    SCORE_COLOR,
+    _spread_by_median,
+)
 
 from ..helpers import make_image
 from .test_score_file import QUERIES, write_jsonl
@@ -68,7 +75,11 @@ def image_files(folder: Path, count: int) -> list[str]:
 @pytest.fixture()
 def qrels(tmp_path):
     """Three queries, each over six images and one file that is not an image (3 failures)."""
-    rows = [{"query_text": text, "image_id": f"im{i}", "image_url": url} for text in QUERIES for i, url in enumerate(image_files(tmp_path, 6))]
+    rows = [
+        {"query_text": text, "image_id": f"im{i}", "image_url": url}
+        for text in QUERIES
+        for i, url in enumerate(image_files(tmp_path, 6))
+    ]
     write_jsonl(tmp_path / "qrels.jsonl", rows)
     return tmp_path / "qrels.jsonl"
 
@@ -115,8 +126,18 @@ def test_embed_file_plot_draws_the_vectors_and_the_failures(fake_server, tmp_pat
     write_jsonl(tmp_path / "images.jsonl", rows)
     chart = tmp_path / "vectors.png"
     done = cli(
-        "embed-file", "--no-progress", str(tmp_path / "images.jsonl"), "-o", str(tmp_path / f"vectors{suffix}"), "--image-column", "url",
-        "--raw", "--plot", str(chart), "--address", fake_server.address,
+        "embed-file",
+        "--no-progress",
+        str(tmp_path / "images.jsonl"),
+        "-o",
+        str(tmp_path / f"vectors{suffix}"),
+        "--image-column",
+        "url",
+        "--raw",
+        "--plot",
+        str(chart),
+        "--address",
+        fake_server.address,
     )
     assert done.returncode == 0, done.stderr
     assert "24 embedded, 6 failed" in done.stderr
@@ -128,7 +149,15 @@ def test_embed_file_plot_draws_the_vectors_and_the_failures(fake_server, tmp_pat
 def test_plot_without_matplotlib_says_what_to_install_before_any_work(tmp_path, command):
     """The client imports and runs without matplotlib; --plot then fails at once (exit status 2,
     no traceback), before reading a row or calling a server."""
-    args = [str(tmp_path / "rows.jsonl"), "-o", str(tmp_path / "out.parquet"), "--plot", str(tmp_path / "c.png"), "--address", "127.0.0.1:1"]
+    args = [
+        str(tmp_path / "rows.jsonl"),
+        "-o",
+        str(tmp_path / "out.parquet"),
+        "--plot",
+        str(tmp_path / "c.png"),
+        "--address",
+        "127.0.0.1:1",
+    ]
     if command == "embed-file":
         args += ["--text-column", "text"]
     done = cli(command, *args, block="matplotlib")

@@ -31,15 +31,21 @@ def clip(real_server):
 def test_odd_but_valid_queries_score_like_an_in_process_forward_pass(clip, image_host, reference):
     url = image_host.url("img/photo2.png")
     expected = {name: reference(query, image_host.images["photo2.png"]) for name, query in ODD_BUT_VALID.items()}
-    results = clip.score_batch([clipserve.SimilarityInput(query, url, query_id=name) for name, query in ODD_BUT_VALID.items()])
+    results = clip.score_batch(
+        [clipserve.SimilarityInput(query, url, query_id=name) for name, query in ODD_BUT_VALID.items()]
+    )
     for result in results:
         assert result.error is None, (result.query_id, result.error)
         assert result.score == pytest.approx(expected[result.query_id], abs=reference.tolerance), result.query_id
     # The unary call takes the same path.
-    assert clip.score(ODD_BUT_VALID["bell, tab and emoji"], url) == pytest.approx(expected["bell, tab and emoji"], abs=reference.tolerance)
+    assert clip.score(ODD_BUT_VALID["bell, tab and emoji"], url) == pytest.approx(
+        expected["bell, tab and emoji"], abs=reference.tolerance
+    )
 
 
-@pytest.mark.parametrize("query, words", [("", "query is empty"), (" \t\r\n", "only whitespace"), ("\u00a0\u3000\u2003", "only whitespace")])
+@pytest.mark.parametrize(
+    "query, words", [("", "query is empty"), (" \t\r\n", "only whitespace"), ("\u00a0\u3000\u2003", "only whitespace")]
+)
 def test_a_query_with_nothing_to_encode_is_refused(clip, image_host, query, words):
     [result] = clip.score_batch([(query, image_host.url("img/photo2.png"))])
     assert (result.score, result.error_code) == (None, "INVALID_ARGUMENT")

@@ -125,8 +125,13 @@ def test_leaving_a_fleet_stops_every_server_also_one_whose_actor_was_killed(ray_
         servers = [psutil.Process(s["pid"]) for s in (first, second)]
         family = [p for server in servers for p in [server, *server.children(recursive=True)]]
         os.kill(first["actor_pid"], signal.SIGKILL)  # the actor dies: its server must not outlive it
-        _wait_for(lambda: not servers[0].is_running() or servers[0].status() == psutil.STATUS_ZOMBIE, "server exit after its actor died")
-    _wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family), "fleet processes gone")
+        _wait_for(
+            lambda: not servers[0].is_running() or servers[0].status() == psutil.STATUS_ZOMBIE,
+            "server exit after its actor died",
+        )
+    _wait_for(
+        lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family), "fleet processes gone"
+    )
 
 
 def test_a_replica_that_cannot_start_fails_the_fleet_at_once_with_its_output(ray_cluster):
@@ -147,7 +152,9 @@ def test_a_score_job_over_the_fleet_equals_score_batch_on_one_server_every_row_o
     assert scored.column("query_text").to_pylist() == table.column("query_text").to_pylist()  # the input columns kept
     one_server = fleet.address.split(",")[0]
     with clipserve.CLIP(one_server, timeout=300) as clip:
-        expected = clip.score_batch(list(zip(table.column("query_text").to_pylist(), table.column("image_url").to_pylist())))
+        expected = clip.score_batch(
+            list(zip(table.column("query_text").to_pylist(), table.column("image_url").to_pylist()))
+        )
     scores = scored.column("clip_score").to_pylist()
     assert all(e.score is not None for e in expected) and scored.column("clip_error").null_count == 3000
     assert max(abs(s - e.score) for s, e in zip(scores, expected)) <= 1e-5
@@ -157,7 +164,9 @@ def test_a_replica_killed_mid_job_costs_no_row(fleet, images):
     """kill -9 of one fleet server while the job runs: every row still scored, none null, and
     the server is back on its port."""
     before = fleet.status()[0]
-    table = _pairs_table(images, 2000, "kill").set_column(1, "query_text", pa.array([f"new query {i}" for i in range(2000)]))
+    table = _pairs_table(images, 2000, "kill").set_column(
+        1, "query_text", pa.array([f"new query {i}" for i in range(2000)])
+    )
     batches, after_kill = [], 0
     for batch in _score_job(fleet.address, table).iter_batches(batch_format="pyarrow", batch_size=None):
         if not batches:
@@ -168,20 +177,31 @@ def test_a_replica_killed_mid_job_costs_no_row(fleet, images):
     scored = pa.concat_tables(batches)
     assert after_kill > 0  # the kill came before the job's end
     assert sorted(scored.column("row").to_pylist()) == list(range(2000))
-    assert scored.column("clip_score").null_count == 0, scored.filter(pa.compute.is_null(scored.column("clip_score"))).column("clip_error")[:3]
-    _wait_for(lambda: fleet.status()[0]["restarts"] == before["restarts"] + 1 and fleet.status()[0]["pid"] is not None, "restart")
+    assert scored.column("clip_score").null_count == 0, scored.filter(
+        pa.compute.is_null(scored.column("clip_score"))
+    ).column("clip_error")[:3]
+    _wait_for(
+        lambda: fleet.status()[0]["restarts"] == before["restarts"] + 1 and fleet.status()[0]["pid"] is not None,
+        "restart",
+    )
     with clipserve.CLIP(before["address"], timeout=WAIT_S) as clip:  # the same address
         assert clip.score("a dog", images[0]) is not None
 
 
 def test_an_actor_killed_mid_job_costs_no_row_and_repeats_none(fleet, images):
     """kill -9 of a client actor: Ray starts it again and runs its batch again; each row once."""
-    table = _pairs_table(images, 2000, "actor").set_column(1, "query_text", pa.array([f"actor query {i}" for i in range(2000)]))
+    table = _pairs_table(images, 2000, "actor").set_column(
+        1, "query_text", pa.array([f"actor query {i}" for i in range(2000)])
+    )
     me = os.getpid()
     batches, after_kill = [], 0
     for batch in _score_job(fleet.address, table).iter_batches(batch_format="pyarrow", batch_size=None):
         if not batches:
-            workers = [p for p in psutil.process_iter(["cmdline"]) if "MapWorker(MapBatches(ScoreBatches))" in " ".join(p.info["cmdline"] or []) and p.pid != me]
+            workers = [
+                p
+                for p in psutil.process_iter(["cmdline"])
+                if "MapWorker(MapBatches(ScoreBatches))" in " ".join(p.info["cmdline"] or []) and p.pid != me
+            ]
             assert workers, "no client actor process found"
             workers[0].kill()
         else:
@@ -196,7 +216,11 @@ def test_an_actor_killed_mid_job_costs_no_row_and_repeats_none(fleet, images):
 def test_an_embed_job_adds_float32_vectors_equal_to_the_sdks(fleet, images):
     table = pa.table({"row": list(range(len(images))), "path": images})
     out = ray.data.from_arrow(table).map_batches(
-        EmbedBatches, fn_constructor_kwargs={"address": fleet.address, "column": "path", "kind": "image"}, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5, batch_format="pyarrow"
+        EmbedBatches,
+        fn_constructor_kwargs={"address": fleet.address, "column": "path", "kind": "image"},
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=0.5,
+        batch_format="pyarrow",
     )
     embedded = pa.concat_tables([ray.get(ref) for ref in out.to_arrow_refs()]).sort_by("row")
     assert embedded.schema.field("embedding").type == pa.list_(pa.float32())
@@ -209,7 +233,9 @@ def test_an_embed_job_adds_float32_vectors_equal_to_the_sdks(fleet, images):
 # -- the file tools' --engine ray --------------------------------------------------------------------
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "clipserve.cli", *args], capture_output=True, text=True, timeout=WAIT_S + 300)
+    done = subprocess.run(
+        [sys.executable, "-m", "clipserve.cli", *args], capture_output=True, text=True, timeout=WAIT_S + 300
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
@@ -218,8 +244,21 @@ def _files(folder: Path, images: list[str]) -> tuple[Path, Path]:
     """A qrels file whose images come from an images file, with rows that fail: a missing
     image (NOT_FOUND), a row without a query (refused before sending)."""
     qrels, index = folder / "qrels.jsonl", folder / "images.jsonl"
-    index.write_text("".join(json.dumps({"image_id": f"im{i}", "image_url": url}) + "\n" for i, url in enumerate([*images, str(folder / "gone.png")])))
-    rows = [{"query_id": f"q{i % 97}", "query_text": f"file query {i % 97}", "image_id": f"im{i % (len(images) + 1)}", "rel": i % 3} for i in range(1200)]
+    index.write_text(
+        "".join(
+            json.dumps({"image_id": f"im{i}", "image_url": url}) + "\n"
+            for i, url in enumerate([*images, str(folder / "gone.png")])
+        )
+    )
+    rows = [
+        {
+            "query_id": f"q{i % 97}",
+            "query_text": f"file query {i % 97}",
+            "image_id": f"im{i % (len(images) + 1)}",
+            "rel": i % 3,
+        }
+        for i in range(1200)
+    ]
     rows[5]["query_text"] = ""
     qrels.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return qrels, index
@@ -230,8 +269,21 @@ def test_score_file_engine_ray_writes_the_same_file_as_without(fleet, ray_cluste
     common = ["--images", str(index), "--address", fleet.address, "--error-column", "error", "--no-progress"]
     _cli("score-file", str(qrels), "-o", str(tmp_path / "sdk.jsonl"), *common)
     ray_run = _cli(
-        "score-file", qrels.as_uri(), "-o", (tmp_path / "ray" / "scored.jsonl").as_uri(), *common,  # URIs: through pyarrow.fs
-        "--engine", "ray", "--ray-address", ray_cluster, "--ray-actors", "2", "--ray-cpus-per-actor", "0.5", "--ray-batch-size", "200",
+        "score-file",
+        qrels.as_uri(),
+        "-o",
+        (tmp_path / "ray" / "scored.jsonl").as_uri(),
+        *common,  # URIs: through pyarrow.fs
+        "--engine",
+        "ray",
+        "--ray-address",
+        ray_cluster,
+        "--ray-actors",
+        "2",
+        "--ray-cpus-per-actor",
+        "0.5",
+        "--ray-batch-size",
+        "200",
     )
     written = (tmp_path / "ray" / "scored.jsonl").read_bytes()
     assert written == (tmp_path / "sdk.jsonl").read_bytes()
@@ -240,15 +292,37 @@ def test_score_file_engine_ray_writes_the_same_file_as_without(fleet, ray_cluste
     assert "1200 rows" in ray_run.stderr and "NOT_FOUND" in ray_run.stderr
 
 
-def test_embed_file_engine_ray_with_a_fleet_it_starts_writes_the_same_file_as_without(fleet, ray_cluster, images, tmp_path):
+def test_embed_file_engine_ray_with_a_fleet_it_starts_writes_the_same_file_as_without(
+    fleet, ray_cluster, images, tmp_path
+):
     rows = tmp_path / "images.parquet"
-    pa.parquet.write_table(pa.table({"id": [f"im{i}" for i in range(len(images) + 1)], "path": [*images, str(tmp_path / "gone.png")]}), rows)
+    pa.parquet.write_table(
+        pa.table({"id": [f"im{i}" for i in range(len(images) + 1)], "path": [*images, str(tmp_path / "gone.png")]}),
+        rows,
+    )
     common = [str(rows), "--image-column", "path", "--no-progress"]
     _cli("embed-file", *common, "-o", str(tmp_path / "sdk.parquet"), "--address", fleet.address)
     _cli(
-        "embed-file", *common, "-o", str(tmp_path / "ray.parquet"),
-        "--engine", "ray", "--ray-address", ray_cluster, "--ray-replicas", "1", "--model", "fake", "--ray-cpus-per-replica", "0",
-        "--ray-actors", "1", "--ray-cpus-per-actor", "0.5", "--ray-batch-size", "5",
+        "embed-file",
+        *common,
+        "-o",
+        str(tmp_path / "ray.parquet"),
+        "--engine",
+        "ray",
+        "--ray-address",
+        ray_cluster,
+        "--ray-replicas",
+        "1",
+        "--model",
+        "fake",
+        "--ray-cpus-per-replica",
+        "0",
+        "--ray-actors",
+        "1",
+        "--ray-cpus-per-actor",
+        "0.5",
+        "--ray-batch-size",
+        "5",
     )
     sdk, on_ray = pa.parquet.read_table(tmp_path / "sdk.parquet"), pa.parquet.read_table(tmp_path / "ray.parquet")
     assert on_ray.equals(sdk)

@@ -40,7 +40,9 @@ STORED_SCREENSHOT = Path(__file__).parent.parent / "data" / "report_screenshot.p
 
 
 def report(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clipserve.cli", "report", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "clipserve.cli", "report", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def expected(bench: Benchmark) -> dict[str, tuple[float, float, int]]:
@@ -77,7 +79,10 @@ def page_file(bench: Benchmark) -> Path:
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
     if chromium_path() is None:
-        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it): the report page's browser tests need it")
+        pytest.skip(
+            "chromium is not installed (apt-get install chromium; "
+            ".ci/run installs it): the report page's browser tests need it"
+        )
     with sync_playwright() as playwright:
         browser = launch(playwright)
         yield browser
@@ -117,7 +122,11 @@ def table_column(page, cls: str) -> list[str]:
 # -- the measures ---------------------------------------------------------------------------------
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from([0.0, 1.0, 1.5, 2.0, 7.25, -3.0, 12.5])), min_size=2, max_size=40))
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.sampled_from([0.0, 1.0, 1.5, 2.0, 7.25, -3.0, 12.5])), min_size=2, max_size=40
+    )
+)
 def test_ndcg_is_sklearns_ndcg_score_with_its_tie_averaging(pairs):
     labels, scores = [g for g, _ in pairs], [s for _, s in pairs]
     assert metrics.ndcg(labels, scores) == pytest.approx(float(ndcg_score([labels], [scores])), abs=1e-12)
@@ -142,9 +151,15 @@ def test_the_page_loads_without_a_script_error_and_shows_sklearns_figures(opened
     assert page.inner_text("#mean-ndcg") == f"{sum(n for n, _, _ in want.values()) / len(want):.3f}"
     assert page.inner_text("#mrr") == f"{sum(r for _, r, _ in want.values()) / len(want):.3f}"
     shown = page.eval_on_selector_all(
-        "#queries tbody tr", "rows => rows.map(r => [r.dataset.query, r.querySelector('.ndcg').innerText, r.querySelector('.rr').innerText])"
+        "#queries tbody tr",
+        (
+            "rows => rows.map(r => [r.dataset.query, "
+            "r.querySelector('.ndcg').innerText, r.querySelector('.rr').innerText])"
+        ),
     )
-    assert {query: (ndcg, rr) for query, ndcg, rr in shown} == {q: (f"{n:.3f}", f"{r:.3f}") for q, (n, r, _) in want.items()}
+    assert {query: (ndcg, rr) for query, ndcg, rr in shown} == {
+        q: (f"{n:.3f}", f"{r:.3f}") for q, (n, r, _) in want.items()
+    }
     assert page.inner_text("#n-left-out") == "1"  # the failed pair is left out, and said so
 
 
@@ -188,7 +203,10 @@ def test_clicking_a_header_sorts_by_it_and_again_reverses(opened, column, cls):
     header.click()
     second = values()
     assert {tuple(sorted(first)), tuple(sorted(second))} == {tuple(sorted(first))}
-    assert [first, second] in ([sorted(first), sorted(first, reverse=True)], [sorted(first, reverse=True), sorted(first)])
+    assert [first, second] in (
+        [sorted(first), sorted(first, reverse=True)],
+        [sorted(first, reverse=True), sorted(first)],
+    )
     assert first != second
 
 
@@ -207,14 +225,22 @@ def test_a_query_shows_its_images_in_score_order_with_score_and_label(opened, be
     page = opened.page
     page.click("#queries tbody tr[data-query='q0004']")
     cards = page.eval_on_selector_all(
-        "#q-images .card", "cards => cards.map(c => [c.dataset.image, Number(c.dataset.score), Number(c.dataset.label), c.classList.contains('rel'), c.querySelector('.score').innerText, !!c.querySelector('.flag')])"
+        "#q-images .card",
+        (
+            "cards => cards.map(c => [c.dataset.image, Number(c.dataset.score), Number(c.dataset.label), "
+            "c.classList.contains('rel'), c.querySelector('.score').innerText, !!c.querySelector('.flag')])"
+        ),
     )
     rows = sorted((r for r in bench.rows if r["query_id"] == "q0004"), key=lambda r: -r["clip_score"])
     assert [(c[0], c[1], c[2]) for c in cards] == [(r["image_id"], r["clip_score"], r["relevance_label"]) for r in rows]
     assert all(c[3] == c[5] == (c[2] > 0) for c in cards)  # relevant ones marked, the others not
     assert [c[4] for c in cards] == [f"{r['clip_score']:.3f}" for r in rows]
     ndcg, rr, relevant = expected(bench)["q0004"]
-    assert (page.inner_text("#q-ndcg"), page.inner_text("#q-rr"), page.inner_text("#q-relevant")) == (f"{ndcg:.3f}", f"{rr:.3f}", f"{relevant} of {len(rows)}")
+    assert (page.inner_text("#q-ndcg"), page.inner_text("#q-rr"), page.inner_text("#q-relevant")) == (
+        f"{ndcg:.3f}",
+        f"{rr:.3f}",
+        f"{relevant} of {len(rows)}",
+    )
     assert page.locator("img").count() == len(rows)  # one query's images at a time, not every image
 
 
@@ -252,7 +278,10 @@ def test_the_score_distribution_is_drawn_by_label(opened, bench):
     assert page.locator("#histogram svg rect[fill='#d9534f']").count() > 0
     counts = page.eval_on_selector_all("#label-stats tbody tr", "rows => rows.map(r => r.children[1].innerText)")
     scored = [r for r in bench.rows if r["clip_score"] is not None]
-    assert counts == [str(sum(1 for r in scored if r["relevance_label"] > 0)), str(sum(1 for r in scored if r["relevance_label"] == 0))]
+    assert counts == [
+        str(sum(1 for r in scored if r["relevance_label"] > 0)),
+        str(sum(1 for r in scored if r["relevance_label"] == 0)),
+    ]
 
 
 def test_a_query_text_with_markup_is_shown_as_text(opened, bench):
@@ -274,7 +303,9 @@ def test_the_page_works_from_a_file_url_with_the_network_off(browser, page_file)
     view.context.route(lambda url: not url.startswith("file://"), refuse)
     page = view.open()
     page.click("#queries tbody tr[data-query='q0003']")
-    loaded = page.eval_on_selector_all("#q-images img", "imgs => Promise.all(imgs.map(i => i.decode().then(() => i.naturalWidth, () => 0)))")
+    loaded = page.eval_on_selector_all(
+        "#q-images img", "imgs => Promise.all(imgs.map(i => i.decode().then(() => i.naturalWidth, () => 0)))"
+    )
     assert len(loaded) == 10 and all(width > 0 for width in loaded)
     assert page.locator("#q-images img[src^='data:image/jpeg;base64,']").count() == 10
     assert requests == [] and view.errors == []
@@ -289,7 +320,9 @@ def test_without_thumbnails_the_images_come_from_their_paths(browser, bench):
     page = view.open()
     sources = page.eval_on_selector_all("#q-images img", "imgs => imgs.map(i => i.src)")
     assert sources and all(src.startswith("file:///") and src.endswith(".jpg") for src in sources)
-    loaded = page.eval_on_selector_all("#q-images img", "imgs => Promise.all(imgs.map(i => i.decode().then(() => i.naturalWidth, () => 0)))")
+    loaded = page.eval_on_selector_all(
+        "#q-images img", "imgs => Promise.all(imgs.map(i => i.decode().then(() => i.naturalWidth, () => 0)))"
+    )
     assert all(width > 0 for width in loaded) and view.errors == []
     view.context.close()
 
@@ -308,7 +341,10 @@ def test_it_looks_like_the_stored_screenshot(opened, tmp_path):
     page.screenshot(path=str(shot))
     difference = ImageChops.difference(_grey(Image.open(shot)), _grey(Image.open(STORED_SCREENSHOT)))
     assert ImageStat.Stat(difference).mean[0] < 12, f"the page no longer looks like {STORED_SCREENSHOT} (see {shot})"
-    boxes = {name: page.locator(selector).bounding_box() for name, selector in (("figures", ".stats"), ("table", "#queries"), ("images", "#q-images"))}
+    boxes = {
+        name: page.locator(selector).bounding_box()
+        for name, selector in (("figures", ".stats"), ("table", "#queries"), ("images", "#q-images"))
+    }
     assert boxes["figures"]["y"] < boxes["table"]["y"]
     assert boxes["table"]["x"] + boxes["table"]["width"] <= boxes["images"]["x"]
     assert boxes["images"]["width"] > 400 and boxes["table"]["width"] > 380
@@ -317,7 +353,16 @@ def test_it_looks_like_the_stored_screenshot(opened, tmp_path):
 # -- reading the file ----------------------------------------------------------------------------
 
 def test_csv_parquet_and_the_benchmark_makers_column_names_give_the_same_figures(bench, tmp_path):
-    renamed = [{"qid": r["query_id"], "q": r["query_text"], "img": r["image_id"], "judge": r["relevance_label"], "dfn": r["clip_score"]} for r in bench.rows]
+    renamed = [
+        {
+            "qid": r["query_id"],
+            "q": r["query_text"],
+            "img": r["image_id"],
+            "judge": r["relevance_label"],
+            "dfn": r["clip_score"],
+        }
+        for r in bench.rows
+    ]
     (tmp_path / "config.toml").write_text(
         'column_query = "q"\ncolumn_query_id = "qid"\ncolumn_image_id = "img"\ncolumn_relevance = "judge"\n'
         f'qrels_with_score_jsonl = "{tmp_path / "scored.csv"}"\n[similarity_config]\ncol_name = "dfn"\n',
@@ -328,7 +373,11 @@ def test_csv_parquet_and_the_benchmark_makers_column_names_give_the_same_figures
         writer.writeheader()
         writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in renamed)
     pq.write_table(pa.Table.from_pylist(renamed), tmp_path / "scored.parquet")
-    original = payload(ReportJob(scored=bench.scored, output=tmp_path / "a.html"), read_scored(ReportJob(scored=bench.scored, output=tmp_path / "a.html")), {})
+    original = payload(
+        ReportJob(scored=bench.scored, output=tmp_path / "a.html"),
+        read_scored(ReportJob(scored=bench.scored, output=tmp_path / "a.html")),
+        {},
+    )
     settings_ = report_settings_from_config(tmp_path / "config.toml")
     for name in ("scored.csv", "scored.parquet"):
         job = ReportJob(**{**settings_, "scored": tmp_path / name, "output": tmp_path / "b.html"})
@@ -350,7 +399,11 @@ def test_a_file_without_the_score_column_fails_with_one_clear_line(bench, tmp_pa
 
 def test_an_image_that_cannot_be_had_is_linked_instead_and_counted(bench, tmp_path):
     (tmp_path / "not-an-image.jpg").write_text("plain text", encoding="utf-8")
-    sources = [(bench.images.parent / "images" / "im0000.jpg").as_uri(), (tmp_path / "gone.jpg").as_uri(), (tmp_path / "not-an-image.jpg").as_uri()]
+    sources = [
+        (bench.images.parent / "images" / "im0000.jpg").as_uri(),
+        (tmp_path / "gone.jpg").as_uri(),
+        (tmp_path / "not-an-image.jpg").as_uri(),
+    ]
     made = make_thumbnails(sources)
     assert list(made.by_src) == sources[:1] and made.by_src[sources[0]].startswith("data:image/jpeg;base64,")
     assert set(made.failures) == set(sources[1:])
@@ -364,7 +417,8 @@ def test_the_page_is_written_without_torch_numpy_pillow_or_sklearn(bench, tmp_pa
     code = BLOCK_TORCH + (
         "sys.modules['sklearn'] = None\n"
         "from clipserve.cli import main\n"
-        f"sys.exit(main(['report', {str(bench.scored)!r}, '--images', {str(bench.images)!r}, '-o', {str(tmp_path / 'x.html')!r}]))"
+        f"sys.exit(main(['report', {str(bench.scored)!r}, '--images', "
+        f"{str(bench.images)!r}, '-o', {str(tmp_path / 'x.html')!r}]))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -394,16 +448,32 @@ def test_score_file_writes_the_report_at_the_end_of_its_run(fake_server, image_h
     (tmp_path / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in images), encoding="utf-8")
     (tmp_path / "qrels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qrels), encoding="utf-8")
     done = subprocess.run(
-        [sys.executable, "-m", "clipserve.cli", "score-file", str(tmp_path / "qrels.jsonl"), "--images", str(tmp_path / "images.jsonl"),
-         "--no-progress", "--address", fake_server.address, "--report", str(tmp_path / "report.html")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "clipserve.cli",
+            "score-file",
+            str(tmp_path / "qrels.jsonl"),
+            "--images",
+            str(tmp_path / "images.jsonl"),
+            "--no-progress",
+            "--address",
+            fake_server.address,
+            "--report",
+            str(tmp_path / "report.html"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert f"report: {tmp_path / 'report.html'} (2 queries, 12 scored pairs" in done.stderr
     view = Opened(browser, (tmp_path / "report.html").as_uri())
     page = view.open()
     assert page.locator("#queries tbody tr").count() == 2
-    loaded = page.eval_on_selector_all("#q-images img", "imgs => Promise.all(imgs.map(i => i.decode().then(() => i.naturalWidth, () => 0)))")
+    loaded = page.eval_on_selector_all(
+        "#q-images img", "imgs => Promise.all(imgs.map(i => i.decode().then(() => i.naturalWidth, () => 0)))"
+    )
     assert loaded == [64] * 6  # from the image host's URLs
     assert view.errors == []
     view.context.close()

@@ -112,20 +112,32 @@ class Unconvertible(TextUntraceable):
 def test_towers_that_do_not_convert_exactly_run_in_torch_and_say_why(tiny_checkpoint, reference, tmp_path, caplog):
     model = Unconvertible(str(tiny_checkpoint), device="cpu")
     with caplog.at_level(logging.INFO, logger="clipserve_server.models.runtimes"):
-        apply_runtime(model, ServerConfig(model=(str(tiny_checkpoint),), runtime="openvino", runtime_cache=str(tmp_path / "cache")))
+        apply_runtime(
+            model,
+            ServerConfig(model=(str(tiny_checkpoint),), runtime="openvino", runtime_cache=str(tmp_path / "cache")),
+        )
     assert (model.description.image_runtime, model.description.text_runtime) == ("torch", "torch")
-    lines = [record.getMessage() for record in caplog.records if record.name.startswith("clipserve_server.models.runtimes")]
+    lines = [
+        record.getMessage() for record in caplog.records if record.name.startswith("clipserve_server.models.runtimes")
+    ]
     assert len(lines) == 2, lines
-    assert lines[0].startswith(f"image tower of {tiny_checkpoint} runs in torch: in openvino its features differ from torch's by "), lines
+    assert lines[0].startswith(
+        f"image tower of {tiny_checkpoint} runs in torch: in openvino its features differ from torch's by "
+    ), lines
     assert lines[1].startswith(f"text tower of {tiny_checkpoint} runs in torch: openvino could not convert it ("), lines
     assert_scores_like_the_reference(model, tiny_checkpoint, reference, tmp_path)
 
 
-def test_torch_weights_go_once_both_towers_run_in_openvino_and_stay_while_either_runs_in_torch(tiny_checkpoint, reference, tmp_path):
+def test_torch_weights_go_once_both_towers_run_in_openvino_and_stay_while_either_runs_in_torch(
+    tiny_checkpoint, reference, tmp_path
+):
     """docs/runtimes.md: torch's copy of the weights is released once both towers run in
     OpenVINO (the server's RSS with OpenVINO within 1.5x torch's), kept while a tower needs it."""
     config = ServerConfig(model=(str(tiny_checkpoint),), runtime="openvino", runtime_cache=str(tmp_path / "cache"))
-    converted, from_cache = HFClipModel(str(tiny_checkpoint), device="cpu"), HFClipModel(str(tiny_checkpoint), device="cpu")
+    converted, from_cache = (
+        HFClipModel(str(tiny_checkpoint), device="cpu"),
+        HFClipModel(str(tiny_checkpoint), device="cpu"),
+    )
     for model in (converted, from_cache):
         apply_runtime(model, config)
         assert (model.description.image_runtime, model.description.text_runtime) == ("openvino", "openvino")
@@ -162,7 +174,10 @@ def test_a_converted_tower_keeps_no_page_of_its_cached_weights_file_in_memory(ti
         model = HFClipModel(str(tiny_checkpoint), device="cpu")
         apply_runtime(model, ServerConfig(model=(str(tiny_checkpoint),), runtime_cache=str(cache)))
         mapped = resident_kb(cache)
-        assert mapped and all(name.endswith(".bin") for name in mapped), (how, mapped)  # the weights files are mapped ...
+        assert mapped and all(name.endswith(".bin") for name in mapped), (
+            how,
+            mapped,
+        )  # the weights files are mapped ...
         assert sum(mapped.values()) == 0, (how, mapped)  # ... and none of their pages are resident
         assert_scores_like_the_reference(model, tiny_checkpoint, reference, tmp_path)
 

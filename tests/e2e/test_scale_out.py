@@ -52,8 +52,13 @@ def test_address_forms_name_their_replicas():
     assert split_address("127.0.0.1:1, 127.0.0.1:2") == ["127.0.0.1:1", "127.0.0.1:2"]
     assert split_address("ipv4:10.0.0.1:5,10.0.0.2:5") == ["10.0.0.1:5", "10.0.0.2:5"]
     assert [r.target for r in Discovery(["gpu1:50051", "gpu2:50051"]).replicas()] == ["gpu1:50051", "gpu2:50051"]
-    found = Discovery(["dns:///clipserve.default.svc:50051"], resolver=lambda host, port: [f"10.1.0.{i}:{port}" for i in (1, 2)]).replicas()
-    assert found == [ReplicaAddress(f"10.1.0.{i}:50051", authority="clipserve.default.svc:50051", tls_name="clipserve.default.svc") for i in (1, 2)]
+    found = Discovery(
+        ["dns:///clipserve.default.svc:50051"], resolver=lambda host, port: [f"10.1.0.{i}:{port}" for i in (1, 2)]
+    ).replicas()
+    assert found == [
+        ReplicaAddress(f"10.1.0.{i}:50051", authority="clipserve.default.svc:50051", tls_name="clipserve.default.svc")
+        for i in (1, 2)
+    ]
     with pytest.raises(ValueError):
         Discovery(["dns:///no-port"])
 
@@ -90,7 +95,9 @@ def test_a_fresh_client_spreads_one_batch_over_every_replica(make_fake_server, i
     try:
         # No warm-up call: the client's first request is the batch itself.
         with clipserve.CLIP([s.address for s in servers], timeout=120) as clip:
-            runner = threading.Thread(target=lambda: results.extend(clip.score_batch(pairs(400, image_host.url("img/photo0.png")))))
+            runner = threading.Thread(
+                target=lambda: results.extend(clip.score_batch(pairs(400, image_host.url("img/photo0.png"))))
+            )
             runner.start()
             deadline = time.monotonic() + 60  # a safety net only: a correct client gets there at once
             reached = [model.held.wait(max(0.0, deadline - time.monotonic())) for model in models]
@@ -102,7 +109,9 @@ def test_a_fresh_client_spreads_one_batch_over_every_replica(make_fake_server, i
     finally:
         for model in models:
             model.release()
-    assert reached == [True] * count, f"replicas that got no pair of the first batch: {[s.address for s, r in zip(servers, reached) if not r]}"
+    assert reached == [True] * count, (
+        f"replicas that got no pair of the first batch: {[s.address for s, r in zip(servers, reached) if not r]}"
+    )
     assert_exactly_once_in_order(results, 400)
     assert sum(stats.items_by_replica.values()) == 400, stats.items_by_replica
     assert all(stats.items_by_replica.get(s.address, 0) > 0 for s in servers), stats.items_by_replica
@@ -124,7 +133,9 @@ def test_a_faster_replica_takes_more_and_a_slow_one_does_not_hold_the_run_back(m
     results: list = []
     try:
         with clipserve.CLIP([fast.address, slow.address], timeout=120) as clip:
-            runner = threading.Thread(target=lambda: results.extend(clip.score_batch(pairs(400, image_host.url("img/photo1.png")))))
+            runner = threading.Thread(
+                target=lambda: results.extend(clip.score_batch(pairs(400, image_host.url("img/photo1.png"))))
+            )
             runner.start()
             assert slow_model.held.wait(60), "the slow replica got no pair"
             # A safety net only: the fast replica gets there as fast as it answers.
@@ -177,14 +188,30 @@ def test_a_replica_that_dies_mid_run_costs_nothing(image_host):
     ``connections + 1`` downloads waiting at the gate mean that both replicas hold pairs."""
     connections = 2
     # No download may run out while it waits at the gate, however busy the machine.
-    args = ["--model", "fake", "--allow-private-networks", "--decode-pool", "threads", "--fetch-host-connections", str(connections),
-            "--fetch-timeout-s", "120", "--fetch-attempt-timeout-s", "0"]
+    args = [
+        "--model",
+        "fake",
+        "--allow-private-networks",
+        "--decode-pool",
+        "threads",
+        "--fetch-host-connections",
+        str(connections),
+        "--fetch-timeout-s",
+        "120",
+        "--fetch-attempt-timeout-s",
+        "0",
+    ]
     replicas = start_replicas(args, args)
     dying, surviving = replicas
     image_host.gate.clear()  # /gated/ downloads hang until the gate opens
     try:
-        names = [image_host.add(f"dying{i}.png", make_image(16, 16, seed=3000 + i)).rsplit("/", 1)[1] for i in range(240)]
-        inputs = [clipserve.SimilarityInput(f"query {i}", image_host.url(f"gated/{n}"), query_id=str(i)) for i, n in enumerate(names)]
+        names = [
+            image_host.add(f"dying{i}.png", make_image(16, 16, seed=3000 + i)).rsplit("/", 1)[1] for i in range(240)
+        ]
+        inputs = [
+            clipserve.SimilarityInput(f"query {i}", image_host.url(f"gated/{n}"), query_id=str(i))
+            for i, n in enumerate(names)
+        ]
         results: list = []
         with clipserve.CLIP([r.address for r in replicas], timeout=120) as clip:
             runner = threading.Thread(target=lambda: results.extend(clip.score_batch(inputs)))
@@ -233,7 +260,9 @@ def test_a_replica_that_appears_in_dns_mid_run_gets_work(make_fake_server, image
     results: list = []
     try:
         with clipserve.CLIP(f"dns:///clipserve.test:{first.port}", timeout=120) as clip:
-            runner = threading.Thread(target=lambda: results.extend(clip.score_batch(pairs(600, image_host.url("img/photo2.png")))))
+            runner = threading.Thread(
+                target=lambda: results.extend(clip.score_batch(pairs(600, image_host.url("img/photo2.png"))))
+            )
             runner.start()
             assert first_model.held.wait(60), "the run never reached the first replica"
             assert second.address not in clip.stats().items_by_replica
@@ -308,7 +337,9 @@ def test_a_replica_that_leaves_dns_mid_run_gets_no_more_work(make_fake_server, i
         leaving_model.release()
     assert_exactly_once_in_order(results, 600)
     received = len([t for t in leaving_model.encoded_texts if t != "still up"])
-    assert received <= window, f"the replica that left DNS took {received} pairs (at most {window} were in flight when it left)"
+    assert received <= window, (
+        f"the replica that left DNS took {received} pairs (at most {window} were in flight when it left)"
+    )
     assert stats.items_by_replica.get(leaving.address, 0) <= window, stats.items_by_replica
     assert stats.items_by_replica[staying.address] >= 600 - window, stats.items_by_replica
 
@@ -318,7 +349,12 @@ def test_info_says_which_replica_answered(make_fake_server):
     assert load_config(["--replica-name", "pod-a"], environ={}).replica_name == "pod-a"
     servers = [make_fake_server(replica_name=name) for name in ("pod-a", "pod-b")]
     address = ",".join(s.address for s in servers)
-    done = subprocess.run([sys.executable, "-m", "clipserve.cli", "info", "--address", address], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "clipserve.cli", "info", "--address", address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["replica"] in {"pod-a", "pod-b"}
     with clipserve.CLIP(address) as clip:  # unary calls take turns over the replicas
@@ -338,9 +374,22 @@ def test_score_file_reports_the_pairs_each_replica_answered(make_fake_server, im
         model.hold()
     try:
         run = subprocess.Popen(
-            [sys.executable, "-m", "clipserve.cli", "score-file", str(tmp_path / "qrels.jsonl"), "--image-base-url", image_host.url("img"),
-             "-o", str(tmp_path / "out.jsonl"), "--no-progress"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "CLIPSERVE_ADDRESS": ",".join(s.address for s in servers)},
+            [
+                sys.executable,
+                "-m",
+                "clipserve.cli",
+                "score-file",
+                str(tmp_path / "qrels.jsonl"),
+                "--image-base-url",
+                image_host.url("img"),
+                "-o",
+                str(tmp_path / "out.jsonl"),
+                "--no-progress",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "CLIPSERVE_ADDRESS": ",".join(s.address for s in servers)},
         )
         try:
             deadline = time.monotonic() + 60  # a safety net only
@@ -353,10 +402,15 @@ def test_score_file_reports_the_pairs_each_replica_answered(make_fake_server, im
     finally:
         for model in models:
             model.release()
-    assert reached == [True, True], f"replicas that got no pair: {[s.address for s, r in zip(servers, reached) if not r]}"
+    assert reached == [True, True], (
+        f"replicas that got no pair: {[s.address for s, r in zip(servers, reached) if not r]}"
+    )
     assert run.returncode == 0, stderr
     [line] = [line for line in stderr.splitlines() if line.startswith("pairs per replica: ")]
-    counts = {name: int(count) for name, count in (part.rsplit(" ", 1) for part in line.removeprefix("pairs per replica: ").split(", "))}
+    counts = {
+        name: int(count)
+        for name, count in (part.rsplit(" ", 1) for part in line.removeprefix("pairs per replica: ").split(", "))
+    }
     assert set(counts) == {s.address for s in servers} and sum(counts.values()) == 300
     # A server may also have answered a few pairs that the other answered first (hedged):
     # each distinct query is one text its model encoded.
@@ -380,7 +434,9 @@ def test_the_async_client_spreads_a_batch_too(make_fake_server, image_host, coun
             batch = asyncio.ensure_future(clip.score_batch(pairs(400, image_host.url("img/photo4.png"))))
             deadline = time.monotonic() + 60  # a safety net only: a correct client gets there at once
             # Off the event loop: the client runs on it meanwhile.
-            reached = [await asyncio.to_thread(model.held.wait, max(0.0, deadline - time.monotonic())) for model in models]
+            reached = [
+                await asyncio.to_thread(model.held.wait, max(0.0, deadline - time.monotonic())) for model in models
+            ]
             answered_before = clip.stats().items_by_replica
             for model in models:
                 model.release()
@@ -391,7 +447,9 @@ def test_the_async_client_spreads_a_batch_too(make_fake_server, image_host, coun
     finally:
         for model in models:
             model.release()
-    assert reached == [True] * count, f"replicas that got no pair of the first batch: {[s.address for s, r in zip(servers, reached) if not r]}"
+    assert reached == [True] * count, (
+        f"replicas that got no pair of the first batch: {[s.address for s, r in zip(servers, reached) if not r]}"
+    )
     assert answered_before == {}  # nothing answered before the barrier
     assert_exactly_once_in_order(results, 400)
     assert sum(stats.items_by_replica.values()) == 400, stats.items_by_replica

@@ -32,7 +32,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 @pytest.fixture()
 def benchmark_files(tmp_path, image_host):
-    images = [{"image_id": f"im{i}", "image_url": image_host.url(f"img/photo{i}.png"), "license": "cc0"} for i in range(6)]
+    images = [
+        {"image_id": f"im{i}", "image_url": image_host.url(f"img/photo{i}.png"), "license": "cc0"} for i in range(6)
+    ]
     images.append({"image_id": "broken", "image_url": image_host.url("img/not-an-image.png"), "license": "cc0"})
     qrels = [
         {"query_id": f"q{q}", "query_text": text, "image_id": image["image_id"], "relevance_label": (q + i) % 2}
@@ -53,12 +55,27 @@ def expected_scores(address: str, pairs: list[tuple[str, str]]) -> list[float]:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clipserve.cli", "score-file", "--no-progress", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "clipserve.cli", "score-file", "--no-progress", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_every_row_is_written_in_order_with_its_score(fake_server, benchmark_files, image_host):
     folder, qrels = benchmark_files
-    done = run_cli(str(folder / "qrels.jsonl"), "--images", str(folder / "images.jsonl"), "-o", str(folder / "out.jsonl"), "--col-name", "dfn_score", "--address", fake_server.address)
+    done = run_cli(
+        str(folder / "qrels.jsonl"),
+        "--images",
+        str(folder / "images.jsonl"),
+        "-o",
+        str(folder / "out.jsonl"),
+        "--col-name",
+        "dfn_score",
+        "--address",
+        fake_server.address,
+    )
     assert done.returncode == 0, done.stderr
     out = read_jsonl(folder / "out.jsonl")
     assert [{k: v for k, v in row.items() if k != "dfn_score"} for row in out] == qrels  # rows unchanged, in order
@@ -71,7 +88,9 @@ def test_every_row_is_written_in_order_with_its_score(fake_server, benchmark_fil
 
 def test_the_score_column_defaults_to_the_local_clip_adapters(fake_server, benchmark_files):
     folder, qrels = benchmark_files
-    done = run_cli(str(folder / "qrels.jsonl"), "--images", str(folder / "images.jsonl"), "--address", fake_server.address)
+    done = run_cli(
+        str(folder / "qrels.jsonl"), "--images", str(folder / "images.jsonl"), "--address", fake_server.address
+    )
     assert done.returncode == 0, done.stderr
     out = read_jsonl(folder / "qrels_with_score.jsonl")
     assert [list(row)[-1] for row in out] == ["clip_score"] * len(qrels)
@@ -121,8 +140,21 @@ def test_the_column_flags_name_the_query_image_id_and_url_columns(fake_server, t
     write_jsonl(tmp_path / "images.jsonl", images)
     write_jsonl(tmp_path / "qrels.jsonl", rows)
     done = run_cli(
-        str(tmp_path / "qrels.jsonl"), "--images", str(tmp_path / "images.jsonl"), "-o", str(tmp_path / "out.jsonl"),
-        "--column-query", "text", "--column-image-id", "img", "--image-url-column", "link", "--col-name", "s", "--address", fake_server.address,
+        str(tmp_path / "qrels.jsonl"),
+        "--images",
+        str(tmp_path / "images.jsonl"),
+        "-o",
+        str(tmp_path / "out.jsonl"),
+        "--column-query",
+        "text",
+        "--column-image-id",
+        "img",
+        "--image-url-column",
+        "link",
+        "--col-name",
+        "s",
+        "--address",
+        fake_server.address,
     )
     assert done.returncode == 0, done.stderr
     out = read_jsonl(tmp_path / "out.jsonl")
@@ -163,7 +195,9 @@ def test_csv_and_parquet_by_extension(fake_server, benchmark_files):
     assert csv_scores == pytest.approx(parquet_scores) and csv_scores.count(None) == 4
     urls = {row["image_id"]: row["image_url"] for row in read_jsonl(folder / "images.jsonl")}
     scored = [i for i, row in enumerate(qrels) if row["image_id"] not in ("broken", "nowhere")]
-    expected = expected_scores(fake_server.address, [(qrels[i]["query_text"], urls[qrels[i]["image_id"]]) for i in scored])
+    expected = expected_scores(
+        fake_server.address, [(qrels[i]["query_text"], urls[qrels[i]["image_id"]]) for i in scored]
+    )
     assert [csv_scores[i] for i in scored] == pytest.approx(expected, abs=1e-4)
     assert [parquet_scores[i] for i in scored] == pytest.approx(expected, abs=1e-4)
 
@@ -173,10 +207,21 @@ def test_csv_and_parquet_by_extension(fake_server, benchmark_files):
 def test_image_urls_are_built_from_image_base_url(fake_server, tmp_path, image_host):
     # The user's images file lists the images without a URL column; the config's image_base_url
     # gives them, as the benchmark maker builds them: base without its trailing "/", "/", image id.
-    write_jsonl(tmp_path / "images.jsonl", [{"image_id": name, "license": "cc0"} for name in ("photo0.png", "photo1.jpg", "photo2.png")])
+    write_jsonl(
+        tmp_path / "images.jsonl",
+        [{"image_id": name, "license": "cc0"} for name in ("photo0.png", "photo1.jpg", "photo2.png")],
+    )
     qrels = [{"query_text": "a dog", "image_id": name} for name in ("photo0.png", "photo1.jpg", "/photo2.png")]
     write_jsonl(tmp_path / "qrels.jsonl", qrels)
-    common = [str(tmp_path / "qrels.jsonl"), "--images", str(tmp_path / "images.jsonl"), "--error-column", "error", "--address", fake_server.address]
+    common = [
+        str(tmp_path / "qrels.jsonl"),
+        "--images",
+        str(tmp_path / "images.jsonl"),
+        "--error-column",
+        "error",
+        "--address",
+        fake_server.address,
+    ]
     (tmp_path / "config.toml").write_text(f'image_base_url = "{image_host.url("img")}/"\n')
 
     from_config = run_cli(*common, "-o", str(tmp_path / "from_config.jsonl"), "--config", str(tmp_path / "config.toml"))
@@ -190,7 +235,9 @@ def test_image_urls_are_built_from_image_base_url(fake_server, tmp_path, image_h
     # Without one, the rows fail, and say why.
     without = run_cli(*common, "-o", str(tmp_path / "without.jsonl"))
     assert without.returncode == 0, without.stderr
-    reason = "no image URL for image_id 'photo0.png': images.jsonl has no 'image_url' for it, and no image_base_url is set"
+    reason = (
+        "no image URL for image_id 'photo0.png': images.jsonl has no 'image_url' for it, and no image_base_url is set"
+    )
     assert f"3 failed: INVALID_ARGUMENT x3 (e.g. {reason})" in without.stderr
     assert read_jsonl(tmp_path / "without.jsonl")[0]["error"] == f"INVALID_ARGUMENT: {reason}"
 
@@ -205,7 +252,10 @@ def test_the_summary_groups_failures_by_code_and_the_error_column_says_which(fak
         image_host.url("img/missing-b.png"),
         image_host.url("status/500"),
     ]
-    write_jsonl(tmp_path / "qrels.jsonl", [{"query_text": "a dog", "image_id": str(i), "image_url": url} for i, url in enumerate(urls)])
+    write_jsonl(
+        tmp_path / "qrels.jsonl",
+        [{"query_text": "a dog", "image_id": str(i), "image_url": url} for i, url in enumerate(urls)],
+    )
     done = run_cli(str(tmp_path / "qrels.jsonl"), "--error-column", "why", "--address", fake_server.address)
     assert done.returncode == 0, done.stderr
     assert (
@@ -215,7 +265,12 @@ def test_the_summary_groups_failures_by_code_and_the_error_column_says_which(fak
     assert f"FAILED_PRECONDITION x1 (e.g. {urls[4]}: HTTP 500" in done.stderr
     errors = [row["why"] for row in read_jsonl(tmp_path / "qrels_with_score.jsonl")]
     assert errors[0] is None
-    assert [e.split(":")[0] for e in errors[1:]] == ["NOT_FOUND", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION"]
+    assert [e.split(":")[0] for e in errors[1:]] == [
+        "NOT_FOUND",
+        "INVALID_ARGUMENT",
+        "NOT_FOUND",
+        "FAILED_PRECONDITION",
+    ]
     assert errors[3] == f"NOT_FOUND: {urls[3]}: HTTP 404 Not Found"
 
 
@@ -232,8 +287,20 @@ def test_retry_failed_rescores_only_the_rows_without_a_score(fake_server, tmp_pa
     late_url, upload = late_image
     images = {"im0": image_host.url("img/photo0.png"), "late": late_url, "im1": image_host.url("img/photo1.png")}
     write_jsonl(tmp_path / "images.jsonl", [{"image_id": k, "image_url": v} for k, v in images.items()])
-    write_jsonl(tmp_path / "qrels.jsonl", [{"query_id": f"q{i}", "query_text": q, "image_id": im} for i, (q, im) in enumerate([("a dog", "im0"), ("a cat", "late"), ("a car", "im1"), ("snow", "late")])])
-    common = [str(tmp_path / "qrels.jsonl"), "--images", str(tmp_path / "images.jsonl"), "--address", fake_server.address]
+    write_jsonl(
+        tmp_path / "qrels.jsonl",
+        [
+            {"query_id": f"q{i}", "query_text": q, "image_id": im}
+            for i, (q, im) in enumerate([("a dog", "im0"), ("a cat", "late"), ("a car", "im1"), ("snow", "late")])
+        ],
+    )
+    common = [
+        str(tmp_path / "qrels.jsonl"),
+        "--images",
+        str(tmp_path / "images.jsonl"),
+        "--address",
+        fake_server.address,
+    ]
     assert run_cli(*common).returncode == 0
     scored = tmp_path / "qrels_with_score.jsonl"
     lines = scored.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -258,8 +325,13 @@ def test_retry_failed_rescores_only_the_rows_without_a_score(fake_server, tmp_pa
     for i in (1, 3, 4):
         before, now = json.loads(lines[i]), json.loads(after[i])
         assert now["clip_score"] == pytest.approx(expected[i], abs=1e-4)  # this row's own pair
-        assert list(now) == [*before, *(["clip_score"] if "clip_score" not in before else [])]  # same columns, same order
-        assert {k: v for k, v in now.items() if k != "clip_score"} == {k: v for k, v in before.items() if k != "clip_score"}
+        assert list(now) == [
+            *before,
+            *(["clip_score"] if "clip_score" not in before else []),
+        ]  # same columns, same order
+        assert {k: v for k, v in now.items() if k != "clip_score"} == {
+            k: v for k, v in before.items() if k != "clip_score"
+        }
 
 
 def test_retry_failed_keeps_other_csv_rows_byte_for_byte(fake_server, tmp_path, image_host, late_image):
@@ -309,7 +381,9 @@ def test_retry_failed_keeps_other_parquet_values_and_types(fake_server, tmp_path
 
 def test_retry_failed_can_add_an_error_column_to_a_csv(fake_server, tmp_path, image_host, late_image):
     late_url, upload = late_image
-    before = f"query_text,image_url,clip_score\r\na dog,{image_host.url('img/photo0.png')},1.25\r\na cat,{late_url},\r\n"
+    before = (
+        f"query_text,image_url,clip_score\r\na dog,{image_host.url('img/photo0.png')},1.25\r\na cat,{late_url},\r\n"
+    )
     path = tmp_path / "scored.csv"
     path.write_bytes(before.encode())
     upload()
@@ -318,18 +392,26 @@ def test_retry_failed_can_add_an_error_column_to_a_csv(fake_server, tmp_path, im
     with path.open(newline="") as fh:
         score = list(csv.DictReader(fh))[1]["clip_score"]
     assert float(score) == pytest.approx(expected_scores(fake_server.address, [("a cat", late_url)])[0], abs=1e-4)
-    expected = f"query_text,image_url,clip_score,why\r\na dog,{image_host.url('img/photo0.png')},1.25,\r\na cat,{late_url},{score},\r\n"
+    expected = (
+        "query_text,image_url,clip_score,why\r\n"
+        f"a dog,{image_host.url('img/photo0.png')},1.25,\r\n"
+        f"a cat,{late_url},{score},\r\n"
+    )
     assert path.read_bytes() == expected.encode()  # a kept row only gains the empty cell
 
 
 def test_a_parquet_run_where_every_pair_failed_still_has_a_float_score_column(fake_server, tmp_path, late_image):
     late_url, upload = late_image
-    pq.write_table(pa.table({"query_text": ["a dog", "a cat"], "image_url": [late_url, late_url]}), tmp_path / "qrels.parquet")
+    pq.write_table(
+        pa.table({"query_text": ["a dog", "a cat"], "image_url": [late_url, late_url]}), tmp_path / "qrels.parquet"
+    )
     output = tmp_path / "qrels_with_score.parquet"
     assert run_cli(str(tmp_path / "qrels.parquet"), "--address", fake_server.address).returncode == 0
     assert pq.read_table(output).schema.field("clip_score").type == pa.float64()  # not Arrow's "null" type
     upload()
-    done = run_cli(str(tmp_path / "qrels.parquet"), "--retry-failed", "--error-column", "why", "--address", fake_server.address)
+    done = run_cli(
+        str(tmp_path / "qrels.parquet"), "--retry-failed", "--error-column", "why", "--address", fake_server.address
+    )
     assert done.returncode == 0, done.stderr
     after = pq.read_table(output)
     assert after.schema.field("why").type == pa.string() and after.column("why").to_pylist() == [None, None]
@@ -338,7 +420,10 @@ def test_a_parquet_run_where_every_pair_failed_still_has_a_float_score_column(fa
 
 def test_retry_failed_with_every_row_scored_writes_nothing_and_needs_no_server(tmp_path):
     path = tmp_path / "scored.jsonl"
-    path.write_text('{"query_text": "a dog", "image_id": "im0", "clip_score": 1.5}\n{"query_text": "a cat", "image_id": "im1", "clip_score": NaN}\n')
+    path.write_text(
+        '{"query_text": "a dog", "image_id": "im0", "clip_score": 1.5}\n'
+        '{"query_text": "a cat", "image_id": "im1", "clip_score": NaN}\n'
+    )
     before = path.stat()
     done = run_cli("--retry-failed", "-o", str(path), "--address", "127.0.0.1:9")
     assert done.returncode == 0, done.stderr
@@ -368,7 +453,13 @@ def test_an_unreachable_server_fails_the_run_with_one_clear_line(benchmark_files
     write_jsonl(folder / "out.jsonl", [{"query_text": "a dog", "image_id": "im0", "clip_score": None}])
     before = (folder / "out.jsonl").read_bytes()
     args = ["-o", str(folder / "out.jsonl"), "--address", "127.0.0.1:9", "--timeout", "3"]
-    done = run_cli(str(folder / "qrels.jsonl"), "--images", str(folder / "images.jsonl"), *args, *([again] if again == "--retry-failed" else []))
+    done = run_cli(
+        str(folder / "qrels.jsonl"),
+        "--images",
+        str(folder / "images.jsonl"),
+        *args,
+        *([again] if again == "--retry-failed" else []),
+    )
     assert done.returncode == 1
     [error] = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert error.startswith("error: UNAVAILABLE: cannot reach the server at 127.0.0.1:9")
@@ -402,7 +493,11 @@ class ServerGoneAfter:
         for item in items:
             self.answers -= 1
             ok = self.answers >= 0
-            results.append(SimilarityResult(item.query, item.image_url, float(len(item.query))) if ok else failed_score(item, "UNAVAILABLE", why))
+            results.append(
+                SimilarityResult(item.query, item.image_url, float(len(item.query)))
+                if ok
+                else failed_score(item, "UNAVAILABLE", why)
+            )
         if self.answers < 0:
             error = ClipServeError(grpc.StatusCode.UNAVAILABLE, why)
             error.results = results
@@ -413,7 +508,10 @@ class ServerGoneAfter:
 def test_a_server_lost_mid_run_leaves_an_output_that_resume_carries_on(tmp_path):
     from clipserve.files.scorefile import FileJob, RunFailed, score_file
 
-    rows = [{"query_text": "q" * (i + 1), "image_id": f"im{i}", "image_url": f"https://example.com/{i}.jpg"} for i in range(10)]
+    rows = [
+        {"query_text": "q" * (i + 1), "image_id": f"im{i}", "image_url": f"https://example.com/{i}.jpg"}
+        for i in range(10)
+    ]
     write_jsonl(tmp_path / "qrels.jsonl", rows)
     job = FileJob(qrels=tmp_path / "qrels.jsonl", output=tmp_path / "out.jsonl")
     with pytest.raises(RunFailed, match=r"cannot reach the server at gpu-box:50051 .*rerun with --resume"):
@@ -426,7 +524,10 @@ def test_a_server_lost_mid_run_leaves_an_output_that_resume_carries_on(tmp_path)
 def test_a_server_lost_mid_retry_keeps_what_was_rescored(tmp_path):
     from clipserve.files.scorefile import FileJob, RunFailed, retry_failed
 
-    rows = [{"query_text": "q" * (i + 1), "image_url": f"https://example.com/{i}.jpg", "clip_score": None if i % 2 else 0.5} for i in range(6)]
+    rows = [
+        {"query_text": "q" * (i + 1), "image_url": f"https://example.com/{i}.jpg", "clip_score": None if i % 2 else 0.5}
+        for i in range(6)
+    ]
     write_jsonl(tmp_path / "out.jsonl", rows)
     lines = (tmp_path / "out.jsonl").read_text().splitlines(keepends=True)
     with pytest.raises(RunFailed, match="rerun with --retry-failed"):

@@ -86,26 +86,38 @@ def test_tls_serves_clients_that_trust_its_ca(make_fake_server, pem_files, tmp_p
 
 
 def test_mutual_tls_requires_a_client_certificate(make_fake_server, pem_files, tmp_path):
-    server = make_fake_server(tls_cert=pem_files["server_chain"], tls_key=pem_files["server_key"], tls_client_ca=pem_files["ca"])
+    server = make_fake_server(
+        tls_cert=pem_files["server_chain"], tls_key=pem_files["server_key"], tls_client_ca=pem_files["ca"]
+    )
     path = tmp_path / "x.png"
     path.write_bytes(make_image(seed=3))
-    with clipserve.CLIP(server.address, root_certificates=pem_files["ca"], timeout=3, retry=clipserve.RetryPolicy(max_attempts=1)) as anonymous:
+    with clipserve.CLIP(
+        server.address, root_certificates=pem_files["ca"], timeout=3, retry=clipserve.RetryPolicy(max_attempts=1)
+    ) as anonymous:
         with pytest.raises(clipserve.ClipServeError) as info:
             anonymous.score("q", str(path))
         assert info.value.code == grpc.StatusCode.UNAVAILABLE
     with clipserve.CLIP(
-        server.address, root_certificates=pem_files["ca"], certificate_chain=pem_files["client_chain"], private_key=pem_files["client_key"]
+        server.address,
+        root_certificates=pem_files["ca"],
+        certificate_chain=pem_files["client_chain"],
+        private_key=pem_files["client_key"],
     ) as clip:
         assert isinstance(clip.score("q", str(path)), float)
 
 
-def test_the_client_commands_take_tls_and_token_flags_or_the_token_from_the_environment(make_fake_server, pem_files, tmp_path):
+def test_the_client_commands_take_tls_and_token_flags_or_the_token_from_the_environment(
+    make_fake_server, pem_files, tmp_path
+):
     """README: the client commands take --tls, --tls-ca, --tls-cert, --tls-key and
     --auth-token-file; the token may come from CLIPSERVE_AUTH_TOKEN instead."""
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-token\n")
     server = make_fake_server(
-        tls_cert=pem_files["server_chain"], tls_key=pem_files["server_key"], tls_client_ca=pem_files["ca"], auth_token_file=str(token_file)
+        tls_cert=pem_files["server_chain"],
+        tls_key=pem_files["server_key"],
+        tls_client_ca=pem_files["ca"],
+        auth_token_file=str(token_file),
     )
     path = tmp_path / "x.png"
     path.write_bytes(make_image(seed=4))
@@ -116,8 +128,23 @@ def test_the_client_commands_take_tls_and_token_flags_or_the_token_from_the_envi
     def score(*flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         environment = {k: v for k, v in os.environ.items() if k != "CLIPSERVE_AUTH_TOKEN"}
         return subprocess.run(
-            [sys.executable, "-m", "clipserve.cli", "score", "q", str(path), "--address", server.address, "--timeout", "20", *flags],
-            capture_output=True, text=True, timeout=60, env={**environment, **(env or {})},
+            [
+                sys.executable,
+                "-m",
+                "clipserve.cli",
+                "score",
+                "q",
+                str(path),
+                "--address",
+                server.address,
+                "--timeout",
+                "20",
+                *flags,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**environment, **(env or {})},
         )
 
     for done in (
@@ -150,7 +177,9 @@ class FixedResolver:
 
 def fetch_with(resolver: GuardedResolver, url: str) -> bytes:
     async def main() -> bytes:
-        settings = FetchSettings.of(ServerConfig(fetch_timeout_s=5, max_image_bytes=1 << 20, max_redirects=3, fetch_concurrency=4))
+        settings = FetchSettings.of(
+            ServerConfig(fetch_timeout_s=5, max_image_bytes=1 << 20, max_redirects=3, fetch_concurrency=4)
+        )
         fetcher = ImageFetcher(settings, events=FetchTally(), resolver=resolver)
         await fetcher.start()
         try:
@@ -171,7 +200,9 @@ def test_a_name_resolving_to_a_private_address_is_refused(image_host):
     with pytest.raises(ItemError) as info:
         fetch_with(GuardedResolver(FixedResolver("127.0.0.2"), forbidden=_only_127_0_0_2), f"http://rebind.test:{port}/img/photo0.png")
     # Refused, naming the name: where an internal name points stays in the server's log.
-    assert info.value.kind is ErrorKind.FORBIDDEN and "rebind.test resolves to a non-public address" in info.value.message
+    assert (
+        info.value.kind is ErrorKind.FORBIDDEN and "rebind.test resolves to a non-public address" in info.value.message
+    )
     assert "127.0.0.2" not in info.value.message
 
 
@@ -212,7 +243,10 @@ def test_the_real_guard_refuses_a_name_that_resolves_to_cloud_metadata(caplog):
     is told the name was refused; the address it pointed to is in the server's log only."""
     with caplog.at_level("INFO"), pytest.raises(ItemError) as info:
         fetch_with(GuardedResolver(FixedResolver("169.254.169.254")), "http://metadata.test/latest/meta-data/")
-    assert info.value.kind is ErrorKind.FORBIDDEN and "metadata.test resolves to a non-public address" in info.value.message
+    assert (
+        info.value.kind is ErrorKind.FORBIDDEN
+        and "metadata.test resolves to a non-public address" in info.value.message
+    )
     assert "169.254.169.254" not in info.value.message
     assert [r.address for r in caplog.records if hasattr(r, "address")] == ["169.254.169.254"]
 
@@ -222,7 +256,10 @@ def test_the_server_ignores_proxies_from_its_environment():
     otherwise route downloads around the private-network guard (the proxy, not the server,
     would resolve and connect)."""
     proxy = ImageHost()  # answers (404) and counts whatever a proxy would be asked
-    variables = {name: proxy.base for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")}
+    variables = {
+        name: proxy.base
+        for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    }
     server = ServerProcess(["--model", "fake"], env={**variables, "NO_PROXY": "", "no_proxy": ""})
     try:
         with clipserve.CLIP(server.address, timeout=60) as clip:

@@ -90,7 +90,10 @@ def test_the_cli_prints_one_clear_line_within_its_timeout(command):
     address = nothing_listens()
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "clipserve.cli", *command, "--address", address, "--timeout", "3"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "clipserve.cli", *command, "--address", address, "--timeout", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     # Plus the interpreter's start, which a busy machine slows: still far below 30 s.
     assert time.monotonic() - started < IGNORED_TIMEOUT_S + 5, done.stderr

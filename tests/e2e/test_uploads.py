@@ -24,7 +24,9 @@ QUERIES, PER_QUERY, FILES = 40, 25, 200
 def image_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("local-images")
     for i in range(FILES):
-        (folder / f"img{i:03d}.{'png' if i % 3 == 0 else 'jpg'}").write_bytes(make_image(96, 72, seed=500 + i, fmt="PNG" if i % 3 == 0 else "JPEG"))
+        (folder / f"img{i:03d}.{'png' if i % 3 == 0 else 'jpg'}").write_bytes(
+            make_image(96, 72, seed=500 + i, fmt="PNG" if i % 3 == 0 else "JPEG")
+        )
     return folder
 
 
@@ -86,7 +88,11 @@ def test_files_with_the_same_content_are_one_upload(make_fake_server, tmp_path):
     data = make_image(80, 60, seed=9, fmt="JPEG")
     (tmp_path / "a.jpg").write_bytes(data)
     (tmp_path / "copy of a.jpg").write_bytes(data)
-    inputs = [clipserve.SimilarityInput(f"q{i}", str(tmp_path / name)) for i in range(10) for name in ("a.jpg", "copy of a.jpg")]
+    inputs = [
+        clipserve.SimilarityInput(f"q{i}", str(tmp_path / name))
+        for i in range(10)
+        for name in ("a.jpg", "copy of a.jpg")
+    ]
     with clipserve.CLIP(server.address) as clip:
         results = clip.score_batch(inputs)
         assert clip.stats().upload_bytes == len(data)
@@ -126,15 +132,31 @@ def test_score_file_sends_local_images_by_hash_too(make_fake_server, image_folde
 
     server = make_fake_server()
     files = sorted(image_folder.iterdir())[:20]
-    (tmp_path / "images.jsonl").write_text("".join(json.dumps({"image_id": p.name, "image_url": str(p)}) + "\n" for p in files))
+    (tmp_path / "images.jsonl").write_text(
+        "".join(json.dumps({"image_id": p.name, "image_url": str(p)}) + "\n" for p in files)
+    )
     rows = [{"query_text": f"query {q}", "image_id": p.name} for q in range(5) for p in files]
     (tmp_path / "qrels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def score_file() -> None:
         done = subprocess.run(
-            [sys.executable, "-m", "clipserve.cli", "score-file", str(tmp_path / "qrels.jsonl"), "--images", str(tmp_path / "images.jsonl"),
-             "-o", str(tmp_path / "out.jsonl"), "--address", server.address, "--no-progress"],
-            capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "clipserve.cli",
+                "score-file",
+                str(tmp_path / "qrels.jsonl"),
+                "--images",
+                str(tmp_path / "images.jsonl"),
+                "-o",
+                str(tmp_path / "out.jsonl"),
+                "--address",
+                server.address,
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert done.returncode == 0 and "100 scored, 0 failed" in done.stderr, done.stderr
 
@@ -170,5 +192,9 @@ def test_max_image_bytes_holds_for_uploads_too(make_fake_server, tmp_path):
         with pytest.raises(clipserve.ClipServeError) as info:
             clip.score("q", str(tmp_path / "big.png"))
     assert at_limit.error is None and at_limit.score is not None
-    assert over.score is None and over.error_code == "INVALID_ARGUMENT" and f"over the {len(small)}-byte image limit" in over.error, over.error
+    assert (
+        over.score is None
+        and over.error_code == "INVALID_ARGUMENT"
+        and f"over the {len(small)}-byte image limit" in over.error
+    ), over.error
     assert info.value.code.name == "INVALID_ARGUMENT"

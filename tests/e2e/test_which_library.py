@@ -42,7 +42,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> 
     cache = hub_cache(root / "hf-cache", DUAL_HUB_ID, dual)
     started = {
         "dual": ServerProcess(
-            ["--model", f"folder={dual}", "--model", f"hub={DUAL_HUB_ID}"], {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}, wait=False
+            ["--model", f"folder={dual}", "--model", f"hub={DUAL_HUB_ID}"],
+            {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"},
+            wait=False,
         ),
         "bfloat16": ServerProcess(["--model", str(tiny_checkpoint), "--dtype", "bfloat16"], wait=False),
     }
@@ -55,7 +57,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> 
             server.terminate()
 
 
-def scores(server: ServerProcess, tmp_path: Path, model: str = "") -> tuple[list[tuple[str, bytes]], list[float], clipserve.v1.scorer_pb2.ModelInfo]:
+def scores(
+    server: ServerProcess, tmp_path: Path, model: str = ""
+) -> tuple[list[tuple[str, bytes]], list[float], clipserve.v1.scorer_pb2.ModelInfo]:
     pairs = [(query, make_image(48, 40, seed=seed)) for query, seed in PAIRS]
     paths = []
     for i, (_, data) in enumerate(pairs):
@@ -104,7 +108,9 @@ def test_a_repo_in_open_clips_pretrained_list_loads_through_open_clip(monkeypatc
     open_clip, architecture and tag from that list, preferring `-quickgelu` where both are."""
     loaded: list[tuple[str, str]] = []
     monkeypatch.setattr(loading, "_hub_files", lambda _repo: set())  # no network here: the repo's files are unknown
-    monkeypatch.setattr(loading, "_open_clip", lambda name, source, config, pretrained="": loaded.append((name, pretrained)))
+    monkeypatch.setattr(
+        loading, "_open_clip", lambda name, source, config, pretrained="": loaded.append((name, pretrained))
+    )
     monkeypatch.setattr(loading, "apply_runtime", lambda model, config: None)  # nothing was loaded to convert
     loading.load_model(ModelSpec(name="m", source=repo_id), ServerConfig())
     assert loaded == [(arch, tag)]

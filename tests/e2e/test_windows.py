@@ -89,7 +89,11 @@ class WindowProbe(scorer_pb2_grpc.ScorerServicer):
         while True:
             time.sleep(0.005)
             with self._lock:
-                quiet = state["done"] or len(unanswered) >= self.answer_at or time.monotonic() - state["last"] > self.quiet_s
+                quiet = (
+                    state["done"]
+                    or len(unanswered) >= self.answer_at
+                    or time.monotonic() - state["last"] > self.quiet_s
+                )
                 if not (quiet and unanswered):
                     if state["done"]:
                         return
@@ -128,7 +132,9 @@ def pairs(n: int) -> list[clipserve.SimilarityInput]:
     [(4, None, 16, 4, 60), (1000, None, 1000, 257, 1500), (None, None, 256, 256, 600), (1000, 50, 50, 50, 300)],
     ids=["small-window", "gpu-window", "server-says-nothing", "caller-caps-it"],
 )
-def test_a_fresh_client_keeps_outstanding_what_the_server_reads_ahead(probe_server, told, max_in_flight, at_most, at_least, n):
+def test_a_fresh_client_keeps_outstanding_what_the_server_reads_ahead(
+    probe_server, told, max_in_flight, at_most, at_least, n
+):
     probe, address = probe_server(told, answer_at=at_least)
     with clipserve.CLIP(address, max_in_flight=max_in_flight) as clip:
         results = clip.score_batch(pairs(n))
@@ -154,8 +160,12 @@ def test_a_small_server_window_still_answers_everything(make_fake_server, image_
     more than it reads, and every pair is scored."""
     from clipserve_server.models.fake_model import FakeModel
 
-    server = make_fake_server(FakeModel(forward_delay_s=0.01), allow_private_networks=True, stream_max_in_flight=3, max_batch_size=2)
+    server = make_fake_server(
+        FakeModel(forward_delay_s=0.01), allow_private_networks=True, stream_max_in_flight=3, max_batch_size=2
+    )
     image_host.add("window.png", make_image(seed=31))
     with clipserve.CLIP(server.address) as clip:
-        results = clip.score_batch([clipserve.SimilarityInput(f"q{i}", image_host.url("img/window.png")) for i in range(40)])
+        results = clip.score_batch(
+            [clipserve.SimilarityInput(f"q{i}", image_host.url("img/window.png")) for i in range(40)]
+        )
     assert all(r.error is None and r.score is not None for r in results)

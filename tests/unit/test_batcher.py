@@ -42,7 +42,10 @@ def test_each_item_gets_its_own_row():
         forward = Recorder()
         batcher = make_batcher(forward, max_batch_size=8, max_delay_s=0.01, max_queue_size=100)
         batcher.start()
-        results = await asyncio.gather(*(batcher.encode_text("x" * n, wait=True) for n in range(1, 6)), *(batcher.encode_image(n, wait=True) for n in range(10, 13)))
+        results = await asyncio.gather(
+            *(batcher.encode_text("x" * n, wait=True) for n in range(1, 6)),
+            *(batcher.encode_image(n, wait=True) for n in range(10, 13)),
+        )
         await batcher.stop()
         return forward, results
 
@@ -198,7 +201,9 @@ def test_texts_are_tokenized_on_a_thread_of_their_own_outside_the_forward_timeou
     async def main():
         died: list[BaseException] = []
         pool = InstancePool([Instance("", 0, forward, prepare=prepare)])
-        batcher = make_batcher(pool, max_batch_size=4, max_delay_s=0, max_queue_size=16, forward_timeout_s=0.3, on_dead=died.append)
+        batcher = make_batcher(
+            pool, max_batch_size=4, max_delay_s=0, max_queue_size=16, forward_timeout_s=0.3, on_dead=died.append
+        )
         batcher.start()
         row = await batcher.encode_text("abc", wait=True)
         await batcher.stop()

@@ -68,7 +68,9 @@ def test_concurrent_lookups_share_one_computation_even_without_a_cache():
 def test_failures_reach_every_waiter_and_are_not_cached():
     async def main():
         cache, failing = EmbeddingCache(10), Counter(delay=0.01, fail=ValueError("boom"))
-        outcomes = await asyncio.gather(*(get(cache, "k", failing.compute("k")) for _ in range(3)), return_exceptions=True)
+        outcomes = await asyncio.gather(
+            *(get(cache, "k", failing.compute("k")) for _ in range(3)), return_exceptions=True
+        )
         later = await get(cache, "k", Counter().compute("k"))
         return failing.calls, outcomes, later
 

@@ -54,16 +54,36 @@ def test_the_benchmark_makers_config_and_clipserves_own_file_are_read_together(t
 
 
 def test_env_wins_over_the_files_and_flags_win_over_env(tmp_path):
-    files = os.pathsep.join([write(tmp_path, "config.toml", BENCHMARK_TOML), write(tmp_path, "clipserve.toml", CLIPSERVE_TOML)])
-    env = {"CLIPSERVE_CONFIG": files, "CLIPSERVE_PORT": "7000", "CLIPSERVE_MAX_BATCH_SIZE": "8", "CLIPSERVE_ALLOW_PRIVATE_NETWORKS": "true"}
+    files = os.pathsep.join(
+        [write(tmp_path, "config.toml", BENCHMARK_TOML), write(tmp_path, "clipserve.toml", CLIPSERVE_TOML)]
+    )
+    env = {
+        "CLIPSERVE_CONFIG": files,
+        "CLIPSERVE_PORT": "7000",
+        "CLIPSERVE_MAX_BATCH_SIZE": "8",
+        "CLIPSERVE_ALLOW_PRIVATE_NETWORKS": "true",
+    }
     config = load_config(["--max-batch-size", "4"], environ=env)
     assert (config.port, config.max_batch_size, config.allow_private_networks) == (7000, 4, True)
     assert config.models[0].source == "apple/DFN5B-CLIP-ViT-H-14-378"
 
 
 def test_several_models_by_name_from_flags_env_or_clipserve_toml(tmp_path):
-    flags = load_config(["--model", "b32=openai/clip-vit-base-patch32", "--model", "ml=/models/clip", "--text-model", "ml=/models/mdistil"], environ={})
-    assert flags.models == (ModelSpec("b32", "openai/clip-vit-base-patch32"), ModelSpec("ml", "/models/clip", text_model="/models/mdistil"))
+    flags = load_config(
+        [
+            "--model",
+            "b32=openai/clip-vit-base-patch32",
+            "--model",
+            "ml=/models/clip",
+            "--text-model",
+            "ml=/models/mdistil",
+        ],
+        environ={},
+    )
+    assert flags.models == (
+        ModelSpec("b32", "openai/clip-vit-base-patch32"),
+        ModelSpec("ml", "/models/clip", text_model="/models/mdistil"),
+    )
     assert flags.default_model == "b32"  # the first, as none is named "default"
     env = load_config([], environ={"CLIPSERVE_MODEL": "small=fake:dim=8;default=fake"})
     assert [spec.name for spec in env.models] == ["small", "default"] and env.default_model == "default"
@@ -76,9 +96,14 @@ source = "open_clip:ViT-B-32"
 pretrained = "/weights/b32.safetensors"
 """)
     config = load_config(["--config", own], environ={})
-    assert config.models == (ModelSpec("h14", "apple/DFN5B-CLIP-ViT-H-14-378"), ModelSpec("oc", "open_clip:ViT-B-32", pretrained="/weights/b32.safetensors"))
+    assert config.models == (
+        ModelSpec("h14", "apple/DFN5B-CLIP-ViT-H-14-378"),
+        ModelSpec("oc", "open_clip:ViT-B-32", pretrained="/weights/b32.safetensors"),
+    )
     # A stand-in model's options are not a name.
-    assert load_config(["--model", "fake:forward_ms=30"], environ={}).models == (ModelSpec("default", "fake:forward_ms=30"),)
+    assert load_config(["--model", "fake:forward_ms=30"], environ={}).models == (
+        ModelSpec("default", "fake:forward_ms=30"),
+    )
 
 
 @pytest.mark.parametrize(
@@ -101,7 +126,11 @@ def test_no_cache_turns_both_caches_off():
 
 @pytest.mark.parametrize(
     ("argv", "window", "queue"),
-    [([], 256, 1024), (["--max-batch-size", "256"], 1024, 2048), (["--max-batch-size", "256", "--stream-max-in-flight", "300", "--max-queue-size", "500"], 300, 500)],
+    [
+        ([], 256, 1024),
+        (["--max-batch-size", "256"], 1024, 2048),
+        (["--max-batch-size", "256", "--stream-max-in-flight", "300", "--max-queue-size", "500"], 300, 500),
+    ],
     ids=["cpu-batch", "gpu-batch", "set"],
 )
 def test_a_streams_window_and_the_queue_grow_with_the_batch(argv, window, queue):
@@ -134,7 +163,9 @@ def test_unknown_keys_in_clipserves_file_are_errors(tmp_path):
     with pytest.raises(ValueError, match=r"unknown key \[server\].max_bach_size"):
         load_config(["--config", write(tmp_path, "clipserve.toml", "[server]\nmax_bach_size = 3\n")], environ={})
     with pytest.raises(ValueError, match=r"unknown key \[models.a\].sauce"):
-        load_config(["--config", write(tmp_path, "clipserve.toml", "[models.a]\nsource = 'x'\nsauce = 'y'\n")], environ={})
+        load_config(
+            ["--config", write(tmp_path, "clipserve.toml", "[models.a]\nsource = 'x'\nsauce = 'y'\n")], environ={}
+        )
 
 
 def test_bad_dtype_is_refused():
@@ -156,7 +187,10 @@ def test_the_fake_model_simulates_accelerator_time_per_batch_and_per_image():
 def test_the_runtime_is_auto_by_default_and_set_by_flag_env_or_file(tmp_path):
     assert (load_config([], environ={}).runtime, load_config([], environ={}).runtime_cache) == ("auto", "")
     own = write(tmp_path, "clipserve.toml", '[server]\nruntime = "torch"\nruntime_cache = "/srv/conversions"\n')
-    assert (load_config(["--config", own], environ={}).runtime, load_config(["--config", own], environ={}).runtime_cache) == ("torch", "/srv/conversions")
+    assert (
+        load_config(["--config", own], environ={}).runtime,
+        load_config(["--config", own], environ={}).runtime_cache,
+    ) == ("torch", "/srv/conversions")
     assert load_config(["--config", own], environ={"CLIPSERVE_RUNTIME": "openvino"}).runtime == "openvino"
     assert load_config(["--runtime", "cuda-graphs"], environ={"CLIPSERVE_RUNTIME": "openvino"}).runtime == "cuda-graphs"
 
@@ -172,11 +206,26 @@ def test_compile_is_the_torch_runtimes_and_unknown_runtimes_are_refused():
 
 def test_the_fetch_retries_and_politeness_come_from_flags_env_or_clipserve_toml(tmp_path):
     defaults = load_config([], environ={})
-    assert (defaults.fetch_timeout_s, defaults.fetch_attempt_timeout_s, defaults.fetch_attempts, defaults.fetch_backoff_s, defaults.fetch_host_connections) == (15.0, 10.0, 4, 0.5, 32)
-    own = write(tmp_path, "clipserve.toml", "[server]\nfetch_attempts = 6\nfetch_header = ['*.example.org=Authorization: Bearer t']\n")
+    assert (
+        defaults.fetch_timeout_s,
+        defaults.fetch_attempt_timeout_s,
+        defaults.fetch_attempts,
+        defaults.fetch_backoff_s,
+        defaults.fetch_host_connections,
+    ) == (15.0, 10.0, 4, 0.5, 32)
+    own = write(
+        tmp_path,
+        "clipserve.toml",
+        "[server]\nfetch_attempts = 6\nfetch_header = ['*.example.org=Authorization: Bearer t']\n",
+    )
     env = {"CLIPSERVE_FETCH_HOST_CONNECTIONS": "8", "CLIPSERVE_FETCH_BACKOFF_S": "0.25"}
     config = load_config(["--config", own, "--fetch-attempt-timeout-s", "4"], environ=env)
-    assert (config.fetch_attempts, config.fetch_host_connections, config.fetch_backoff_s, config.fetch_attempt_timeout_s) == (6, 8, 0.25, 4.0)
+    assert (
+        config.fetch_attempts,
+        config.fetch_host_connections,
+        config.fetch_backoff_s,
+        config.fetch_attempt_timeout_s,
+    ) == (6, 8, 0.25, 4.0)
     [header] = fetch_headers(config.fetch_header)
     assert (header.name, header.value) == ("Authorization", "Bearer t")
     assert header.matches("images.EXAMPLE.org") and not header.matches("example.org.evil.net")
@@ -193,7 +242,11 @@ def test_a_fetch_header_is_never_printed_not_even_when_refused():
 
 def test_no_cache_empties_both_caches_however_the_config_is_built():
     """``cache=False`` is normalised by the config itself, not only by the flag loader."""
-    for config in (ServerConfig(cache=False), load_config(["--no-cache"], environ={}), replace(ServerConfig(), cache=False)):
+    for config in (
+        ServerConfig(cache=False),
+        load_config(["--no-cache"], environ={}),
+        replace(ServerConfig(), cache=False),
+    ):
         assert (config.text_cache_size, config.image_cache_size) == (0, 0)
 
 

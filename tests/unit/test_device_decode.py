@@ -96,7 +96,9 @@ def test_a_jpeg_the_batch_refuses_goes_to_the_cpu_and_the_others_stay_on_the_dev
     files = [jpeg(seed=i) for i in range(3)] + [refused]
 
     async def main():
-        decoder = ThreadDecoder([DecodeJob(lambda image: "on the CPU", max_pixels=10**6)], 1, on_device=[device], max_device_batch=64)
+        decoder = ThreadDecoder(
+            [DecodeJob(lambda image: "on the CPU", max_pixels=10**6)], 1, on_device=[device], max_device_batch=64
+        )
         try:
             return await asyncio.gather(*(decoder.decode(data, f"img{i}") for i, data in enumerate(files)))
         finally:
@@ -114,7 +116,9 @@ def test_a_device_that_fails_as_a_whole_leaves_every_image_to_the_cpu(broken):
         return ["on the device"] * len(files)
 
     async def main():
-        decoder = ThreadDecoder([DecodeJob(lambda image: "on the CPU", max_pixels=10**6)], 1, on_device=[device], max_device_batch=64)
+        decoder = ThreadDecoder(
+            [DecodeJob(lambda image: "on the CPU", max_pixels=10**6)], 1, on_device=[device], max_device_batch=64
+        )
         try:
             return await asyncio.gather(*(decoder.decode(jpeg(seed=i), f"img{i}") for i in range(3)))
         finally:

@@ -35,7 +35,17 @@ def fetch_all(urls: list[str], **config) -> list[bytes | FetchError]:
     """Fetch ``urls`` at once with a fresh fetcher, built as the server builds its own from a
     ``ServerConfig`` (its defaults, bar a quick backoff and these ``config`` fields); each result
     is the body or the error."""
-    settings = FetchSettings.of(ServerConfig(**{"allow_private_networks": True, "fetch_timeout_s": 10.0, "max_image_bytes": 1 << 20, "fetch_backoff_s": 0.05, **config}))
+    settings = FetchSettings.of(
+        ServerConfig(
+            **{
+                "allow_private_networks": True,
+                "fetch_timeout_s": 10.0,
+                "max_image_bytes": 1 << 20,
+                "fetch_backoff_s": 0.05,
+                **config,
+            }
+        )
+    )
 
     async def main() -> list:
         fetcher = ImageFetcher(settings, events=FetchTally())
@@ -163,7 +173,10 @@ def test_the_fetch_defaults_are_the_configs_alone():
     settings = FetchSettings.of(ServerConfig())
     config = ServerConfig()
     assert (settings.retry.attempts, settings.retry.backoff_s) == (config.fetch_attempts, config.fetch_backoff_s)
-    assert (settings.attempt_timeout_s, settings.host_connections) == (config.fetch_attempt_timeout_s, config.fetch_host_connections)
+    assert (settings.attempt_timeout_s, settings.host_connections) == (
+        config.fetch_attempt_timeout_s,
+        config.fetch_host_connections,
+    )
 
 
 def test_the_help_names_the_retried_statuses_and_the_backoff_cap():

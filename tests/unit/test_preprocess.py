@@ -41,7 +41,9 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
-    smooth = np.stack([x * 255 / max(width, 1), y * 255 / max(height, 1), (x + y) * 127 / max(width + height, 1)], axis=-1)
+    smooth = np.stack(
+        [x * 255 / max(width, 1), y * 255 / max(height, 1), (x + y) * 127 / max(width + height, 1)], axis=-1
+    )
     return Image.fromarray(np.clip(smooth + rng.normal(0, 20, (height, width, 3)), 0, 255).astype(np.uint8), "RGB")
 
 
@@ -109,7 +111,17 @@ def test_pixel_values_are_bit_identical_to_the_stock_processor(processor, name):
 
 # Decoded by torchvision straight into a tensor (checked against PIL once per process); every
 # other file by PIL, as the reference adapter decodes it. Both give the pixel values above.
-DECODED_TO_A_TENSOR = {"jpeg-photo", "progressive-jpeg", "jpeg-444", "jpeg-422", "large-jpeg", "png-photo", "1x1-png", "very-wide-jpeg", "very-tall-png"}
+DECODED_TO_A_TENSOR = {
+    "jpeg-photo",
+    "progressive-jpeg",
+    "jpeg-444",
+    "jpeg-422",
+    "large-jpeg",
+    "png-photo",
+    "1x1-png",
+    "very-wide-jpeg",
+    "very-tall-png",
+}
 
 
 @pytest.mark.parametrize("name", sorted(FILES))
@@ -117,8 +129,13 @@ def test_plain_8_bit_rgb_jpegs_and_pngs_skip_pil(name):
     chw = decode_rgb_tensor(FILES[name], max_pixels=10_000_000, name=name)
     assert (chw is not None) == (name in DECODED_TO_A_TENSOR)
     if chw is not None:
-        assert chw.dtype == torch.uint8 and chw.permute(1, 2, 0).is_contiguous()  # channels-last: the fast resize layout
-        assert torch.equal(chw.permute(1, 2, 0), torch.from_numpy(np.array(decode_image(FILES[name], max_pixels=10_000_000, name=name))))
+        assert (
+            chw.dtype == torch.uint8 and chw.permute(1, 2, 0).is_contiguous()
+        )  # channels-last: the fast resize layout
+        assert torch.equal(
+            chw.permute(1, 2, 0),
+            torch.from_numpy(np.array(decode_image(FILES[name], max_pixels=10_000_000, name=name))),
+        )
 
 
 def test_a_truncated_file_fails_as_pil_says(processor):
@@ -146,7 +163,9 @@ def test_a_processor_with_its_own_preprocessing_is_used_the_stock_way(processor)
     custom = Custom(**processor.to_dict())
     pipeline = build_pipeline(custom)
     assert type(pipeline) is StockPipeline
-    assert torch.equal(served_pixel_values(pipeline, FILES["jpeg-photo"]), stock_pixel_values(processor, FILES["jpeg-photo"]))
+    assert torch.equal(
+        served_pixel_values(pipeline, FILES["jpeg-photo"]), stock_pixel_values(processor, FILES["jpeg-photo"])
+    )
 
 
 def test_a_fast_pipeline_that_would_differ_is_not_used(processor, monkeypatch):
@@ -169,7 +188,10 @@ def test_jpeg_draft_decodes_at_the_smallest_scale_that_keeps_the_input_size():
     big = FILES["large-jpeg"]  # 1600x1200: 1/4 scale is 400x300, 1/8 would be 200x150 < 224
     assert decode_image(big, max_pixels=10**8, name="x", draft_size=(224, 224)).size == (400, 300)
     assert decode_image(FILES["jpeg-photo"], max_pixels=10**8, name="x", draft_size=(224, 224)).size == (320, 240)
-    assert decode_image(FILES["png-photo"], max_pixels=10**8, name="x", draft_size=(224, 224)).size == (500, 500)  # not a JPEG
+    assert decode_image(FILES["png-photo"], max_pixels=10**8, name="x", draft_size=(224, 224)).size == (
+        500,
+        500,
+    )  # not a JPEG
     assert decode_image(big, max_pixels=10**8, name="x").size == (1600, 1200)  # off by default
 
 

@@ -56,7 +56,12 @@ class EmbedSummary:
         done = self.tally.ok + self.tally.failed
         rate = done / self.seconds if self.seconds > 0 else 0.0
         skipped = f", {self.skipped} embedded before" if self.skipped else ""
-        lines = [f"{self.output}: {self.total} rows: {self.tally.ok} embedded, {self.tally.failed} failed{skipped}; {done} in {self.seconds:.1f}s ({rate:.1f}/s)"]
+        lines = [
+            (
+                f"{self.output}: {self.total} rows: {self.tally.ok} embedded, {self.tally.failed} failed{skipped}; "
+                f"{done} in {self.seconds:.1f}s ({rate:.1f}/s)"
+            )
+        ]
         if self.tally.failed:
             lines.append(f"{self.tally.failed} failed: {self.tally.reasons()}")
         return lines
@@ -70,7 +75,9 @@ def _numpy() -> Any:
     return numpy
 
 
-def embed_file(clip: CLIP, job: EmbedFileJob, *, resume: bool = False, chunk_size: int = 1024, progress: bool = True) -> EmbedSummary:
+def embed_file(
+    clip: CLIP, job: EmbedFileJob, *, resume: bool = False, chunk_size: int = 1024, progress: bool = True
+) -> EmbedSummary:
     """Embed ``job.column`` of every row of ``job.input`` into ``job.output`` with ``clip``."""
     _numpy()  # before any work: say at once that it is missing
     started = time.monotonic()
@@ -93,7 +100,14 @@ def embed_file(clip: CLIP, job: EmbedFileJob, *, resume: bool = False, chunk_siz
     tally = Tally()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(rows), initial=done, unit="row", desc=f"embedding {job.input.name}", dynamic_ncols=True, disable=not progress)
+    bar = tqdm(
+        total=len(rows),
+        initial=done,
+        unit="row",
+        desc=f"embedding {job.input.name}",
+        dynamic_ncols=True,
+        disable=not progress,
+    )
     embed = clip.embed_images if job.images else clip.embed_texts
     try:
         for start in range(done, len(rows), chunk_size):
@@ -169,7 +183,10 @@ def _assemble(job: EmbedFileJob, rows: list[dict[str, Any]], dim: int) -> None:
     if job.output.suffix.lower() == ".npy":
         replace_atomically(job.output, lambda path: _write_npy(path, matrix.reshape(len(rows), dim)))
         ids = job.output.with_name(job.output.stem + ".ids.jsonl")
-        lines = "".join(json.dumps({"id": row.get(job.id_column) if job.id_column else i, "error": error}) + "\n" for i, (row, error) in enumerate(zip(rows, errors)))
+        lines = "".join(
+            json.dumps({"id": row.get(job.id_column) if job.id_column else i, "error": error}) + "\n"
+            for i, (row, error) in enumerate(zip(rows, errors))
+        )
         replace_atomically(ids, lambda path: path.write_text(lines, encoding="utf-8"))
         return
     pa = pyarrow()
@@ -177,6 +194,9 @@ def _assemble(job: EmbedFileJob, rows: list[dict[str, Any]], dim: int) -> None:
     if job.id_column is not None:
         table = table.select([job.id_column])
     failed = pa.array([error is not None for error in errors], type=pa.bool_())
-    table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), type=pa.float32()), dim, mask=failed))
+    table = table.append_column(
+        "embedding",
+        pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), type=pa.float32()), dim, mask=failed),
+    )
     table = table.append_column("error", pa.array(errors, type=pa.string()))
     replace_atomically(job.output, lambda path: pa.parquet.write_table(table, path))

@@ -11,5 +11,11 @@ def add_columns_and_images(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="the benchmark maker's config.toml")
     parser.add_argument("--column-query", default=None, help="query column (default: query_text)")
     parser.add_argument("--column-image-id", default=None, help="image id column (default: image_id)")
-    parser.add_argument("--image-url-column", default=None, help="image URL column, in the images file or the rows (default: image_url)")
-    parser.add_argument("--image-base-url", default=None, help="URL prefix for images with no URL: <base>/<image id>, as the benchmark maker builds them")
+    parser.add_argument(
+        "--image-url-column", default=None, help="image URL column, in the images file or the rows (default: image_url)"
+    )
+    parser.add_argument(
+        "--image-base-url",
+        default=None,
+        help="URL prefix for images with no URL: <base>/<image id>, as the benchmark maker builds them",
+    )

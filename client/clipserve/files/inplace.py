@@ -103,7 +103,9 @@ class _CsvFile:
                 self._row_of.append(number)
 
     def save(self, updates: Updates, types: dict[str, str]) -> None:
-        added = list(dict.fromkeys(name for columns in updates.values() for name in columns if name not in self._header))
+        added = list(
+            dict.fromkeys(name for columns in updates.values() for name in columns if name not in self._header)
+        )
         header = self._header + added
         changed = {self._row_of[i]: columns for i, columns in updates.items()}
 

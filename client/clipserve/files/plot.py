@@ -82,7 +82,11 @@ def draw_scores(chart: Path, by_query: dict[str, list[float]], failures: Counter
         for box in boxes["boxes"]:
             box.set_facecolor(SCORE_COLOR)
         per_query.set_xticks(range(1, len(shown) + 1), [_short(q) for q in shown], rotation=60, ha="right", fontsize=7)
-    of = f"{len(shown)} of {len(by_query)} queries, spread evenly" if len(shown) < len(by_query) else f"{len(by_query)} queries"
+    of = (
+        f"{len(shown)} of {len(by_query)} queries, spread evenly"
+        if len(shown) < len(by_query)
+        else f"{len(by_query)} queries"
+    )
     per_query.set(title=f"scores per query ({of}), ordered by median", ylabel="score")
     _save(figure, chart)
 

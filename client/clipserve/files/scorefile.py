@@ -110,7 +110,9 @@ def _pair(row: dict[str, Any], job: FileJob, urls: dict[str, str]) -> tuple[Simi
     image_id = row.get(job.column_image_id)
     url = _image_url(row, job, urls)
     item = SimilarityInput(
-        query="" if query is None else str(query), image_url=url or "", image_id=None if image_id is None else str(image_id)
+        query="" if query is None else str(query),
+        image_url=url or "",
+        image_id=None if image_id is None else str(image_id),
     )
     if query is None or query == "":
         return item, f"the row has no {job.column_query!r}"
@@ -119,7 +121,9 @@ def _pair(row: dict[str, Any], job: FileJob, urls: dict[str, str]) -> tuple[Simi
     return item, None
 
 
-def _score_rows(clip: CLIP, rows: Sequence[dict[str, Any]], job: FileJob, urls: dict[str, str]) -> tuple[list[SimilarityResult], ClipServeError | None]:
+def _score_rows(
+    clip: CLIP, rows: Sequence[dict[str, Any]], job: FileJob, urls: dict[str, str]
+) -> tuple[list[SimilarityResult], ClipServeError | None]:
     """One result per row, in order; and the error that stopped the call, if one did (the
     server could not be reached or refused it): then the rows it did not answer carry it."""
     pairs = [_pair(row, job, urls) for row in rows]
@@ -156,15 +160,23 @@ class Summary:
         rate = scored / self.seconds if self.seconds > 0 else 0.0
         pace = f"{scored} pairs in {self.seconds:.1f}s ({rate:.1f} pairs/s)"
         if self.retry:
-            head = f"{self.output}: {self.total} rows, {scored} without a score re-scored: {self.tally.ok} scored, {self.tally.failed} still failed (score null); {pace}"
+            head = (
+                f"{self.output}: {self.total} rows, {scored} without a score re-scored: "
+                f"{self.tally.ok} scored, {self.tally.failed} still failed (score null); {pace}"
+            )
         else:
             skipped = f", {self.skipped} already scored" if self.skipped else ""
-            head = f"{self.output}: {self.total} rows: {self.tally.ok} scored, {self.tally.failed} failed (score null){skipped}; {pace}"
+            head = (
+                f"{self.output}: {self.total} rows: {self.tally.ok} scored, "
+                f"{self.tally.failed} failed (score null){skipped}; {pace}"
+            )
         lines = [head]
         if self.tally.failed:
             lines.append(f"{self.tally.failed} failed: {self.tally.reasons()}")
         if len(self.replicas) > 1:
-            lines.append("pairs per replica: " + ", ".join(f"{name} {count}" for name, count in sorted(self.replicas.items())))
+            lines.append(
+                "pairs per replica: " + ", ".join(f"{name} {count}" for name, count in sorted(self.replicas.items()))
+            )
         return lines
 
 
@@ -184,7 +196,9 @@ def _chunks(indices: Sequence[int], size: int) -> Iterator[Sequence[int]]:
 def _progress(progress: bool, total: int, initial: int, name: str) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="pair", desc=f"scoring {name}", dynamic_ncols=True, disable=not progress)
+    return tqdm(
+        total=total, initial=initial, unit="pair", desc=f"scoring {name}", dynamic_ncols=True, disable=not progress
+    )
 
 
 def _server_failed(clip: CLIP, error: ClipServeError, rerun: str) -> RunFailed:
@@ -202,14 +216,21 @@ def _check_server(clip: CLIP, rerun: str) -> None:
 
 def _check_resumable(existing: list[dict[str, Any]], rows: list[dict[str, Any]], job: FileJob) -> None:
     if len(existing) > len(rows):
-        raise RunFailed(f"{job.output} has {len(existing)} rows, more than the {len(rows)} of {job.qrels}: not its output")
+        raise RunFailed(
+            f"{job.output} has {len(existing)} rows, more than the {len(rows)} of {job.qrels}: not its output"
+        )
     for number, (done, row) in enumerate(zip(existing, rows), 1):
         for column in (job.column_query, job.column_image_id):
             if str(done.get(column)) != str(row.get(column)):
-                raise RunFailed(f"{job.output} row {number} does not match {job.qrels} ({column}): cannot resume; remove the output or drop --resume")
+                raise RunFailed(
+                    f"{job.output} row {number} does not match {job.qrels} ({column}): cannot resume; "
+                    "remove the output or drop --resume"
+                )
 
 
-def score_file(clip: CLIP, job: FileJob, *, resume: bool = False, chunk_size: int = 1024, progress: bool = True) -> Summary:
+def score_file(
+    clip: CLIP, job: FileJob, *, resume: bool = False, chunk_size: int = 1024, progress: bool = True
+) -> Summary:
     """Score ``job.qrels`` into ``job.output`` with ``clip``."""
     started = time.monotonic()
     if job.qrels is None:
@@ -241,7 +262,12 @@ def score_file(clip: CLIP, job: FileJob, *, resume: bool = False, chunk_size: in
         writer.close()
         bar.close()
     return Summary(
-        job.output, total=len(rows), skipped=len(existing), tally=tally, seconds=time.monotonic() - started, replicas=_answered_since(clip, answered_before)
+        job.output,
+        total=len(rows),
+        skipped=len(existing),
+        tally=tally,
+        seconds=time.monotonic() - started,
+        replicas=_answered_since(clip, answered_before),
     )
 
 
@@ -268,7 +294,9 @@ def retry_failed(clip: CLIP, job: FileJob, *, chunk_size: int = 1024, progress: 
                 results, error = _score_rows(clip, [scored.rows[i] for i in chunk], job, urls)
                 for i, result in zip(chunk, results):
                     columns = job.result_columns(result)
-                    if any(name not in scored.rows[i] or scored.rows[i][name] != value for name, value in columns.items()):
+                    if any(
+                        name not in scored.rows[i] or scored.rows[i][name] != value for name, value in columns.items()
+                    ):
                         updates[i] = columns  # a row still failing as before stays as it was
                 tally.add(results)
                 bar.update(len(chunk))

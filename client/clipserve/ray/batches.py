@@ -49,7 +49,9 @@ def _with_columns(batch: Any, columns: dict[str, tuple[Sequence[Any], str]]) -> 
         import pyarrow as pa
 
         for name, (values, type_name) in columns.items():
-            array = pa.array(values, type=pa.list_(pa.float32()) if type_name == "list<float32>" else pa.type_for_alias(type_name))
+            array = pa.array(
+                values, type=pa.list_(pa.float32()) if type_name == "list<float32>" else pa.type_for_alias(type_name)
+            )
             index = batch.schema.get_field_index(name)
             batch = batch.set_column(index, name, array) if index >= 0 else batch.append_column(name, array)
         return batch
@@ -154,7 +156,9 @@ class EmbedBatches(_Batches):
 
     def __call__(self, batch: Any) -> Any:
         results = self.embed([_text(v) for v in _column(batch, self.column)], raw=self.raw, progress=False)
-        columns: dict[str, tuple[Sequence[Any], str]] = {self.embedding_column: ([r.embedding for r in results], "list<float32>")}
+        columns: dict[str, tuple[Sequence[Any], str]] = {
+            self.embedding_column: ([r.embedding for r in results], "list<float32>")
+        }
         if self.error_column:
             columns[self.error_column] = ([r.error for r in results], "string")
         return _with_columns(batch, columns)

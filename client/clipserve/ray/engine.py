@@ -64,7 +64,16 @@ class RayEngine:
         **client: more ``clipserve.CLIP`` arguments (``timeout``, TLS, ``auth_token``).
     """
 
-    def __init__(self, address: str, *, model: str = "", batch_size: int = 1024, concurrency: int = 2, num_cpus: float = 1, **client: Any) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        model: str = "",
+        batch_size: int = 1024,
+        concurrency: int = 2,
+        num_cpus: float = 1,
+        **client: Any,
+    ) -> None:
         self.address = address
         self.model = model
         self.batch_size = batch_size
@@ -99,16 +108,23 @@ class RayEngine:
             for item, score, error in zip(items, out["score"], out["error"])
         ]
 
-    def embed_texts(self, texts: Iterable[str], *, raw: bool = False, progress: bool | None = None) -> list[EmbeddingResult]:
+    def embed_texts(
+        self, texts: Iterable[str], *, raw: bool = False, progress: bool | None = None
+    ) -> list[EmbeddingResult]:
         return self._embed(list(texts), "text", raw)
 
-    def embed_images(self, images: Iterable[str], *, raw: bool = False, progress: bool | None = None) -> list[EmbeddingResult]:
+    def embed_images(
+        self, images: Iterable[str], *, raw: bool = False, progress: bool | None = None
+    ) -> list[EmbeddingResult]:
         return self._embed(list(images), "image", raw)
 
     def _embed(self, values: list[str], kind: str, raw: bool) -> list[EmbeddingResult]:
         kwargs = {"column": "value", "kind": kind, "raw": raw, "embedding_column": "embedding", "error_column": "error"}
         out = self._run(EmbedBatches, {"value": values}, kwargs)
-        return [EmbeddingResult(value, vector, error, _code(error)) for value, vector, error in zip(values, out["embedding"], out["error"])]
+        return [
+            EmbeddingResult(value, vector, error, _code(error))
+            for value, vector, error in zip(values, out["embedding"], out["error"])
+        ]
 
     def _run(self, fn: type, columns: dict[str, list[Any]], kwargs: dict[str, Any]) -> dict[str, list[Any]]:
         """One Ray Data job over ``columns``; the output columns, in input order, every row

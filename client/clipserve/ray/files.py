@@ -31,15 +31,64 @@ _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+(.*)$")  # what pathlib makes o
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The --engine flags of score-file and embed-file."""
     group = parser.add_argument_group("running as a Ray Data job (--engine ray; needs clipserve[ray], docs/ray.md)")
-    group.add_argument("--engine", choices=ENGINES, default="sdk", help="sdk: this process's client (default); ray: a Ray Data job whose actors each run a client")
-    group.add_argument("--ray-address", default=None, help="the Ray cluster to join: 'auto' (the one this machine is part of), host:port, ray://... (default: $RAY_ADDRESS, else a Ray started for this run)")
-    group.add_argument("--ray-replicas", type=int, default=0, metavar="N", help="start N `clipserve serve --model MODEL` replicas as Ray actors for the run, instead of --address")
-    group.add_argument("--ray-gpus-per-replica", type=float, default=0, metavar="G", help="GPUs each replica of --ray-replicas takes (default: 0)")
-    group.add_argument("--ray-cpus-per-replica", type=float, default=1, metavar="C", help="CPUs Ray reserves for each replica (default: 1)")
-    group.add_argument("--ray-serve-flags", default="", metavar="FLAGS", help="more `clipserve serve` flags for the replicas, as one string, e.g. '--device cuda --dtype float16'")
-    group.add_argument("--ray-actors", type=int, default=2, metavar="K", help="client actors (map_batches concurrency), one SDK client each (default: 2)")
-    group.add_argument("--ray-cpus-per-actor", type=float, default=1, metavar="C", help="CPUs Ray reserves for each client actor (default: 1)")
-    group.add_argument("--ray-batch-size", type=int, default=1024, metavar="B", help="rows per map_batches batch (default: 1024)")
+    group.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="sdk",
+        help="sdk: this process's client (default); ray: a Ray Data job whose actors each run a client",
+    )
+    group.add_argument(
+        "--ray-address",
+        default=None,
+        help=(
+            "the Ray cluster to join: 'auto' (the one this machine is part of), "
+            "host:port, ray://... (default: $RAY_ADDRESS, else a Ray started for this run)"
+        ),
+    )
+    group.add_argument(
+        "--ray-replicas",
+        type=int,
+        default=0,
+        metavar="N",
+        help="start N `clipserve serve --model MODEL` replicas as Ray actors for the run, instead of --address",
+    )
+    group.add_argument(
+        "--ray-gpus-per-replica",
+        type=float,
+        default=0,
+        metavar="G",
+        help="GPUs each replica of --ray-replicas takes (default: 0)",
+    )
+    group.add_argument(
+        "--ray-cpus-per-replica",
+        type=float,
+        default=1,
+        metavar="C",
+        help="CPUs Ray reserves for each replica (default: 1)",
+    )
+    group.add_argument(
+        "--ray-serve-flags",
+        default="",
+        metavar="FLAGS",
+        help="more `clipserve serve` flags for the replicas, as one string, e.g. '--device cuda --dtype float16'",
+    )
+    group.add_argument(
+        "--ray-actors",
+        type=int,
+        default=2,
+        metavar="K",
+        help="client actors (map_batches concurrency), one SDK client each (default: 2)",
+    )
+    group.add_argument(
+        "--ray-cpus-per-actor",
+        type=float,
+        default=1,
+        metavar="C",
+        help="CPUs Ray reserves for each client actor (default: 1)",
+    )
+    group.add_argument(
+        "--ray-batch-size", type=int, default=1024, metavar="B", help="rows per map_batches batch (default: 1024)"
+    )
 
 
 def uri_of(path: Path) -> str | None:
@@ -57,7 +106,9 @@ def staged(job: Any, keep_output: bool) -> Iterator[Any]:
     ``keep_output``: --resume, --retry-failed) too; what the run wrote beside the output
     (the file, a ``.ids.jsonl``) is copied back when it ends, also when it failed half way,
     as a local output would be left for --resume."""
-    uris = {f.name: uri_of(getattr(job, f.name)) for f in dataclasses.fields(job) if isinstance(getattr(job, f.name), Path)}
+    uris = {
+        f.name: uri_of(getattr(job, f.name)) for f in dataclasses.fields(job) if isinstance(getattr(job, f.name), Path)
+    }
     remote = {name: uri for name, uri in uris.items() if uri is not None}
     if not remote:
         yield job
@@ -125,6 +176,13 @@ def ray_engine(args: argparse.Namespace, job: Any, **client: Any) -> Iterator[tu
         else:
             address, model = ",".join(split_address(args.address)), args.model
         local_job = stack.enter_context(staged(job, keep_output))
-        engine = RayEngine(address, model=model, batch_size=args.ray_batch_size, concurrency=args.ray_actors, num_cpus=args.ray_cpus_per_actor, **client)
+        engine = RayEngine(
+            address,
+            model=model,
+            batch_size=args.ray_batch_size,
+            concurrency=args.ray_actors,
+            num_cpus=args.ray_cpus_per_actor,
+            **client,
+        )
         stack.enter_context(engine)
         yield engine, local_job

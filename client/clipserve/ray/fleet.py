@@ -94,7 +94,13 @@ class ReplicaKeeper:
         return proc.pid if proc is not None and proc.poll() is None else None
 
     def status(self) -> dict[str, Any]:
-        return {"address": self.address, "pid": self.pid(), "restarts": self.restarts, "error": self.error, "actor_pid": os.getpid()}
+        return {
+            "address": self.address,
+            "pid": self.pid(),
+            "restarts": self.restarts,
+            "error": self.error,
+            "actor_pid": os.getpid(),
+        }
 
     def log_tail(self) -> str:
         return "".join(self._log)
@@ -239,5 +245,7 @@ class Fleet:
     def __enter__(self) -> str:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

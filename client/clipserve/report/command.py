@@ -30,23 +30,36 @@ def add_parser(sub: Any) -> None:
     report = sub.add_parser(
         "report",
         help="write a scored file (score-file's output) as one self-contained HTML page",
-        description="Reads a scored qrels file (.jsonl, .csv, .parquet) and writes one HTML page: the mean NDCG and MRR "
-        "over queries, a table of queries sortable by NDCG, RR and relevant images, each query's images in score "
-        "order with their labels, the pairs where score and label disagree most, and the score distribution by "
-        "label. Columns and the images file are found as score-file finds them, from the benchmark maker's "
-        "config.toml (column_query, column_query_id, column_image_id, column_relevance, images_jsonl, "
-        "image_url_temp_column, image_base_url, qrels_with_score_jsonl, [similarity_config] col_name) or the flags.",
+        description="Reads a scored qrels file (.jsonl, .csv, .parquet) and writes one HTML page: the mean NDCG and "
+        "MRR over queries, a table of queries sortable by NDCG, RR and relevant images, each query's images in score "
+        "order with their labels, the pairs where score and label disagree most, and the score distribution by label. "
+        "Columns and the images file are found as score-file finds them, from the benchmark maker's config.toml "
+        "(column_query, column_query_id, column_image_id, column_relevance, images_jsonl, image_url_temp_column, "
+        "image_base_url, qrels_with_score_jsonl, [similarity_config] col_name) or the flags.",
     )
-    report.add_argument("scored", nargs="?", default=None, help="the scored file (default: qrels_with_score_jsonl in --config)")
+    report.add_argument(
+        "scored", nargs="?", default=None, help="the scored file (default: qrels_with_score_jsonl in --config)"
+    )
     report.add_argument("-o", "--output", default=None, help="the page to write (default: <scored>.html)")
     add_columns_and_images(report)
-    report.add_argument("--column-query-id", default=None, help=f"query id column; rows without it are grouped by query text (default: {DEFAULT_QUERY_ID_COLUMN})")
+    report.add_argument(
+        "--column-query-id",
+        default=None,
+        help=f"query id column; rows without it are grouped by query text (default: {DEFAULT_QUERY_ID_COLUMN})",
+    )
     report.add_argument("--score-column", default=None, help="the score column (default: clip_score)")
-    report.add_argument("--relevance-column", default=None, help=f"the label column; above 0 is relevant (default: {DEFAULT_RELEVANCE_COLUMN})")
+    report.add_argument(
+        "--relevance-column",
+        default=None,
+        help=f"the label column; above 0 is relevant (default: {DEFAULT_RELEVANCE_COLUMN})",
+    )
     report.add_argument(
         "--embed-thumbnails",
         action="store_true",
-        help="put small JPEG thumbnails inside the page, so that it works alone and offline (needs clipserve[server] to decode)",
+        help=(
+            "put small JPEG thumbnails inside the page, "
+            "so that it works alone and offline (needs clipserve[server] to decode)"
+        ),
     )
     report.set_defaults(func=run)
 
@@ -88,7 +101,13 @@ def run(args: argparse.Namespace) -> int:
     scored = Path(settings.pop("scored"))
     output = Path(settings.pop("output", None) or scored.with_suffix(".html"))
     images = settings.pop("images", None)
-    job = ReportJob(scored=scored, output=output, images=Path(images) if images else None, embed_thumbnails=args.embed_thumbnails, **settings)
+    job = ReportJob(
+        scored=scored,
+        output=output,
+        images=Path(images) if images else None,
+        embed_thumbnails=args.embed_thumbnails,
+        **settings,
+    )
     return write(job)
 
 

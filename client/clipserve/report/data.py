@@ -115,7 +115,9 @@ def read_scored(job: ReportJob) -> Scored:
     if rows and not any(job.score_column in row for row in rows):
         raise RunFailed(f"{job.scored}: no {job.score_column!r} column (the score; --score-column names another)")
     if rows and not any(job.relevance_column in row for row in rows):
-        raise RunFailed(f"{job.scored}: no {job.relevance_column!r} column (the label; --relevance-column names another)")
+        raise RunFailed(
+            f"{job.scored}: no {job.relevance_column!r} column (the label; --relevance-column names another)"
+        )
     file_job = job.file_job()
     urls = _url_map(file_job)
     queries: dict[str, Query] = {}

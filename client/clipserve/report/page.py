@@ -32,7 +32,10 @@ class ReportSummary:
     thumbnails: str | None = None  # the thumbnails' line, when asked for
 
     def lines(self) -> list[str]:
-        line = f"report: {self.output} ({self.queries} queries, {self.pairs} scored pairs; mean NDCG {self.mean_ndcg}, MRR {self.mean_rr})"
+        line = (
+            f"report: {self.output} ({self.queries} queries, {self.pairs} scored pairs; "
+            f"mean NDCG {self.mean_ndcg}, MRR {self.mean_rr})"
+        )
         lines = [line]
         if self.left_out:
             lines.append(f"{self.left_out} rows without a score or a label are left out of the measures")
@@ -78,7 +81,9 @@ def payload(job: ReportJob, scored: Scored, thumbnails: dict[str, str]) -> dict[
                 image_index[key] = len(images)
                 images.append([candidate.image_id, thumbnails.get(candidate.src or "", candidate.src)])
             measure = contradiction[i]
-            rows.append([image_index[key], candidate.score, candidate.label, None if measure is None else round(measure, 4)])
+            rows.append(
+                [image_index[key], candidate.score, candidate.label, None if measure is None else round(measure, 4)]
+            )
             if measure is not None and measure > 0:
                 flagged.append((measure, q, position))
         queries.append(
@@ -97,7 +102,12 @@ def payload(job: ReportJob, scored: Scored, thumbnails: dict[str, str]) -> dict[
     flagged.sort(key=lambda item: -item[0])
     return {
         "file": job.scored.name,
-        "columns": {"score": job.score_column, "label": job.relevance_column, "query": job.column_query, "image": job.column_image_id},
+        "columns": {
+            "score": job.score_column,
+            "label": job.relevance_column,
+            "query": job.column_query,
+            "image": job.column_image_id,
+        },
         "summary": {
             "meanNdcg": figure(metrics.mean(ndcgs)),
             "meanRr": figure(metrics.mean(rrs)),

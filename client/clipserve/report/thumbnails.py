@@ -29,7 +29,10 @@ def missing() -> str | None:
     try:
         import clipserve_server.images.decode  # noqa: F401
     except ImportError as exc:
-        return f"--embed-thumbnails decodes images with the server's code, which is not installed ({exc}): pip install 'clipserve[server]'"
+        return (
+            "--embed-thumbnails decodes images with the server's code, "
+            f"which is not installed ({exc}): pip install 'clipserve[server]'"
+        )
     return None
 
 

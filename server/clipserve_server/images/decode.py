@@ -28,7 +28,11 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # torchvision 0.29 warns, at every call, that its decoders will move to TorchCodec. When they are
 # gone, the import below fails and every image is decoded with PIL, as before.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated", category=DeprecationWarning)
+warnings.filterwarnings(
+    "ignore",
+    message="The image decoding and encoding capabilities of TorchVision are deprecated",
+    category=DeprecationWarning,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +41,14 @@ Image.init()  # every plugin registered now: Image.open(formats=...) looks them 
 _PNG_BIT_DEPTH = 24  # offset of IHDR's bit depth: 8-byte signature, chunk length and type, width, height
 
 
-def decode_image(data: bytes, *, max_pixels: int, name: str, draft_size: tuple[int, int] | None = None, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int,
+    name: str,
+    draft_size: tuple[int, int] | None = None,
+    limits: ImageLimits = DEFAULT_LIMITS,
+) -> Image.Image:
     """Open ``data``, take its first frame and convert it to RGB.
 
     Raises ItemError (INVALID_INPUT) for bytes that are not an image, truncated or corrupt
@@ -80,7 +91,9 @@ def _decode_errors(name: str, max_pixels: int) -> Iterator[None]:
     except ItemError:
         raise
     except UnidentifiedImageError:
-        raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: not a recognised image format (accepted: {', '.join(FORMATS)})") from None
+        raise ItemError(
+            ErrorKind.INVALID_INPUT, f"{name}: not a recognised image format (accepted: {', '.join(FORMATS)})"
+        ) from None
     except Image.DecompressionBombError as exc:  # PIL's own, coarser guard fired first
         raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: over the {max_pixels}-pixel limit ({exc})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -94,7 +107,12 @@ def decode_rgb_tensor(data: bytes, *, max_pixels: int, name: str, limits: ImageL
     first, as in ``decode_image``."""
     header = open_image(data, max_pixels=max_pixels, name=name, limits=limits)
     plain_jpeg = header.format == "JPEG" and header.mode == "RGB"
-    plain_png = header.format == "PNG" and header.mode == "RGB" and "transparency" not in header.info and data[_PNG_BIT_DEPTH] == 8
+    plain_png = (
+        header.format == "PNG"
+        and header.mode == "RGB"
+        and "transparency" not in header.info
+        and data[_PNG_BIT_DEPTH] == 8
+    )
     if not (plain_jpeg or plain_png) or not torchvision_decodes_exactly():
         return None
     try:
@@ -125,8 +143,13 @@ def torchvision_decodes_exactly() -> bool:
     probes = []
     for width, height in ((1, 1), (301, 199), (640, 480), (17, 1000)):
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
-        for options in ({"format": "JPEG", "quality": 90}, {"format": "JPEG", "quality": 95, "subsampling": 0}, {"format": "JPEG", "subsampling": 1},
-                        {"format": "JPEG", "progressive": True}, {"format": "PNG"}):
+        for options in (
+            {"format": "JPEG", "quality": 90},
+            {"format": "JPEG", "quality": 95, "subsampling": 0},
+            {"format": "JPEG", "subsampling": 1},
+            {"format": "JPEG", "progressive": True},
+            {"format": "PNG"},
+        ):
             buffer = io.BytesIO()
             image.save(buffer, **options)
             probes.append((buffer.getvalue(), options["format"] == "JPEG"))

@@ -34,7 +34,17 @@ from ..utils.config import ServerConfig
 from ..utils.errors import ErrorKind, ItemError
 from ..utils.threads import decode_thread_setup
 from .decode import open_image
-from .decode_protocol import READY, REPLY, REQUEST, RESULT_SLOT_BYTES, SIZE, STATUS, UPLOAD_SLOTS, DecodeJob, results_size
+from .decode_protocol import (
+    READY,
+    REPLY,
+    REQUEST,
+    RESULT_SLOT_BYTES,
+    SIZE,
+    STATUS,
+    UPLOAD_SLOTS,
+    DecodeJob,
+    results_size,
+)
 from .device_decode import BatchDecodeFn, DeviceBatches
 from .fetch import FetchError, FetchSettings
 from .fairness import FairShare
@@ -102,14 +112,24 @@ def build_decoder(models: Sequence[ImageModel], config: ServerConfig, events: Fe
     """One pool for ``models``; model i's images go through job i. ``events``: where worker
     processes' downloads are reported."""
     limits = ImageLimits.of(config)
-    jobs = [DecodeJob(m.image_preprocessor(), config.max_image_pixels, m.decode_size if config.jpeg_draft else None, limits) for m in models]
+    jobs = [
+        DecodeJob(m.image_preprocessor(), config.max_image_pixels, m.decode_size if config.jpeg_draft else None, limits)
+        for m in models
+    ]
     workers = config.resolved_decode_workers
     if config.gpu_decode:
         # nvJPEG leaves little CPU work per image, and the CUDA context lives in this process.
-        return ThreadDecoder(jobs, workers, on_device=[m.device_jpeg_decoder() for m in models], max_device_batch=config.max_batch_size)
+        return ThreadDecoder(
+            jobs, workers, on_device=[m.device_jpeg_decoder() for m in models], max_device_batch=config.max_batch_size
+        )
     if config.decode_pool == "processes" or (config.decode_pool == "auto" and workers > AUTO_PROCESSES_ABOVE):
         return ProcessDecoder(
-            jobs, workers, max_image_bytes=config.max_image_bytes, fetch=FetchSettings.of(config), events=events, decode_timeout_s=config.decode_timeout_s
+            jobs,
+            workers,
+            max_image_bytes=config.max_image_bytes,
+            fetch=FetchSettings.of(config),
+            events=events,
+            decode_timeout_s=config.decode_timeout_s,
         )
     return ThreadDecoder(jobs, workers)
 
@@ -127,14 +147,25 @@ class ThreadDecoder:
     fetches = False
 
     def __init__(
-        self, jobs: Sequence[DecodeJob], workers: int, *, on_device: Sequence[BatchDecodeFn] | None = None, max_device_batch: int | None = None
+        self,
+        jobs: Sequence[DecodeJob],
+        workers: int,
+        *,
+        on_device: Sequence[BatchDecodeFn] | None = None,
+        max_device_batch: int | None = None,
     ) -> None:
         if on_device is not None and (max_device_batch is None or len(on_device) != len(jobs)):
             raise ValueError("on_device wants one batch decoder per job, and max_device_batch")
         self._jobs = list(jobs)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipserve-decode", initializer=decode_thread_setup)
+        self._pool = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="clipserve-decode", initializer=decode_thread_setup
+        )
         self._share = FairShare(workers)
-        self._on_device = [DeviceBatches(d, self._pool, max_device_batch) for d in on_device] if on_device is not None and max_device_batch else [None] * len(self._jobs)
+        self._on_device = (
+            [DeviceBatches(d, self._pool, max_device_batch) for d in on_device]
+            if on_device is not None and max_device_batch
+            else [None] * len(self._jobs)
+        )
 
     def for_job(self, job: int) -> JobDecoder:
         return JobDecoder(self, job)
@@ -248,11 +279,24 @@ class ProcessDecoder:
         slots = UPLOAD_SLOTS + self._download_slots
         images = _SharedFile("clipserve-images", UPLOAD_SLOTS * self._image_slot_bytes)
         results = _SharedFile("clipserve-results", results_size(slots))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, (_SERVER_ROOT, os.environ.get("PYTHONPATH"))))}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, (_SERVER_ROOT, os.environ.get("PYTHONPATH")))),
+        }
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "clipserve_server.images.decode_worker", str(images.fd), str(results.fd), str(self._image_slot_bytes), str(slots),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, pass_fds=(images.fd, results.fd),
+                sys.executable,
+                "-m",
+                "clipserve_server.images.decode_worker",
+                str(images.fd),
+                str(results.fd),
+                str(self._image_slot_bytes),
+                str(slots),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                env=env,
+                pass_fds=(images.fd, results.fd),
             )
         finally:
             images.close_fd()  # the worker has its own copies; the mappings stay
@@ -262,8 +306,19 @@ class ProcessDecoder:
         try:
             await proc.stdout.readexactly(len(READY))
         except asyncio.IncompleteReadError:
-            raise RuntimeError(f"an image decoder process failed to start (exit code {await proc.wait()}); its error is above") from None
-        return _Worker(proc, images.map, self._image_slot_bytes, results.map, slots, self._lost, self._events, self._decode_timeout_s)
+            raise RuntimeError(
+                f"an image decoder process failed to start (exit code {await proc.wait()}); its error is above"
+            ) from None
+        return _Worker(
+            proc,
+            images.map,
+            self._image_slot_bytes,
+            results.map,
+            slots,
+            self._lost,
+            self._events,
+            self._decode_timeout_s,
+        )
 
     def _lost(self, worker: _Worker, code: int | None) -> None:
         if worker in self._workers:
@@ -337,7 +392,10 @@ class _Worker:
                 seen, since = current, now
             elif current[0] and now - since > self._decode_timeout_s:
                 self._over_budget = current[0] - 1
-                log.warning("an image took longer than the %gs decode budget: killing its decoder process", self._decode_timeout_s)
+                log.warning(
+                    "an image took longer than the %gs decode budget: killing its decoder process",
+                    self._decode_timeout_s,
+                )
                 self._proc.kill()
                 return
 
@@ -358,7 +416,9 @@ class _Worker:
         encoded_url, encoded_name = url.encode("utf-8", "replace"), name.encode("utf-8", "replace")
         future = asyncio.get_running_loop().create_future()
         self._pending[slot] = future
-        self._proc.stdin.write(REQUEST.pack(slot, job, len(encoded_url), len(data), len(encoded_name)) + encoded_url + encoded_name)
+        self._proc.stdin.write(
+            REQUEST.pack(slot, job, len(encoded_url), len(data), len(encoded_name)) + encoded_url + encoded_name
+        )
         return await future  # a cancelled caller cancels the future; its reply is dropped
 
     async def _read(self) -> None:
@@ -396,9 +456,22 @@ class _Worker:
             if future.done():
                 continue
             if slot == self._over_budget:
-                future.set_exception(ItemError(ErrorKind.INVALID_INPUT, f"decoding this image took longer than the {self._decode_timeout_s:g}s budget (--decode-timeout-s)"))
+                future.set_exception(
+                    ItemError(
+                        ErrorKind.INVALID_INPUT,
+                        (
+                            "decoding this image took longer than the "
+                            f"{self._decode_timeout_s:g}s budget (--decode-timeout-s)"
+                        ),
+                    )
+                )
             elif slot == culprit:
-                future.set_exception(ItemError(ErrorKind.INTERNAL, f"the image decoder process died while decoding this image (exit code {code})"))
+                future.set_exception(
+                    ItemError(
+                        ErrorKind.INTERNAL,
+                        f"the image decoder process died while decoding this image (exit code {code})",
+                    )
+                )
             else:
                 future.set_exception(_Requeue())
         self._pending.clear()

@@ -64,7 +64,9 @@ class DecodeJob:
             chw = decode_rgb_tensor(data, max_pixels=self.max_pixels, name=name, limits=self.limits)
             if chw is not None:
                 return self.preprocess.from_chw(chw)  # type: ignore[attr-defined]
-        image = decode_image(data, max_pixels=self.max_pixels, name=name, draft_size=self.draft_size, limits=self.limits)
+        image = decode_image(
+            data, max_pixels=self.max_pixels, name=name, draft_size=self.draft_size, limits=self.limits
+        )
         try:
             return self.preprocess(image)
         except Exception as exc:

@@ -12,8 +12,9 @@ instead of pushing them through pipes (measured: ~0.8 ms of its CPU per photo wi
 
 A URL comes alone: the worker downloads it itself, with the server's own ``ImageFetcher``
 (address guard, redirects, size cap, budget, retries, its share of each host's connections), so
-the server's event loop spends nothing on the download. Downloads run concurrently on the worker's event loop; decoding runs on it one image
-at a time, so a slow download holds only its own slot, never the decoder.
+the server's event loop spends nothing on the download. Downloads run concurrently on the
+worker's event loop; decoding runs on it one image at a time, so a slow download holds only its
+own slot, never the decoder.
 """
 
 from __future__ import annotations
@@ -30,12 +31,31 @@ import numpy as np
 
 from ..utils.errors import ErrorKind, ItemError
 from ..utils.threads import single_threaded_torch
-from .decode_protocol import READY, REPLY, REQUEST, RESULT_SLOT_BYTES, SIZE, STATUS, UPLOAD_SLOTS, DecodeJob, results_size
+from .decode_protocol import (
+    READY,
+    REPLY,
+    REQUEST,
+    RESULT_SLOT_BYTES,
+    SIZE,
+    STATUS,
+    UPLOAD_SLOTS,
+    DecodeJob,
+    results_size,
+)
 from .fetch import FetchError, FetchSettings, ImageFetcher
 from .fetch_events import FetchTally
 
 class _Worker:
-    def __init__(self, jobs: Sequence[DecodeJob], fetch: FetchSettings, replies: IO[bytes], images: mmap.mmap, image_slot_bytes: int, results: mmap.mmap, slots: int) -> None:
+    def __init__(
+        self,
+        jobs: Sequence[DecodeJob],
+        fetch: FetchSettings,
+        replies: IO[bytes],
+        images: mmap.mmap,
+        image_slot_bytes: int,
+        results: mmap.mmap,
+        slots: int,
+    ) -> None:
         self._jobs = jobs
         self._tally = FetchTally()
         self._fetcher = ImageFetcher(fetch, events=self._tally)
@@ -78,7 +98,11 @@ class _Worker:
         except ItemError as exc:
             self._reply(slot, False, (exc.kind.name, exc.message, isinstance(exc, FetchError)))
         except Exception as exc:  # a bug: this image fails, the worker goes on
-            self._reply(slot, False, (ErrorKind.INTERNAL.name, f"{name}: downloading failed: {type(exc).__name__}: {exc}", False))
+            self._reply(
+                slot,
+                False,
+                (ErrorKind.INTERNAL.name, f"{name}: downloading failed: {type(exc).__name__}: {exc}", False),
+            )
         else:
             self._decode(slot, job, data, name)
 
@@ -108,7 +132,9 @@ class _Worker:
         for view in raw:
             self._results[offset : offset + view.nbytes] = view
             offset += view.nbytes
-        self._replies.write(REPLY.pack(slot, len(payload), len(raw)) + b"".join(SIZE.pack(view.nbytes) for view in raw) + payload)
+        self._replies.write(
+            REPLY.pack(slot, len(payload), len(raw)) + b"".join(SIZE.pack(view.nbytes) for view in raw) + payload
+        )
         self._replies.flush()
 
 

@@ -42,7 +42,15 @@ class FetchError(ItemError):
     ``outcome`` names the failure for the attempt metrics; ``retry``: whether another attempt
     may succeed; ``retry_after``: the seconds the host asked us to wait first, if it did."""
 
-    def __init__(self, kind: ErrorKind, message: str, *, outcome: str = "error", retry: bool = False, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        kind: ErrorKind,
+        message: str,
+        *,
+        outcome: str = "error",
+        retry: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(kind, message)
         self.outcome = outcome
         self.retry = retry
@@ -67,9 +75,14 @@ class FetchSettings:
     @classmethod
     def of(cls, config: ServerConfig) -> FetchSettings:
         return cls(
-            timeout_s=config.fetch_timeout_s, attempt_timeout_s=config.fetch_attempt_timeout_s, max_bytes=config.max_image_bytes,
-            max_redirects=config.max_redirects, allow_private_networks=config.allow_private_networks, concurrency=config.fetch_concurrency,
-            retry=EqualJitterRetry(config.fetch_attempts, config.fetch_backoff_s), host_connections=config.fetch_host_connections,
+            timeout_s=config.fetch_timeout_s,
+            attempt_timeout_s=config.fetch_attempt_timeout_s,
+            max_bytes=config.max_image_bytes,
+            max_redirects=config.max_redirects,
+            allow_private_networks=config.allow_private_networks,
+            concurrency=config.fetch_concurrency,
+            retry=EqualJitterRetry(config.fetch_attempts, config.fetch_backoff_s),
+            host_connections=config.fetch_host_connections,
             headers=fetch_headers(config.fetch_header),
         )
 
@@ -81,7 +94,9 @@ class FetchSettings:
 
 
 class ImageFetcher:
-    def __init__(self, settings: FetchSettings, *, events: FetchEvents, resolver: GuardedResolver | None = None) -> None:
+    def __init__(
+        self, settings: FetchSettings, *, events: FetchEvents, resolver: GuardedResolver | None = None
+    ) -> None:
         """``events``: where each attempt and retry is reported (the metrics, or a worker's
         tally). ``resolver`` replaces the default guarded resolver (tests use it to decide which
         addresses count as forbidden)."""
@@ -142,7 +157,9 @@ class ImageFetcher:
                 wait = exc.retry_after if exc.retry_after is not None else self._retry.backoff(tries)
                 if loop.time() + wait >= deadline:
                     why = f"a Retry-After of {wait:g}s" if exc.retry_after is not None else "another attempt"
-                    raise _after(exc, tries, f"; {why} would not fit in the {self._timeout_s:g}s fetch budget") from None
+                    raise _after(
+                        exc, tries, f"; {why} would not fit in the {self._timeout_s:g}s fetch budget"
+                    ) from None
                 self._events.fetch_retry(host, wait, exc.retry_after is not None)
                 await asyncio.sleep(wait)
             else:
@@ -163,25 +180,40 @@ class ImageFetcher:
                 except asyncio.TimeoutError:
                     if left <= self._attempt_timeout_s:  # the budget ran out, not just this request's time
                         raise self._timed_out(url, 0) from None
-                    raise FetchError(ErrorKind.TIMEOUT, f"{url}: no answer within {self._attempt_timeout_s:g}s", outcome="timeout", retry=True) from None
+                    raise FetchError(
+                        ErrorKind.TIMEOUT,
+                        f"{url}: no answer within {self._attempt_timeout_s:g}s",
+                        outcome="timeout",
+                        retry=True,
+                    ) from None
             if isinstance(answer, bytes):
                 return answer
             try:
                 current = str(URL(current).join(URL(answer)))
             except (ValueError, UnicodeError):  # the host's fault, not the caller's
-                raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: redirected to an invalid URL {answer[:200]!r}", outcome="redirects") from None
-        raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: more than {self._max_redirects} redirects", outcome="redirects")
+                raise FetchError(
+                    ErrorKind.FETCH_FAILED, f"{url}: redirected to an invalid URL {answer[:200]!r}", outcome="redirects"
+                ) from None
+        raise FetchError(
+            ErrorKind.FETCH_FAILED, f"{url}: more than {self._max_redirects} redirects", outcome="redirects"
+        )
 
     async def _request(self, url: str, current: str, hop_host: str) -> bytes | str:
         """The body at ``current`` (one hop of ``url``), or where it redirects to."""
         assert self._session is not None
         try:
-            async with self._session.get(current, allow_redirects=False, headers=self._headers_for(url, current)) as response:
+            async with self._session.get(
+                current, allow_redirects=False, headers=self._headers_for(url, current)
+            ) as response:
                 status = response.status
                 if status in _REDIRECTS:
                     location = response.headers.get("Location")
                     if not location:
-                        raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: HTTP {status} redirect without a Location", outcome="redirects")
+                        raise FetchError(
+                            ErrorKind.FETCH_FAILED,
+                            f"{url}: HTTP {status} redirect without a Location",
+                            outcome="redirects",
+                        )
                     return location
                 if status >= 400:
                     if status == 429:
@@ -199,7 +231,9 @@ class ImageFetcher:
             if isinstance(exc.os_error, ForbiddenAddressError):
                 raise self._refused(url, exc.os_error) from None
             outcome = "dns_error" if isinstance(exc, aiohttp.ClientConnectorDNSError) else "connect_error"
-            raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: cannot connect: {exc.os_error or exc}", outcome=outcome, retry=True) from None
+            raise FetchError(
+                ErrorKind.FETCH_FAILED, f"{url}: cannot connect: {exc.os_error or exc}", outcome=outcome, retry=True
+            ) from None
         except ForbiddenAddressError as exc:
             raise self._refused(url, exc) from None
         except aiohttp.InvalidURL as exc:
@@ -208,7 +242,9 @@ class ImageFetcher:
             raise  # _follow tells the budget from this request's time
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError) as exc:
             # The connection dropped (reset, closed early, a body cut short): worth another try.
-            raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: {type(exc).__name__}: {exc}", outcome="reset", retry=True) from None
+            raise FetchError(
+                ErrorKind.FETCH_FAILED, f"{url}: {type(exc).__name__}: {exc}", outcome="reset", retry=True
+            ) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise FetchError(ErrorKind.FETCH_FAILED, f"{url}: {type(exc).__name__}: {exc}") from None
 
@@ -226,7 +262,9 @@ class ImageFetcher:
         """Refuses what must not be fetched, judging the host as the client will connect to
         it; returns that host."""
         where = original if current == original else f"{original} (redirected to {current})"
-        malformed = ErrorKind.INVALID_INPUT if current == original else ErrorKind.FETCH_FAILED  # a bad Location is the host's doing
+        malformed = (
+            ErrorKind.INVALID_INPUT if current == original else ErrorKind.FETCH_FAILED
+        )  # a bad Location is the host's doing
         try:
             parts = URL(current)  # as aiohttp parses it: IDNA/NFKC applied to the host
             host, _ = parts.raw_host, parts.port
@@ -256,12 +294,18 @@ class ImageFetcher:
 
     def _timed_out(self, url: str, attempts: int) -> FetchError:
         tried = f" after {attempts} attempts" if attempts > 1 else ""
-        return FetchError(ErrorKind.TIMEOUT, f"fetching {url} took longer than {self._timeout_s:g}s{tried}", outcome="timeout")
+        return FetchError(
+            ErrorKind.TIMEOUT, f"fetching {url} took longer than {self._timeout_s:g}s{tried}", outcome="timeout"
+        )
 
     async def _read_capped(self, url: str, response: aiohttp.ClientResponse) -> bytes:
         declared = response.content_length
         if declared is not None and declared > self._max_bytes:
-            raise FetchError(ErrorKind.INVALID_INPUT, f"{url}: the image is {declared} bytes, over the {self._max_bytes}-byte limit", outcome="too_large")
+            raise FetchError(
+                ErrorKind.INVALID_INPUT,
+                f"{url}: the image is {declared} bytes, over the {self._max_bytes}-byte limit",
+                outcome="too_large",
+            )
         if declared is not None:
             # aiohttp reads no more than the declared length: one read, not a loop of chunks
             # (~0.3 ms less of the event loop per 435 KB photo).
@@ -270,7 +314,11 @@ class ImageFetcher:
         async for chunk in response.content.iter_chunked(_CHUNK):
             body += chunk
             if len(body) > self._max_bytes:
-                raise FetchError(ErrorKind.INVALID_INPUT, f"{url}: the image is over the {self._max_bytes}-byte limit", outcome="too_large")
+                raise FetchError(
+                    ErrorKind.INVALID_INPUT,
+                    f"{url}: the image is over the {self._max_bytes}-byte limit",
+                    outcome="too_large",
+                )
         return bytes(body)
 
 
@@ -285,7 +333,9 @@ def _after(last: FetchError, attempts: int, note: str = "") -> FetchError:
     """The item's error: the last attempt's reason, and how many attempts were made."""
     if attempts < 2 and not note:
         return last
-    return FetchError(last.kind, f"{last.message} after {attempts} attempt{'s' if attempts > 1 else ''}{note}", outcome=last.outcome)
+    return FetchError(
+        last.kind, f"{last.message} after {attempts} attempt{'s' if attempts > 1 else ''}{note}", outcome=last.outcome
+    )
 
 
 def _host_of(url: str) -> str:
@@ -297,4 +347,8 @@ def _host_of(url: str) -> str:
 
 
 def _forbidden(where: str, why: str) -> FetchError:
-    return FetchError(ErrorKind.FORBIDDEN, f"{where}: {why} (start the server with --allow-private-networks to permit this)", outcome="forbidden")
+    return FetchError(
+        ErrorKind.FORBIDDEN,
+        f"{where}: {why} (start the server with --allow-private-networks to permit this)",
+        outcome="forbidden",
+    )

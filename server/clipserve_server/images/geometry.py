@@ -60,7 +60,13 @@ def check_size(width: int, height: int, *, max_pixels: int, limits: ImageLimits,
         raise refuse(name, f"{width}x{height} is {width * height} pixels, over the {max_pixels}-pixel limit")
     short, long = min(width, height), max(width, height)
     if short < 1 or long / short > limits.max_aspect_ratio:
-        raise refuse(name, f"{width}x{height} has an aspect ratio of {long / max(short, 1):g}, over the {limits.max_aspect_ratio:g}:1 limit (--max-image-aspect-ratio)")
+        raise refuse(
+            name,
+            (
+                f"{width}x{height} has an aspect ratio of {long / max(short, 1):g}, "
+                f"over the {limits.max_aspect_ratio:g}:1 limit (--max-image-aspect-ratio)"
+            ),
+        )
 
 
 def check_jpeg_work(data: bytes, width: int, height: int, *, max_pixels: int, limits: ImageLimits, name: str) -> None:
@@ -69,7 +75,14 @@ def check_jpeg_work(data: bytes, width: int, height: int, *, max_pixels: int, li
     scans = data.count(_JPEG_SOS)
     passes = scans * width * height / max_pixels
     if passes > limits.max_jpeg_scan_passes:
-        raise refuse(name, f"the JPEG's {scans} scans of {width}x{height} pixels are {passes:.0f} passes over an image at the {max_pixels}-pixel limit, over the {limits.max_jpeg_scan_passes:g}-pass limit (--max-jpeg-scan-passes)")
+        raise refuse(
+            name,
+            (
+                f"the JPEG's {scans} scans of {width}x{height} pixels are "
+                f"{passes:.0f} passes over an image at the {max_pixels}-pixel limit, "
+                f"over the {limits.max_jpeg_scan_passes:g}-pass limit (--max-jpeg-scan-passes)"
+            ),
+        )
 
 
 def check_before_open(data: bytes, *, max_pixels: int, limits: ImageLimits, name: str) -> None:
@@ -78,7 +91,9 @@ def check_before_open(data: bytes, *, max_pixels: int, limits: ImageLimits, name
     if data.startswith(_JPEG_MAGIC):
         scans = data.count(_JPEG_SOS)
         if scans > limits.max_jpeg_scans:
-            raise refuse(name, f"the JPEG has {scans} scans, over the {limits.max_jpeg_scans}-scan limit (--max-jpeg-scans)")
+            raise refuse(
+                name, f"the JPEG has {scans} scans, over the {limits.max_jpeg_scans}-scan limit (--max-jpeg-scans)"
+            )
     elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         size = _webp_size(data)
         if size is not None:

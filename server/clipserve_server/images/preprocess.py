@@ -57,7 +57,9 @@ class StockPipeline:
         rescales and resizes floats as floats: not the same as on the rounded 8-bit image).
         Channels last, always: the processor would guess channels first for an image 1 or 3
         pixels high."""
-        return self.processor(images=[pixels], return_tensors="pt", input_data_format="channels_last")["pixel_values"][0].numpy()
+        return self.processor(images=[pixels], return_tensors="pt", input_data_format="channels_last")["pixel_values"][
+            0
+        ].numpy()
 
     def on_device(self, chw: Any) -> Any:
         return self.processor(images=[chw], return_tensors="pt", device=chw.device)["pixel_values"][0]
@@ -227,7 +229,12 @@ def build_transform_pipeline(transform: Any, size: tuple[int, int]) -> Transform
 
     stock = TransformPipeline(transform, size)
     steps = getattr(transform, "transforms", None)
-    if not (isinstance(transform, Compose) and len(steps) > 2 and isinstance(steps[-2], ToTensor) and isinstance(steps[-1], Normalize)):
+    if not (
+        isinstance(transform, Compose)
+        and len(steps) > 2
+        and isinstance(steps[-2], ToTensor)
+        and isinstance(steps[-1], Normalize)
+    ):
         log.info("the image transform is not PIL steps + ToTensor + Normalize: using it the stock way")
         return stock
     fast = SplitTransformPipeline(transform, size)
@@ -252,7 +259,9 @@ def _stacked(arrays: list[Any], device: Any) -> Any:
     if all(isinstance(array, np.ndarray) for array in arrays):
         # Stacked here, then one copy to the device: not one small host-to-GPU copy per image.
         return torch.from_numpy(np.stack(arrays)).to(device)
-    return torch.stack([torch.as_tensor(array, device=device) for array in arrays])  # some already on the device (--gpu-decode)
+    return torch.stack(
+        [torch.as_tensor(array, device=device) for array in arrays]
+    )  # some already on the device (--gpu-decode)
 
 
 def _first_mismatch(fast: Any, stock: Any) -> str:

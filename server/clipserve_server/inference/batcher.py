@@ -62,8 +62,8 @@ class Batcher:
     ) -> None:
         """``instances``: the model's forward workers; ``forward_timeout_s``: how long a forward
         may run before its instance counts as wedged (0: forever); ``on_dead``: told when the
-        batcher can take no more work; ``on_batch``: (items, seconds) after each successful forward; ``on_alive``: told when it
-        serves again after a wedged forward finished."""
+        batcher can take no more work; ``on_batch``: (items, seconds) after each successful
+        forward; ``on_alive``: told when it serves again after a wedged forward finished."""
         self._instances = instances
         self._forward_timeout_s = forward_timeout_s or None
         self._max_batch_size = max_batch_size
@@ -137,7 +137,9 @@ class Batcher:
             if len(self._queue) < self._max_queue_size or self._prune() < self._max_queue_size:
                 break
             if not wait:
-                raise ItemError(ErrorKind.OVERLOADED, f"the server's queue is full ({self._max_queue_size} items); retry later")
+                raise ItemError(
+                    ErrorKind.OVERLOADED, f"the server's queue is full ({self._max_queue_size} items); retry later"
+                )
             self._space.clear()
             await self._space.wait()
         future = asyncio.get_running_loop().create_future()
@@ -182,7 +184,9 @@ class Batcher:
             raise
         except Exception as exc:
             log.error("tokenizing failed for a batch of %d texts", len(texts), exc_info=exc)
-            self._fail_jobs(batch, ItemError(ErrorKind.INTERNAL, f"the model failed on this batch: {type(exc).__name__}: {exc}"))
+            self._fail_jobs(
+                batch, ItemError(ErrorKind.INTERNAL, f"the model failed on this batch: {type(exc).__name__}: {exc}")
+            )
             self._instances.release(instance)
             return
         started = time.monotonic()
@@ -192,14 +196,21 @@ class Batcher:
         except asyncio.TimeoutError:
             # A thread cannot be killed: fail this batch, then die so that health turns
             # NOT_SERVING and the orchestrator restarts us, instead of hanging every caller.
-            self._fail_jobs(batch, ItemError(ErrorKind.INTERNAL, f"the model did not finish this batch within {self._forward_timeout_s:g}s"))
+            self._fail_jobs(
+                batch,
+                ItemError(
+                    ErrorKind.INTERNAL, f"the model did not finish this batch within {self._forward_timeout_s:g}s"
+                ),
+            )
             self._wedged.add(instance)
             forward.add_done_callback(lambda _: self._unwedged(instance))
             self._died(
                 instance,
                 WedgedError(
-                    f"a forward pass has been running for over {self._forward_timeout_s:g}s (--forward-timeout-s): health is NOT_SERVING "
-                    "until it finishes, and turns SERVING again by itself if it does; if it never does, restart the server"
+                    f"a forward pass has been running for over {self._forward_timeout_s:g}s "
+                    "(--forward-timeout-s): health is NOT_SERVING "
+                    "until it finishes, and turns SERVING again by itself if it does; "
+                    "if it never does, restart the server"
                 ),
                 recoverable=True,
             )
@@ -209,12 +220,27 @@ class Batcher:
             raise
         except BaseException as exc:
             if is_fatal(exc):
-                self._fail_jobs(batch, ItemError(ErrorKind.INTERNAL, f"the model instance failed on this batch: {type(exc).__name__}: {exc}"))
-                self._died(instance, InstanceDied(f"model instance {instance.index} on {instance.device or 'its device'} died: {type(exc).__name__}: {exc}"))
+                self._fail_jobs(
+                    batch,
+                    ItemError(
+                        ErrorKind.INTERNAL, f"the model instance failed on this batch: {type(exc).__name__}: {exc}"
+                    ),
+                )
+                self._died(
+                    instance,
+                    InstanceDied(
+                        f"model instance {instance.index} on {instance.device or 'its device'} died: "
+                        f"{type(exc).__name__}: {exc}"
+                    ),
+                )
                 return
             # The model failed on this batch: its items fail, the instance goes on.
-            log.error("forward pass failed for a batch of %d texts and %d images", len(texts), len(images), exc_info=exc)
-            self._fail_jobs(batch, ItemError(ErrorKind.INTERNAL, f"the model failed on this batch: {type(exc).__name__}: {exc}"))
+            log.error(
+                "forward pass failed for a batch of %d texts and %d images", len(texts), len(images), exc_info=exc
+            )
+            self._fail_jobs(
+                batch, ItemError(ErrorKind.INTERNAL, f"the model failed on this batch: {type(exc).__name__}: {exc}")
+            )
             self._instances.release(instance)
             return
         seconds = time.monotonic() - started
@@ -273,7 +299,9 @@ class Batcher:
         if exc is None:
             return
         log.critical("the batching loop died; failing queued items", exc_info=exc)
-        self._die(ItemError(ErrorKind.UNAVAILABLE, f"the server's batching loop died: {type(exc).__name__}: {exc}"), exc)
+        self._die(
+            ItemError(ErrorKind.UNAVAILABLE, f"the server's batching loop died: {type(exc).__name__}: {exc}"), exc
+        )
 
     def _died(self, instance: Instance, exc: BaseException, *, recoverable: bool = False) -> None:
         """``instance`` cannot go on: stop taking work (the other instances finish theirs).
@@ -281,7 +309,9 @@ class Batcher:
         self._recoverable = self._recoverable and recoverable
         instance.alive = False
         log.critical("%s; failing queued items", exc)
-        self._die(ItemError(ErrorKind.UNAVAILABLE, f"the server's model instance died: {type(exc).__name__}: {exc}"), exc)
+        self._die(
+            ItemError(ErrorKind.UNAVAILABLE, f"the server's model instance died: {type(exc).__name__}: {exc}"), exc
+        )
         if self._task is not None:
             self._task.cancel()
 

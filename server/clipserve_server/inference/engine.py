@@ -254,7 +254,8 @@ def _check_claim(source: ImageSource, key: str) -> None:
 
 def _bytes_needed(source: ImageSource) -> ItemError:
     return ItemError(
-        ErrorKind.IMAGE_NEEDED, f"image sha256:{source.sha256} is not on this server (never uploaded here, or evicted): send image_bytes"
+        ErrorKind.IMAGE_NEEDED,
+        f"image sha256:{source.sha256} is not on this server (never uploaded here, or evicted): send image_bytes",
     )
 
 
@@ -273,7 +274,9 @@ def validate_query(query: str) -> str:
 _SHA256_HEX = frozenset("0123456789abcdef")
 
 
-def validate_image(source: ImageSource, max_bytes: int, max_pixels: int = 0, limits: ImageLimits = DEFAULT_LIMITS) -> None:
+def validate_image(
+    source: ImageSource, max_bytes: int, max_pixels: int = 0, limits: ImageLimits = DEFAULT_LIMITS
+) -> None:
     if source.pixels is not None:
         # Before the processor resizes them: the short side is scaled up to the model's input.
         height, width = source.pixels.shape[:2]

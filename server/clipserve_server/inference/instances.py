@@ -71,7 +71,9 @@ class Instance:
         self.index = index
         self._forward = forward
         self._prepare = prepare
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipserve-model", initializer=thread_setup)
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="clipserve-model", initializer=thread_setup
+        )
         self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipserve-tokenize")
         self.busy = False
         self.alive = True

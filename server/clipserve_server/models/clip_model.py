@@ -95,8 +95,14 @@ class HFClipModel(TorchTowersModel):
         transformers.utils.logging.disable_progress_bar()  # a progress bar is noise in server logs
         log.info("loading %s on %s as %s", model_id, self._device, dtype)
         model = AutoModel.from_pretrained(model_id, **kwargs)
-        if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features") and hasattr(model, "logit_scale")):
-            raise ValueError(f"{model_id} is a {type(model).__name__}, not a CLIP-family model with text and image towers")
+        if not (
+            hasattr(model, "get_text_features")
+            and hasattr(model, "get_image_features")
+            and hasattr(model, "logit_scale")
+        ):
+            raise ValueError(
+                f"{model_id} is a {type(model).__name__}, not a CLIP-family model with text and image towers"
+            )
         self._model = model.to(self._device).eval()
         # What runs each tower: eager torch, torch.compile'd, or a runtime's (use_tower).
         self._runs: dict[str, Runner] = {
@@ -127,9 +133,14 @@ class HFClipModel(TorchTowersModel):
 
     def device_jpeg_decoder(self) -> BatchDecodeFn:
         if self._device.type != "cuda":
-            raise RuntimeError(f"--gpu-decode decodes on the model's CUDA device, but the model is on {self._device}: use --device cuda")
+            raise RuntimeError(
+                "--gpu-decode decodes on the model's CUDA device, "
+                f"but the model is on {self._device}: use --device cuda"
+            )
         if isinstance(self._pipeline, NaFlexPipeline):
-            raise RuntimeError("--gpu-decode does not support NaFlex image processors (SigLIP2 NaFlex): leave it off for this model")
+            raise RuntimeError(
+                "--gpu-decode does not support NaFlex image processors (SigLIP2 NaFlex): leave it off for this model"
+            )
         # nvJPEG decodes a batch straight into GPU memory; the processor's resize and crop then
         # run there too.
         return jpeg_batch_decoder(self._pipeline.on_device, self._device)
@@ -151,7 +162,9 @@ class HFClipModel(TorchTowersModel):
     def _tokenize(self, texts: list[str]) -> dict[str, Any]:
         # Queries longer than the model's context are truncated (the reference adapter crashes).
         with TOKENIZING:
-            tokens = self._tokenizer(texts, padding=self._padding, truncation=True, max_length=self._max_tokens, return_tensors="pt")
+            tokens = self._tokenizer(
+                texts, padding=self._padding, truncation=True, max_length=self._max_tokens, return_tensors="pt"
+            )
         return dict(tokens)
 
     def _text_inputs(self, texts: list[str] | Tokens) -> dict[str, Any]:

@@ -21,7 +21,9 @@ from .model import EmbeddingModel
 
 
 class FakeModel(EmbeddingModel):
-    def __init__(self, dim: int = 16, logit_scale: float = 100.0, forward_delay_s: float = 0.0, image_delay_s: float = 0.0) -> None:
+    def __init__(
+        self, dim: int = 16, logit_scale: float = 100.0, forward_delay_s: float = 0.0, image_delay_s: float = 0.0
+    ) -> None:
         self.description = ModelDescription(
             model_id="fake",
             device="cpu",
@@ -66,8 +68,14 @@ class FakeModel(EmbeddingModel):
             self.encoded_texts.extend(texts)
             self.encoded_images += len(images)
         dim = self.description.embedding_dim
-        text_out = np.stack([self._features(b"t" + t.encode("utf-8"), dim) for t in texts]) if texts else np.zeros((0, dim), np.float32)
-        image_out = np.stack([self._features(b"i" + p, dim) for p in images]) if images else np.zeros((0, dim), np.float32)
+        text_out = (
+            np.stack([self._features(b"t" + t.encode("utf-8"), dim) for t in texts])
+            if texts
+            else np.zeros((0, dim), np.float32)
+        )
+        image_out = (
+            np.stack([self._features(b"i" + p, dim) for p in images]) if images else np.zeros((0, dim), np.float32)
+        )
         return text_out, image_out
 
     @staticmethod

@@ -114,7 +114,11 @@ def _open_clip_pretrained(repo_id: str) -> tuple[str, str] | None:
         import open_clip
     except ImportError:
         return None
-    found = [(arch, tag) for arch, tag in open_clip.list_pretrained() if open_clip.get_pretrained_cfg(arch, tag).get("hf_hub", "").rstrip("/") == repo_id]
+    found = [
+        (arch, tag)
+        for arch, tag in open_clip.list_pretrained()
+        if open_clip.get_pretrained_cfg(arch, tag).get("hf_hub", "").rstrip("/") == repo_id
+    ]
     quick_gelu = [(arch, tag) for arch, tag in found if arch.endswith("-quickgelu")]
     return (quick_gelu or found or [None])[0]
 
@@ -141,19 +145,30 @@ def _sentence_transformers_clip(folder: Path | None, repo_id: str) -> str | None
 def _transformers(source: str, config: ServerConfig, name: str | None = None) -> EmbeddingModel:
     from .clip_model import HFClipModel
 
-    return HFClipModel(source, device=config.device, dtype=config.dtype, use_safetensors=config.use_safetensors, compile=config.compile, name=name)
+    return HFClipModel(
+        source,
+        device=config.device,
+        dtype=config.dtype,
+        use_safetensors=config.use_safetensors,
+        compile=config.compile,
+        name=name,
+    )
 
 
 def _open_clip(name: str, source: str, config: ServerConfig, pretrained: str = "") -> EmbeddingModel:
     _require("open_clip", "open_clip", f"{source} (an open_clip model)")
     from .openclip_model import OpenClipModel
 
-    return OpenClipModel(name, model_id=source, pretrained=pretrained, device=config.device, dtype=config.dtype, compile=config.compile)
+    return OpenClipModel(
+        name, model_id=source, pretrained=pretrained, device=config.device, dtype=config.dtype, compile=config.compile
+    )
 
 
 def _require(module: str, extra: str, what: str) -> None:
     if importlib.util.find_spec(module) is None:
-        raise RuntimeError(f"{what} needs the {module} package, which is not installed: pip install 'clipserve[server,{extra}]'")
+        raise RuntimeError(
+            f"{what} needs the {module} package, which is not installed: pip install 'clipserve[server,{extra}]'"
+        )
 
 
 def _fake(source: str) -> EmbeddingModel:
@@ -168,7 +183,9 @@ def _fake(source: str) -> EmbeddingModel:
             raise ValueError(f"--model {source}: {part!r} is not key=number") from None
     unknown = set(options) - {"forward_ms", "image_ms", "dim", "logit_scale"}
     if unknown:
-        raise ValueError(f"--model {source}: unknown option(s) {', '.join(sorted(unknown))} (forward_ms, image_ms, dim, logit_scale)")
+        raise ValueError(
+            f"--model {source}: unknown option(s) {', '.join(sorted(unknown))} (forward_ms, image_ms, dim, logit_scale)"
+        )
     return FakeModel(
         dim=int(options.get("dim", 16)),
         logit_scale=options.get("logit_scale", 100.0),

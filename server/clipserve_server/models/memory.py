@@ -22,7 +22,18 @@ from .devices import resolve_devices
 from .loading import FAKE_PREFIX, OPEN_CLIP_PREFIX
 
 GIB = 1 << 30
-_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_SAFETENSORS_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -129,7 +140,11 @@ def _check_device(specs: tuple[ModelSpec, ...], config: ServerConfig, device: st
         return
     known = ", ".join(f"{name}: {size / GIB:.2f} GiB" for name, size in sizes if size is not None)
     unknown = [name for name, size in sizes if size is None]
-    where = f"the --memory-budget-gb of {config.memory_budget_gb:g} GiB per device" if config.memory_budget_gb else f"the {budget / GIB:.1f} GiB of {device}"
+    where = (
+        f"the --memory-budget-gb of {config.memory_budget_gb:g} GiB per device"
+        if config.memory_budget_gb
+        else f"the {budget / GIB:.1f} GiB of {device}"
+    )
     raise ModelsTooLarge(
         f"the models' weights need {needed / GIB:.2f} GiB as {dtype} on {device}"
         + (f" ({copies} copies: the device is listed {copies} times)" if copies > 1 else "")

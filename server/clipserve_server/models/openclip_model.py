@@ -35,7 +35,14 @@ _PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 class OpenClipModel(TorchTowersModel):
     def __init__(
-        self, name: str, *, model_id: str, pretrained: str = "", device: str = "auto", dtype: str = "float32", compile: bool = False
+        self,
+        name: str,
+        *,
+        model_id: str,
+        pretrained: str = "",
+        device: str = "auto",
+        dtype: str = "float32",
+        compile: bool = False,
     ) -> None:
         import open_clip
         import torch
@@ -48,7 +55,9 @@ class OpenClipModel(TorchTowersModel):
         precision = _PRECISIONS[dtype]
         log.info("loading %s through open_clip on %s as %s", model_id, self._device, dtype)
         # require_pretrained: a config without weights would otherwise serve random ones.
-        model = open_clip.create_model(name, pretrained=pretrained or None, precision=precision, device=self._device, require_pretrained=True)
+        model = open_clip.create_model(
+            name, pretrained=pretrained or None, precision=precision, device=self._device, require_pretrained=True
+        )
         self._model = model.eval()
         self._input_dtype = open_clip.get_input_dtype(precision) or torch.float32
         # What runs each tower: eager torch, torch.compile'd, or a runtime's (use_tower).

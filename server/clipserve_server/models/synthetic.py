@@ -65,7 +65,13 @@ ARCHS = ("tiny", "vit-b-32", "vit-h-14-378")
 
 
 def build_checkpoint(
-    out: str | Path, *, arch: str = "tiny", seed: int = 0, image_size: int | None = None, device: str = "cpu", dtype: str = "float32"
+    out: str | Path,
+    *,
+    arch: str = "tiny",
+    seed: int = 0,
+    image_size: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> Path:
     """Write a random-weight CLIPModel + CLIPProcessor to ``out`` and return the folder.
 
@@ -82,24 +88,69 @@ def build_checkpoint(
     token_ids = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos}
     if arch == "tiny":
         size = image_size or 32
-        text = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77, **token_ids)
+        text = dict(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            **token_ids,
+        )
         # At most 7x7 patches, as ViT-B/32 at 224: cheap at any input size (8-pixel patches at 224
         # would make 784 tokens and cost more per image than the decoding it is there to expose).
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=size, patch_size=max(8, size // 7))
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=size,
+            patch_size=max(8, size // 7),
+        )
         projection_dim = 16
     elif arch == "vit-b-32":
         # openai/clip-vit-base-patch32, layer for layer (49408-token embedding included).
         size = image_size or 224
-        text = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8, max_position_embeddings=77, **token_ids)
-        vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=size, patch_size=32)
+        text = dict(
+            vocab_size=49408,
+            hidden_size=512,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=8,
+            max_position_embeddings=77,
+            **token_ids,
+        )
+        vision = dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=size,
+            patch_size=32,
+        )
         projection_dim = 512
     elif arch == "vit-h-14-378":
         # apple/DFN5B-CLIP-ViT-H-14-378 (open_clip ViT-H-14-378-quickgelu): a 32-layer, 1280-wide
         # ViT with 14-pixel patches at 378 (27x27 + 1 tokens), a 24-layer 1024-wide text tower,
         # 1024-d embeddings; quick_gelu and layer-norm eps 1e-5 are the CLIP config's defaults.
         size = image_size or 378
-        text = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, max_position_embeddings=77, **token_ids)
-        vision = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, image_size=size, patch_size=14)
+        text = dict(
+            vocab_size=49408,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            max_position_embeddings=77,
+            **token_ids,
+        )
+        vision = dict(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=16,
+            image_size=size,
+            patch_size=14,
+        )
         projection_dim = 1024
     else:
         raise ValueError(f"unknown arch {arch!r}: expected one of {', '.join(ARCHS)}")
@@ -114,7 +165,25 @@ def build_checkpoint(
 
 
 # Words the generated tokenizers know whole; anything else is spelled out letter by letter.
-_WORDS = ("a", "an", "the", "of", "on", "in", "and", "with", "dog", "cat", "car", "red", "small", "boat", "beach", "photo", "picture")
+_WORDS = (
+    "a",
+    "an",
+    "the",
+    "of",
+    "on",
+    "in",
+    "and",
+    "with",
+    "dog",
+    "cat",
+    "car",
+    "red",
+    "small",
+    "boat",
+    "beach",
+    "photo",
+    "picture",
+)
 _LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
 _WORD_START = "\u2581"  # SentencePiece's mark for the start of a word
 
@@ -144,7 +213,10 @@ def build_open_clip_checkpoint(out: str | Path, *, arch: str = "tiny", seed: int
         model = open_clip.create_model(arch, pretrained=None)
     config = {"model_cfg": model_cfg, "preprocess_cfg": open_clip.get_model_preprocess_cfg(model)}
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
-    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    save_file(
+        {name: tensor.contiguous() for name, tensor in model.state_dict().items()},
+        str(out / "open_clip_model.safetensors"),
+    )
     return out
 
 
@@ -183,20 +255,36 @@ def build_siglip_checkpoint(out: str | Path, *, variant: str = "siglip", seed: i
     tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     if variant == "siglip":
         tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=_unigram_tokenizer(), eos_token="</s>", pad_token="</s>", unk_token="<unk>", model_max_length=64, model_input_names=["input_ids"]
+            tokenizer_object=_unigram_tokenizer(),
+            eos_token="</s>",
+            pad_token="</s>",
+            unk_token="<unk>",
+            model_max_length=64,
+            model_input_names=["input_ids"],
         )
     else:
         vocab, merges = _bpe_vocabulary()
         kind = Siglip2Tokenizer if variant == "siglip2-naflex" else GemmaTokenizer
         tokenizer = kind(vocab=vocab, merges=merges, model_max_length=64)
-    text = dict(tiny, vocab_size=len(tokenizer), max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id)
+    text = dict(
+        tiny,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(seed)
     if variant == "siglip2-naflex":
         model = Siglip2Model(Siglip2Config(text_config=text, vision_config=dict(tiny, patch_size=16, num_patches=256)))
-        processor = Siglip2Processor(image_processor=Siglip2ImageProcessor(patch_size=16, max_num_patches=256), tokenizer=tokenizer)
+        processor = Siglip2Processor(
+            image_processor=Siglip2ImageProcessor(patch_size=16, max_num_patches=256), tokenizer=tokenizer
+        )
     else:
         model = SiglipModel(SiglipConfig(text_config=text, vision_config=dict(tiny, image_size=32, patch_size=8)))
-        processor = SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+        processor = SiglipProcessor(
+            image_processor=SiglipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
+        )
     with torch.no_grad():
         # Random init gives a scale of 1 and a bias of 0, under which a bias left out would go
         # unnoticed; trained SigLIPs have a scale near 100 and a clearly negative bias.
@@ -213,7 +301,11 @@ def _unigram_tokenizer() -> Any:
     specials = ["<pad>", "</s>", "<unk>"]
     pieces = [_WORD_START + word for word in _WORDS] + [_WORD_START] + list(_LETTERS)
     # Longer pieces score higher, so that whole words win over their letters.
-    tokenizer = Tokenizer(models.Unigram([(token, 0.0) for token in specials] + [(piece, -10.0 / len(piece)) for piece in pieces], unk_id=2))
+    tokenizer = Tokenizer(
+        models.Unigram(
+            [(token, 0.0) for token in specials] + [(piece, -10.0 / len(piece)) for piece in pieces], unk_id=2
+        )
+    )
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
@@ -223,7 +315,16 @@ def _unigram_tokenizer() -> Any:
 def _bpe_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Gemma's special tokens, every letter with and without the word-start mark, and the
     merges that attach the mark to a letter."""
-    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", _WORD_START, *_LETTERS, *(_WORD_START + c for c in _LETTERS)]
+    tokens = [
+        "<pad>",
+        "<eos>",
+        "<bos>",
+        "<unk>",
+        "<mask>",
+        _WORD_START,
+        *_LETTERS,
+        *(_WORD_START + c for c in _LETTERS),
+    ]
     return {token: i for i, token in enumerate(tokens)}, [(_WORD_START, c) for c in _LETTERS]
 
 
@@ -246,9 +347,15 @@ def build_text_tower(out: str | Path, *, dim: int = 16, seed: int = 0) -> Path:
         (encoder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
         DistilBertTokenizer(str(encoder / "vocab.txt")).save_pretrained(encoder)
         torch.manual_seed(seed)
-        config = DistilBertConfig(vocab_size=len(vocab), dim=32, hidden_dim=64, n_layers=2, n_heads=2, max_position_embeddings=128)
+        config = DistilBertConfig(
+            vocab_size=len(vocab), dim=32, hidden_dim=64, n_layers=2, n_heads=2, max_position_embeddings=128
+        )
         DistilBertModel(config).save_pretrained(encoder, safe_serialization=True)
-        modules = [Transformer(str(encoder), max_seq_length=128), Pooling(32, "mean"), Dense(32, dim, bias=False, activation_function=torch.nn.Identity())]
+        modules = [
+            Transformer(str(encoder), max_seq_length=128),
+            Pooling(32, "mean"),
+            Dense(32, dim, bias=False, activation_function=torch.nn.Identity()),
+        ]
         SentenceTransformer(modules=modules, device="cpu").save(str(out))
     return out
 
@@ -259,19 +366,37 @@ FAMILIES = ("clip", "open_clip", *SIGLIP_VARIANTS)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="folder to write the checkpoint to")
-    parser.add_argument("--family", choices=FAMILIES, default="clip", help="clip: transformers CLIP (--arch sets its size); the others are tiny")
+    parser.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default="clip",
+        help="clip: transformers CLIP (--arch sets its size); the others are tiny",
+    )
     parser.add_argument("--arch", choices=ARCHS, default="tiny")
     parser.add_argument("--image-size", type=int, default=None, help="input size (default: the architecture's own)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="where to draw the weights (cuda: much faster for vit-h-14-378)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="how to save the weights")
+    parser.add_argument(
+        "--device", default="cpu", help="where to draw the weights (cuda: much faster for vit-h-14-378)"
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="how to save the weights"
+    )
     args = parser.parse_args(argv)
     if args.family == "open_clip":
         print(build_open_clip_checkpoint(args.out, seed=args.seed))
     elif args.family in SIGLIP_VARIANTS:
         print(build_siglip_checkpoint(args.out, variant=args.family, seed=args.seed))
     else:
-        print(build_checkpoint(args.out, arch=args.arch, seed=args.seed, image_size=args.image_size, device=args.device, dtype=args.dtype))
+        print(
+            build_checkpoint(
+                args.out,
+                arch=args.arch,
+                seed=args.seed,
+                image_size=args.image_size,
+                device=args.device,
+                dtype=args.dtype,
+            )
+        )
     return 0
 
 

@@ -33,7 +33,12 @@ class TextTowerModel(EmbeddingModel):
         self._torch = torch
         self._images = image_model
         described = image_model.description
-        log.info("loading the text model %s through sentence-transformers on %s as %s", text_model_id, described.device, described.dtype)
+        log.info(
+            "loading the text model %s through sentence-transformers on %s as %s",
+            text_model_id,
+            described.device,
+            described.dtype,
+        )
         text_model = SentenceTransformer(text_model_id, device=described.device)
         self._text = text_model.to(getattr(torch, described.dtype)).eval()
         # Kept: the module's own .device follows its weights, which go once a runtime runs it.
@@ -76,7 +81,9 @@ class TextTowerModel(EmbeddingModel):
         with self._torch.inference_mode():
             if self._run_text is None:
                 # One batch as the batcher formed it; truncated to the model's max_seq_length.
-                text_out = self._text.encode(texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False)
+                text_out = self._text.encode(
+                    texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False
+                )
             else:
                 text_out = self._run_text(**self._text_inputs(texts)).float().cpu().numpy()
         return text_out.astype(np.float32, copy=False), image_out
@@ -102,7 +109,12 @@ class TextTowerModel(EmbeddingModel):
 
     def towers(self) -> dict[str, Tower]:
         described = self.description
-        text = family_towers(self._text, dtype=described.dtype, device=described.device, text=(self._eager_text_features, self._text_inputs))
+        text = family_towers(
+            self._text,
+            dtype=described.dtype,
+            device=described.device,
+            text=(self._eager_text_features, self._text_inputs),
+        )
         return {**self._images.towers(), **text}
 
     def use_tower(self, name: str, runner: Runner) -> None:

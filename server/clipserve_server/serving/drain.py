@@ -55,7 +55,9 @@ class InFlightCalls(grpc.aio.ServerInterceptor):
                 self._idle.set()
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], handler_call_details: grpc.HandlerCallDetails
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(_UNCOUNTED):
@@ -64,7 +66,9 @@ class InFlightCalls(grpc.aio.ServerInterceptor):
         for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behaviour = getattr(handler, kind)
             if behaviour is not None:
-                wrapped[kind] = self._streaming(behaviour) if inspect.isasyncgenfunction(behaviour) else self._awaited(behaviour)
+                wrapped[kind] = (
+                    self._streaming(behaviour) if inspect.isasyncgenfunction(behaviour) else self._awaited(behaviour)
+                )
         return handler._replace(**wrapped)
 
     def _awaited(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:

@@ -35,7 +35,13 @@ class TooManyItems(ItemError):
     """A chunk over ``--max-items-per-message``: the call fails INVALID_ARGUMENT, unparsed."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(ErrorKind.INVALID_INPUT, f"the message has more than {limit} items, over the limit of one message (--max-items-per-message {limit}); send them in several")
+        super().__init__(
+            ErrorKind.INVALID_INPUT,
+            (
+                f"the message has more than {limit} items, "
+                f"over the limit of one message (--max-items-per-message {limit}); send them in several"
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,11 @@ def _parse_chunk(chunk: Any, parse_item: Callable[[bytes], Any], data: bytes, ma
         return list(chunk.FromString(data).items)
     except DecodeError:
         pass
-    items = [parse_item(value) for number, value in _length_delimited_values(data, max_items + _FALLBACK_FIELDS) if number == _CHUNK_ITEMS]
+    items = [
+        parse_item(value)
+        for number, value in _length_delimited_values(data, max_items + _FALLBACK_FIELDS)
+        if number == _CHUNK_ITEMS
+    ]
     if not items:  # not even one item to answer: a malformed message of its own
         items = [parse_item(data)]
     return items

@@ -47,7 +47,11 @@ class ClipFeatures:
         pixels = arrays["image"]
         zeros = np.zeros(self._engine.description.embedding_dim, dtype=np.float32)
         text_features = self._engine.embed(EmbedItem(text=text, raw=True), wait=False) if text else zeros
-        image_features = self._engine.embed(EmbedItem(image=ImageSource(pixels=pixels), raw=True), wait=False) if pixels.any() else zeros
+        image_features = (
+            self._engine.embed(EmbedItem(image=ImageSource(pixels=pixels), raw=True), wait=False)
+            if pixels.any()
+            else zeros
+        )
         text_vector, image_vector = await asyncio.gather(awaited(text_features), awaited(image_features))
         return {"text_embedding": text_vector[None, :], "image_embedding": image_vector[None, :]}
 
@@ -56,7 +60,11 @@ class BatchScores:
     """text BYTES [N] + image_url or image_bytes BYTES [N] -> score FP32 [N] (NaN where the
     item failed) and error BYTES [N] ("CODE: message", empty where scored)."""
 
-    inputs = (TensorSpec("text", "BYTES", (-1,)), TensorSpec("image_url", "BYTES", (-1,)), TensorSpec("image_bytes", "BYTES", (-1,)))
+    inputs = (
+        TensorSpec("text", "BYTES", (-1,)),
+        TensorSpec("image_url", "BYTES", (-1,)),
+        TensorSpec("image_bytes", "BYTES", (-1,)),
+    )
     outputs = (TensorSpec("score", "FP32", (-1,)), TensorSpec("error", "BYTES", (-1,)))
 
     def __init__(self, engine: ScoringEngine) -> None:
@@ -67,10 +75,16 @@ class BatchScores:
             raise invalid("missing input 'text' (BYTES [N])")
         images = [name for name in ("image_url", "image_bytes") if name in arrays]
         if len(images) != 1:
-            raise invalid("give one of the inputs 'image_url' and 'image_bytes' (BYTES [N])" if not images else "give 'image_url' or 'image_bytes', not both")
+            raise invalid(
+                "give one of the inputs 'image_url' and 'image_bytes' (BYTES [N])"
+                if not images
+                else "give 'image_url' or 'image_bytes', not both"
+            )
         texts, sources = arrays["text"], arrays[images[0]]
         if len(texts) != len(sources):
-            raise invalid(f"input 'text' has {len(texts)} elements and {images[0]!r} {len(sources)}: one image per text")
+            raise invalid(
+                f"input 'text' has {len(texts)} elements and {images[0]!r} {len(sources)}: one image per text"
+            )
         outcomes = await asyncio.gather(*(self._score(text, images[0], source) for text, source in zip(texts, sources)))
         scores = np.array([score for score, _ in outcomes], dtype=np.float32)
         errors = np.array([error.encode() for _, error in outcomes], dtype=object)

@@ -73,7 +73,10 @@ class InferenceModels:
         datatypes = {spec.name: spec.datatype for spec in model.outputs}
         for name in wanted:
             if name not in datatypes:
-                raise ItemError(ErrorKind.INVALID_INPUT, f"model {request.model_name!r} has no output {name!r} (it gives {', '.join(datatypes)})")
+                raise ItemError(
+                    ErrorKind.INVALID_INPUT,
+                    f"model {request.model_name!r} has no output {name!r} (it gives {', '.join(datatypes)})",
+                )
             response.outputs.add(name=name, datatype=datatypes[name], shape=outputs[name].shape)
             response.raw_output_contents.append(raw_bytes(outputs[name], datatypes[name]))
         return response
@@ -150,7 +153,9 @@ def add_open_inference_to_server(servicer: OpenInferenceServicer, server: grpc.a
     }
     # Raw bytes in, parsed off the event loop when large (a ModelInfer of a big batch).
     handlers = {
-        name: grpc.unary_unary_rpc_method_handler(parsing.unary(getattr(servicer, name), request.FromString), response_serializer=response.SerializeToString)
+        name: grpc.unary_unary_rpc_method_handler(
+            parsing.unary(getattr(servicer, name), request.FromString), response_serializer=response.SerializeToString
+        )
         for name, (request, response) in methods.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(pb.SERVICE, handlers),))

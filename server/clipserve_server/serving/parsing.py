@@ -34,7 +34,9 @@ def unary(method: Callable[[Any, Any], Awaitable[Any]], parse: Parse) -> Callabl
     return handler
 
 
-def streaming(method: Callable[[AsyncIterator[Any], Any], AsyncIterator[Any]], parse: Parse) -> Callable[[AsyncIterator[bytes], Any], AsyncIterator[Any]]:
+def streaming(
+    method: Callable[[AsyncIterator[Any], Any], AsyncIterator[Any]], parse: Parse
+) -> Callable[[AsyncIterator[bytes], Any], AsyncIterator[Any]]:
     """``method`` (a stream-stream servicer method) as a handler of raw request messages; a
     message that cannot be taken (``parse`` raised) ends the stream as the reader's error."""
 

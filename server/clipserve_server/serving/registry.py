@@ -40,7 +40,9 @@ class ModelRegistry:
             return engine
         if name in self.names or not self.names:
             raise ItemError(ErrorKind.UNAVAILABLE, "the model is still loading; retry shortly")
-        raise ItemError(ErrorKind.NOT_FOUND, f"this server has no model named {name!r} (it has {', '.join(self.names)})")
+        raise ItemError(
+            ErrorKind.NOT_FOUND, f"this server has no model named {name!r} (it has {', '.join(self.names)})"
+        )
 
     def engines(self) -> list[tuple[str, ScoringEngine]]:
         """The loaded models, in configured order."""

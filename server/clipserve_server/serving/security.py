@@ -74,7 +74,9 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     key = Path(config.tls_key).read_bytes()
     chain = Path(config.tls_cert).read_bytes()
     client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
-    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def http_ssl_context(config: ServerConfig) -> ssl.SSLContext | None:

@@ -23,7 +23,13 @@ from ..utils.domain import CacheStats, EmbedItem, ImageSource, ScoreItem
 from ..utils.errors import ErrorKind, ItemError
 from ..utils.metrics import Metrics
 from . import parsing
-from .lenient_decoding import MalformedRequest, parse_embed_chunk, parse_embed_request, parse_score_chunk, parse_score_request
+from .lenient_decoding import (
+    MalformedRequest,
+    parse_embed_chunk,
+    parse_embed_request,
+    parse_score_chunk,
+    parse_score_request,
+)
 from .registry import ModelRegistry
 from .status import call_id, grpc_code, guarded_unary, reason
 
@@ -102,12 +108,18 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         extra = {"request_id": getattr(request, "request_id", "")}
         return await guarded_unary("Score", context, self._metrics, score, on_done=answered, log_extra=extra)
 
-    async def ScoreBatch(self, requests: AsyncIterator[ScoreRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[scorer_pb2.ScoreResponse]:
+    async def ScoreBatch(
+        self, requests: AsyncIterator[ScoreRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scorer_pb2.ScoreResponse]:
         async for response in self._stream("ScoreBatch", requests, context, self._score_item):
             yield response
 
-    async def ScoreChunks(self, chunks: AsyncIterator[list[ScoreRequest]], context: grpc.aio.ServicerContext) -> AsyncIterator[scorer_pb2.ScoreResponseChunk]:
-        async for chunk in self._stream("ScoreChunks", chunks, context, self._score_item, pack=scorer_pb2.ScoreResponseChunk):
+    async def ScoreChunks(
+        self, chunks: AsyncIterator[list[ScoreRequest]], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scorer_pb2.ScoreResponseChunk]:
+        async for chunk in self._stream(
+            "ScoreChunks", chunks, context, self._score_item, pack=scorer_pb2.ScoreResponseChunk
+        ):
             yield chunk
 
     def _score_item(self, rpc: str, request: ScoreRequest, ids: dict[str, str], deliver: Deliver) -> Later | None:
@@ -116,15 +128,23 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         def fill(score: float) -> None:
             response.score = score
 
-        return self._answer(rpc, request, ids, response, lambda engine: engine.score(to_item(request), wait=True), fill, deliver)
+        return self._answer(
+            rpc, request, ids, response, lambda engine: engine.score(to_item(request), wait=True), fill, deliver
+        )
 
     # -- embedding ---------------------------------------------------------------------------
-    async def Embed(self, requests: AsyncIterator[EmbedRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[scorer_pb2.EmbedResponse]:
+    async def Embed(
+        self, requests: AsyncIterator[EmbedRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scorer_pb2.EmbedResponse]:
         async for response in self._stream("Embed", requests, context, self._embed_item):
             yield response
 
-    async def EmbedChunks(self, chunks: AsyncIterator[list[EmbedRequest]], context: grpc.aio.ServicerContext) -> AsyncIterator[scorer_pb2.EmbedResponseChunk]:
-        async for chunk in self._stream("EmbedChunks", chunks, context, self._embed_item, pack=scorer_pb2.EmbedResponseChunk):
+    async def EmbedChunks(
+        self, chunks: AsyncIterator[list[EmbedRequest]], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scorer_pb2.EmbedResponseChunk]:
+        async for chunk in self._stream(
+            "EmbedChunks", chunks, context, self._embed_item, pack=scorer_pb2.EmbedResponseChunk
+        ):
             yield chunk
 
     def _embed_item(self, rpc: str, request: EmbedRequest, ids: dict[str, str], deliver: Deliver) -> Later | None:
@@ -133,16 +153,22 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         def fill(vector: Any) -> None:
             response.embedding[:] = vector.tolist()
 
-        return self._answer(rpc, request, ids, response, lambda engine: engine.embed(to_embed_item(request), wait=True), fill, deliver)
+        return self._answer(
+            rpc, request, ids, response, lambda engine: engine.embed(to_embed_item(request), wait=True), fill, deliver
+        )
 
     # -- models ------------------------------------------------------------------------------
-    async def GetModelInfo(self, request: scorer_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.ModelInfo:
+    async def GetModelInfo(
+        self, request: scorer_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> scorer_pb2.ModelInfo:
         async def info() -> scorer_pb2.ModelInfo:
             return self._model_info(*self._engine(request))
 
         return await guarded_unary("GetModelInfo", context, self._metrics, info)
 
-    async def ListModels(self, request: scorer_pb2.ListModelsRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.ListModelsResponse:
+    async def ListModels(
+        self, request: scorer_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> scorer_pb2.ListModelsResponse:
         async def models() -> scorer_pb2.ListModelsResponse:
             if not self._registry.ready:
                 raise ItemError(ErrorKind.UNAVAILABLE, "the models are still loading; retry shortly")
@@ -176,7 +202,14 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
             image_runtime=d.image_runtime,
             text_runtime=d.text_runtime,
             instances=[
-                scorer_pb2.InstanceInfo(device=i.device, index=i.index, forwards=i.forwards, items=i.items, busy_seconds=i.busy_s, alive=i.alive)
+                scorer_pb2.InstanceInfo(
+                    device=i.device,
+                    index=i.index,
+                    forwards=i.forwards,
+                    items=i.items,
+                    busy_seconds=i.busy_s,
+                    alive=i.alive,
+                )
                 for i in engine.instance_stats()
             ],
         )
@@ -191,7 +224,14 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
             self._metrics.upload_bytes.inc(len(request.image_bytes))
 
     def _answer(
-        self, rpc: str, request: Any, ids: dict[str, str], response: Any, work: Callable[[ScoringEngine], Soon[Any]], fill: Callable[[Any], None], deliver: Deliver
+        self,
+        rpc: str,
+        request: Any,
+        ids: dict[str, str],
+        response: Any,
+        work: Callable[[ScoringEngine], Soon[Any]],
+        fill: Callable[[Any], None],
+        deliver: Deliver,
     ) -> Later | None:
         """Start one item's ``work`` (see ``_ItemCall``); returns what is still to come, if
         anything (the stream cancels it when it ends early)."""
@@ -211,7 +251,12 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         chunk message type of a chunked RPC, whose messages carry a list of items each way;
         the answers ready at one moment (at most _ANSWERS_PER_CHUNK) then go in one message."""
         if self._registry.closing or not self._registry.ready:
-            error = ItemError(ErrorKind.UNAVAILABLE, "the server is shutting down" if self._registry.closing else "the model is still loading; retry shortly")
+            error = ItemError(
+                ErrorKind.UNAVAILABLE,
+                "the server is shutting down"
+                if self._registry.closing
+                else "the model is still loading; retry shortly",
+            )
             self._metrics.calls.labels(rpc=rpc, code=grpc_code(error.kind).name).inc()
             await context.abort(grpc_code(error.kind), error.message)
         ids = {"call_id": call_id(context), "peer": context.peer()}
@@ -266,7 +311,13 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
                 "%s %s",
                 rpc,
                 "finished" if final_code is grpc.StatusCode.OK else "ended early",
-                extra={**ids, "items": window.answered_count, "failed": failed, "seconds": round(time.monotonic() - started, 3), "code": final_code.name},
+                extra={
+                    **ids,
+                    "items": window.answered_count,
+                    "failed": failed,
+                    "seconds": round(time.monotonic() - started, 3),
+                    "code": final_code.name,
+                },
             )
 
 
@@ -277,7 +328,16 @@ class _ItemCall:
 
     __slots__ = ("_servicer", "_rpc", "_request", "_ids", "_response", "_fill", "_deliver", "_model", "_started")
 
-    def __init__(self, servicer: ScorerServicer, rpc: str, request: Any, ids: dict[str, str], response: Any, fill: Callable[[Any], None], deliver: Deliver) -> None:
+    def __init__(
+        self,
+        servicer: ScorerServicer,
+        rpc: str,
+        request: Any,
+        ids: dict[str, str],
+        response: Any,
+        fill: Callable[[Any], None],
+        deliver: Deliver,
+    ) -> None:
         self._servicer = servicer
         self._rpc = rpc
         self._request = request
@@ -319,7 +379,11 @@ class _ItemCall:
             response.error.message = error.message
             response.error.reason = reason(error.kind)
         elif error is not None:  # a bug must cost one item, never the stream or a lost answer
-            log.error("an item failed unexpectedly", exc_info=error, extra={**self._ids, "request_id": self._request.request_id})
+            log.error(
+                "an item failed unexpectedly",
+                exc_info=error,
+                extra={**self._ids, "request_id": self._request.request_id},
+            )
             response.error.code = grpc.StatusCode.INTERNAL.name
             response.error.message = f"internal error: {type(error).__name__}: {error}"
         if response.error.reason:
@@ -327,10 +391,20 @@ class _ItemCall:
             metrics.bytes_requested.inc()
         else:
             code = response.error.code or grpc.StatusCode.OK.name
-            model = self._model if self._model in self._servicer._registry.names else ""  # never a label per unknown name
+            model = (
+                self._model if self._model in self._servicer._registry.names else ""
+            )  # never a label per unknown name
             metrics.item_answered(self._rpc, code, model, time.monotonic() - self._started)
             if error is not None:
-                log.info("item failed", extra={**self._ids, "request_id": self._request.request_id, "code": code, "error": response.error.message})
+                log.info(
+                    "item failed",
+                    extra={
+                        **self._ids,
+                        "request_id": self._request.request_id,
+                        "code": code,
+                        "error": response.error.message,
+                    },
+                )
         self._deliver(response)
 
 
@@ -398,16 +472,23 @@ def add_scorer_to_server(servicer: ScorerServicer, server: grpc.aio.Server, *, m
     score_chunk = functools.partial(parse_score_chunk, max_items=max_items_per_message)
     embed_chunk = functools.partial(parse_embed_chunk, max_items=max_items_per_message)
     handlers = {
-        "Score": grpc.unary_unary_rpc_method_handler(parsing.unary(servicer.Score, parse_score_request), response_serializer=score_response),
-        "ScoreBatch": grpc.stream_stream_rpc_method_handler(parsing.streaming(servicer.ScoreBatch, parse_score_request), response_serializer=score_response),
+        "Score": grpc.unary_unary_rpc_method_handler(
+            parsing.unary(servicer.Score, parse_score_request), response_serializer=score_response
+        ),
+        "ScoreBatch": grpc.stream_stream_rpc_method_handler(
+            parsing.streaming(servicer.ScoreBatch, parse_score_request), response_serializer=score_response
+        ),
         "Embed": grpc.stream_stream_rpc_method_handler(
-            parsing.streaming(servicer.Embed, parse_embed_request), response_serializer=scorer_pb2.EmbedResponse.SerializeToString
+            parsing.streaming(servicer.Embed, parse_embed_request),
+            response_serializer=scorer_pb2.EmbedResponse.SerializeToString,
         ),
         "ScoreChunks": grpc.stream_stream_rpc_method_handler(
-            parsing.streaming(servicer.ScoreChunks, score_chunk), response_serializer=scorer_pb2.ScoreResponseChunk.SerializeToString
+            parsing.streaming(servicer.ScoreChunks, score_chunk),
+            response_serializer=scorer_pb2.ScoreResponseChunk.SerializeToString,
         ),
         "EmbedChunks": grpc.stream_stream_rpc_method_handler(
-            parsing.streaming(servicer.EmbedChunks, embed_chunk), response_serializer=scorer_pb2.EmbedResponseChunk.SerializeToString
+            parsing.streaming(servicer.EmbedChunks, embed_chunk),
+            response_serializer=scorer_pb2.EmbedResponseChunk.SerializeToString,
         ),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
             servicer.GetModelInfo,

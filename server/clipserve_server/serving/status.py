@@ -98,7 +98,13 @@ async def guarded_unary(
         on_done(code.name)
     metrics.calls.labels(rpc=rpc, code=code.name).inc()
     if code is not grpc.StatusCode.OK:
-        extra = {"call_id": call_id(context), "code": code.name, "error": message, "peer": context.peer(), "seconds": round(time.monotonic() - started, 3)}
+        extra = {
+            "call_id": call_id(context),
+            "code": code.name,
+            "error": message,
+            "peer": context.peer(),
+            "seconds": round(time.monotonic() - started, 3),
+        }
         log.info("%s refused", rpc, extra={**extra, **(log_extra or {})})
         await context.abort(code, message)
     return response

@@ -62,7 +62,9 @@ def read_inputs(request: Any, specs: Sequence[TensorSpec], model: str, *, max_it
     known = {spec.name: spec for spec in specs}
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
-        raise invalid(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: one per input, in order")
+        raise invalid(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: one per input, in order"
+        )
     arrays: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(request.inputs):
         spec = known.get(tensor.name)
@@ -73,10 +75,20 @@ def read_inputs(request: Any, specs: Sequence[TensorSpec], model: str, *, max_it
         if tensor.datatype != spec.datatype:
             raise invalid(f"input {tensor.name!r} must be {spec.datatype}, not {tensor.datatype or 'no datatype'}")
         shape = tuple(tensor.shape)
-        if len(shape) != len(spec.shape) or any(want not in (-1, got) for want, got in zip(spec.shape, shape)) or min(shape, default=0) < 0:
-            raise invalid(f"input {tensor.name!r} has shape {_shape(shape)}; model {model!r} takes {_shape(spec.shape)} (-1: any size)")
+        if (
+            len(shape) != len(spec.shape)
+            or any(want not in (-1, got) for want, got in zip(spec.shape, shape))
+            or min(shape, default=0) < 0
+        ):
+            raise invalid(
+                f"input {tensor.name!r} has shape {_shape(shape)}; "
+                f"model {model!r} takes {_shape(spec.shape)} (-1: any size)"
+            )
         if spec.shape == (-1,) and shape[0] > max_items:
-            raise invalid(f"input {tensor.name!r} has {shape[0]} elements, over the {max_items}-item limit of one call (--max-items-per-message {max_items}); send them in several calls")
+            raise invalid(
+                f"input {tensor.name!r} has {shape[0]} elements, over the {max_items}-item limit "
+                f"of one call (--max-items-per-message {max_items}); send them in several calls"
+            )
         arrays[tensor.name] = _array(tensor, raw[index] if raw else None, shape)
     return arrays
 
@@ -89,14 +101,20 @@ def _array(tensor: Any, raw: bytes | None, shape: tuple[int, ...]) -> np.ndarray
         raise invalid(f"input {name!r}: {tensor.datatype} travels in raw_input_contents only")
     if tensor.datatype == "BYTES":
         if raw is None and len(tensor.contents.bytes_contents) != count:  # counted before it is copied out
-            raise invalid(f"input {name!r} has {len(tensor.contents.bytes_contents)} elements; its shape {_shape(shape)} needs {count}")
+            raise invalid(
+                f"input {name!r} has {len(tensor.contents.bytes_contents)} elements; "
+                f"its shape {_shape(shape)} needs {count}"
+            )
         values = _unpack_bytes(raw, name, count) if raw is not None else list(tensor.contents.bytes_contents)
         array = np.empty(len(values), dtype=object)
         array[:] = values
     elif raw is not None:
         width = np.dtype(dtype).itemsize
         if len(raw) != count * width:
-            raise invalid(f"input {name!r}: {len(raw)} bytes of {tensor.datatype} for shape {_shape(shape)}, which needs {count * width}")
+            raise invalid(
+                f"input {name!r}: {len(raw)} bytes of {tensor.datatype} for shape {_shape(shape)}, "
+                f"which needs {count * width}"
+            )
         array = np.frombuffer(raw, dtype=dtype)
     else:
         array = np.asarray(getattr(tensor.contents, field), dtype=dtype)
@@ -118,7 +136,9 @@ def _unpack_bytes(raw: bytes, name: str, count: int) -> list[bytes]:
         (length,) = _LENGTH.unpack_from(raw, offset)
         offset += _LENGTH.size
         if offset + length > len(raw):
-            raise invalid(f"input {name!r}: BYTES element {len(values)} claims {length} bytes; {len(raw) - offset} are left")
+            raise invalid(
+                f"input {name!r}: BYTES element {len(values)} claims {length} bytes; {len(raw) - offset} are left"
+            )
         values.append(raw[offset : offset + length])
         offset += length
     return values

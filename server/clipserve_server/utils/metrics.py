@@ -36,14 +36,36 @@ class _EngineCollector(Collector):
     def collect(self) -> Iterator:
         depth = GaugeMetricFamily("clipserve_queue_depth", "Texts and images waiting for the model", labels=["model"])
         entries = GaugeMetricFamily("clipserve_cache_entries", "Embeddings held", labels=["model", "cache"])
-        hits = CounterMetricFamily("clipserve_cache_hits", "Lookups served without a new encode", labels=["model", "cache"])
-        misses = CounterMetricFamily("clipserve_cache_misses", "Lookups that needed an encode", labels=["model", "cache"])
-        forwards = CounterMetricFamily("clipserve_instance_forwards", "Forward passes run, per model instance", labels=["model", "device", "instance"])
-        items = CounterMetricFamily("clipserve_instance_items", "Texts plus images encoded, per model instance", labels=["model", "device", "instance"])
-        busy = CounterMetricFamily("clipserve_instance_busy_seconds", "Seconds spent in forward passes, per model instance", labels=["model", "device", "instance"])
-        up = GaugeMetricFamily("clipserve_instance_up", "1 while a model instance can run forward passes", labels=["model", "device", "instance"])
+        hits = CounterMetricFamily(
+            "clipserve_cache_hits", "Lookups served without a new encode", labels=["model", "cache"]
+        )
+        misses = CounterMetricFamily(
+            "clipserve_cache_misses", "Lookups that needed an encode", labels=["model", "cache"]
+        )
+        forwards = CounterMetricFamily(
+            "clipserve_instance_forwards",
+            "Forward passes run, per model instance",
+            labels=["model", "device", "instance"],
+        )
+        items = CounterMetricFamily(
+            "clipserve_instance_items",
+            "Texts plus images encoded, per model instance",
+            labels=["model", "device", "instance"],
+        )
+        busy = CounterMetricFamily(
+            "clipserve_instance_busy_seconds",
+            "Seconds spent in forward passes, per model instance",
+            labels=["model", "device", "instance"],
+        )
+        up = GaugeMetricFamily(
+            "clipserve_instance_up",
+            "1 while a model instance can run forward passes",
+            labels=["model", "device", "instance"],
+        )
         info = GaugeMetricFamily(
-            "clipserve_model_info", "The loaded models", labels=["model", "model_id", "backend", "device", "dtype", "embedding_dim", "compiled"]
+            "clipserve_model_info",
+            "The loaded models",
+            labels=["model", "model_id", "backend", "device", "dtype", "embedding_dim", "compiled"],
         )
         for model, engine in self._engines():
             depth.add_metric([model], engine.queue_depth)
@@ -58,7 +80,9 @@ class _EngineCollector(Collector):
                 busy.add_metric(labels, instance.busy_s)
                 up.add_metric(labels, int(instance.alive))
             d = engine.description
-            info.add_metric([model, d.model_id, d.backend, engine.device, d.dtype, str(d.embedding_dim), str(d.compiled).lower()], 1)
+            info.add_metric(
+                [model, d.model_id, d.backend, engine.device, d.dtype, str(d.embedding_dim), str(d.compiled).lower()], 1
+            )
         yield from (depth, entries, hits, misses, forwards, items, busy, up, info)
 
 
@@ -69,19 +93,64 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.calls = Counter("clipserve_requests", "RPCs by method and final status code", ["rpc", "code"], registry=r)
-        self.items = Counter("clipserve_items", "Items answered (pairs scored, inputs embedded), by RPC, status code and model", ["rpc", "code", "model"], registry=r)
-        self.item_seconds = Histogram("clipserve_item_latency_seconds", "Per item, from arrival to answer", ["rpc", "model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("clipserve_batch_size", "Texts plus images per forward pass", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
-        self.encode_seconds = Histogram("clipserve_encode_seconds", "Duration of one forward pass", ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.items = Counter(
+            "clipserve_items",
+            "Items answered (pairs scored, inputs embedded), by RPC, status code and model",
+            ["rpc", "code", "model"],
+            registry=r,
+        )
+        self.item_seconds = Histogram(
+            "clipserve_item_latency_seconds",
+            "Per item, from arrival to answer",
+            ["rpc", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "clipserve_batch_size",
+            "Texts plus images per forward pass",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
+        self.encode_seconds = Histogram(
+            "clipserve_encode_seconds", "Duration of one forward pass", ["model"], buckets=_LATENCY_BUCKETS, registry=r
+        )
         self.upload_bytes = Counter("clipserve_upload_bytes", "Image bytes received in requests (uploads)", registry=r)
-        self.bytes_requested = Counter("clipserve_image_bytes_requested", "Items named by image_sha256 alone that were answered IMAGE_BYTES_NEEDED", registry=r)
-        self.fetch_failures = Counter("clipserve_fetch_failures", "Image downloads that failed, by reason", ["reason"], registry=r)
-        self.fetch_attempts = Counter("clipserve_fetch_attempts", "Download attempts (retries included) by host and outcome (ok, http_503, reset, timeout...)", ["host", "outcome"], registry=r)
-        self.fetch_retries = Counter("clipserve_fetch_retries", "Downloads tried again after a transient failure, by host", ["host"], registry=r)
+        self.bytes_requested = Counter(
+            "clipserve_image_bytes_requested",
+            "Items named by image_sha256 alone that were answered IMAGE_BYTES_NEEDED",
+            registry=r,
+        )
+        self.fetch_failures = Counter(
+            "clipserve_fetch_failures", "Image downloads that failed, by reason", ["reason"], registry=r
+        )
+        self.fetch_attempts = Counter(
+            "clipserve_fetch_attempts",
+            "Download attempts (retries included) by host and outcome (ok, http_503, reset, timeout...)",
+            ["host", "outcome"],
+            registry=r,
+        )
+        self.fetch_retries = Counter(
+            "clipserve_fetch_retries", "Downloads tried again after a transient failure, by host", ["host"], registry=r
+        )
         # The HTTP face (serving/http/): per route and status, as clipserve_requests is per RPC and code.
-        self.http_requests = Counter("clipserve_http_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
-        self.http_seconds = Histogram("clipserve_http_request_seconds", "Per HTTP request, from its headers to its answer", ["route"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.fetch_retry_after_seconds = Counter("clipserve_fetch_retry_after_seconds", "Seconds waited before retries because the host's Retry-After asked, by host", ["host"], registry=r)
+        self.http_requests = Counter(
+            "clipserve_http_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.http_seconds = Histogram(
+            "clipserve_http_request_seconds",
+            "Per HTTP request, from its headers to its answer",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.fetch_retry_after_seconds = Counter(
+            "clipserve_fetch_retry_after_seconds",
+            "Seconds waited before retries because the host's Retry-After asked, by host",
+            ["host"],
+            registry=r,
+        )
         self._fetch_hosts: set[str] = set()
         # The labelled children every item updates, looked up once: prometheus_client's
         # ``labels()`` validates and locks on each call (~4% of a cold pass's event loop).
@@ -92,7 +161,10 @@ class Metrics:
         key = (rpc, code, model)
         children = self._item_children.get(key)
         if children is None:
-            children = self._item_children[key] = (self.items.labels(rpc=rpc, code=code, model=model), self.item_seconds.labels(rpc=rpc, model=model))
+            children = self._item_children[key] = (
+                self.items.labels(rpc=rpc, code=code, model=model),
+                self.item_seconds.labels(rpc=rpc, model=model),
+            )
         children[0].inc()
         children[1].observe(seconds)
 

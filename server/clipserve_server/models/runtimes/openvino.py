@@ -24,8 +24,9 @@ within ~2e-6 relative (docs/runtimes.md), and it needs no C++ compiler at run ti
   native bf16 runs the hint at float32 (``native_bf16``; select.py says so in the log).
 - Threads: one stream (``PERFORMANCE_HINT=LATENCY``: each forward uses its threads, as torch's
   does) on as many threads as a torch model thread gets (with ``--instances``, each instance's
-  share of the cores), so decode threads and the forward share the cores as they do with torch. Several threads may call the runner at once (``--instances``):
-  each has its own infer request (OpenVINO's requests are not thread-safe; the compiled model is).
+  share of the cores), so decode threads and the forward share the cores as they do with torch.
+  Several threads may call the runner at once (``--instances``): each has its own infer request
+  (OpenVINO's requests are not thread-safe; the compiled model is).
 """
 
 from __future__ import annotations
@@ -138,7 +139,9 @@ def _load_or_convert(tower: Tower, cached: Path | None, progress: Callable[[str]
     return model, False
 
 
-def build(tower: Tower, cached: Path | None, threads: int, progress: Callable[[str], None] = lambda stage: None) -> tuple[Runner, bool]:
+def build(
+    tower: Tower, cached: Path | None, threads: int, progress: Callable[[str], None] = lambda stage: None
+) -> tuple[Runner, bool]:
     """A runner for ``tower`` on OpenVINO's CPU plugin, and whether the conversion was cached;
     ``progress`` is told each stage done (traced, converted, compiled)."""
     import numpy as np
@@ -146,7 +149,9 @@ def build(tower: Tower, cached: Path | None, threads: int, progress: Callable[[s
     import torch
 
     if tower.device != "cpu" or tower.dtype not in PRECISIONS:
-        raise ValueError(f"OpenVINO runs float32 and bfloat16 towers on the CPU here, this one is {tower.dtype} on {tower.device}")
+        raise ValueError(
+            f"OpenVINO runs float32 and bfloat16 towers on the CPU here, this one is {tower.dtype} on {tower.device}"
+        )
     model, from_cache = _load_or_convert(tower, cached, progress)
     model = _float32_edges(model)
     core = openvino.Core()

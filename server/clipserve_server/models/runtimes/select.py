@@ -43,7 +43,9 @@ def choose(runtime: str, device: str, dtype: str, compile: bool) -> str:
             return TORCH
         return openvino.NAME
     if runtime == openvino.NAME and not openvino.available():
-        raise RuntimeError("--runtime openvino needs the openvino package, which is not installed: pip install 'clipserve[server]'")
+        raise RuntimeError(
+            "--runtime openvino needs the openvino package, which is not installed: pip install 'clipserve[server]'"
+        )
     if runtime in (torch_cuda.CUDA_GRAPHS, torch_cuda.TENSORRT) and not torch_cuda.available(runtime):
         what = "CUDA" if runtime == torch_cuda.CUDA_GRAPHS else "CUDA and torch-tensorrt"
         raise RuntimeError(f"--runtime {runtime} needs {what}, which this machine does not have")
@@ -62,7 +64,10 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
     folder = cache_folder(config.runtime_cache)
     fingerprints: dict[int, str] = {}  # towers of one model share its weights: hash them once
     chosen = {}
-    owners = {name: described.text_model_id if name == TEXT and described.text_model_id else described.model_id for name in towers}
+    owners = {
+        name: described.text_model_id if name == TEXT and described.text_model_id else described.model_id
+        for name in towers
+    }
     for tower in towers.values():
         started = time.monotonic()
         owner = owners[tower.name]
@@ -72,11 +77,19 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
                 if folder is not None:
                     if id(tower.module) not in fingerprints:
                         fingerprints[id(tower.module)] = weights_fingerprint(tower.module)
-                    cached = folder / entry_key(tower, runtime, openvino.version(), fingerprints[id(tower.module)], openvino.precision(tower.dtype))
+                    cached = folder / entry_key(
+                        tower,
+                        runtime,
+                        openvino.version(),
+                        fingerprints[id(tower.module)],
+                        openvino.precision(tower.dtype),
+                    )
                 # As many threads as torch's forward would use (see openvino.py).
                 # Each instance on a CPU device gets its share of the cores, as torch's do (app.py).
                 share = config.instances * sum(device.is_cpu for device in resolve_devices(config.device))
-                with _progress(f"{tower.name} tower of {owner} for {runtime} ({openvino.precision(tower.dtype)})") as progress:
+                with _progress(
+                    f"{tower.name} tower of {owner} for {runtime} ({openvino.precision(tower.dtype)})"
+                ) as progress:
                     runner, from_cache = openvino.build(tower, cached, model_threads(share), progress)
                     progress("checking against torch")
                 how = "from the cache" if from_cache else ("converted, cached" if cached is not None else "converted")
@@ -84,7 +97,14 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
                 runner, how = torch_cuda.build(tower, runtime), "compiled"
             error = relative_error(tower, runner)
         except Exception as exc:  # whatever a converter raises: the tower stays in torch
-            log.warning("%s tower of %s runs in torch: %s could not convert it (%s: %s)", tower.name, owner, runtime, type(exc).__name__, _first_line(exc))
+            log.warning(
+                "%s tower of %s runs in torch: %s could not convert it (%s: %s)",
+                tower.name,
+                owner,
+                runtime,
+                type(exc).__name__,
+                _first_line(exc),
+            )
             continue
         tolerance = TOLERANCES.get(tower.dtype, TOLERANCES["float32"])
         if not error <= tolerance:
@@ -97,7 +117,15 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
         chosen[tower.name] = runtime
         if runtime == openvino.NAME and cached is not None:
             openvino.drop_source_pages(cached)
-        log.info("%s tower of %s runs in %s (%s, %.1f s; features within %.1g of torch's)", tower.name, owner, runtime, how, time.monotonic() - started, error)
+        log.info(
+            "%s tower of %s runs in %s (%s, %.1f s; features within %.1g of torch's)",
+            tower.name,
+            owner,
+            runtime,
+            how,
+            time.monotonic() - started,
+            error,
+        )
     if runtime == openvino.NAME:
         release_torch_weights(towers, chosen, owners)
         _return_freed_memory()
@@ -162,7 +190,11 @@ def release_torch_weights(towers: dict[str, Tower], chosen: dict[str, str], owne
         if all(tower.name in chosen for tower in group):
             group[0].module.to("meta")
             names = [tower.name for tower in group]
-            log.info("torch's copy of the %s weights of %s released: OpenVINO runs them", " and ".join(names), owners[names[0]])
+            log.info(
+                "torch's copy of the %s weights of %s released: OpenVINO runs them",
+                " and ".join(names),
+                owners[names[0]],
+            )
 
 
 def _return_freed_memory() -> None:

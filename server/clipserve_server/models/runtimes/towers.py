@@ -53,7 +53,11 @@ def traceable(tower: Tower) -> Any:
 # Probe inputs: the first batch is what a conversion traces; the others differ from it in every
 # dimension a batch can (batch size, text length, image size and aspect), so that a conversion
 # that froze a shape or a branch fails the parity check instead of serving.
-PROBE_TEXTS = (("a photo of a dog", "probe"), ("a",), ("a much longer text, to probe the text tower with 12 words or so", "x y", "ünïcode 🚗"))
+PROBE_TEXTS = (
+    ("a photo of a dog", "probe"),
+    ("a",),
+    ("a much longer text, to probe the text tower with 12 words or so", "x y", "ünïcode 🚗"),
+)
 PROBE_IMAGE_SIZES = (((64, 48), (50, 90)), ((40, 40),), ((300, 200), (17, 17), (128, 64)))
 
 

@@ -52,14 +52,18 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise
     except Exception as exc:  # a bug costs this request, never the server
         log.exception("HTTP %s %s failed unexpectedly", request.method, request.path)
-        response = error_response(request.path, 500, f"internal error: {type(exc).__name__}: {exc}", code=ErrorKind.INTERNAL.name.lower())
+        response = error_response(
+            request.path, 500, f"internal error: {type(exc).__name__}: {exc}", code=ErrorKind.INTERNAL.name.lower()
+        )
     metrics = request.app[METRICS]
     metrics.http_requests.labels(route=route, status=str(response.status)).inc()
     metrics.http_seconds.labels(route=route).observe(time.monotonic() - started)
     return response
 
 
-def build_application(registry: ModelRegistry, models: InferenceModels, config: ServerConfig, metrics: Metrics) -> web.Application:
+def build_application(
+    registry: ModelRegistry, models: InferenceModels, config: ServerConfig, metrics: Metrics
+) -> web.Application:
     middlewares = [_guard]
     if config.auth_token_file:
         middlewares.append(bearer_token(read_token(config.auth_token_file)))
@@ -76,7 +80,9 @@ def build_application(registry: ModelRegistry, models: InferenceModels, config: 
 class HttpFace:
     """The HTTP listener of one ClipServer."""
 
-    def __init__(self, registry: ModelRegistry, models: InferenceModels, config: ServerConfig, metrics: Metrics) -> None:
+    def __init__(
+        self, registry: ModelRegistry, models: InferenceModels, config: ServerConfig, metrics: Metrics
+    ) -> None:
         self._config = config
         self._runner = web.AppRunner(
             build_application(registry, models, config, metrics),

@@ -24,7 +24,11 @@ def bearer_token(token: str) -> Callable[[web.Request, Handler], Awaitable[web.S
             supplied = request.headers.get("Authorization", "").encode()
             # Constant time, so the comparison leaks nothing about how much of a guess was right.
             if not hmac.compare_digest(supplied, expected):
-                raise HttpError(401, "missing or invalid bearer token (send the header 'Authorization: Bearer <token>')", code="invalid_api_key")
+                raise HttpError(
+                    401,
+                    "missing or invalid bearer token (send the header 'Authorization: Bearer <token>')",
+                    code="invalid_api_key",
+                )
         return await handler(request)
 
     return check

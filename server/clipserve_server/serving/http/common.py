@@ -43,12 +43,22 @@ def invalid(message: str, param: str | None = None) -> HttpError:
     return HttpError(400, message, param, "invalid_input")
 
 
-def error_response(path: str, status: int, message: str, *, param: str | None = None, code: str | None = None) -> web.Response:
+def error_response(
+    path: str, status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> web.Response:
     """``{"error": {"message", "type", "param", "code"}}`` (OpenAI) under /v1/, else
     ``{"error": message}`` (the Open Inference Protocol's REST shape, which Weaviate's module
     reads too)."""
     if path.startswith(_OPENAI_PREFIX):
-        kind = "authentication_error" if status == 401 else "rate_limit_error" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"
+        kind = (
+            "authentication_error"
+            if status == 401
+            else "rate_limit_error"
+            if status == 429
+            else "server_error"
+            if status >= 500
+            else "invalid_request_error"
+        )
         body: dict[str, Any] = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     else:
         body = {"error": message}
@@ -80,7 +90,9 @@ def image_of(value: Any, name: str) -> ImageSource:
     """An image given as an http(s) URL (fetched through the server's guarded fetcher) or a
     ``data:image/...;base64,`` URI."""
     if not isinstance(value, str):
-        raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: an image is a URL or a data: URI, not {type(value).__name__}")
+        raise ItemError(
+            ErrorKind.INVALID_INPUT, f"{name}: an image is a URL or a data: URI, not {type(value).__name__}"
+        )
     if value[: len(_DATA_URI)].lower() == _DATA_URI:
         header, comma, payload = value.partition(",")
         if not comma or not header.lower().endswith(";base64"):
@@ -98,7 +110,9 @@ def decode_base64(text: str, name: str) -> bytes:
         raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: not valid base64") from None
 
 
-async def embed_all(engine: ScoringEngine, items: list[EmbedItem], names: list[str], *, rpc: str, model: str, metrics: Metrics) -> list[np.ndarray]:
+async def embed_all(
+    engine: ScoringEngine, items: list[EmbedItem], names: list[str], *, rpc: str, model: str, metrics: Metrics
+) -> list[np.ndarray]:
     """Every item's unit vector, from the engine's caches and batches as gRPC's Embed, each
     counted as an item of ``rpc``. A failure ends the call: the first failed item in input order
     is raised, its message naming it (``names[i]``). Unary-call semantics: a full queue refuses

@@ -96,7 +96,10 @@ def _infer_request(model: str, header: dict[str, Any], binary: bytes) -> Any:
         size = (tensor.get("parameters") or {}).get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-                raise invalid(f"input {name!r}: binary_data_size {size!r}, but {len(binary) - offset} bytes of binary data are left")
+                raise invalid(
+                    f"input {name!r}: binary_data_size {size!r}, "
+                    f"but {len(binary) - offset} bytes of binary data are left"
+                )
             request.raw_input_contents.append(binary[offset : offset + size])
             offset += size
         elif "data" in tensor:
@@ -115,7 +118,8 @@ def _infer_request(model: str, header: dict[str, Any], binary: bytes) -> Any:
 def _infer_response(header: dict[str, Any], response: Any) -> web.Response:
     binary_default = bool((header.get("parameters") or {}).get("binary_data_output", False))
     binary_wanted = {
-        output["name"]: bool((output.get("parameters") or {}).get("binary_data", binary_default)) for output in header.get("outputs") or []
+        output["name"]: bool((output.get("parameters") or {}).get("binary_data", binary_default))
+        for output in header.get("outputs") or []
     }
     outputs, blobs = [], []
     for tensor, raw in zip(response.outputs, response.raw_output_contents):
@@ -126,7 +130,18 @@ def _infer_response(header: dict[str, Any], response: Any) -> web.Response:
         else:
             entry["data"] = json_from_raw(raw, tensor.datatype)
         outputs.append(entry)
-    answer = json.dumps({"model_name": response.model_name, "model_version": response.model_version, "id": response.id, "outputs": outputs}).encode()
+    answer = json.dumps(
+        {
+            "model_name": response.model_name,
+            "model_version": response.model_version,
+            "id": response.id,
+            "outputs": outputs,
+        }
+    ).encode()
     if not blobs:
         return web.Response(body=answer, content_type="application/json")
-    return web.Response(body=answer + b"".join(blobs), content_type="application/octet-stream", headers={_HEADER_LENGTH: str(len(answer))})
+    return web.Response(
+        body=answer + b"".join(blobs),
+        content_type="application/octet-stream",
+        headers={_HEADER_LENGTH: str(len(answer))},
+    )

@@ -43,7 +43,11 @@ def routes(registry: ModelRegistry, metrics: Metrics) -> list[web.RouteDef]:
             raise invalid(f"encoding_format must be float or base64, not {encoding!r}", "encoding_format")
         dimension = engine.description.embedding_dim
         if body.get("dimensions") not in (None, dimension):
-            raise invalid(f"dimensions: the model {name!r} gives {dimension}-dimensional embeddings only; omit dimensions or give {dimension}", "dimensions")
+            raise invalid(
+                f"dimensions: the model {name!r} gives {dimension}-dimensional embeddings only; "
+                f"omit dimensions or give {dimension}",
+                "dimensions",
+            )
         modality = body.get("modality") or "text"
         if modality not in _MODALITIES:
             raise invalid(f"modality must be text or image, not {modality!r}", "modality")
@@ -52,18 +56,33 @@ def routes(registry: ModelRegistry, metrics: Metrics) -> list[web.RouteDef]:
             items = [EmbedItem(text=_text(value, i)) for i, value in enumerate(inputs)]
         else:
             items = [EmbedItem(image=image_of(value, f"input[{i}]")) for i, value in enumerate(inputs)]
-        vectors = await embed_all(engine, items, [f"input[{i}]" for i in range(len(items))], rpc=_RPC, model=name, metrics=metrics)
-        return web.json_response({
-            "object": "list",
-            "data": [{"object": "embedding", "embedding": _encoded(vector, encoding), "index": i} for i, vector in enumerate(vectors)],
-            "model": name,
-            "usage": {"prompt_tokens": 0, "total_tokens": 0},
-        })
+        vectors = await embed_all(
+            engine, items, [f"input[{i}]" for i in range(len(items))], rpc=_RPC, model=name, metrics=metrics
+        )
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"object": "embedding", "embedding": _encoded(vector, encoding), "index": i}
+                    for i, vector in enumerate(vectors)
+                ],
+                "model": name,
+                "usage": {"prompt_tokens": 0, "total_tokens": 0},
+            }
+        )
 
     async def models(request: web.Request) -> web.Response:
         if not registry.ready:
             raise ItemError(ErrorKind.UNAVAILABLE, "the models are still loading; retry shortly")
-        return web.json_response({"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "clipserve"} for name, _ in registry.engines()]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": name, "object": "model", "created": 0, "owned_by": "clipserve"}
+                    for name, _ in registry.engines()
+                ],
+            }
+        )
 
     return [web.post("/v1/embeddings", embeddings), web.get("/v1/models", models)]
 

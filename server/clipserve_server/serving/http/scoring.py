@@ -71,7 +71,13 @@ def _item(pair: Any, name: str) -> ScoreItem:
     url, data = pair.get("image_url"), pair.get("image_base64")
     if (url is None) == (data is None):
         raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: give one of image_url and image_base64")
-    image = image_of(url, name) if url is not None else ImageSource(data=decode_base64(data, name)) if isinstance(data, str) else None
+    image = (
+        image_of(url, name)
+        if url is not None
+        else ImageSource(data=decode_base64(data, name))
+        if isinstance(data, str)
+        else None
+    )
     if image is None:
         raise ItemError(ErrorKind.INVALID_INPUT, f"{name}: image_base64 must be a string")
     return ScoreItem(query=query, image=image)

@@ -33,21 +33,40 @@ def routes(registry: ModelRegistry, metrics: Metrics) -> list[web.RouteDef]:
     async def meta(request: web.Request) -> web.Response:
         name, engine = registry.default, registry.get()
         d = engine.description
-        return web.json_response({
-            "server": "clipserve", "version": __version__, "model": name, "model_id": d.model_id,
-            "text_model_id": d.text_model_id, "backend": d.backend, "embedding_dim": d.embedding_dim, "dtype": d.dtype, "device": engine.device,
-        })
+        return web.json_response(
+            {
+                "server": "clipserve",
+                "version": __version__,
+                "model": name,
+                "model_id": d.model_id,
+                "text_model_id": d.text_model_id,
+                "backend": d.backend,
+                "embedding_dim": d.embedding_dim,
+                "dtype": d.dtype,
+                "device": engine.device,
+            }
+        )
 
     async def vectorize(request: web.Request) -> web.Response:
         body = await read_json(request)
         texts, images = _strings(body, "texts"), _strings(body, "images")
         engine = registry.get()
-        items = [EmbedItem(text=text) for text in texts] + [EmbedItem(image=ImageSource(data=decode_base64(image, f"images[{i}]"))) for i, image in enumerate(images)]
+        items = [EmbedItem(text=text) for text in texts] + [
+            EmbedItem(image=ImageSource(data=decode_base64(image, f"images[{i}]"))) for i, image in enumerate(images)
+        ]
         names = [f"texts[{i}]" for i in range(len(texts))] + [f"images[{i}]" for i in range(len(images))]
-        vectors = [vector.tolist() for vector in await embed_all(engine, items, names, rpc=_RPC, model=registry.default, metrics=metrics)]
+        vectors = [
+            vector.tolist()
+            for vector in await embed_all(engine, items, names, rpc=_RPC, model=registry.default, metrics=metrics)
+        ]
         return web.json_response({"textVectors": vectors[: len(texts)], "imageVectors": vectors[len(texts) :]})
 
-    return [web.get("/.well-known/live", live), web.get("/.well-known/ready", ready), web.get("/meta", meta), web.post("/vectorize", vectorize)]
+    return [
+        web.get("/.well-known/live", live),
+        web.get("/.well-known/ready", ready),
+        web.get("/meta", meta),
+        web.post("/vectorize", vectorize),
+    ]
 
 
 def _strings(body: dict[str, Any], key: str) -> list[str]:

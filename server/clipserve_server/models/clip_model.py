@@ -156,9 +156,6 @@ class HFClipModel(TorchTowersModel):
     def _encode_texts(self, texts: list[str] | Tokens) -> np.ndarray:
         return _to_numpy(self._runs[TEXT](**self._text_inputs(texts)))
 
-    def prepare_texts(self, texts: list[str]) -> Tokens:
-        return Tokens(len(texts), self._tokenize(texts))
-
     def _tokenize(self, texts: list[str]) -> dict[str, Any]:
         # Queries longer than the model's context are truncated (the reference adapter crashes).
         with TOKENIZING:
@@ -166,10 +163,6 @@ class HFClipModel(TorchTowersModel):
                 texts, padding=self._padding, truncation=True, max_length=self._max_tokens, return_tensors="pt"
             )
         return dict(tokens)
-
-    def _text_inputs(self, texts: list[str] | Tokens) -> dict[str, Any]:
-        tokens = texts.tensors if isinstance(texts, Tokens) else self._tokenize(texts)
-        return {k: v.to(self._device) for k, v in tokens.items()}
 
     def _encode_images(self, images: list[Any]) -> np.ndarray:
         return _to_numpy(self._runs[IMAGE](**self._image_inputs(images)))

@@ -147,7 +147,8 @@ TOKENIZING = threading.Lock()
 
 class TorchTowersModel(PipelineModel):
     """A PipelineModel whose towers are torch forwards (``_eager_image_features``,
-    ``_eager_text_features``, taking what ``_image_inputs`` / ``_text_inputs`` build), each run
+    ``_eager_text_features``, taking what ``_image_inputs`` / ``_text_inputs`` build, the latter
+    from ``_tokenize``'s tensors, made ahead by ``prepare_texts`` or in the forward), each run
     by ``self._runs[name]``: eager, torch.compile'd, or a runtime's (``runtimes``)."""
 
     _runs: dict[str, Runner]
@@ -158,7 +159,15 @@ class TorchTowersModel(PipelineModel):
     def _image_inputs(self, images: list[Any]) -> dict[str, Any]: ...
 
     @abstractmethod
-    def _text_inputs(self, texts: list[str]) -> dict[str, Any]: ...
+    def _tokenize(self, texts: list[str]) -> dict[str, Any]:
+        """The text tower's inputs for ``texts``, on the CPU (under ``TOKENIZING``)."""
+
+    def prepare_texts(self, texts: list[str]) -> Tokens:
+        return Tokens(len(texts), self._tokenize(texts))
+
+    def _text_inputs(self, texts: list[str] | Tokens) -> dict[str, Any]:
+        tokens = texts.tensors if isinstance(texts, Tokens) else self._tokenize(texts)
+        return {name: value.to(self._device) for name, value in tokens.items()}
 
     @abstractmethod
     def _eager_image_features(self, **inputs: Any) -> Any: ...

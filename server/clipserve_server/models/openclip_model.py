@@ -94,18 +94,11 @@ class OpenClipModel(TorchTowersModel):
     def _encode_texts(self, texts: list[str] | Tokens) -> np.ndarray:
         return self._runs[TEXT](**self._text_inputs(texts)).float().cpu().numpy()
 
-    def prepare_texts(self, texts: list[str]) -> Tokens:
-        return Tokens(len(texts), self._tokenize(texts))
-
     def _tokenize(self, texts: list[str]) -> dict[str, Any]:
         # open_clip's tokenizers pad to the context length and truncate longer queries (keeping
         # the end token), as open_clip's own encode_text expects.
         with TOKENIZING:
             return {"tokens": self._tokenizer(texts)}
-
-    def _text_inputs(self, texts: list[str] | Tokens) -> dict[str, Any]:
-        tokens = texts.tensors if isinstance(texts, Tokens) else self._tokenize(texts)
-        return {name: value.to(self._device) for name, value in tokens.items()}
 
     def _encode_images(self, images: list[Any]) -> np.ndarray:
         return self._runs[IMAGE](**self._image_inputs(images)).float().cpu().numpy()

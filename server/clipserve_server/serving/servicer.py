@@ -7,7 +7,6 @@ import collections
 import functools
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,7 +17,7 @@ from clipserve import __version__
 from clipserve._wire import MAX_IN_FLIGHT_KEY
 from ..inference.engine import ScoringEngine
 from ..inference.promises import Later, Soon, awaited
-from ..utils.callers import CALLER
+from ..utils.callers import begin_call
 from ..utils.domain import CacheStats, EmbedItem, ImageSource, ScoreItem
 from ..utils.errors import ErrorKind, ItemError
 from ..utils.metrics import Metrics
@@ -260,7 +259,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
             self._metrics.calls.labels(rpc=rpc, code=grpc_code(error.kind).name).inc()
             await context.abort(grpc_code(error.kind), error.message)
         ids = {"call_id": call_id(context), "peer": context.peer()}
-        CALLER.set(uuid.uuid4().hex)  # decode workers are shared fairly between calls (the reader's task inherits it)
+        begin_call()  # the stream's reader task inherits it
         started = time.monotonic()
         failed = 0
         final_code = grpc.StatusCode.CANCELLED

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import grpc
 from clipserve._wire import IMAGE_BYTES_NEEDED
 
-from ..utils.callers import CALLER
+from ..utils.callers import begin_call
 from ..utils.errors import ErrorKind, ItemError
 from ..utils.metrics import Metrics
 
@@ -85,7 +85,7 @@ async def guarded_unary(
     every unary RPC of both protocols. Each call is counted by its final code (the calls metric,
     and ``on_done`` with the code's name); a refused one is logged; a bug is INTERNAL."""
     started = time.monotonic()
-    CALLER.set(uuid.uuid4().hex)  # decode workers are shared fairly between calls
+    begin_call()
     code, message = grpc.StatusCode.OK, ""
     try:
         response = await work()

@@ -12,11 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 
 from aiohttp import web
 
-from ...utils.callers import CALLER
+from ...utils.callers import begin_call
 from ...utils.config import ServerConfig
 from ...utils.errors import ErrorKind, ItemError
 from ...utils.metrics import Metrics
@@ -37,7 +36,7 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.monotonic()
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    CALLER.set(uuid.uuid4().hex)  # decode workers are shared fairly between calls, as on gRPC
+    begin_call()
     try:
         response = await handler(request)
     except HttpError as exc:

@@ -223,7 +223,7 @@ class ServerConfig:
         metadata={
             "help": (
                 "items waiting for the model before unary calls get RESOURCE_EXHAUSTED "
-                "(0: 8 x --max-batch-size, at least 1024)"
+                f"(0: {QUEUE_WINDOWS * STREAM_WINDOW_BATCHES} x --max-batch-size, at least {MIN_QUEUE_SIZE})"
             )
         },
     )
@@ -232,7 +232,8 @@ class ServerConfig:
         metadata={
             "help": (
                 "items one stream (ScoreBatch, ScoreChunks, Embed, EmbedChunks) may have in progress before the "
-                "server stops reading it; the SDK keeps that many outstanding (0: 4 x --max-batch-size, at least 256)"
+                "server stops reading it; the SDK keeps that many outstanding "
+                f"(0: {STREAM_WINDOW_BATCHES} x --max-batch-size, at least {MIN_STREAM_WINDOW})"
             )
         },
     )

@@ -22,11 +22,15 @@ within ~2e-6 relative (docs/runtimes.md), and it needs no C++ compiler at run ti
   ViT-B/32 on the 2-core Zen 4 (AVX512_BF16, no AMX) that was ~2x OpenVINO's float32 image
   tower, with features within 1e-2 of torch's bfloat16 ones (docs/runtimes.md). A CPU without
   native bf16 runs the hint at float32 (``native_bf16``; select.py says so in the log).
-- Threads: one stream (``PERFORMANCE_HINT=LATENCY``: each forward uses its threads, as torch's
-  does) on as many threads as a torch model thread gets (with ``--instances``, each instance's
-  share of the cores), so decode threads and the forward share the cores as they do with torch.
-  Several threads may call the runner at once (``--instances``): each has its own infer request
-  (OpenVINO's requests are not thread-safe; the compiled model is).
+- Threads: one stream per instance that calls the runner (``--instances``), each on as many
+  threads as a torch model thread gets (each instance's share of the cores), so decode threads
+  and the forwards share the cores as they do with torch. One instance: one stream
+  (``PERFORMANCE_HINT=LATENCY``: each forward uses all its threads). Several: that many streams
+  (``NUM_STREAMS``), so that their forwards run side by side; one stream of one instance's
+  share would queue them one after another on that share, leaving the rest of the cores idle
+  (measured: ``--instances 2`` at 0.55x the images/s of one instance on the 2-core Zen 4). Each
+  calling thread has its own infer request (OpenVINO's requests are not thread-safe; the
+  compiled model is).
 """
 
 from __future__ import annotations
@@ -140,10 +144,15 @@ def _load_or_convert(tower: Tower, cached: Path | None, progress: Callable[[str]
 
 
 def build(
-    tower: Tower, cached: Path | None, threads: int, progress: Callable[[str], None] = lambda stage: None
+    tower: Tower,
+    cached: Path | None,
+    threads: int,
+    streams: int = 1,
+    progress: Callable[[str], None] = lambda stage: None,
 ) -> tuple[Runner, bool]:
-    """A runner for ``tower`` on OpenVINO's CPU plugin, and whether the conversion was cached;
-    ``progress`` is told each stage done (traced, converted, compiled)."""
+    """A runner for ``tower`` on OpenVINO's CPU plugin, and whether the conversion was cached:
+    ``streams`` forwards at once (the instances calling it), each on ``threads`` threads (0: the
+    plugin's choice); ``progress`` is told each stage done (traced, converted, compiled)."""
     import numpy as np
     import openvino
     import torch
@@ -155,10 +164,7 @@ def build(
     model, from_cache = _load_or_convert(tower, cached, progress)
     model = _float32_edges(model)
     core = openvino.Core()
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision(tower.dtype)}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    compiled = core.compile_model(model, "CPU", config)
+    compiled = core.compile_model(model, "CPU", compile_config(tower.dtype, threads, streams))
     progress("compiled")
     requests = threading.local()
     names = tower.input_names
@@ -173,6 +179,18 @@ def build(
         return torch.from_numpy(np.array(output, dtype=np.float32, copy=True))
 
     return run, from_cache
+
+
+def compile_config(dtype: str, threads: int, streams: int) -> dict[str, Any]:
+    """The CPU plugin's settings for ``streams`` concurrent forwards of ``threads`` threads each."""
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision(dtype)}
+    if streams > 1:
+        config.update(PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=streams)
+    else:
+        config["PERFORMANCE_HINT"] = "LATENCY"
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads * max(1, streams)
+    return config
 
 
 def _numpy_able(tensor: Any) -> Any:

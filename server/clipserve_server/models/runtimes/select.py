@@ -84,13 +84,16 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
                         fingerprints[id(tower.module)],
                         openvino.precision(tower.dtype),
                     )
-                # As many threads as torch's forward would use (see openvino.py).
-                # Each instance on a CPU device gets its share of the cores, as torch's do (app.py).
+                # As many threads as torch's forward would use (see openvino.py): each instance
+                # on a CPU device gets its share of the cores, as torch's do (app.py), and a
+                # stream of its own on this model (the instances of its device).
                 share = config.instances * sum(device.is_cpu for device in resolve_devices(config.device))
                 with _progress(
                     f"{tower.name} tower of {owner} for {runtime} ({openvino.precision(tower.dtype)})"
                 ) as progress:
-                    runner, from_cache = openvino.build(tower, cached, model_threads(share), progress)
+                    runner, from_cache = openvino.build(
+                        tower, cached, model_threads(share), streams=config.instances, progress=progress
+                    )
                     progress("checking against torch")
                 how = "from the cache" if from_cache else ("converted, cached" if cached is not None else "converted")
             else:

@@ -222,3 +222,22 @@ def test_runtime_cache_off_converts_and_writes_nothing(tiny_checkpoint, tmp_path
     apply_runtime(model, ServerConfig(model=(str(tiny_checkpoint),), runtime_cache="off"))
     assert (model.description.image_runtime, model.description.text_runtime) == ("openvino", "openvino")
     assert not any(tmp_path.rglob("*.xml"))
+
+
+def test_a_tower_that_failed_its_check_is_not_converted_again_at_the_next_start(tiny_checkpoint, tmp_path, caplog):
+    """The check is the same at every start of the same weights: a refused tower leaves a note in
+    the cache instead of its converted files, and the next start runs it in torch at once, saying
+    so and where the note is (a ViT-H tower spent ~85 s of a warm start failing again)."""
+    cache = tmp_path / "cache"
+    config = ServerConfig(model=(str(tiny_checkpoint),), runtime="openvino", runtime_cache=str(cache))
+    apply_runtime(Unconvertible(str(tiny_checkpoint), device="cpu"), config)
+    [note] = cache.glob("*.refused.json")
+    assert not list(cache.glob(note.name.split(".")[0] + ".xml")), "the refused conversion is not kept"
+    again = Unconvertible(str(tiny_checkpoint), device="cpu")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="clipserve_server.models.runtimes"):
+        apply_runtime(again, config)
+    assert again.description.image_runtime == "torch"
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("image tower of")]
+    assert "more than 0.0001 (checked at an earlier start: " in line and str(note) in line, line
+    assert "converted" not in line

@@ -5,7 +5,8 @@ An entry's name is a hash of everything the conversion depends on: the runtime, 
 and its inference precision, the libraries that trace the model (torch, transformers, open_clip,
 sentence-transformers), the tower, its inputs (names, dtypes, ranks), and the weights
 themselves, byte for byte (a changed model is a new entry, never a stale one). Entries are
-never rewritten, only added: deleting the folder (``--runtime-cache``, default
+never rewritten, only added (or, for a tower that failed its check against torch, replaced by a
+note of that: ``remember_refusal``): deleting the folder (``--runtime-cache``, default
 ``~/.cache/clipserve/runtimes``) clears it, at any time the server is not starting.
 """
 
@@ -69,3 +70,33 @@ def entry_key(tower: Tower, runtime: str, runtime_version: str, weights: str, pr
         "precision": precision,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _refusal_note(entry: Path) -> Path:
+    return entry.with_name(f"{entry.name}.refused.json")
+
+
+def refused_before(entry: Path, tolerance: float) -> tuple[float, Path] | None:
+    """(its error, the note) if this entry's tower failed its check at an earlier start at the
+    same tolerance: the check is deterministic for the entry (the same weights, runtime and
+    tracers), and on a ViT-H tower it costs a conversion and minutes of CPU to fail again."""
+    note = _refusal_note(entry)
+    try:
+        seen = json.loads(note.read_text())
+        return (float(seen["error"]), note) if float(seen["tolerance"]) == tolerance else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remember_refusal(entry: Path, error: float, tolerance: float) -> None:
+    """Note that this entry's tower differs from torch's by ``error``, more than ``tolerance``,
+    and drop its converted files (never used: gigabytes for a large tower). Best effort."""
+    note = _refusal_note(entry)
+    try:
+        scratch = note.with_name(f"{note.name}.{os.getpid()}.tmp")
+        scratch.write_text(json.dumps({"error": error, "tolerance": tolerance}))
+        os.replace(scratch, note)
+        for suffix in (".xml", ".bin"):
+            entry.with_suffix(suffix).unlink(missing_ok=True)
+    except OSError:
+        pass

@@ -24,7 +24,7 @@ from ...utils.config import ServerConfig
 from ...utils.threads import model_threads
 from ..devices import resolve_devices
 from . import openvino, torch_cuda
-from .cache import cache_folder, entry_key, weights_fingerprint
+from .cache import cache_folder, entry_key, refused_before, remember_refusal, weights_fingerprint
 from .parity import TOLERANCES, relative_error
 from .towers import IMAGE, TEXT, Tower
 
@@ -71,6 +71,7 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
     for tower in towers.values():
         started = time.monotonic()
         owner = owners[tower.name]
+        tolerance = TOLERANCES.get(tower.dtype, TOLERANCES["float32"])
         cached = None
         try:
             if runtime == openvino.NAME:
@@ -84,6 +85,19 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
                         fingerprints[id(tower.module)],
                         openvino.precision(tower.dtype),
                     )
+                    refused = refused_before(cached, tolerance)
+                    if refused is not None:
+                        log.warning(
+                            "%s tower of %s runs in torch: in %s its features differ from torch's by %.2g relative, "
+                            "more than %g (checked at an earlier start: %s; delete it to check again)",
+                            tower.name,
+                            owner,
+                            runtime,
+                            refused[0],
+                            tolerance,
+                            refused[1],
+                        )
+                        continue
                 # As many threads as torch's forward would use (see openvino.py): each instance
                 # on a CPU device gets its share of the cores, as torch's do (app.py), and a
                 # stream of its own on this model (the instances of its device).
@@ -109,8 +123,9 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
                 _first_line(exc),
             )
             continue
-        tolerance = TOLERANCES.get(tower.dtype, TOLERANCES["float32"])
         if not error <= tolerance:
+            if cached is not None:
+                remember_refusal(cached, error, tolerance)
             log.warning(
                 "%s tower of %s runs in torch: in %s its features differ from torch's by %.2g relative, more than %g",
                 tower.name, owner, runtime, error, tolerance,

@@ -82,6 +82,36 @@ def test_batch_scores_over_rest_equal_grpc(clients, image_host, binary):
     assert grpc_errors[2].startswith(b"NOT_FOUND")
 
 
+def test_json_outputs_are_strict_json_with_null_for_a_failed_pairs_score(real_server, image_host):
+    """JSON has no NaN: a JSON parser that follows the standard (a browser's, Go's) reads the
+    answer, and a failed pair's score is null (tritonclient reads it as NaN, as above)."""
+    body = {
+        "inputs": [
+            {"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a dog", "a missing one"]},
+            {
+                "name": "image_url",
+                "datatype": "BYTES",
+                "shape": [2],
+                "data": [image_host.add("kserve-json.png", make_image(36, 36, seed=420)), image_host.url("status/404")],
+            },
+        ]
+    }
+    request = urllib.request.Request(
+        f"http://{real_server.http_address}/v2/models/default/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        text = response.read().decode()
+
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} is not JSON: {text[:300]}")
+
+    answer = json.loads(text, parse_constant=refuse)
+    [score] = [output["data"] for output in answer["outputs"] if output["name"] == "score"]
+    assert isinstance(score[0], float) and score[1] is None
+
+
 def test_health_and_metadata_as_the_protocol_has_them(clients):
     http, grpc = clients
     assert http.is_server_live() and http.is_server_ready()

@@ -181,4 +181,9 @@ def json_from_raw(raw: bytes, datatype: str) -> list[Any]:
         # The server's own output: every element it holds (each takes at least its length prefix).
         elements = _unpack_bytes(raw, "output", len(raw) // _LENGTH.size)
         return [value.decode("utf-8", errors="replace") for value in elements]
-    return np.frombuffer(raw, dtype=_DATATYPES[datatype][0]).tolist()
+    values = np.frombuffer(raw, dtype=_DATATYPES[datatype][0]).tolist()
+    if datatype.startswith("FP"):
+        # JSON has no NaN (a failed pair's score): null, which JSON parsers accept everywhere and
+        # tritonclient's as_numpy reads back as NaN; json.dumps would write NaN, which they refuse.
+        return [v if math.isfinite(v) else None for v in values]
+    return values

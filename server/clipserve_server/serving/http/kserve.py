@@ -136,7 +136,8 @@ def _infer_response(header: dict[str, Any], response: Any) -> web.Response:
             "model_version": response.model_version,
             "id": response.id,
             "outputs": outputs,
-        }
+        },
+        allow_nan=False,
     ).encode()
     if not blobs:
         return web.Response(body=answer, content_type="application/json")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import time
 import ssl
 import threading
 import urllib.error
@@ -142,6 +143,32 @@ def test_a_body_that_stops_arriving_is_408_and_an_idle_connection_closed(make_fa
     assert reply.startswith(b"HTTP/1.1 408")
     with socket.create_connection(("127.0.0.1", server.server.http_port), timeout=60) as idle:
         assert idle.recv(4096) == b"", "a connection that sends nothing is closed by the server"
+    assert answers(base_of(server))
+
+
+def test_headers_that_trickle_in_are_cut_off_at_the_idle_timeout(make_fake_server):
+    """A slowloris: a header line now and then, never the blank line that ends them. The
+    connection is closed once --http-idle-timeout-s has gone by since it opened, however
+    steadily the bytes come (each line would reset a per-read timer)."""
+    server = make_fake_server(http_idle_timeout_s=1.0)
+    with socket.create_connection(("127.0.0.1", server.server.http_port), timeout=60) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
+        opened = time.monotonic()
+        closed = False
+        while not closed and time.monotonic() - opened < 30:
+            try:
+                sock.sendall(b"X-Slow: still coming\r\n")
+            except OSError:  # reset: closed by the server
+                break
+            sock.settimeout(0.2)
+            try:
+                closed = sock.recv(4096) == b""
+            except TimeoutError:
+                pass
+            except OSError:
+                break
+        else:
+            assert closed, "the server kept a connection whose headers never ended for 30 s"
     assert answers(base_of(server))
 
 

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TORCH = "torch"
+# A tower left in torch because the runtime's features are too far from torch's.
+_INEXACT = "%s tower of %s runs in torch: in %s its features differ from torch's by %.2g relative, more than %g"
+_INEXACT_BEFORE = _INEXACT + " (checked at an earlier start: %s; delete it to check again)"
 
 
 def choose(runtime: str, device: str, dtype: str, compile: bool) -> str:
@@ -88,8 +91,7 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
                     refused = refused_before(cached, tolerance)
                     if refused is not None:
                         log.warning(
-                            "%s tower of %s runs in torch: in %s its features differ from torch's by %.2g relative, "
-                            "more than %g (checked at an earlier start: %s; delete it to check again)",
+                            _INEXACT_BEFORE,
                             tower.name,
                             owner,
                             runtime,
@@ -127,7 +129,7 @@ def apply_runtime(model: EmbeddingModel, config: ServerConfig) -> None:
             if cached is not None:
                 remember_refusal(cached, error, tolerance)
             log.warning(
-                "%s tower of %s runs in torch: in %s its features differ from torch's by %.2g relative, more than %g",
+                _INEXACT,
                 tower.name, owner, runtime, error, tolerance,
             )
             continue

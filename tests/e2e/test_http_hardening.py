@@ -8,9 +8,9 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import time
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.request
 
